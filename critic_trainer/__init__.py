@@ -1,0 +1,1 @@
+"""Offline training: SFT, RL token, Cal-QL critic ensemble, Q-VGM and baselines. Never imports rclpy."""

@@ -1,0 +1,1 @@
+"""qvgm/policy"""
