@@ -1,8 +1,10 @@
-"""Checkpoint directories: manifest with sha256 of every file, atomic writes, verification.
+"""Checkpoint directories (manifest with sha256 of every file, atomic writes, verification) and the
+CheckpointStore (versions, atomic CURRENT pointer, rollback, retention, cross-process safety).
 
 A checkpoint is a directory holding `config.json`, `model.safetensors`, tokenizer files, `norm_stats.json`
 and `manifest.json` = {"format": 1, "version", "parent", "created", "files": {relpath: sha256}, "summary"}.
-Loading code calls `verify_checkpoint_dir` first; nothing here ever unpickles.
+Loading code calls `verify_checkpoint_dir` first; nothing here ever unpickles. Readers of a store take a
+`lease` on the version they load (retention never deletes a leased version); `qvgm.reload.HotReloader` does.
 """
 
 from __future__ import annotations
@@ -449,13 +451,18 @@ class CheckpointStore:
         return version
 
     def rollback(self, to: str | None = None) -> str:
-        """Point CURRENT at `to`, or (None) at the current version's parent; returns the new current."""
+        """Point CURRENT at `to`, or (None) at the current version's parent (the previous pointer value if the
+        current manifest is unreadable); returns the new current. Raises CheckpointError, changing nothing,
+        if the target is not kept or has no readable manifest."""
         with self._writer_lock():
             if to is None:
                 cur = self.current()
                 if cur is None:
                     raise CheckpointError("nothing to roll back: no current version")
-                to = self.manifest(cur).get("parent")
+                try:
+                    to = self.manifest(cur).get("parent")
+                except CheckpointError:  # current is damaged: go back to what CURRENT pointed at before it
+                    to = (self.read_pointer() or {}).get("previous")
                 if to is None:
                     raise CheckpointError(f"{cur} has no parent to roll back to")
             self.manifest(to)

@@ -166,6 +166,11 @@ def test_rollback_to_parent_and_any_version(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a store version"):
         store.rollback(to="../../etc")
     assert store.current() == d
+    (store.path(d) / MANIFEST).write_text("{damaged")  # current damaged: back to the previous pointer value
+    assert store.rollback() == b
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        store.set_current(d)
+    assert store.current() == b
 
 
 def test_retention_keeps_last_current_parent_pinned_and_leased(tmp_path: Path) -> None:
