@@ -143,7 +143,7 @@ class _Inotify:
 
 @dataclass
 class ReloadEvent:
-    """One entry of `HotReloader.history`: event is ready | refused | swapped | superseded."""
+    """One entry of `HotReloader.history`: event is ready | refused | swapped | superseded | fallback."""
 
     version: str
     event: str
@@ -160,12 +160,16 @@ class HotReloader(Generic[M]):
     watch: "auto" (inotify, else polling), "inotify" or "poll". With inotify a slow backup poll
     (`backup_poll_s`) still runs in case an event is lost; polling reads CURRENT every `poll_interval_s`.
     keep_previous: keep the model swapped out last, so rolling back to it is instant (costs its memory).
+    startup_fallback: while nothing serves yet (node start), a refused version makes the reloader try its
+    parent (then the parent's parent...) without moving the store's CURRENT, so a node restarted on a bad
+    CURRENT still gets the last good model; the refusal stays in last_error / refused_versions.
     The caller owns the swapped-in model; it should drop the old one after poll_swap() hands it a new one.
     """
 
     def __init__(self, store: CheckpointStore, load_fn: LoadFn, validate_fn: ValidateFn | None = None, *,
                  required_files: Iterable[str] = (), watch: str = "auto", poll_interval_s: float = 0.5,
-                 backup_poll_s: float = 5.0, keep_previous: bool = False, history_len: int = 100) -> None:
+                 backup_poll_s: float = 5.0, keep_previous: bool = False, startup_fallback: bool = True,
+                 history_len: int = 100) -> None:
         if watch not in ("auto", "inotify", "poll"):
             raise ValueError(f"watch must be auto, inotify or poll, not {watch!r}")
         self.store = store
@@ -175,6 +179,7 @@ class HotReloader(Generic[M]):
         self.poll_interval_s = poll_interval_s
         self.backup_poll_s = backup_poll_s
         self.keep_previous = keep_previous
+        self.startup_fallback = startup_fallback
         self._watch = watch
         self.watch_mode: str | None = None  # "inotify" or "poll" once started
         self._lock = threading.Lock()
@@ -421,6 +426,8 @@ class HotReloader(Generic[M]):
                 self.counters["refused"] += 1
                 self._loading = None
                 self.history.append(ReloadEvent(version, "refused", time.time(), reason, dt))
+            if self.startup_fallback:
+                self._fall_back_from(version)
             return
         dt = time.perf_counter() - t0
         with self._lock:
@@ -435,3 +442,20 @@ class HotReloader(Generic[M]):
             self.counters["ready"] += 1
             self.history.append(ReloadEvent(version, "ready", time.time(), "", dt))
         log.info("checkpoint %s ready for swap (verify+load+validate %.3f s)", version, dt)
+
+    def _fall_back_from(self, version: str) -> None:
+        """Nothing serves and `version` was refused: request its parent (manifest, else the previous pointer)."""
+        try:
+            parent = self.store.manifest(version).get("parent")
+        except CheckpointError:
+            pointer = self.store.read_pointer() or {}
+            parent = pointer.get("previous") if pointer.get("version") == version else None
+        with self._cv:
+            if self.serving is not None or self._pending is not None or self._want != version:
+                return
+            if parent is None or parent in self.refused:
+                log.error("no fallback for refused %s: nothing to serve, the robot holds", version)
+                return
+            log.warning("startup: %s refused, falling back to its parent %s", version, parent)
+            self.history.append(ReloadEvent(parent, "fallback", time.time(), f"{version} refused"))
+            self._request_locked(parent, force=False)

@@ -233,6 +233,25 @@ def test_bad_checkpoint_is_refused_and_old_model_keeps_serving(store: Checkpoint
         assert swap_within(rl)[1] == v3
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_start_on_a_bad_current_falls_back_to_its_parent(store: CheckpointStore, fallback: bool) -> None:
+    v1 = publish(store, 1)
+    publish(store, 2)
+    v2 = store.current()
+    v3 = inject_bad_version(store, 3, {}, _hash_mismatch)
+    _hash_mismatch(store.path(v2))  # v3's parent v2 is bad too: the fallback walks on to v1
+    with HotReloader(store, load_fn, make_validate(), watch="inotify", startup_fallback=fallback) as rl:
+        if fallback:
+            assert swap_within(rl)[1] == v1
+            assert set(rl.refused) == {v2, v3} and store.current() == v3  # CURRENT is not moved
+            assert [e.event for e in rl.history if e.event == "fallback"] == ["fallback", "fallback"]
+        else:
+            wait_for(lambda: rl.status()["refused"] == 1, what="refusal")
+            assert rl.wait_for_swap(0.5) is None and rl.serving is None
+        v4 = publish(store, 4)  # a good publish is picked up either way
+        assert swap_within(rl)[1] == v4
+
+
 def test_control_loop_never_waits_for_a_load(store: CheckpointStore) -> None:
     """50 Hz ticks keep running while a slow (1 s) load of a 25 MB checkpoint runs in the background."""
     publish(store, 1)
