@@ -229,11 +229,14 @@ def test_kill9_during_publish_leaves_a_valid_store(tmp_path: Path) -> None:
     store = CheckpointStore(root, keep_last=3)
     first = store.publish_dir(_src(tmp_path, 0))
     rng = random.Random(0)
-    interrupted = 0
-    for _ in range(6):
+    interrupted = kills = 0
+    while kills < 4 or (interrupted < 2 and kills < 12):
         proc = run_worker("writer", str(root), "1000", str(3 * 1024 * 1024), "3")
-        time.sleep(0.3 + rng.random() * 0.7)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # it has published once: it is in its publish loop now
+        time.sleep(rng.random() * 0.3)
         proc.send_signal(signal.SIGKILL)
+        kills += 1
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         interrupted += any((root / "staging").iterdir())
