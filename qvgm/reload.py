@@ -209,6 +209,7 @@ class HotReloader(Generic[M]):
         """Start the watcher and the loader threads; the current version (if any) starts loading at once."""
         if self._threads:
             return self
+        self._stop.clear()
         if self._watch in ("auto", "inotify"):
             try:
                 self._inotify = _Inotify(self.store.root)
