@@ -90,10 +90,11 @@ def episode_stats_from_row(row: dict[str, Any]) -> dict[str, dict[str, list]]:
 class ReplayBuffer:
     """Writer side of the buffer. `create` a new one or `open` an existing one (repairs it); one per process."""
 
-    def __init__(self, root: Path, info: dict[str, Any], codec: str, crf: int, gop: int) -> None:
+    def __init__(self, root: Path, info: dict[str, Any], codec: str, crf: int, gop: int,
+                 preset: str = "ultrafast", threads: int = 2) -> None:
         self.root = Path(root)
         self.info = info
-        self.codec, self.crf, self.gop = codec, crf, gop
+        self.codec, self.crf, self.gop, self.preset, self.threads = codec, crf, gop, preset, threads
         self._lock_fd: int | None = None
         self._lock()
         self.tasks: list[str] = L.read_tasks(self.root)
@@ -107,8 +108,12 @@ class ReplayBuffer:
     def create(cls, root: str | Path, fps: int, cameras: dict[str, tuple[int, int]],
                state_names: list[str] | None = None, action_names: list[str] | None = None,
                robot_type: str = "qvgm_tabletop", codec: str = "libx264", crf: int = 20, gop: int = 2,
+               preset: str = "ultrafast", threads: int = 2,
                chunks_size: int = L.DEFAULT_CHUNK_SIZE) -> ReplayBuffer:
-        """New empty buffer at `root` (must not hold a dataset). cameras: {name: (height, width)} in pixels."""
+        """New empty buffer at `root` (must not hold a dataset). cameras: {name: (height, width)} in pixels.
+        Video: `codec` encoder (libx264 -> h264 yuv420p), `crf` quality, `gop` key-frame interval in frames (short
+        = cheap random access), x264 `preset` and encoder `threads` (ultrafast/2 keeps two 640x480 cameras at
+        30 Hz real time on 2 cores; slower presets give smaller files)."""
         root = Path(root)
         if (root / L.INFO_PATH).exists():
             raise FileExistsError(f"{root} already holds a dataset; use ReplayBuffer.open")
@@ -122,10 +127,10 @@ class ReplayBuffer:
         encoder = pick_codec(codec)
         feats = L.make_features(cameras, state_names, action_names, fps, codec_family(encoder), "yuv420p")
         info = L.make_info(feats, fps, robot_type, chunks_size)
-        info["qvgm"] = {"encoder": encoder, "crf": crf, "gop": gop}
+        info["qvgm"] = {"encoder": encoder, "crf": crf, "gop": gop, "preset": preset, "threads": threads}
         root.mkdir(parents=True, exist_ok=True)
         L.atomic_write_json(root / L.INFO_PATH, info)
-        buf = cls(root, info, encoder, crf, gop)
+        buf = cls(root, info, encoder, crf, gop, preset, threads)
         buf._write_derived()
         return buf
 
@@ -140,7 +145,8 @@ class ReplayBuffer:
         if info.get("codebase_version") != L.CODEBASE_VERSION:
             raise L.DatasetError(f"{root}: codebase_version {info.get('codebase_version')!r}, expected v3.0")
         q = info.get("qvgm", {})
-        buf = cls(root, info, pick_codec(q.get("encoder", "libx264")), int(q.get("crf", 20)), int(q.get("gop", 2)))
+        buf = cls(root, info, pick_codec(q.get("encoder", "libx264")), int(q.get("crf", 20)), int(q.get("gop", 2)),
+                  str(q.get("preset", "ultrafast")), int(q.get("threads", 2)))
         buf._repair()
         return buf
 
@@ -374,7 +380,7 @@ class EpisodeWriter:
             staging.mkdir(parents=True, exist_ok=False)
             for cam, (h, w) in buffer.cameras.items():
                 self._encoders[cam] = VideoEncoder(staging / f"{cam}.mp4", w, h, buffer.fps, buffer.codec,
-                                                   buffer.crf, buffer.gop)
+                                                   buffer.crf, buffer.gop, buffer.preset, buffer.threads)
         except BaseException as exc:
             self._fail(exc)
 

@@ -102,6 +102,7 @@ class VideoDecoder:
         self.fps = int(fps)
         self._container = av.open(str(self.path))
         self._stream = self._container.streams.video[0]
+        self._stream.thread_count = 1  # frame threading makes every seek slow (~4x); parallelise across workers
         self._iter = None
         self._next_index = None  # index the sequential decoder will produce next, if positioned
 
