@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -232,8 +233,14 @@ def test_labels_discard_reopen_and_bad_input(dataset: tuple[Path, list[dict]]) -
                          (good, np.zeros(6)), ("not a dict", np.zeros(7))):
             with pytest.raises(ValueError):
                 ep.add_frame(obs, act)
+        with pytest.raises(ValueError, match="stamp"):
+            ep.add_frame(make_obs(0, 5) | {"stamp": float("nan")}, np.zeros(7))
+        with pytest.raises(ValueError, match="reward"):
+            ep.add_frame(good, np.zeros(7), reward="high")
         ep.add_frame(good, np.zeros(7))
         ep.add_frame(make_obs(1, 5), np.ones(7), done=True)
+        with pytest.raises(ValueError, match="label_source"):
+            ep.finish(success=True, label_source="robot")  # refused, the episode stays open
         assert len(ep) == 2 and ep.finish(success=True, label_source="operator") == 3
         with pytest.raises(ValueError, match="no frames"):
             buf.begin_episode("x").finish()
@@ -246,6 +253,15 @@ def test_labels_discard_reopen_and_bad_input(dataset: tuple[Path, list[dict]]) -
         ReplayBuffer.create(root, fps=10, cameras=CAMS)
     with pytest.raises(DatasetError):
         ReplayBuffer.open(root.parent / "nothing")
+    # a corrupt episode index is reported, and nothing is deleted
+    broken = root.parent / "broken"
+    shutil.copytree(root, broken)
+    (broken / ".qvgm.lock").unlink()
+    (broken / "meta/episodes/chunk-000/file-000.parquet").write_bytes(b"PAR1 garbage")
+    files = sorted(p for p in broken.rglob("*") if p.is_file())
+    with pytest.raises(DatasetError, match="unreadable episode index"):
+        ReplayBuffer.open(broken)
+    assert sorted(p for p in broken.rglob("*") if p.is_file() and p.name != ".qvgm.lock") == files
     r = ReplayReader(root, decode_images=False)
     assert r.episodes[2]["success"] is True and r.episodes[2]["label_source"] == "operator"
     assert r.episodes[1]["discarded"] and not r.episode_mask[1] and r.episode_mask[3]

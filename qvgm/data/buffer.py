@@ -71,7 +71,10 @@ def read_episode_rows(root: Path) -> list[dict[str, Any]]:
     paths = sorted(p for p in ep_dir.glob("chunk-*/file-*.parquet")) if ep_dir.exists() else []
     rows: list[dict[str, Any]] = []
     for p in paths:
-        rows.extend(pq.read_table(p).to_pylist())
+        try:
+            rows.extend(pq.read_table(p).to_pylist())
+        except (OSError, pa.ArrowException) as exc:
+            raise L.DatasetError(f"{p}: unreadable episode index ({exc}); nothing was changed") from exc
     rows.sort(key=lambda r: r["episode_index"])
     if [r["episode_index"] for r in rows] != list(range(len(rows))):
         raise L.DatasetError(f"{root}: episode_index values are not 0..{len(rows) - 1}")
@@ -361,7 +364,8 @@ def _frames_parquet_bytes(table: pa.Table, features: dict[str, dict[str, Any]]) 
 
 class EpisodeWriter:
     """Frames of one episode; obtained from `ReplayBuffer.begin_episode`. Use as a context manager or call
-    finish()/abort(). Bad frames raise ValueError before anything is written (the episode is unaffected)."""
+    finish()/abort(). Bad frames raise ValueError before anything is written (the episode is unaffected).
+    Not thread-safe: feed one EpisodeWriter from one thread (e.g. the recorder's worker, not ROS callbacks)."""
 
     def __init__(self, buffer: ReplayBuffer, staging: Path, task: str | None, start_stamp: float | None) -> None:
         self.buffer = buffer
@@ -429,6 +433,10 @@ class EpisodeWriter:
         prompt = observation.get("prompt", self.task)
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("observation['prompt'] (or the episode task) must be a non-empty string")
+        stamp = observation.get("stamp")
+        if stamp is not None and not (isinstance(stamp, int | float | np.floating | np.integer)
+                                      and math.isfinite(float(stamp))):
+            raise ValueError(f"observation['stamp'] must be a finite number of seconds, got {stamp!r}")
         return out_imgs, state, act
 
     def add_frame(self, observation: dict[str, Any], action: Any, reward: float = 0.0, done: bool = False,
@@ -439,7 +447,11 @@ class EpisodeWriter:
         if self.closed:
             raise RuntimeError("episode already finished/aborted")
         imgs, state, act = self._validate(observation, action)
-        if not math.isfinite(float(reward)):
+        try:
+            reward = float(reward)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward must be a number, got {reward!r}") from None
+        if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward}")
         i = len(self)
         try:
