@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qvgm.data import DatasetError, ReplayBuffer, ReplayReader, returns_to_go
+from qvgm.data import DatasetError, ReplayBuffer, ReplayReader, returns_to_go, stack_windows
 from qvgm.data.video import probe
 
 CAMS = {"front": (64, 80), "wrist": (48, 64)}
@@ -209,6 +209,18 @@ def test_chunk_windows_returns_and_filters(dataset: tuple[Path, list[dict]]) -> 
     assert len(rx) == 33
     assert rx.sample_windows(5, 3, np.random.default_rng(0))[0]["actions"].shape == (3, 7)
     assert returns_to_go(np.array([0.0, 0.0, 1.0]), 0.5).tolist() == [0.25, 0.5, 1.0]
+    # vectorised window_starts == the definition, checked by brute force for several n
+    for m in (1, 2, 3, 5, 9, 20):
+        brute = [g for g in range(r.num_frames) if (g + m <= r.ep_end[r.episode_index[g]] - 1)
+                 or r.done[g:min(g + m, r.ep_end[r.episode_index[g]])].any()]
+        assert r.window_starts(m).tolist() == brute, m
+    # batches for the trainer, images decoded for obs and next obs
+    rb = ReplayReader(root, gamma=gamma)
+    b = stack_windows(rb.sample_windows(6, n, np.random.default_rng(3)))
+    rb.close()
+    assert b["actions"].shape == (6, n, 7) and b["rewards"].shape == (6, n) and b["state"].shape == (6, 7)
+    assert b["images"]["front"].shape == (6, 64, 80, 3) and b["next_images"]["wrist"].shape == (6, 48, 64, 3)
+    assert b["discount"].dtype == np.float32 and len(b["prompts"]) == 6
 
 
 def test_labels_discard_reopen_and_bad_input(dataset: tuple[Path, list[dict]]) -> None:

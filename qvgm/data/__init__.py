@@ -2,7 +2,7 @@
 
 from qvgm.data.buffer import EpisodeWriter, ReplayBuffer
 from qvgm.data.layout import CODEBASE_VERSION, DatasetError, DiskFullError
-from qvgm.data.reader import ReplayReader, returns_to_go
+from qvgm.data.reader import ReplayReader, returns_to_go, stack_windows
 
 __all__ = ["CODEBASE_VERSION", "DatasetError", "DiskFullError", "EpisodeWriter", "ReplayBuffer", "ReplayReader",
-           "returns_to_go"]
+           "returns_to_go", "stack_windows"]

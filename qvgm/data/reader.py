@@ -79,6 +79,7 @@ class ReplayReader:
             mask &= self.is_intervention
         self.frame_mask = mask
         self.episode_mask = keep_ep
+        self._starts_cache: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ loading
     def _load_frames(self) -> None:
@@ -172,23 +173,21 @@ class ReplayReader:
 
     # ------------------------------------------------------------------ chunk windows
     def window_starts(self, n: int) -> np.ndarray:
-        """Global indices i passing the filters where an n-step window is valid (see module doc)."""
+        """Global indices i passing the filters where an n-step window is valid (see module doc); cached per n."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        ok = self.frame_mask.copy()
-        for s, e in zip(self.ep_start, self.ep_end, strict=True):
-            length = e - s
-            d = self.done[s:e]
-            # first done at or after each position
-            next_done = np.full(length, length, dtype=np.int64)
-            nxt = length
-            for j in range(length - 1, -1, -1):
-                if d[j]:
-                    nxt = j
-                next_done[j] = nxt
-            i = np.arange(length)
-            ok[s:e] &= (i + n <= length - 1) | (next_done < np.minimum(i + n, length))
-        return np.nonzero(ok)[0]
+        if n not in self._starts_cache:
+            idx = np.arange(self.num_frames)
+            end = self.ep_end[self.episode_index] if self.num_frames else idx  # exclusive episode end per frame
+            dpos = np.nonzero(self.done)[0]  # global positions of done frames
+            next_done = np.full(self.num_frames, np.iinfo(np.int64).max)  # first done at or after each frame
+            if len(dpos):
+                k = np.searchsorted(dpos, idx)
+                has = k < len(dpos)
+                next_done[has] = dpos[k[has]]
+            ok = (idx + n <= end - 1) | (next_done < np.minimum(idx + n, end))
+            self._starts_cache[n] = np.nonzero(ok & self.frame_mask)[0]
+        return self._starts_cache[n]
 
     def chunk_window(self, g: int, n: int, with_images: bool | None = None) -> dict[str, Any]:
         """Chunk window at global frame g: obs, actions float32[n, d], action_is_pad bool[n], rewards
@@ -237,3 +236,28 @@ class ReplayReader:
 
     def close(self) -> None:
         self._decoders.close()
+
+
+def stack_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate chunk windows into arrays: actions [B, n, d], rewards [B, n], n_step_return/discount/
+    return_to_go [B] float32, done [B] bool, state/next_state [B, d], images/next_images {cam: uint8 [B, H, W, 3]}
+    (when decoded), prompts [B] str."""
+    out: dict[str, Any] = {
+        "actions": np.stack([w["actions"] for w in windows]),
+        "action_is_pad": np.stack([w["action_is_pad"] for w in windows]),
+        "rewards": np.stack([w["rewards"] for w in windows]),
+        "is_intervention": np.stack([w["is_intervention"] for w in windows]),
+        "done": np.array([w["done"] for w in windows], dtype=bool),
+        "state": np.stack([w["obs"]["state"] for w in windows]),
+        "next_state": np.stack([w["next_obs"]["state"] for w in windows]),
+        "prompts": [w["obs"]["prompt"] for w in windows],
+        "policy_version": [w["policy_version"] for w in windows],
+        "episode_index": np.array([w["episode_index"] for w in windows], dtype=np.int64),
+        "frame_index": np.array([w["frame_index"] for w in windows], dtype=np.int64),
+    }
+    for key in ("n_step_return", "discount", "return_to_go"):
+        out[key] = np.array([w[key] for w in windows], dtype=np.float32)
+    for src, dst in (("obs", "images"), ("next_obs", "next_images")):
+        cams = windows[0][src]["images"].keys()
+        out[dst] = {c: np.stack([w[src]["images"][c] for w in windows]) for c in cams}
+    return out

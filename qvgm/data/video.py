@@ -7,6 +7,7 @@ LeRobot's encoder, for random access by the trainer).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
@@ -145,8 +146,12 @@ class DecoderCache:
     def __init__(self, size: int = 8) -> None:
         self.size = size
         self._open: OrderedDict[str, VideoDecoder] = OrderedDict()
+        self._pid = os.getpid()
 
     def get(self, path: Path, fps: int) -> VideoDecoder:
+        if os.getpid() != self._pid:  # forked (DataLoader worker): never share the parent's open decoders
+            self._open = OrderedDict()
+            self._pid = os.getpid()
         key = str(path)
         dec = self._open.pop(key, None)
         if dec is None:
