@@ -54,7 +54,8 @@ def write_episode(buf: ReplayBuffer, seed: int, length: int, success: bool | Non
         ep.add_frame(obs, act, reward=rew, done=done, is_intervention=interv, policy_version=ver)
         for k, v in zip(rec, (obs["state"], act, rew, done, interv, ver), strict=True):
             rec[k].append(v)
-    idx = ep.finish(success=success, label_source=None if success is None else "auto", duration_s=length / FPS)
+    idx = ep.finish(success=success, label_source=None if success is None else "auto", duration_s=length / FPS,
+                    notes=json.dumps({"seed": seed}))
     return idx, rec
 
 
@@ -121,6 +122,7 @@ def test_layout_matches_lerobot_v30_field_by_field(dataset: tuple[Path, list[dic
     assert ep[0]["duration_s"] == pytest.approx(1.2) and ep[1]["policy_versions"] == ["human", "v2"]
     assert ep[0]["stats/action/mean"] == pytest.approx(np.mean(recs[0]["action"], 0).tolist(), abs=1e-6)
     assert ep[0]["meta/episodes/chunk_index"] == 0 and ep[0]["meta/episodes/file_index"] == 0
+    assert json.loads(ep[2]["notes"]) == {"seed": 2}
 
     # tasks: pandas-style index "task" -> task_index
     tt = pq.read_table(root / "meta/tasks.parquet")
@@ -281,3 +283,29 @@ def test_labels_discard_reopen_and_bad_input(dataset: tuple[Path, list[dict]]) -
     info = json.loads((root / "meta/info.json").read_text())
     assert info["total_episodes"] == 4 and info["total_frames"] == 38
     assert not (root / ".staging").exists() or not any((root / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("cams", [{"top": (16, 16)}, {}])
+def test_chunk_rollover_and_camera_less_buffer(tmp_path: Path, cams: dict) -> None:
+    root = tmp_path / "small"
+    with ReplayBuffer.create(root, fps=5, cameras=cams, chunks_size=2) as buf:
+        for e in range(3):
+            ep = buf.begin_episode("reach")
+            for i in range(4):
+                img = {c: np.full((h, w, 3), 40 * i + e, np.uint8) for c, (h, w) in cams.items()}
+                ep.add_frame({"images": img, "state": np.full(7, e + i, np.float32)}, np.zeros(7), done=i == 3)
+            assert ep.finish() == e
+    assert (root / "data/chunk-001/file-000.parquet").exists()
+    assert (root / "videos/observation.images.top/chunk-001/file-000.mp4").exists() == bool(cams)
+    info = json.loads((root / "meta/info.json").read_text())
+    assert (info["video_path"] is None) == (not cams) and info["total_frames"] == 12
+    with ReplayBuffer.open(root) as buf:
+        assert buf.repair_report["orphans_removed"] == [] and buf.num_episodes == 3
+    r = ReplayReader(root)
+    assert r.episodes[2]["data/chunk_index"] == 1 and r.episodes[2]["data/file_index"] == 0
+    np.testing.assert_array_equal(r.state[8:12, 0], [2, 3, 4, 5])
+    obs = r.observation(9)
+    assert obs["prompt"] == "reach" and set(obs["images"]) == set(cams)
+    if cams:
+        assert abs(int(obs["images"]["top"].mean()) - 42) <= 2
+    r.close()

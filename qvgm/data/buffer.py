@@ -53,6 +53,7 @@ def _episode_schema_fixed(video_keys: list[str]) -> dict[str, pa.DataType]:
         "meta/episodes/chunk_index": pa.int64(), "meta/episodes/file_index": pa.int64(),
         "success": pa.bool_(), "label_source": pa.string(), "duration_s": pa.float64(), "discarded": pa.bool_(),
         "start_stamp": pa.float64(), "policy_versions": pa.list_(pa.string()), "num_intervention_frames": pa.int64(),
+        "notes": pa.string(),
     })
     return fixed
 
@@ -486,9 +487,11 @@ class EpisodeWriter:
             self.buffer._active = None
 
     def finish(self, success: bool | None = None, label_source: str | None = None, discarded: bool = False,
-               duration_s: float | None = None) -> int:
+               duration_s: float | None = None, notes: str | None = None) -> int:
         """Commit the episode atomically; returns its episode_index. success None = unlabeled (set later with
-        ReplayBuffer.set_label). Raises DiskFullError (episode refused, buffer valid) when the disk is full."""
+        ReplayBuffer.set_label); duration_s defaults to the wall time since begin_episode; notes is free text
+        (e.g. JSON of recorder flags such as dropped frames). Raises DiskFullError (episode refused, buffer
+        valid) when the disk is full."""
         if self.closed:
             raise RuntimeError("episode already finished/aborted")
         if len(self) == 0:
@@ -521,7 +524,7 @@ class EpisodeWriter:
                    "duration_s": float(duration_s) if duration_s is not None else time.monotonic() - self._t0,
                    "discarded": bool(discarded), "start_stamp": float(self.start_stamp),
                    "policy_versions": sorted(set(self._cols["policy_version"])),
-                   "num_intervention_frames": int(sum(self._cols["is_intervention"]))}
+                   "num_intervention_frames": int(sum(self._cols["is_intervention"])), "notes": notes}
             row.update(self._episode_stats(table))
             index = buf._commit(row, table, videos, new_tasks)
         except BaseException as exc:
