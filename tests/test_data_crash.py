@@ -40,7 +40,7 @@ def image(h: int, w: int, i: int, k: int) -> np.ndarray:
     return np.stack([r, g, np.full_like(xx, (31 * k + 5 * i) % 220)], -1).astype(np.uint8)
 
 
-def write_content(buf, k: int, cams: dict = CAMS) -> int:  # noqa: ANN001 - ReplayBuffer, imported late
+def write_content(buf, k: int, cams: dict = CAMS, announce: bool = False) -> int:  # noqa: ANN001 - ReplayBuffer
     c = content(k)
     ep = buf.begin_episode()
     for i in range(c["n"]):
@@ -48,6 +48,8 @@ def write_content(buf, k: int, cams: dict = CAMS) -> int:  # noqa: ANN001 - Repl
                "prompt": f"task {k % 3}", "stamp": 10.0 * k + i / FPS}
         ep.add_frame(obs, c["action"][i], reward=float(c["reward"][i]), done=i == c["n"] - 1,
                      policy_version=f"v{k % 2}")
+    if announce:
+        print("FINISHING", k, flush=True)
     return ep.finish(success=bool(k % 2), label_source="auto")
 
 
@@ -58,7 +60,7 @@ def child_writer(root: str) -> None:
     print("READY", json.dumps(buf.repair_report), flush=True)
     while True:
         k = buf.num_episodes
-        assert write_content(buf, k) == k
+        assert write_content(buf, k, announce=True) == k
         print("COMMITTED", k, flush=True)
 
 
@@ -79,23 +81,32 @@ def kill_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
     rnd = random.Random(seed)
     files_before: dict[str, str] = {}
     printed: set[int] = set()
-    partial_seen = 0
-    for _ in range(rounds):
+    partial_seen = orphans_seen = 0
+    for rnd_i in range(rounds):
         proc = subprocess.Popen([sys.executable, __file__, "writer", str(root)], cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             line = proc.stdout.readline()
             assert line.startswith("READY"), (line, proc.stderr.read() if proc.poll() is not None else "")
-            time.sleep(rnd.uniform(0.05, 0.9))
+            early = ""
+            if rnd_i % 2:  # odd rounds: kill while finish() commits (tmp files, renames, index rewrite)
+                while not (line := proc.stdout.readline()).startswith("FINISHING"):
+                    assert line, proc.stderr.read()
+                    early += line
+                time.sleep(rnd.uniform(0.0, 0.03))
+            else:  # even rounds: kill at a random moment
+                time.sleep(rnd.uniform(0.05, 0.9))
         finally:
             proc.send_signal(signal.SIGKILL)
             out, _ = proc.communicate(timeout=30)
+        out = early + out
         assert proc.returncode == -signal.SIGKILL
         printed |= {int(x.split()[1]) for x in out.splitlines() if x.startswith("COMMITTED")}
 
         with ReplayBuffer.open(root) as buf:  # repairs
             rep = buf.repair_report
             partial_seen += len(rep["staging_removed"])
+            orphans_seen += len(rep["orphans_removed"])
             n = buf.num_episodes
             assert printed <= set(range(n)), "an episode reported committed was lost"
             assert not any((root / ".staging").iterdir())
@@ -124,7 +135,8 @@ def kill_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
             assert 10 * np.log10(255**2 / max(err, 1e-9)) > 30
     finally:
         r.close()
-    print(f"kill -9 rounds={rounds}: {len(r.episodes)} episodes committed, {partial_seen} partial episodes discarded")
+    print(f"kill -9 rounds={rounds}: {len(r.episodes)} episodes committed, {partial_seen} partial episodes "
+          f"discarded, {orphans_seen} uncommitted data/video files removed")
 
 
 def test_sigkill_writer_keeps_finished_episodes(tmp_path: Path) -> None:
