@@ -17,6 +17,7 @@ A full disk raises DiskFullError from add_frame/finish; the staged episode is re
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import shutil
@@ -351,10 +352,11 @@ class ReplayBuffer:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
-    import json
-
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise L.DatasetError(f"{path}: unreadable ({exc})") from exc
 
 
 def _frames_parquet_bytes(table: pa.Table, features: dict[str, dict[str, Any]]) -> bytes:

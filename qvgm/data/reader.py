@@ -52,8 +52,11 @@ class ReplayReader:
         if intervention not in (None, "exclude", "only"):
             raise ValueError(f"intervention filter must be None, 'exclude' or 'only', got {intervention!r}")
         self.root = Path(root)
-        with open(self.root / L.INFO_PATH) as f:
-            self.info = json.load(f)
+        try:
+            with open(self.root / L.INFO_PATH) as f:
+                self.info = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise L.DatasetError(f"{self.root / L.INFO_PATH}: unreadable ({exc})") from exc
         if self.info.get("codebase_version") != L.CODEBASE_VERSION:
             raise L.DatasetError(f"{self.root}: codebase_version {self.info.get('codebase_version')!r} != v3.0")
         self.fps = int(self.info["fps"])
