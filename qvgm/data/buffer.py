@@ -150,9 +150,16 @@ class ReplayBuffer:
         if info.get("codebase_version") != L.CODEBASE_VERSION:
             raise L.DatasetError(f"{root}: codebase_version {info.get('codebase_version')!r}, expected v3.0")
         q = info.get("qvgm", {})
-        buf = cls(root, info, pick_codec(q.get("encoder", "libx264")), int(q.get("crf", 20)), int(q.get("gop", 2)),
+        encoder = q.get("encoder", "libx264")
+        if pick_codec(encoder) != encoder:
+            raise L.DatasetError(f"{root} was written with encoder {encoder!r}, which this PyAV build lacks")
+        buf = cls(root, info, encoder, int(q.get("crf", 20)), int(q.get("gop", 2)),
                   str(q.get("preset", "ultrafast")), int(q.get("threads", 2)))
-        buf._repair()
+        try:
+            buf._repair()
+        except BaseException:
+            buf.close()
+            raise
         return buf
 
     @classmethod
@@ -427,8 +434,11 @@ class EpisodeWriter:
             out_imgs[cam] = img
         sdim = self.buffer.features["observation.state"]["shape"][0]
         adim = self.buffer.features["action"]["shape"][0]
-        state = np.asarray(observation.get("state"), dtype=np.float32)
-        act = np.asarray(action, dtype=np.float32)
+        try:
+            state = np.asarray(observation.get("state"), dtype=np.float32)
+            act = np.asarray(action, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state/action must be numeric vectors ({exc})") from None
         if state.shape != (sdim,) or not np.all(np.isfinite(state)):
             raise ValueError(f"observation['state'] must be finite float32[{sdim}], got {state!r}")
         if act.shape != (adim,) or not np.all(np.isfinite(act)):
