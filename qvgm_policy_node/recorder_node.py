@@ -1,0 +1,194 @@
+"""recorder_node: writes every episode to the replay buffer (qvgm.data) from the live topics.
+
+Subscribes: /camera/<cam>/color/image_raw (sensor_msgs/Image rgb8, sensor-data QoS), /joint_states,
+/arm_controller/joint_trajectory (chunks and teleop jogs: the executed setpoint), /qvgm/task (String,
+transient-local), /qvgm/policy/version (String, transient-local: tags the chunks received after it),
+/qvgm/episode/status (String JSON from episode_manager, transient-local).
+Publishes: /recorder_node/episodes (String JSON per finished/refused episode), /diagnostics.
+Alignment, frame checks and the writer thread live in qvgm.recording.EpisodeRecorder; this node only converts
+messages (stamps in seconds of the node clock, positions in robot units) and never blocks in a callback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory
+
+from qvgm.data import ReplayBuffer
+from qvgm.recording import EpisodeRecorder, QualityConfig
+
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STATUS_TOPIC = "/qvgm/episode/status"
+VERSION_TOPIC = "/qvgm/policy/version"
+JOINT_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"]
+
+DEFAULTS: dict[str, Any] = {
+    "root": "", "fps": 10, "cameras": ["front", "wrist"], "reference_camera": "front", "image_height": 224,
+    "image_width": 224, "joint_names": JOINT_NAMES, "quality_mode": "mark", "max_age": 0.1, "max_latency": 0.2,
+    "gap_factor": 1.5, "frozen_frames": 3, "align_delay": 0.05, "queue_size": 256, "default_task": "",
+    "poll_hz": 50.0, "trajectory_topic": "/arm_controller/joint_trajectory", "codec": "libx264", "crf": 20,
+}
+
+
+def stamp_seconds(stamp: Any) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def image_array(msg: Image) -> np.ndarray:
+    """sensor_msgs/Image rgb8 (or bgr8) -> uint8[H, W, 3] RGB copy; ValueError otherwise."""
+    if msg.encoding not in ("rgb8", "bgr8"):
+        raise ValueError(f"encoding {msg.encoding!r} (need rgb8)")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if step < 3 * w or len(msg.data) < h * step:
+        raise ValueError(f"data {len(msg.data)} bytes too short for {h}x{w} step {step}")
+    a = np.frombuffer(msg.data, np.uint8, count=h * step).reshape(h, step)[:, :3 * w].reshape(h, w, 3)
+    return np.array(a[..., ::-1] if msg.encoding == "bgr8" else a, copy=True, order="C")
+
+
+class RecorderNode(Node):
+    """See the module doc; parameters in DEFAULTS (root is required: the dataset directory)."""
+
+    def __init__(self, node_name: str = "recorder_node", **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        p = {k: self.declare_parameter(k, v).value for k, v in DEFAULTS.items()}
+        if not p["root"]:
+            raise ValueError("recorder_node: parameter 'root' (dataset directory) is required")
+        self.joint_names = list(p["joint_names"])
+        cams = list(p["cameras"])
+        buf = ReplayBuffer.open_or_create(p["root"], fps=int(p["fps"]),
+                                          cameras={c: (int(p["image_height"]), int(p["image_width"])) for c in cams},
+                                          state_names=self.joint_names, action_names=self.joint_names,
+                                          codec=str(p["codec"]), crf=int(p["crf"]))
+        if len(buf.features["observation.state"]["shape"]) and \
+                buf.features["observation.state"]["shape"][0] != len(self.joint_names):
+            buf.close()
+            raise ValueError(f"{p['root']}: dataset state dim does not match joint_names {self.joint_names}")
+        cfg = QualityConfig(mode=str(p["quality_mode"]), max_age=float(p["max_age"]),
+                            max_latency=float(p["max_latency"]), gap_factor=float(p["gap_factor"]),
+                            frozen_frames=int(p["frozen_frames"]))
+        self.core = EpisodeRecorder(buf, str(p["reference_camera"]), cfg, delay=float(p["align_delay"]),
+                                    queue_size=int(p["queue_size"]), default_task=str(p["default_task"]),
+                                    logger=lambda m: self.get_logger().error(m))
+        self.bad: dict[str, int] = {}
+        self._reported = 0
+        for cam in self.core.cameras:
+            self.create_subscription(Image, f"/camera/{cam}/color/image_raw",
+                                     lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
+        self.create_subscription(JointState, "/joint_states", self._on_joint_state, 50)
+        self.create_subscription(JointTrajectory, str(p["trajectory_topic"]), self._on_trajectory, 10)
+        self.create_subscription(String, "/qvgm/task", lambda m: self.core.set_task(m.data), LATCHED)
+        self.create_subscription(String, VERSION_TOPIC, lambda m: self.core.set_version(m.data), LATCHED)
+        self.create_subscription(String, STATUS_TOPIC, self._on_status, LATCHED)
+        self.pub_episodes = self.create_publisher(String, "~/episodes", 10)
+        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0 / float(p["poll_hz"]), self._poll)
+        self.create_timer(1.0, self._diagnostics)
+
+    def now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _bad(self, what: str, detail: str) -> None:
+        self.bad[what] = self.bad.get(what, 0) + 1
+        self.get_logger().warning(f"ignored bad {what} message: {detail}", throttle_duration_sec=2.0)
+
+    def _on_image(self, cam: str, msg: Image) -> None:
+        try:
+            img = image_array(msg)
+            h, w = self.core.sizes[cam]
+            if img.shape != (h, w, 3):
+                raise ValueError(f"{img.shape[1]}x{img.shape[0]} image, dataset expects {w}x{h}")
+            self.core.add_image(cam, stamp_seconds(msg.header.stamp) or self.now(), img, self.now())
+        except Exception as exc:
+            self._bad(f"image/{cam}", str(exc))
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        try:
+            idx = {n: i for i, n in enumerate(msg.name)}
+            q = np.array([msg.position[idx[n]] for n in self.joint_names], dtype=np.float64)
+            if not np.all(np.isfinite(q)):
+                raise ValueError("non-finite position")
+            self.core.add_state(stamp_seconds(msg.header.stamp) or self.now(), q)
+        except (KeyError, IndexError) as exc:
+            self._bad("joint_states", f"missing joint {exc}")
+        except Exception as exc:
+            self._bad("joint_states", str(exc))
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        try:
+            idx = {n: i for i, n in enumerate(msg.joint_names)}
+            cols = [idx[n] for n in self.joint_names]
+            if not msg.points:
+                raise ValueError("no points")
+            pos = np.array([[p.positions[c] for c in cols] for p in msg.points], dtype=np.float64)
+            times = np.array([stamp_seconds(p.time_from_start) for p in msg.points])
+            stamp = stamp_seconds(msg.header.stamp)
+            self.core.add_chunk(stamp if stamp > 0 else self.now(), times, pos)
+        except (KeyError, IndexError) as exc:
+            self._bad("trajectory", f"joint {exc} missing")
+        except Exception as exc:
+            self._bad("trajectory", str(exc))
+
+    def _on_status(self, msg: String) -> None:
+        try:
+            st = json.loads(msg.data)
+            if not isinstance(st, dict) or "state" not in st or "episode" not in st:
+                raise ValueError("status needs state and episode")
+            self.core.on_status(st)
+        except Exception as exc:
+            self._bad("status", str(exc))
+
+    def _poll(self) -> None:
+        try:
+            self.core.poll(self.now())
+        except Exception as exc:  # keep recording; the episode's notes carry the counts
+            self.get_logger().error(f"poll failed: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
+        while self._reported < len(self.core.results):
+            r = self.core.results[self._reported]
+            self._reported += 1
+            self.pub_episodes.publish(String(data=json.dumps(r)))
+            self.get_logger().info(f"episode {r['episode']}: {r['status']} (buffer index {r['index']})")
+
+    def _diagnostics(self) -> None:
+        rep = self.core.aligner.report
+        level = DiagnosticStatus.OK if not rep.flawed(self.core.cfg) and not self.core.errors else DiagnosticStatus.WARN
+        vals = {**{f"count.{k}": v for k, v in rep.counts.items()}, **{f"bad.{k}": v for k, v in self.bad.items()},
+                "queue": self.core.pending(), "frames_queued": self.core.frames_queued,
+                "episodes": len(self.core.results), "errors": len(self.core.errors)}
+        st = DiagnosticStatus(level=level, name="qvgm: recorder_node", message="recording" if self.core.episode
+                              is not None else "idle", values=[KeyValue(key=k, value=str(v)) for k, v in vals.items()])
+        arr = DiagnosticArray(status=[st])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self.pub_diag.publish(arr)
+
+    def destroy_node(self) -> None:
+        try:
+            self.core.close()
+        finally:
+            super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    import rclpy
+
+    rclpy.init(args=args)
+    node = RecorderNode()
+    try:
+        rclpy.spin(node)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+
+
+if __name__ == "__main__":
+    main()
