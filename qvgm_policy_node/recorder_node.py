@@ -26,6 +26,7 @@ from qvgm.data import ReplayBuffer
 from qvgm.recording import EpisodeRecorder, QualityConfig
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STATUS_QOS = QoSProfile(depth=20, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # every transition
 STATUS_TOPIC = "/qvgm/episode/status"
 VERSION_TOPIC = "/qvgm/policy/version"
 JOINT_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"]
@@ -86,7 +87,7 @@ class RecorderNode(Node):
         self.create_subscription(JointTrajectory, str(p["trajectory_topic"]), self._on_trajectory, 10)
         self.create_subscription(String, "/qvgm/task", lambda m: self.core.set_task(m.data), LATCHED)
         self.create_subscription(String, VERSION_TOPIC, lambda m: self.core.set_version(m.data), LATCHED)
-        self.create_subscription(String, STATUS_TOPIC, self._on_status, LATCHED)
+        self.create_subscription(String, STATUS_TOPIC, self._on_status, STATUS_QOS)
         self.pub_episodes = self.create_publisher(String, "~/episodes", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0 / float(p["poll_hz"]), self._poll)
