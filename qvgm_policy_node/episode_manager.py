@@ -72,7 +72,10 @@ class EpisodeManager(Node):
             except Exception as exc:  # a service never raises into the executor
                 response.success, response.message = False, f"internal error: {type(exc).__name__}: {exc}"
             self._after_transition()
-            (self.get_logger().info if response.success else self.get_logger().warning)(response.message)
+            if response.success:
+                self.get_logger().info(response.message)
+            else:
+                self.get_logger().warning(f"refused: {response.message}")
             return response
         return handler
 
