@@ -139,12 +139,13 @@ class TeleopNode(Node):
         return self.control == "teleop"
 
     # ------------------------------------------------------------------ output
-    def _publish(self, target: np.ndarray) -> None:
+    def _publish(self, target: np.ndarray, duration: float | None = None) -> None:
+        """One-point trajectory to `target` (robot units), reached `duration` s (default 1/rate_hz) from now."""
         msg = JointTrajectory()
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.joint_names = list(self.joint_names)
         msg.points = [JointTrajectoryPoint(positions=[float(x) for x in target],
-                                           time_from_start=seconds_to_duration(self.dt))]
+                                           time_from_start=seconds_to_duration(duration or self.dt))]
         self.pub.publish(msg)
         self.published += 1
 
@@ -212,10 +213,15 @@ class TeleopNode(Node):
                     self.get_logger().warning("no /joint_states yet: cannot jog")
                     return
                 self.jogger.anchor(self.q)
-            step = self.key_step * (0.1 if self.selected == len(self.joint_names) - 1 else 1.0)
-            v = np.zeros(len(self.joint_names))
-            v[self.selected] = (step if cmd == "jog+" else -step) / self.dt
-            self._publish(self.jogger.step(v, self.dt))
+            j = self.selected
+            step = self.key_step * (0.1 if j == len(self.joint_names) - 1 else 1.0)
+            target = self.jogger.target.copy()
+            target[j] = np.clip(target[j] + (step if cmd == "jog+" else -step), self.jogger.lower[j],
+                                self.jogger.upper[j])
+            # one key = one discrete step, executed no faster than max_velocity
+            duration = max(self.dt, abs(target[j] - self.jogger.target[j]) / self.jogger.max_velocity[j])
+            self.jogger.target = target
+            self._publish(target, duration)
         elif cmd == "takeover":
             self._call("takeover", not self.takeover)
         elif cmd in EPISODE_KEYS:
