@@ -96,3 +96,24 @@ class ExpertBackend:
             raise ValueError(f"expert chunk has shape {chunk.shape}")
         return ActionChunk(positions=chunk, dt=self.config.dt, joint_names=list(self.config.joint_names),
                            stamp=float(observation["stamp"]), version="expert")
+
+
+@register_backend("hold")
+class HoldBackend:
+    """Holds the observed joint positions: a chunk of H copies of obs["state"] (bring-up without a policy)."""
+
+    name = "hold"
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+
+    def reset(self, prompt: str | None = None) -> None:
+        return None
+
+    def infer(self, observation: Observation) -> ActionChunk:
+        state = np.asarray(observation["state"], dtype=np.float64)
+        if state.shape != (len(self.config.joint_names),):
+            raise ValueError(f"state has shape {state.shape}, expected ({len(self.config.joint_names)},)")
+        return ActionChunk(positions=np.repeat(state[None], self.config.horizon, axis=0), dt=self.config.dt,
+                           joint_names=list(self.config.joint_names), stamp=float(observation["stamp"]),
+                           version="hold")

@@ -60,28 +60,17 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def up(profile: str, overrides: dict[str, dict[str, Any]] | None = None, duration: float | None = None) -> int:
     """Bring the graph up and spin until Ctrl-C or `duration` seconds."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+    from qvgm_policy_node.graph import Graph
 
     specs = node_specs(load_profile(profile), overrides)
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    executor = SingleThreadedExecutor(context=context)
-    nodes = build_nodes(specs, context)
-    for node in nodes:
-        executor.add_node(node)
-    print(f"qvgm up {profile}: nodes {[s.name for s in specs]}", flush=True)
-    deadline = None if duration is None else time.monotonic() + duration
-    try:
-        while context.ok() and (deadline is None or time.monotonic() < deadline):
-            executor.spin_once(timeout_sec=0.1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        executor.shutdown()
-        for node in nodes:
-            node.destroy_node()
-        rclpy.try_shutdown(context=context)
+    with Graph(specs) as graph:
+        print(f"qvgm up {profile}: nodes {[s.name for s in specs]}", flush=True)
+        deadline = None if duration is None else time.monotonic() + duration
+        try:
+            while graph.context.ok() and (deadline is None or time.monotonic() < deadline):
+                graph.spin_once(0.1)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
