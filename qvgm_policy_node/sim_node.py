@@ -30,7 +30,6 @@ from visualization_msgs.msg import Marker, MarkerArray
 from qvgm.safety import SafetyLayer, SafetyLimits
 from qvgm.trajectory import TrajectoryExecutor, TrajectoryRejected, validate_trajectory
 from qvgm_policy_node import topics
-from qvgm_policy_node.profile import package_file
 
 TRANSIENT_LOCAL = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -61,7 +60,7 @@ class SimNode(Node):
 
     def __init__(self, node_name: str = "sim_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        from qvgm.sim import TabletopEnv  # MuJoCo import kept out of module import time
+        from qvgm.sim import TabletopEnv, urdf_path  # MuJoCo import kept out of module import time
 
         p = declare(self, DEFAULTS)
         self.cameras: list[str] = list(p["cameras"])
@@ -73,7 +72,7 @@ class SimNode(Node):
                                control_hz=float(p["control_hz"]), physics_hz=float(p["physics_hz"]),
                                max_episode_steps=None, render=bool(self.cameras))
         self.joint_names = list(self.env.joint_names)
-        urdf = p["urdf"] or str(package_file("urdf/tabletop_arm.urdf"))
+        urdf = p["urdf"] or str(urdf_path())
         self.safety = SafetyLayer(SafetyLimits.from_urdf(urdf, self.joint_names),
                                   velocity_scale=float(p["velocity_scale"]))
         self.traj = TrajectoryExecutor(len(self.joint_names))
