@@ -1,6 +1,8 @@
 """policy_node: observation dict from ROS topics -> PolicyBackend -> whole chunk as JointTrajectory.
 
-Every control tick (wall-clock `control_hz`) assembles {images, state, prompt, stamp} (qvgm/policy/interface.py)
+A timer polls at `poll_hz`; a chunk goes out whenever the robot clock (the joint-state stamp) has advanced by
+1/control_hz since the last chunk, so the policy keeps pace with a sim running slower or faster than real time.
+Each chunk assembles {images, state, prompt, stamp} (qvgm/policy/interface.py)
 from the latest /joint_states, camera images and /qvgm/task. Each stream has a max age (measured on this node's
 clock at receipt); if any is stale or missing no chunk is published and the robot keeps executing/holding its
 last trajectory. The chunk goes out with header.stamp = the observation's (joint state) stamp and
@@ -31,7 +33,8 @@ from qvgm_policy_node.backends import BackendConfig, backend_entry
 from qvgm_policy_node.sim_node import TRANSIENT_LOCAL, declare, from_time_msg, to_time_msg
 
 DEFAULTS: dict[str, Any] = {
-    "backend": "expert", "control_hz": 10.0, "chunk_dt": 0.1, "horizon": 10, "cameras": ["front", "wrist"],
+    "backend": "expert", "control_hz": 10.0, "poll_hz": 50.0, "chunk_dt": 0.1, "horizon": 10,
+    "cameras": ["front", "wrist"],
     "joint_names": ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"],
     "max_state_age": 0.25, "max_image_age": 0.5, "max_objects_age": 0.5, "expert_noise": 0.0,
     "expert_seed": -1, "diagnostics_hz": 1.0,
@@ -83,7 +86,9 @@ class PolicyNode(Node):
             self.create_subscription(MarkerArray, topics.OBJECTS, self._on_objects, 10)
         self.pub_traj = self.create_publisher(JointTrajectory, topics.TRAJECTORY, 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
-        self.create_timer(1.0 / float(p["control_hz"]), self._tick)
+        self.control_period = 1.0 / float(p["control_hz"])
+        self._last_chunk_stamp = -np.inf
+        self.create_timer(1.0 / float(p["poll_hz"]), self._tick)
         self.create_timer(1.0 / float(p["diagnostics_hz"]), self._publish_diagnostics)
 
     # -- inputs (never raise) ----------------------------------------------------------------------------
@@ -110,6 +115,7 @@ class PolicyNode(Node):
 
     def _on_task(self, msg: String) -> None:
         self._prompt = msg.data
+        self._last_chunk_stamp = -np.inf
         self._state = None  # a new episode: wait for post-reset observations
         self._objects = None
         self.backend.reset(msg.data)
@@ -162,6 +168,8 @@ class PolicyNode(Node):
         if obs is None:
             self.skipped[reason] += 1
             return
+        if obs["stamp"] < self._last_chunk_stamp + self.control_period - 1e-3:
+            return  # not yet time for the next chunk on the robot clock
         try:
             chunk = self.backend.infer(obs)
             msg = chunk_to_trajectory(chunk)
@@ -170,6 +178,7 @@ class PolicyNode(Node):
             self.get_logger().error("backend failed:\n" + traceback.format_exc(), throttle_duration_sec=5.0)
             return
         self.pub_traj.publish(msg)
+        self._last_chunk_stamp = float(obs["stamp"])
         self.published += 1
         self.last_chunk = chunk
 

@@ -118,6 +118,7 @@ class SimNode(Node):
         self._wall0, self._sim0 = time.monotonic(), float(self.env.time)
         self._next_camera = float(self.env.time)
         self.success = False
+        self.pub_success.publish(Bool(data=False))  # marks the reset in the success stream
         self.pub_task.publish(String(data=self.env.prompt))
         self._publish_state()
         self._publish_objects()
