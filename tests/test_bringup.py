@@ -76,3 +76,42 @@ def test_launch_file_builds_launch_ros_nodes() -> None:
     assert [n.node_executable for n in nodes] == [s.executable for s in specs]
     for node, spec in zip(nodes, specs, strict=True):
         assert node._Node__parameters[0] == spec.parameters
+
+
+def test_qvgm_up_runs_the_graph_in_one_process() -> None:
+    """`qvgm up tabletop_sim` in a subprocess; this process sees its topics over DDS (loopback, same domain)."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("mujoco")
+    import os
+    import subprocess
+    import sys
+
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import String
+    from trajectory_msgs.msg import JointTrajectory
+
+    from qvgm_policy_node.graph import Graph
+    from qvgm_policy_node.sim_node import TRANSIENT_LOCAL
+
+    cmd = [sys.executable, "-m", "qvgm_policy_node.cli", "up", "tabletop_sim", "--duration", "60",
+           "--set", "sim_node.cameras=[front]", "--set", "sim_node.image_width=64",
+           "--set", "sim_node.image_height=48", "--set", "sim_node.camera_hz=5.0",
+           "--set", "policy_node.cameras=[front]", "--set", "policy_node.max_image_age=1.0"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), cwd=str(REPO_ROOT))
+    js: list[JointState] = []
+    prompts: list[String] = []
+    chunks: list[JointTrajectory] = []
+    try:
+        with Graph() as g:
+            io = g.node("qvgm_up_test_io")
+            io.create_subscription(JointState, topics.JOINT_STATES, js.append, 10)
+            io.create_subscription(String, topics.TASK, prompts.append, TRANSIENT_LOCAL)
+            io.create_subscription(JointTrajectory, topics.TRAJECTORY, chunks.append, 10)
+            assert g.spin_until(lambda: len(js) >= 10 and prompts and len(chunks) >= 3, 45.0), (
+                len(js), len(prompts), len(chunks), proc.poll())
+            names = {n for n, _ns in io.get_node_names_and_namespaces()}
+            assert {"sim_node", "policy_node"} <= names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "pick" in prompts[-1].data and len(chunks[-1].points) == 10
