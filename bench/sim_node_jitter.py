@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--inline-render", action="store_true", help="render on the control thread (for comparison)")
     args = parser.parse_args()
 
     from rclpy.qos import qos_profile_sensor_data
@@ -45,7 +46,7 @@ def main() -> None:
 
     cams = ["front", "wrist"]
     params = {"cameras": cams, "image_width": args.size, "image_height": args.size, "camera_hz": args.hz,
-              "joint_state_hz": args.hz, "task": "pick_place"}
+              "joint_state_hz": args.hz, "task": "pick_place", "render_thread": not args.inline_render}
     received = {c: 0 for c in cams}
     with Graph([NodeSpec("sim_node", "sim_node", params)]) as g:
         sim = g.nodes["sim_node"]
@@ -60,17 +61,20 @@ def main() -> None:
         ticks = np.array(sim.tick_times[n0:])
         sim_advance = float(sim.env.time) - sim0
         wall = time.monotonic() - wall0
+        worker = sim._render_worker
+        dropped = worker.dropped if worker is not None else 0
     period = 1.0 / args.hz
     intervals = np.diff(ticks)
     jitter = np.abs(intervals - period) * 1e3
     out = {
         "bench": "sim_node_jitter", "hz": args.hz, "cameras": cams, "image_size": [args.size, args.size],
-        "seconds": round(wall, 2), "ticks": int(len(ticks)),
+        "render_thread": not args.inline_render, "seconds": round(wall, 2), "ticks": int(len(ticks)),
         "jitter_ms_p50": round(float(np.percentile(jitter, 50)), 3) if len(jitter) else None,
         "jitter_ms_p99": round(float(np.percentile(jitter, 99)), 3) if len(jitter) else None,
         "interval_ms_p50": round(float(np.percentile(intervals, 50) * 1e3), 3) if len(intervals) else None,
         "interval_ms_p99": round(float(np.percentile(intervals, 99) * 1e3), 3) if len(intervals) else None,
         "real_time_factor_achieved": round(sim_advance / wall, 3),
+        "camera_frames_dropped": dropped,
         "images_received_per_s": {c: round((received[c] - rec0[c]) / wall, 2) for c in cams},
         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.node(),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),

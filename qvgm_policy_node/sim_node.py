@@ -10,6 +10,8 @@ the same map (zero stamp = now). The node never dies on a message: bad input is 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import traceback
 from collections import Counter
@@ -37,7 +39,7 @@ TRANSIENT_LOCAL = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 DEFAULTS: dict[str, Any] = {
     "task": "pick_place", "seed": 0, "cameras": ["front", "wrist"], "image_width": 224, "image_height": 224,
     "control_hz": 10.0, "physics_hz": 500.0, "joint_state_hz": 50.0, "camera_hz": 10.0,
-    "real_time_factor": 1.0, "velocity_scale": 1.0, "urdf": "", "diagnostics_hz": 1.0,
+    "real_time_factor": 1.0, "velocity_scale": 1.0, "urdf": "", "diagnostics_hz": 1.0, "render_thread": True,
 }
 
 
@@ -95,6 +97,10 @@ class SimNode(Node):
         self.create_subscription(JointTrajectory, topics.TRAJECTORY, self._on_trajectory, 10)
         self.create_service(Trigger, "~/reset", self._on_reset)
 
+        self._render_worker: RenderWorker | None = None
+        if self.cameras and bool(p["render_thread"]):
+            self._render_worker = RenderWorker(self.cameras, self.env.image_size, self._send_images,
+                                               self.get_logger())
         self._reset_env(int(p["seed"]), str(p["task"]))
         self.create_timer(1.0 / float(p["joint_state_hz"]), self._tick)
         self.create_timer(1.0 / float(p["diagnostics_hz"]), self._publish_diagnostics)
@@ -221,10 +227,17 @@ class SimNode(Node):
         self.pub_js.publish(msg)
 
     def _publish_cameras(self) -> None:
+        """Capture the scene at the current sim time; render + publish inline or on the render thread."""
         if not self.cameras:
             return
         stamp = to_time_msg(self.sim_to_ros(float(self.env.time)))
-        images = self.env.render_cameras()
+        infos = {cam: self.env.camera_info(cam) for cam in self.cameras}
+        if self._render_worker is None:
+            self._send_images(self.env.render_cameras(), infos, stamp)
+            return
+        self._render_worker.submit(self.env, infos, stamp)
+
+    def _send_images(self, images: dict[str, np.ndarray], infos: dict[str, dict], stamp: TimeMsg) -> None:
         for cam in self.cameras:
             img = np.ascontiguousarray(images[cam], dtype=np.uint8)
             frame = topics.optical_frame(cam)
@@ -234,7 +247,7 @@ class SimNode(Node):
             msg.encoding, msg.is_bigendian, msg.step = "rgb8", 0, int(img.shape[1] * 3)
             msg.data = img.tobytes()
             self.pub_img[cam].publish(msg)
-            ci = self.env.camera_info(cam)
+            ci = infos[cam]
             info = CameraInfo()
             info.header.stamp, info.header.frame_id = stamp, frame
             info.width, info.height = int(ci["width"]), int(ci["height"])
@@ -276,6 +289,9 @@ class SimNode(Node):
         values = {"accepted_trajectories": self.accepted, "rejected_trajectories": sum(self.rejected.values()),
                   "ticks": self.ticks, "sim_time": round(float(self.env.time), 4), "task": self.env.task,
                   "success": self.success}
+        if self._render_worker is not None:
+            values["camera_frames_rendered"] = self._render_worker.rendered
+            values["camera_frames_dropped"] = self._render_worker.dropped
         values.update({f"rejected.{k}": v for k, v in sorted(self.rejected.items())})
         values.update({f"safety.{k}": v for k, v in sorted(self.safety.counters.items())})
         status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
@@ -283,6 +299,77 @@ class SimNode(Node):
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [status]
         self.pub_diag.publish(arr)
+
+
+    def destroy_node(self) -> None:
+        if self._render_worker is not None:
+            self._render_worker.stop()
+            self._render_worker = None
+        super().destroy_node()
+
+
+class RenderWorker:
+    """Renders camera frames off the control thread (MuJoCo releases the GIL while rendering).
+
+    `submit` snapshots MjData at the tick's sim time (mj_copyData, microseconds) and hands it over; while a frame
+    is still rendering a new one is dropped (counted), so a slow renderer lowers the camera rate, never the
+    control rate. The GL context lives on the worker thread, one mujoco.Renderer per model (task).
+    """
+
+    def __init__(self, cameras: list[str], image_size: tuple[int, int], send: Any, logger: Any) -> None:
+        self.cameras, self.image_size, self.send, self.logger = cameras, image_size, send, logger
+        self.rendered = 0
+        self.dropped = 0
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._snapshots: dict[int, Any] = {}
+        self._thread = threading.Thread(target=self._run, name="sim_node_render", daemon=True)
+        self._thread.start()
+
+    def submit(self, env: Any, infos: dict[str, dict], stamp: TimeMsg) -> None:
+        import mujoco
+
+        model = env.model
+        snap = mujoco.MjData(model)  # fresh per frame: the worker may still read the previous one
+        mujoco.mj_copyData(snap, model, env.data)
+        try:
+            self._jobs.put_nowait((model, snap, infos, stamp))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        import mujoco
+
+        renderers: dict[int, Any] = {}
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                model, snap, infos, stamp = job
+                try:
+                    r = renderers.get(id(model))
+                    if r is None:
+                        r = renderers[id(model)] = mujoco.Renderer(model, self.image_size[0], self.image_size[1])
+                    images = {}
+                    for cam in self.cameras:
+                        r.update_scene(snap, camera=cam)
+                        images[cam] = r.render().copy()
+                    self.send(images, infos, stamp)
+                    self.rendered += 1
+                except Exception:
+                    self.logger.error("render failed:\n" + traceback.format_exc())
+        finally:
+            for r in renderers.values():
+                r.close()
+
+    def stop(self) -> None:
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        self._jobs.put(None)
+        self._thread.join(timeout=10.0)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -99,7 +99,8 @@ def test_publishes_state_cameras_task_objects(h: Harness) -> None:
     assert (info.width, info.height) == (64, 48) and info.k[2] == pytest.approx(31.5) and info.k[0] > 0
     assert np.asarray(img.data).std() > 0  # a real rendering, not a blank frame
     # image stamps are the sim time of the render, on the same clock as the joint state of that tick
-    assert img.header.stamp == info.header.stamp
+    # each image has a camera_info with the same stamp (the pair is published together)
+    assert g.spin_until(lambda: img.header.stamp in [i.header.stamp for i in h.infos], 5)
     assert from_time_msg(img.header.stamp) in {from_time_msg(m.header.stamp) for m in h.js}
     # the prompt is latched (transient local): a late subscriber still gets it
     prompts: list[String] = []
