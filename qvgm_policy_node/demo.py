@@ -37,15 +37,15 @@ class EpisodeDriver:
         self.node = graph.node("demo_driver")
         self.params = AsyncParameterClient(self.node, "sim_node")
         self.reset_client = self.node.create_client(Trigger, "/sim_node/reset")
-        self.success: list[tuple[bool, float]] = []  # (value, robot time at receipt)
-        self.robot_time = 0.0
+        self.success: list[tuple[bool, int]] = []  # (value, number of joint states received before it)
+        self.js_stamps: list[float] = []  # robot clock: stamps of /joint_states
         self._from_time = from_time_msg
         self.node.create_subscription(JointState, topics.JOINT_STATES, self._on_js, 10)
-        self.node.create_subscription(Bool, topics.SUCCESS, lambda m: self.success.append((m.data, self.robot_time)),
-                                      10)
+        self.node.create_subscription(Bool, topics.SUCCESS,
+                                      lambda m: self.success.append((m.data, len(self.js_stamps))), 10)
 
     def _on_js(self, msg: Any) -> None:
-        self.robot_time = max(self.robot_time, self._from_time(msg.header.stamp))
+        self.js_stamps.append(self._from_time(msg.header.stamp))
 
     def reset(self, task: str, seed: int) -> str:
         from rclpy.parameter import Parameter
@@ -65,19 +65,21 @@ class EpisodeDriver:
         g = self.graph
         if not g.spin_until(lambda: any(not v for v, _ in self.success), 10.0):
             raise RuntimeError("no reset marker on /qvgm/sim/success")
-        start_idx = next(i for i, (v, _) in enumerate(self.success) if not v)
-        t0 = self.success[start_idx][1]
+        start_idx, n_js = next((i, n) for i, (v, n) in enumerate(self.success) if not v)
+        if not g.spin_until(lambda: len(self.js_stamps) > n_js, 10.0):
+            raise RuntimeError("no joint states after the reset")
+        t0 = self.js_stamps[n_js]  # the first joint state after the reset marker
         wall_end = time.monotonic() + wall_limit
 
         def done() -> bool:
-            return (any(v for v, _ in self.success[start_idx:]) or self.robot_time - t0 >= time_limit
+            return (any(v for v, _ in self.success[start_idx:]) or self.js_stamps[-1] - t0 >= time_limit
                     or time.monotonic() > wall_end)
 
         g.spin_until(done, wall_limit + 1.0)
-        hits = [t for v, t in self.success[start_idx:] if v]
+        hits = [n for v, n in self.success[start_idx:] if v]
         if hits:
-            return True, hits[0] - t0
-        return False, self.robot_time - t0
+            return True, self.js_stamps[max(hits[0] - 1, n_js)] - t0
+        return False, self.js_stamps[-1] - t0
 
 
 def main(argv: list[str] | None = None) -> int:
