@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (then +1 per episode)")
     parser.add_argument("--profile", default="tabletop_sim")
     parser.add_argument("--real-time-factor", type=float, default=1.0)
-    parser.add_argument("--image-size", type=int, default=64,
-                        help="camera images are SIZE x SIZE for the demo (0 = the profile's size); the expert "
-                             "does not look at them and software rendering on a small CPU is the bottleneck")
-    parser.add_argument("--camera-hz", type=float, default=5.0, help="camera rate (0 = the profile's)")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="render SIZE x SIZE images instead of the profile's (0 = profile); the expert does not "
+                             "look at them, and software rendering on a small CPU is the main cost")
+    parser.add_argument("--camera-hz", type=float, default=0.0, help="camera rate (0 = the profile's)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
