@@ -74,8 +74,14 @@ def test_launch_file_builds_launch_ros_nodes() -> None:
     specs = node_specs(load_profile("tabletop_sim"))
     assert all(isinstance(n, Node) for n in nodes)
     assert [n.node_executable for n in nodes] == [s.executable for s in specs]
+    from launch_ros.utilities import evaluate_parameters
+
+    def plain(params: dict) -> dict:
+        return {str(k): list(v) if isinstance(v, list | tuple) else v for k, v in params.items()}
+
     for node, spec in zip(nodes, specs, strict=True):
-        assert node._Node__parameters[0] == spec.parameters
+        evaluated = evaluate_parameters(context, node._Node__parameters)  # what the node process would get
+        assert len(evaluated) == 1 and plain(evaluated[0]) == plain(spec.parameters)
 
 
 def test_qvgm_up_runs_the_graph_in_one_process() -> None:
