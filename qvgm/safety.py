@@ -180,3 +180,22 @@ class SafetyLayer:
         step = self.limits.max_step(dt, self.velocity_scale)
         cmd = hold + np.clip(verdict.command - hold, -step, step)
         return Verdict(True, "ok", "", self.limits.clamp(cmd))
+
+
+def box_workspace(fk: Callable[[np.ndarray], np.ndarray], lower: Sequence[float],
+                  upper: Sequence[float]) -> WorkspaceCheck:
+    """Workspace hook: the tool position fk(q) (float[3], m, robot base frame) must lie in the box [lower, upper].
+
+    fk gets the full joint vector [n] (it picks the arm joints itself). Returns None or a reason detail.
+    """
+    lo, hi = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    if lo.shape != (3,) or hi.shape != (3,) or np.any(lo > hi):
+        raise ValueError(f"workspace box needs lower <= upper, 3 values each; got {lower}, {upper}")
+
+    def check(q: np.ndarray) -> str | None:
+        p = np.asarray(fk(q), dtype=np.float64)
+        if not np.all(np.isfinite(p)) or np.any(p < lo) or np.any(p > hi):
+            return f"tool at {np.round(p, 4).tolist()} outside workspace box {lo.tolist()}..{hi.tolist()}"
+        return None
+
+    return check

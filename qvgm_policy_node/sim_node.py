@@ -29,7 +29,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 from visualization_msgs.msg import Marker, MarkerArray
 
-from qvgm.safety import SafetyLayer, SafetyLimits
+from qvgm.safety import SafetyLayer, SafetyLimits, box_workspace
 from qvgm.trajectory import TrajectoryExecutor, TrajectoryRejected, validate_trajectory
 from qvgm_policy_node import topics
 
@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "task": "pick_place", "seed": 0, "cameras": ["front", "wrist"], "image_width": 224, "image_height": 224,
     "control_hz": 10.0, "physics_hz": 500.0, "joint_state_hz": 50.0, "camera_hz": 10.0,
     "real_time_factor": 1.0, "velocity_scale": 1.0, "urdf": "", "diagnostics_hz": 1.0, "render_thread": True,
+    "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2],
 }
 
 
@@ -75,8 +76,14 @@ class SimNode(Node):
                                max_episode_steps=None, render=bool(self.cameras))
         self.joint_names = list(self.env.joint_names)
         urdf = p["urdf"] or str(urdf_path())
+        workspace = None
+        if len(p["workspace_min"]) or len(p["workspace_max"]):  # tool0 box in base_link, m
+            from qvgm.sim.ik import ArmIK
+
+            ik = ArmIK(urdf)  # own kinematics model: used on the executor thread only
+            workspace = box_workspace(lambda q: ik.fk(np.asarray(q[:6]))[0], p["workspace_min"], p["workspace_max"])
         self.safety = SafetyLayer(SafetyLimits.from_urdf(urdf, self.joint_names),
-                                  velocity_scale=float(p["velocity_scale"]))
+                                  velocity_scale=float(p["velocity_scale"]), workspace=workspace)
         self.traj = TrajectoryExecutor(len(self.joint_names))
         self.rejected: Counter[str] = Counter()
         self.accepted = 0

@@ -144,7 +144,7 @@ def test_executes_holds_last_point_and_splices(h: Harness) -> None:
 
 
 @pytest.mark.parametrize("case", ["unknown_joint", "non_monotonic_time", "non_finite", "position_limit",
-                                  "wrong_length", "empty", "missing_joint", "before_reset"])
+                                  "wrong_length", "empty", "missing_joint", "before_reset", "workspace"])
 def test_rejects_bad_trajectory_and_holds(h: Harness, case: str) -> None:
     g = h.g
     g.spin_for(0.3)
@@ -168,6 +168,12 @@ def test_rejects_bad_trajectory_and_holds(h: Harness, case: str) -> None:
         h.send([], [])
     elif case == "missing_joint":
         h.send([far[:6]], [0.5], names=NAMES[:6])
+    elif case == "workspace":  # within joint limits, but tool0 ~9 cm below the table top
+        from qvgm.sim import HOME_Q
+
+        bad = np.array(HOME_Q, dtype=np.float64)
+        bad[1] += 1.0
+        h.send([bad], [1.0])
     elif case == "before_reset":
         h.send([far], [0.5], stamp=h.sim._reset_stamp - 5.0)
     before = h.sim.rejected[case]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qvgm.safety import SafetyLayer, SafetyLimits
+from qvgm.safety import SafetyLayer, SafetyLimits, box_workspace
 
 URDF = """<?xml version="1.0"?>
 <robot name="mini">
@@ -93,3 +93,17 @@ def test_filter_holds_on_bad_target_stale_or_missing_observation(urdf: Path) -> 
     # no target: hold, but that is fine
     v = layer.filter(cur, None, dt=0.02)
     assert v.ok and np.array_equal(v.command, cur)
+
+
+def test_box_workspace_hook(urdf: Path) -> None:
+    # a planar 2-link "arm" (1 m links) as the forward kinematics
+    def fk(q: np.ndarray) -> np.ndarray:
+        return np.array([np.cos(q[0]) + np.cos(q[0] + q[1]), np.sin(q[0]) + np.sin(q[0] + q[1]), 0.5])
+
+    hook = box_workspace(fk, [0.0, -2.0, 0.0], [2.0, 2.0, 1.0])
+    layer = SafetyLayer(SafetyLimits.from_urdf(urdf), workspace=hook)
+    assert layer.check_target([0.0, 0.0, 0.0]).ok  # tool at (2, 0)
+    v = layer.check_target([2.5, 0.0, 0.0])  # tool at x < 0
+    assert v.reason == "workspace" and "outside workspace box" in v.detail
+    with pytest.raises(ValueError):
+        box_workspace(fk, [1, 1, 1], [0, 0, 0])
