@@ -154,7 +154,11 @@ class SimNode(Node):
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] += 1
-        self.get_logger().warning(f"rejected trajectory ({reason}): {detail}; holding")
+        text = f"rejected trajectory ({reason}): {detail}; holding"
+        if reason == "before_reset":  # expected for chunks in flight across a reset
+            self.get_logger().info(text)
+        else:
+            self.get_logger().warning(text)
 
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         try:
