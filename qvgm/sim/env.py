@@ -225,6 +225,12 @@ class TabletopEnv(gym.Env):
         d = self.data
         return (d.qpos[self._qadr].copy(), d.qvel[self._dadr].copy(), d.actuator_force[self._act].copy())
 
+    def render_camera(self, cam: str) -> np.ndarray:
+        """uint8[H, W, 3] RGB of one camera (``front`` or ``wrist``) at ``image_size``."""
+        if cam not in CAMERAS:
+            raise ValueError(f"unknown camera {cam!r}; available: {CAMERAS}")
+        return self._render_one(cam)
+
     def _render_one(self, cam: str) -> np.ndarray:
         if self._renderer is None:
             self._renderer = mujoco.Renderer(self.model, self.image_size[0], self.image_size[1])
