@@ -43,12 +43,17 @@ def main() -> None:
 
     env = TabletopEnv(task=args.task, render=False)
     env.reset(seed=0)
-    # keep the arm moving so contacts and servos do real work
-    target = env.joint_state()[0] + np.array([0.3, 0.2, -0.2, 0.2, 0.2, 0.3, -0.02])
+    home = env.joint_state()[0]
+    amp = np.array([0.4, 0.2, -0.2, 0.3, 0.2, 0.5, -0.02])
 
     def physics(n: int) -> None:
-        env.set_joint_targets(target)
-        env.step_physics(n)
+        """n physics steps driven like the 10 Hz controller: a new (moving) target every n_substeps."""
+        done = 0
+        while done < n:
+            env.set_joint_targets(home + amp * np.sin(0.5 * env.time))
+            k = min(env.n_substeps, n - done)
+            env.step_physics(k)
+            done += k
 
     def raw(n: int) -> None:
         for _ in range(n):

@@ -214,11 +214,19 @@ class TabletopEnv(gym.Env):
     def step_physics(self, n: int = 1) -> None:
         """Advance ``n`` physics steps; servo set-points move toward the targets at most at the URDF velocity."""
         m, d = self.model, self.data
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
         max_step = self._vmax * self._physics_dt
-        for _ in range(int(n)):
-            ctrl = d.ctrl[self._act]
-            d.ctrl[self._act] = ctrl + np.clip(self._target - ctrl, -max_step, max_step)
+        start = d.ctrl[self._act].copy()
+        diff = self._target - start
+        ramp = min(n, int(np.ceil(np.max(np.abs(diff) / max_step)))) if n else 0
+        for k in range(1, ramp + 1):  # set-points ramp at the velocity limit ...
+            d.ctrl[self._act] = start + np.clip(diff, -k * max_step, k * max_step)
             mujoco.mj_step(m, d)
+        if n > ramp:  # ... then hold the target (the remaining steps run inside MuJoCo)
+            d.ctrl[self._act] = self._target
+            mujoco.mj_step(m, d, n - ramp)
 
     def joint_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position [7] rad|m, velocity [7] rad/s|m/s, effort [7] N*m|N) of the controlled joints, float64."""
