@@ -209,3 +209,36 @@ def test_success_detector_fires_on_a_solved_scene_only(task):
     mujoco.mj_forward(env.model, env.data)
     env.step_physics(100)
     assert not env.is_success()
+
+
+def test_render_and_step_from_several_threads():
+    """A ROS executor may call from different threads: rendering must work from any thread (EGL contexts are
+    per-thread) and give the same pixels; close() works afterwards from the main thread."""
+    import threading
+
+    env = TabletopEnv(task="push", image_size=(48, 64))
+    env.reset(seed=9)
+    ref = env.render_cameras()
+    got: dict[str, object] = {}
+
+    def worker(name: str) -> None:
+        try:
+            got[name] = env.render_cameras()
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            got[name] = exc
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in ("t0", "t1", "t2"):
+        assert isinstance(got[name], dict), got[name]
+        for cam in ("front", "wrist"):
+            assert np.array_equal(got[name][cam], ref[cam])
+    stepper = threading.Thread(target=env.step_physics, args=(50,))
+    stepper.start()
+    stepper.join()
+    assert env.time == pytest.approx(0.1)
+    assert env.render_camera("front").shape == (48, 64, 3)
+    env.close()
