@@ -106,3 +106,16 @@ def test_act_chunk_commits_one_step_and_predicts_a_smooth_chunk():
         np.testing.assert_array_equal(full[k], cur)
     with pytest.raises(ValueError):
         c.act_chunk(state, poses, horizon=0)
+
+
+def test_expert_rejects_missing_or_bad_object_poses():
+    env = TabletopEnv(task="pick_place", render=False)
+    obs, _ = env.reset(seed=0)
+    poses = env.object_poses()
+    expert = make_expert("pick_place")
+    with pytest.raises(ValueError, match="bowl"):
+        expert.act(obs["state"], {"target_cube": poses["target_cube"]})
+    with pytest.raises(ValueError, match="target_cube"):
+        expert.act(obs["state"], {**poses, "target_cube": np.full(7, np.nan)})
+    # after the bad calls it still works
+    assert expert.act(obs["state"], poses).shape == (7,)
