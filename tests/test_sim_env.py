@@ -242,3 +242,13 @@ def test_render_and_step_from_several_threads():
     assert env.time == pytest.approx(0.1)
     assert env.render_camera("front").shape == (48, 64, 3)
     env.close()
+
+
+def test_gymnasium_env_checker_and_registration():
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make("qvgm/Tabletop-v0", task="stack", image_size=(32, 32))
+    assert env.unwrapped.task == "stack"
+    check_env(env.unwrapped, skip_render_check=False)
+    env.close()

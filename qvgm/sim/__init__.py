@@ -14,5 +14,8 @@ from qvgm.sim.expert import make_expert  # noqa: E402
 from qvgm.sim.robot import HOME_Q, JOINT_NAMES, JointLimits, load_joint_limits, urdf_path  # noqa: E402
 from qvgm.sim.tasks import TASKS  # noqa: E402
 
+if "qvgm/Tabletop-v0" not in __import__("gymnasium").registry:
+    __import__("gymnasium").register(id="qvgm/Tabletop-v0", entry_point="qvgm.sim.env:TabletopEnv")
+
 __all__ = ["CAMERAS", "HOME_Q", "JOINT_NAMES", "TASKS", "JointLimits", "TabletopEnv", "load_joint_limits",
            "make_expert", "urdf_path"]

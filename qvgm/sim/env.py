@@ -52,12 +52,15 @@ def _release_gl_context() -> None:
 class TabletopEnv(gym.Env):
     """Tabletop manipulation with the URDF arm; tasks in ``qvgm.sim.TASKS``; sparse reward 1.0 on success."""
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, task: str = "pick_place", cameras: tuple[str, ...] = CAMERAS,
                  image_size: tuple[int, int] = (224, 224), control_hz: float = 10.0, physics_hz: float = 500.0,
-                 max_episode_steps: int | None = None, render: bool = True) -> None:
+                 max_episode_steps: int | None = None, render: bool = True,
+                 render_mode: str | None = "rgb_array") -> None:
         super().__init__()
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
         self._task = check_task(task)
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown:
@@ -76,7 +79,8 @@ class TabletopEnv(gym.Env):
         self.n_substeps = int(round(n_sub))
         self._max_steps_arg = max_episode_steps
         self.render_images = bool(render)
-        self.render_mode = "rgb_array"
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": self.control_hz}
         self._urdf = urdf_path()
         self.limits = load_joint_limits(self._urdf)
         self._models: dict[str, mujoco.MjModel] = {}
