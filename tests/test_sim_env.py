@@ -252,3 +252,39 @@ def test_gymnasium_env_checker_and_registration():
     assert env.unwrapped.task == "stack"
     check_env(env.unwrapped, skip_render_check=False)
     env.close()
+
+
+def test_camera_info_and_optical_frames_project_the_cube_onto_its_pixels():
+    """camera_info intrinsics + the URDF optical frame (REP-103: z forward, x right, y down) project the target
+    cube's centre onto pixels of the cube's colour, in both cameras."""
+    env = TabletopEnv(task="stack", image_size=(120, 160))
+    names = list(COLORS)
+    palette = np.array([COLORS[n][:3] for n in names]) * 255
+    checked, seen = 0, set()
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        target = env.object_colors["target_cube"]
+        cube = env.object_poses()["target_cube"][:3]
+        for cam in ("front", "wrist"):
+            info = env.camera_info(cam)
+            body = env.model.body(info["frame_id"]).id
+            t, rot = env.data.xpos[body], env.data.xmat[body].reshape(3, 3)
+            p = rot.T @ (cube - t)
+            if p[2] <= 0.05:
+                continue
+            u = info["fx"] * p[0] / p[2] + info["cx"]
+            v = info["fy"] * p[1] / p[2] + info["cy"]
+            if not (2 <= u < info["width"] - 2 and 2 <= v < info["height"] - 2):
+                continue
+            patch = obs["images"][cam][int(round(v)) - 1:int(round(v)) + 2, int(round(u)) - 1:int(round(u)) + 2]
+            rgb = patch.reshape(-1, 3).astype(float).mean(axis=0)
+            if rgb.max() - rgb.min() < 30:  # achromatic: a (black/grey) robot part occludes the cube
+                continue
+            # chromaticity comparison (shading changes brightness, not hue)
+            chroma = rgb / max(rgb.sum(), 1.0)
+            pal = palette / palette.sum(axis=1, keepdims=True)
+            assert names[int(np.argmin(np.linalg.norm(pal - chroma, axis=1)))] == target, (seed, cam, rgb)
+            checked += 1
+            seen.add(cam)
+    assert checked >= 5 and seen == {"front", "wrist"}
+    env.close()
