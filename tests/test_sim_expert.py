@@ -119,3 +119,15 @@ def test_expert_rejects_missing_or_bad_object_poses():
         expert.act(obs["state"], {**poses, "target_cube": np.full(7, np.nan)})
     # after the bad calls it still works
     assert expert.act(obs["state"], poses).shape == (7,)
+
+
+def test_cli_runs_expert_episodes(capsys):
+    import json
+
+    from qvgm.sim.__main__ import main
+
+    out = main(["--task", "push", "--episodes", "2", "--seed", "300"])
+    assert out["summary"]["push"] == {"success": 2, "episodes": 2}
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["seed"] for x in lines[:2]] == [300, 301] and all(x["success"] for x in lines[:2])
+    assert all("push the" in x["prompt"] for x in lines[:2])
