@@ -119,8 +119,8 @@ class _Expert:
         s = self.s
         if s.q is None:
             s.q = state[:6].copy()
-            s.pos = self._tool(state)
-            s.yaw = _wrap(float(state[0]) + float(state[5]))
+            s.pos, rot = self.ik.fk(state[:6])
+            s.yaw = float(np.arctan2(-rot[0, 1], rot[1, 1]))  # tool y axis = (-sin yaw, cos yaw, 0) top-down
             self._enter("approach")
         self._plan(state, {k: np.asarray(v, dtype=np.float64) for k, v in objects.items()})
         s.ticks += 1
