@@ -65,8 +65,12 @@ def test_contract_api_and_observation():
     # task switch through reset options
     obs, info = env.reset(seed=1, options={"task": "push"})
     assert env.task == info["task"] == "push" and set(env.object_poses()) == set(ROLES["push"])
+    before = _full_state(env)
     with pytest.raises(ValueError):
         env.reset(seed=1, options={"task": "juggle"})
+    with pytest.raises(ValueError):
+        env.reset(seed=1, options={"taks": "push"})
+    assert env.task == "push" and np.array_equal(_full_state(env), before)
     env.close()
 
 

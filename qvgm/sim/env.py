@@ -164,12 +164,16 @@ class TabletopEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Reset to a random scene; same ``seed`` (and task) -> bit-identical MjData and colours.
-        ``options={"task": name}`` switches the task."""
+        ``options={"task": name}`` switches the task. Bad options raise ValueError and change nothing."""
+        options = dict(options or {})
+        unknown = set(options) - {"task"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['task']")
+        task = check_task(options.get("task", self._task))
         with self.lock:
             super().reset(seed=seed)
-            task = (options or {}).get("task", self._task)
             if task != self._task:
-                self._load_task(check_task(task))
+                self._load_task(task)
             self._reset_scene(self.np_random)
             return self._obs(), self._info()
 
