@@ -12,6 +12,8 @@ limits. Observation (the DESIGN.md observation dict)::
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import gymnasium as gym
@@ -35,15 +37,30 @@ from qvgm.sim.tasks import CUBE_HALF as _CUBE_HALF
 CAMERAS: tuple[str, ...] = ("front", "wrist")
 
 
+def _release_gl_context() -> None:
+    """Unbind the current EGL context from this thread, so the next render may come from any thread (an EGL
+    context can be current in one thread only; MuJoCo's Renderer re-binds it at every render)."""
+    if os.environ.get("MUJOCO_GL", "").lower() != "egl":
+        return
+    import mujoco.egl as mj_egl
+    from OpenGL import EGL
+
+    if mj_egl.EGL_DISPLAY is not None:
+        EGL.eglMakeCurrent(mj_egl.EGL_DISPLAY, EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, EGL.EGL_NO_CONTEXT)
+
+
 class TabletopEnv(gym.Env):
     """Tabletop manipulation with the URDF arm; tasks in ``qvgm.sim.TASKS``; sparse reward 1.0 on success."""
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, task: str = "pick_place", cameras: tuple[str, ...] = CAMERAS,
                  image_size: tuple[int, int] = (224, 224), control_hz: float = 10.0, physics_hz: float = 500.0,
-                 max_episode_steps: int | None = None, render: bool = True) -> None:
+                 max_episode_steps: int | None = None, render: bool = True,
+                 render_mode: str | None = "rgb_array") -> None:
         super().__init__()
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
         self._task = check_task(task)
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown:
@@ -62,25 +79,31 @@ class TabletopEnv(gym.Env):
         self.n_substeps = int(round(n_sub))
         self._max_steps_arg = max_episode_steps
         self.render_images = bool(render)
-        self.render_mode = "rgb_array"
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": self.control_hz}
         self._urdf = urdf_path()
         self.limits = load_joint_limits(self._urdf)
         self._models: dict[str, mujoco.MjModel] = {}
         self._renderer: mujoco.Renderer | None = None
+        # Serialises physics, rendering and resets for callers on several threads (e.g. a ROS executor).
+        self.lock = threading.RLock()
         self.action_space = spaces.Box(self.limits.lower.astype(np.float32), self.limits.upper.astype(np.float32),
                                        dtype=np.float32)
         self._load_task(self._task)
         self._reset_scene(np.random.default_rng(0))
 
     # ----------------------------------------------------------------------------------------------- model
+    def _close_renderers(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
     def _load_task(self, task: str) -> None:
         if task not in self._models:
             spec = robot_spec(self._urdf)
             add_scene(spec, task, self._physics_dt, self.image_size)
             self._models[task] = spec.compile()
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        self._close_renderers()
         self._task = task
         m = self.model = self._models[task]
         self.data = mujoco.MjData(m)
@@ -141,31 +164,36 @@ class TabletopEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Reset to a random scene; same ``seed`` (and task) -> bit-identical MjData and colours.
-        ``options={"task": name}`` switches the task."""
-        super().reset(seed=seed)
-        task = (options or {}).get("task", self._task)
-        if task != self._task:
-            self._load_task(check_task(task))
-        self._reset_scene(self.np_random)
-        return self._obs(), self._info()
+        ``options={"task": name}`` switches the task. Bad options raise ValueError and change nothing."""
+        options = dict(options or {})
+        unknown = set(options) - {"task"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['task']")
+        task = check_task(options.get("task", self._task))
+        with self.lock:
+            super().reset(seed=seed)
+            if task != self._task:
+                self._load_task(task)
+            self._reset_scene(self.np_random)
+            return self._obs(), self._info()
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
         """Apply absolute joint targets ``action`` float[7] for one control period (1/control_hz s)."""
-        self.set_joint_targets(action)
-        self.step_physics(self.n_substeps)
-        self._steps += 1
-        ok = self.is_success()
-        truncated = self._steps >= self.max_episode_steps and not ok
-        return self._obs(), float(ok), ok, truncated, self._info(ok)
+        with self.lock:
+            self.set_joint_targets(action)
+            self.step_physics(self.n_substeps)
+            self._steps += 1
+            ok = self.is_success()
+            truncated = self._steps >= self.max_episode_steps and not ok
+            return self._obs(), float(ok), ok, truncated, self._info(ok)
 
     def render(self) -> np.ndarray:
         """RGB image uint8[H, W, 3] of the first configured camera."""
         return self._render_one(self.cameras[0] if self.cameras else "front")
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        with self.lock:
+            self._close_renderers()
 
     # ----------------------------------------------------------------------------------------------- low level
     @property
@@ -209,31 +237,53 @@ class TabletopEnv(gym.Env):
             raise ValueError(f"joint targets must have shape (7,) ordered {JOINT_NAMES}, got {arr.shape}")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"joint targets must be finite, got {arr.tolist()}")
-        self._target = self.limits.clip(arr)
+        with self.lock:
+            self._target = self.limits.clip(arr)
 
     def step_physics(self, n: int = 1) -> None:
         """Advance ``n`` physics steps; servo set-points move toward the targets at most at the URDF velocity."""
-        m, d = self.model, self.data
-        max_step = self._vmax * self._physics_dt
-        for _ in range(int(n)):
-            ctrl = d.ctrl[self._act]
-            d.ctrl[self._act] = ctrl + np.clip(self._target - ctrl, -max_step, max_step)
-            mujoco.mj_step(m, d)
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        with self.lock:
+            m, d = self.model, self.data
+            max_step = self._vmax * self._physics_dt
+            start = d.ctrl[self._act].copy()
+            diff = self._target - start
+            ramp = min(n, int(np.ceil(np.max(np.abs(diff) / max_step)))) if n else 0
+            for k in range(1, ramp + 1):  # set-points ramp at the velocity limit ...
+                d.ctrl[self._act] = start + np.clip(diff, -k * max_step, k * max_step)
+                mujoco.mj_step(m, d)
+            if n > ramp:  # ... then hold the target (the remaining steps run inside MuJoCo)
+                d.ctrl[self._act] = self._target
+                mujoco.mj_step(m, d, n - ramp)
 
     def joint_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position [7] rad|m, velocity [7] rad/s|m/s, effort [7] N*m|N) of the controlled joints, float64."""
-        d = self.data
-        return (d.qpos[self._qadr].copy(), d.qvel[self._dadr].copy(), d.actuator_force[self._act].copy())
+        with self.lock:
+            d = self.data
+            return (d.qpos[self._qadr].copy(), d.qvel[self._dadr].copy(), d.actuator_force[self._act].copy())
+
+    def render_camera(self, cam: str) -> np.ndarray:
+        """uint8[H, W, 3] RGB of one camera (``front`` or ``wrist``) at ``image_size``."""
+        if cam not in CAMERAS:
+            raise ValueError(f"unknown camera {cam!r}; available: {CAMERAS}")
+        return self._render_one(cam)
 
     def _render_one(self, cam: str) -> np.ndarray:
-        if self._renderer is None:
-            self._renderer = mujoco.Renderer(self.model, self.image_size[0], self.image_size[1])
-        self._renderer.update_scene(self.data, camera=cam)
-        return self._renderer.render().copy()
+        with self.lock:
+            if self._renderer is None:
+                self._renderer = mujoco.Renderer(self.model, *self.image_size)
+            try:
+                self._renderer.update_scene(self.data, camera=cam)
+                return self._renderer.render().copy()
+            finally:
+                _release_gl_context()
 
     def render_cameras(self) -> dict[str, np.ndarray]:
         """uint8[H, W, 3] RGB per configured camera at ``image_size``."""
-        return {c: self._render_one(c) for c in self.cameras}
+        with self.lock:
+            return {c: self._render_one(c) for c in self.cameras}
 
     def camera_info(self, cam: str) -> dict[str, Any]:
         """Pinhole intrinsics (pixels) of camera ``cam`` at ``image_size``; square pixels, principal point at
@@ -248,12 +298,13 @@ class TabletopEnv(gym.Env):
 
     def object_poses(self) -> dict[str, np.ndarray]:
         """Role -> float64[7] xyz (m) + quat (w, x, y, z) in the world (= base_link) frame."""
-        d = self.data
-        out = {}
-        for role in self._roles:
-            b = self.model.body(role).id
-            out[role] = np.concatenate([d.xpos[b], d.xquat[b]])
-        return out
+        with self.lock:
+            d = self.data
+            out = {}
+            for role in self._roles:
+                b = self.model.body(role).id
+                out[role] = np.concatenate([d.xpos[b], d.xquat[b]])
+            return out
 
     def _finger_touching_target(self) -> bool:
         d = self.data

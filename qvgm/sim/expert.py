@@ -50,6 +50,12 @@ class _State:
 class _Expert:
     """Base: Cartesian set-point tracking and IK; subclasses define the phase logic in ``_plan``."""
 
+    @property
+    def required_roles(self) -> tuple[str, ...]:
+        """Object roles this expert reads from ``objects``."""
+        return ("target_cube", "goal") if self.task == "push" else (
+            ("target_cube", "bowl") if self.task == "pick_place" else ("target_cube", "base_cube"))
+
     def __init__(self, task: str, noise: float = 0.0, seed: int | None = None, control_hz: float = 10.0) -> None:
         if noise < 0 or not np.isfinite(noise):
             raise ValueError(f"noise must be a finite std >= 0 (m), got {noise}")
@@ -103,11 +109,18 @@ class _Expert:
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (7,) or not np.all(np.isfinite(state)):
             raise ValueError(f"state must be finite float[7], got shape {state.shape}")
+        missing = [r for r in self.required_roles if r not in objects]
+        if missing:
+            raise ValueError(f"{self.task} expert needs object poses for roles {missing} (got {sorted(objects)})")
+        for role in self.required_roles:
+            pose = np.asarray(objects[role], dtype=np.float64)
+            if pose.shape != (7,) or not np.all(np.isfinite(pose)):
+                raise ValueError(f"pose of {role!r} must be finite float[7] (xyz + quat wxyz)")
         s = self.s
         if s.q is None:
             s.q = state[:6].copy()
-            s.pos = self._tool(state)
-            s.yaw = _wrap(float(state[0]) + float(state[5]))
+            s.pos, rot = self.ik.fk(state[:6])
+            s.yaw = float(np.arctan2(-rot[0, 1], rot[1, 1]))  # tool y axis = (-sin yaw, cos yaw, 0) top-down
             self._enter("approach")
         self._plan(state, {k: np.asarray(v, dtype=np.float64) for k, v in objects.items()})
         s.ticks += 1

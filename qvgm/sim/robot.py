@@ -46,14 +46,22 @@ FINGER_LINKS: tuple[str, ...] = ("left_finger_link", "right_finger_link")
 
 
 def urdf_path() -> Path:
-    """Path of ``tabletop_arm.urdf``: $QVGM_URDF, the repository's ``urdf/``, or the installed share dir."""
+    """Path of ``tabletop_arm.urdf``: $QVGM_URDF, the repository's ``urdf/``, the ament share dir of package
+    ``qvgm`` (colcon install), or ``<prefix>/share/qvgm/urdf`` (pip install)."""
     env = os.environ.get("QVGM_URDF")
     if env:
         return Path(env)
-    candidates = [
-        Path(__file__).resolve().parents[2] / "urdf" / "tabletop_arm.urdf",
-        Path(sys.prefix) / "share" / "qvgm" / "urdf" / "tabletop_arm.urdf",
-    ]
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2] / "urdf" / "tabletop_arm.urdf"]
+    try:  # colcon/ament install: <prefix>/share/qvgm/urdf
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("qvgm")) / "urdf" / "tabletop_arm.urdf")
+    except Exception:  # noqa: BLE001 - not a ROS environment, or qvgm not in the ament index
+        pass
+    if len(here.parents) > 5:  # <prefix>/lib/pythonX.Y/site-packages/qvgm/sim/robot.py
+        candidates.append(here.parents[5] / "share" / "qvgm" / "urdf" / "tabletop_arm.urdf")
+    candidates.append(Path(sys.prefix) / "share" / "qvgm" / "urdf" / "tabletop_arm.urdf")
     for c in candidates:
         if c.is_file():
             return c
