@@ -71,3 +71,8 @@ def node_specs(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] | N
         params.update(overrides.get(node_name, {}))
         specs.append(NodeSpec(node_name, node["executable"], params))
     return specs
+
+
+def ros_params_yaml(specs: list[NodeSpec]) -> str:
+    """The specs' parameters as a ROS 2 parameters file (`--ros-args --params-file`), one section per node."""
+    return yaml.safe_dump({s.name: {"ros__parameters": dict(s.parameters)} for s in specs}, sort_keys=False)

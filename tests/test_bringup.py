@@ -121,3 +121,49 @@ def test_qvgm_up_runs_the_graph_in_one_process() -> None:
         proc.terminate()
         proc.wait(timeout=20)
     assert "pick" in prompts[-1].data and len(chunks[-1].points) == 10
+
+
+def test_executables_run_the_profile_as_separate_processes(tmp_path) -> None:
+    """What `ros2 launch` does without launch: each node its own process, parameters from the profile
+    (as a --params-file); the graph works across processes over DDS."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("mujoco")
+    import os
+    import subprocess
+    import sys
+
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image, JointState
+    from trajectory_msgs.msg import JointTrajectory
+
+    from qvgm_policy_node.graph import Graph
+    from qvgm_policy_node.profile import ros_params_yaml
+
+    overrides = {"sim_node": {"cameras": ["front"], "image_width": 64, "image_height": 48, "camera_hz": 5.0},
+                 "policy_node": {"cameras": ["front"], "max_image_age": 1.0}}
+    specs = node_specs(load_profile("tabletop_sim"), overrides)
+    params = tmp_path / "params.yaml"
+    params.write_text(ros_params_yaml(specs))
+    procs = [subprocess.Popen([sys.executable, "-m", f"qvgm_policy_node.{s.executable}", "--ros-args",
+                               "-r", f"__node:={s.name}", "--params-file", str(params)],
+                              env=dict(os.environ), cwd=str(REPO_ROOT)) for s in specs]
+    js: list[JointState] = []
+    chunks: list[JointTrajectory] = []
+    images: list[Image] = []
+    try:
+        with Graph() as g:
+            io = g.node("exec_test_io")
+            io.create_subscription(JointState, topics.JOINT_STATES, js.append, 10)
+            io.create_subscription(JointTrajectory, topics.TRAJECTORY, chunks.append, 10)
+            io.create_subscription(Image, topics.camera_image("front"), images.append, qos_profile_sensor_data)
+            assert g.spin_until(lambda: len(js) >= 10 and len(chunks) >= 3 and images, 45.0), (
+                len(js), len(chunks), [p.poll() for p in procs])
+            # the params file took effect: 64x48 images, no wrist camera publisher
+            assert (images[-1].width, images[-1].height) == (64, 48)
+            assert io.count_publishers(topics.camera_image("wrist")) == 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+    assert len(chunks[-1].points) == specs[1].parameters["horizon"]
