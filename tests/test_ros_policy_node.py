@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("rclpy")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
@@ -90,3 +91,20 @@ def test_policy_node_publishes_chunks_only_with_fresh_observations() -> None:
         n = len(chunks)
         g.spin_for(0.5)
         assert len(chunks) == n and policy.skipped["stale_state"] > 0
+        # the skip reasons are counted in /diagnostics
+        diag: list[DiagnosticArray] = []
+        io.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, diag.append, 10)
+        assert g.spin_until(lambda: any(st.name == "qvgm/policy_node" for d in diag for st in d.status), 5)
+        status = next(st for d in diag for st in d.status if st.name == "qvgm/policy_node")
+        values = {kv.key: kv.value for kv in status.values}
+        assert int(values["skipped.stale_state"]) > 0 and int(values["published_chunks"]) >= 3
+        assert values["backend"] == "hold"
+
+
+def test_unknown_backend_is_a_clear_error() -> None:
+    from qvgm_policy_node.backends import backend_names
+
+    assert {"expert", "hold"} <= set(backend_names())
+    with pytest.raises(ValueError, match="unknown policy backend 'pi0'"):
+        with Graph([NodeSpec("policy_node", "policy_node", {"backend": "pi0"})]):
+            pass
