@@ -61,4 +61,5 @@ def test_training_then_sampling_recovers_the_chunk() -> None:
     with torch.no_grad():
         out = pol.postprocess(pol.sample(pol.encode(inp), num_steps=10))
     err = np.abs(out - chunks).mean()
-    assert err < 0.1, f"mean abs error {err:.3f} after training (data scale ~0.5)"
+    baseline = np.abs(chunks - chunks.mean(0)).mean()  # predicting the mean chunk
+    assert err < 0.15 and err < 0.4 * baseline, f"mean abs error {err:.3f} (mean-chunk baseline {baseline:.3f})"
