@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +38,24 @@ def test_latency_bench_reports_json_fields() -> None:
     assert res["config"] == "pi05-tiny" and res["num_steps"] == 3 and res["cameras"] == ["base"]
     assert 0 < res["latency_ms_p50"] <= res["latency_ms_p95"]
     assert res["uncached_model_ms_p50"] > 0 and res["cache_speedup"] > 0 and res["peak_rss_mb"] > 0
+
+
+def test_flow_backend_gives_action_chunks() -> None:
+    from qvgm.policy import NormStats, make_policy
+    from qvgm.policy.backend import FlowPolicyBackend
+    from qvgm.policy.interface import PolicyBackend
+    from qvgm.policy.processor import ObservationError
+
+    rng = np.random.default_rng(0)
+    stats = NormStats.compute(rng.normal(size=(50, 3)), rng.normal(0.5, 0.1, size=(50, 2)))
+    pol = make_policy("state", stats, state_dim=3, real_action_dim=2, horizon=4)
+    be = FlowPolicyBackend(pol, ["j1", "gripper"], dt=0.1, num_steps=5, seed=0)
+    assert isinstance(be, PolicyBackend)
+    be.reset("stack")
+    chunk = be.infer({"state": np.zeros(3), "stamp": 12.5})
+    assert chunk.positions.shape == (4, 2) and chunk.positions.dtype == np.float64
+    assert chunk.stamp == 12.5 and chunk.version == "untrained" and chunk.joint_names == ["j1", "gripper"]
+    again = FlowPolicyBackend(pol, ["j1", "gripper"], dt=0.1, num_steps=5, seed=0).infer({"state": np.zeros(3)})
+    np.testing.assert_array_equal(again.positions, chunk.positions)
+    with pytest.raises(ObservationError, match="state"):
+        be.infer({"state": np.zeros(2)})

@@ -63,6 +63,12 @@ def test_roundtrip_same_outputs(saved) -> None:
     assert not list(d.parent.glob(".v1.tmp-*"))
 
 
+def test_load_as_bfloat16(saved) -> None:
+    loaded = load_policy(saved[1], dtype=torch.bfloat16)
+    assert loaded.model.action_in_proj.weight.dtype == torch.bfloat16
+    assert np.isfinite(loaded.act([obs()], num_steps=2)).all()
+
+
 def test_state_policy_roundtrip(tmp_path) -> None:
     cfg = get_config("state", horizon=5, state_dim=4, real_action_dim=3, privileged_dim=2)
     pol = StatePolicy(cfg, NormStats.identity(4, 3)).eval()

@@ -71,6 +71,7 @@ def test_cached_equals_uncached_and_suffix_reads_prefix(policy: Pi05Policy) -> N
         t = torch.full((2,), tv)
         torch.testing.assert_close(policy.velocity(x, t, ctx), policy.velocity_uncached(inp, x, t),
                                    rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(policy.velocity(x, torch.tensor(tv), ctx), policy.velocity(x, t, ctx))
     # The suffix attends to the prefix: another prompt/image gives another velocity for the same x_t, t.
     other = policy.encode(policy.preprocess([make_obs(4, "open the drawer"), make_obs(3)]))
     t = torch.full((2,), 0.5)

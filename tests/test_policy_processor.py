@@ -113,3 +113,14 @@ def test_long_prompt_truncated_with_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_processor(max_token_len=48)([obs()])
+
+
+def test_openpi_norm_stats_format() -> None:
+    d = {"norm_stats": {"state": {"mean": [0] * 32, "std": [1] * 32, "q01": [-2.0] * 32, "q99": [2.0] * 32},
+                        "actions": {"mean": [0] * 32, "std": [1] * 32, "q01": [-1.0] * 32, "q99": [3.0] * 32}}}
+    st = NormStats.from_openpi(d, state_dim=7, action_dim=7)
+    assert st.state_q01.shape == (7,) and float(st.action_q99[0]) == 3.0
+    with pytest.raises(ValueError, match="need 7 / 40"):
+        NormStats.from_openpi(d, state_dim=7, action_dim=40)
+    with pytest.raises(ValueError, match="quantile stats are required"):
+        NormStats.from_openpi({"norm_stats": {"state": {"mean": [0]}, "actions": {}}}, 1, 1)

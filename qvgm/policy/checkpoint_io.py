@@ -110,9 +110,10 @@ def load_state_checked(policy: torch.nn.Module, tensors: Mapping[str, torch.Tens
 
 
 def load_policy(directory: str | Path, expect: Mapping[str, Any] | None = None,
-                device: str | torch.device = "cpu") -> FlowPolicyBase:
-    """Verify (sha256 manifest) and load a checkpoint directory; returns the policy in eval mode with
-    `.version` and `.manifest` set. Any problem -> CheckpointError with a message naming it."""
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FlowPolicyBase:
+    """Verify (sha256 manifest) and load a checkpoint directory; returns the policy in eval mode on `device`
+    (built there directly, no CPU copy) with `.version` and `.manifest` set; `dtype` e.g. torch.bfloat16 casts
+    the weights after loading. Any problem -> CheckpointError with a message naming it."""
     directory = Path(directory)
     manifest = verify_checkpoint_dir(directory, required=(CONFIG, WEIGHTS, NORM_STATS))
     try:
@@ -137,10 +138,14 @@ def load_policy(directory: str | Path, expect: Mapping[str, Any] | None = None,
         except Exception as e:
             raise CheckpointError(f"{directory}/{TOKENIZER}: unreadable ({e})") from None
     try:
-        policy = build_policy(cfg, stats, tokenizer)
+        with torch.device(device):
+            policy = build_policy(cfg, stats, tokenizer)
     except ValueError as e:
         raise CheckpointError(f"{directory}: config and tokenizer/stats disagree ({e})") from None
-    load_state_checked(policy, read_safetensors(directory / WEIGHTS), f"{directory}/{WEIGHTS}")
+    tensors = {k: v.to(device) for k, v in read_safetensors(directory / WEIGHTS).items()}
+    load_state_checked(policy, tensors, f"{directory}/{WEIGHTS}")
     policy.version = manifest["version"]
     policy.manifest = manifest
-    return policy.to(device).eval()
+    if dtype is not None:
+        policy = policy.to(dtype)
+    return policy.eval()

@@ -36,6 +36,16 @@ def sample_flow_time(batch: int, generator: torch.Generator | None = None, devic
     return (t * 0.999 + 0.001).to(torch.float32).to(device)
 
 
+def batch_time(t: torch.Tensor | float, batch: int, device: Any) -> torch.Tensor:
+    """Flow time as float32 [B]: a float, 0-d or [1] tensor is broadcast; [B] passes through."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0 or t.shape == (1,):
+        return t.reshape(1).expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"flow time shape {tuple(t.shape)}, expected [{batch}]")
+    return t
+
+
 class FlowPolicyBase(nn.Module):
     """Common FlowPolicy parts: preprocessing, Euler sampling, flow loss, postprocessing.
 
@@ -46,6 +56,7 @@ class FlowPolicyBase(nn.Module):
     action_dim: int
     real_action_dim: int
     processor: Processor
+    version: str = "untrained"  # set by load_policy from the manifest
 
     def device_(self) -> torch.device:
         return next(self.parameters()).device

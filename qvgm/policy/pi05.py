@@ -24,7 +24,7 @@ from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
 
 from qvgm.policy.config import Pi05Config
-from qvgm.policy.flow import FlowPolicyBase, sinusoidal_time_embedding
+from qvgm.policy.flow import FlowPolicyBase, batch_time, sinusoidal_time_embedding
 from qvgm.policy.processor import NormStats, Processor
 
 
@@ -304,11 +304,11 @@ class Pi05Policy(FlowPolicyBase):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: Pi05Context) -> torch.Tensor:
         """v(x_t, t | cached prefix): x_t [B, H, D] normalised, t [B] (1 = noise) -> [B, H, D]."""
-        return self.model.suffix_velocity(x_t, t, context)
+        return self.model.suffix_velocity(x_t, batch_time(t, x_t.shape[0], x_t.device), context)
 
     def velocity_uncached(self, inputs: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x_t, t) from one joint prefix+suffix pass (no cache; the training path)."""
-        return self.model.joint_forward(*self._prefix_args(inputs), x_t, t)[1]
+        return self.model.joint_forward(*self._prefix_args(inputs), x_t, batch_time(t, x_t.shape[0], x_t.device))[1]
 
     def critic_features(self, context: Pi05Context) -> torch.Tensor:
         """[B, width]: mean of the final-norm prefix embeddings over valid prefix tokens (placeholder RL token)."""

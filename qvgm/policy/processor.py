@@ -69,6 +69,22 @@ class NormStats:
             raise ValueError("norm_stats.json: q01/q99 lengths differ")
         return cls(*arrs)
 
+    @classmethod
+    def from_openpi(cls, d: dict[str, Any], state_dim: int, action_dim: int) -> NormStats:
+        """openpi / LeRobot-converted `norm_stats.json` ({"norm_stats": {"state": {"q01", "q99", ...},
+        "actions": {...}}}, padded to the model width) -> stats for the first state_dim / action_dim dims."""
+        try:
+            ns = d.get("norm_stats", d)
+            s, a = ns["state"], ns["actions"]
+            arrs = [np.asarray(x[q], dtype=np.float64) for x in (s, a) for q in ("q01", "q99")]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"openpi norm stats: missing field {e} (quantile stats are required)") from None
+        if arrs[0].shape[0] < state_dim or arrs[2].shape[0] < action_dim:
+            raise ValueError(f"openpi norm stats have {arrs[0].shape[0]} state / {arrs[2].shape[0]} action dims, "
+                             f"need {state_dim} / {action_dim}")
+        out = cls(arrs[0][:state_dim], arrs[1][:state_dim], arrs[2][:action_dim], arrs[3][:action_dim])
+        return cls.from_json(out.to_json())  # validates finiteness
+
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2))
 

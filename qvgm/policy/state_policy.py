@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvgm.policy.config import StateConfig
-from qvgm.policy.flow import FlowPolicyBase, sinusoidal_time_embedding
+from qvgm.policy.flow import FlowPolicyBase, batch_time, sinusoidal_time_embedding
 from qvgm.policy.processor import NormStats, Processor
 
 
@@ -68,6 +68,7 @@ class StatePolicy(FlowPolicyBase):
         """x_t [B, H, D] normalised, t [B] (1 = noise) -> v [B, H, D] (zero on padded dims)."""
         b = x_t.shape[0]
         r = self.real_action_dim
+        t = batch_time(t, b, x_t.device)
         temb = F.silu(self.time_proj(sinusoidal_time_embedding(t, self.config.time_dim).to(x_t.dtype)))
         v = self.head(torch.cat([x_t[..., :r].reshape(b, -1), temb, context.embedding], dim=-1))
         return F.pad(v.view(b, self.horizon, r), (0, self.action_dim - r))
