@@ -111,3 +111,31 @@ def test_wrong_size_config_refused() -> None:
     other = Pi05Policy(get_config("pi05-tiny", expert_width=96), TOK, NormStats.identity(7, 7))
     with pytest.raises(CheckpointError, match="has shape"):
         load_published_weights(other.model, tensors)
+
+
+def test_import_published_checkpoint_end_to_end(tmp_path: Path) -> None:
+    import json
+
+    from qvgm.policy.checkpoint_io import load_policy
+    from qvgm.policy.weights_import import import_published_checkpoint
+
+    src = make_policy(0)
+    save_file(openpi_layout(src.model.state_dict()), str(tmp_path / "model.safetensors"))
+    TOK.save(str(tmp_path / "tokenizer.json"))
+    stats = {"norm_stats": {k: {"q01": [-1.0] * 32, "q99": [1.0] * 32} for k in ("state", "actions")}}
+    (tmp_path / "norm_stats.json").write_text(json.dumps(stats))
+    norm = NormStats.from_openpi(json.loads((tmp_path / "norm_stats.json").read_text()), 7, 7)
+    report = import_published_checkpoint(tmp_path / "model.safetensors", tmp_path / "tokenizer.json", norm,
+                                         tmp_path / "ours", version="pi05-import", config="pi05-tiny")
+    assert report.layout == "openpi"
+    loaded = load_policy(tmp_path / "ours", expect={"real_action_dim": 7, "camera_names": ["base", "wrist"]})
+    assert loaded.version == "pi05-import" and loaded.manifest["summary"]["layout"] == "openpi"
+    noise = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(loaded.act([obs()], noise=noise), src.act([obs()], noise=noise), rtol=1e-5, atol=1e-5)
+    bad = openpi_layout(src.model.state_dict())
+    bad.pop("action_in_proj.weight")
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match="action_in_proj.weight"):
+        import_published_checkpoint(tmp_path / "bad.safetensors", tmp_path / "tokenizer.json", norm,
+                                    tmp_path / "never", version="x", config="pi05-tiny")
+    assert not (tmp_path / "never").exists()

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from qvgm.checkpoints import CheckpointError
 from qvgm.policy.checkpoint_io import load_state_checked, read_safetensors
+from qvgm.policy.processor import NormStats
 
 TOP_LEVEL = ("action_in_proj.", "action_out_proj.", "time_mlp_in.", "time_mlp_out.")
 EMBED = "paligemma.model.language_model.embed_tokens.weight"
@@ -130,4 +133,33 @@ def load_published_weights(model: torch.nn.Module, source: str | Path | dict[str
     if report.unknown or report.missing:
         raise CheckpointError(f"{name}: cannot import pi0.5 weights: {report.describe()}")
     load_state_checked(model, mapped, name)
+    return report
+
+
+def import_published_checkpoint(weights: str | Path, tokenizer_json: str | Path, norm_stats: NormStats,
+                                out_dir: str | Path, version: str, config: str = "pi05",
+                                layout: str = "auto", dtype: torch.dtype | None = None,
+                                device: str | torch.device = "cpu", **overrides: Any) -> ImportReport:
+    """Convert a published pi0.5 `model.safetensors` (openpi or LeRobot layout) plus a HF `tokenizer.json`
+    (e.g. PaliGemma's) and quantile stats into our checkpoint directory `out_dir` (atomic, with manifest).
+
+    `config` names the architecture (`pi05` for the published model) and `overrides` set the robot profile
+    (camera_names, state_dim, real_action_dim, horizon, ...). `dtype` (e.g. torch.bfloat16) is the stored
+    dtype. Mismatching keys or shapes -> CheckpointError; nothing is written then.
+    """
+    from qvgm.policy.checkpoint_io import build_policy, save_policy
+    from qvgm.policy.config import get_config
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:
+        raise CheckpointError(f"{tokenizer_json}: unreadable tokenizer ({e})") from None
+    cfg = get_config(config, **overrides)
+    with torch.device(device):
+        policy = build_policy(cfg, norm_stats, tokenizer)
+    report = load_published_weights(policy.model, weights, layout)
+    if dtype is not None:
+        policy = policy.to(dtype)
+    save_policy(policy, out_dir, version=version, parent=None,
+                summary={"imported_from": str(weights), "layout": report.layout, "ignored_keys": len(report.ignored)})
     return report
