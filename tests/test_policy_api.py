@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # 2 shared CPU cores
 
 
 def test_interface_import_stays_light() -> None:

@@ -18,6 +18,8 @@ from qvgm.policy.pi05 import Pi05Policy
 from qvgm.policy.processor import NormStats, build_tokenizer
 from qvgm.policy.state_policy import StatePolicy
 
+torch.set_num_threads(1)  # 2 shared CPU cores
+
 PROFILE = {"real_action_dim": 7, "state_dim": 7, "camera_names": ["wrist", "base"]}
 
 

@@ -17,6 +17,8 @@ from qvgm.policy.pi05 import AdaRMSNorm, Pi05Policy
 from qvgm.policy.processor import NormStats, build_tokenizer
 from qvgm.policy.weights_import import load_published_weights
 
+torch.set_num_threads(1)  # 2 shared CPU cores
+
 TOK = build_tokenizer(["wipe the table"])
 
 

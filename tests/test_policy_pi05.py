@@ -12,6 +12,8 @@ from qvgm.policy.interface import FlowPolicy
 from qvgm.policy.pi05 import AdaRMSNorm, Pi05Model, Pi05Policy
 from qvgm.policy.processor import NormStats, build_tokenizer
 
+torch.set_num_threads(1)  # 2 shared CPU cores
+
 TASKS = ["pick up the red cube", "open the drawer", "push the blue block to the left"]
 
 

@@ -18,6 +18,8 @@ from qvgm.policy.processor import (
     pi05_prompt,
 )
 
+torch.set_num_threads(1)  # 2 shared CPU cores
+
 
 def make_processor(max_token_len: int = 48) -> Processor:
     rng = np.random.default_rng(0)

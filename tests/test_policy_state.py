@@ -13,6 +13,8 @@ from qvgm.policy.interface import FlowPolicy
 from qvgm.policy.processor import NormStats, ObservationError
 from qvgm.policy.state_policy import StatePolicy
 
+torch.set_num_threads(1)  # 2 shared CPU cores
+
 
 def make_policy(seed: int = 0) -> StatePolicy:
     torch.manual_seed(seed)
@@ -38,7 +40,6 @@ def test_interface_and_privileged_checks() -> None:
 
 
 def test_training_then_sampling_recovers_the_chunk() -> None:
-    torch.set_num_threads(1)
     pol = make_policy(1)
     rng = np.random.default_rng(0)
     states = rng.uniform(-1, 1, (64, 3))

@@ -43,7 +43,7 @@ class FlowPolicyBackend:
         p = self.policy
         noise = None
         if self._gen is not None:
-            noise = torch.randn(1, p.horizon, p.action_dim, generator=self._gen).to(p.device_())
+            noise = torch.randn(1, p.horizon, p.action_dim, generator=self._gen).to(p.device)
         positions = p.act([obs], num_steps=self.num_steps, noise=noise)[0]
         if not np.isfinite(positions).all():
             raise NonFiniteActionError(f"policy {p.version} produced non-finite actions")

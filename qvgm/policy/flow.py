@@ -58,12 +58,14 @@ class FlowPolicyBase(nn.Module):
     processor: Processor
     version: str = "untrained"  # set by load_policy from the manifest
 
-    def device_(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
         return next(self.parameters()).device
 
     def preprocess(self, observations: list[Observation]) -> dict[str, torch.Tensor]:
         """Observation dicts -> model input tensors on the model's device (see Processor)."""
-        dev = self.device_()
+        dev = self.device
         return {k: v.to(dev) for k, v in self.processor(observations).items()}
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> Any:  # pragma: no cover - abstract
@@ -89,7 +91,7 @@ class FlowPolicyBase(nn.Module):
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         b = self.batch_size(context)
-        dev = self.device_()
+        dev = self.device
         if noise is None:
             noise = torch.randn(b, self.horizon, self.action_dim, device=dev)
         if noise.shape != (b, self.horizon, self.action_dim):
