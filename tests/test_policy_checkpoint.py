@@ -160,3 +160,16 @@ def test_bad_weights_refused(saved, tmp_path) -> None:
     write_manifest(c, "v1")
     with pytest.raises(CheckpointError, match="unknown fields.*warp_drive"):
         load_policy(c)
+
+
+def test_write_policy_files_into_a_store_staging_dir(tmp_path) -> None:
+    """write_policy_files fills a staging dir that the caller (e.g. CheckpointStore.writing) manifests."""
+    from qvgm.policy.checkpoint_io import write_policy_files
+
+    pol = StatePolicy(get_config("state", horizon=3, state_dim=2, real_action_dim=2), NormStats.identity(2, 2))
+    d = tmp_path / "staged"
+    d.mkdir()
+    write_policy_files(pol, d)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors", "norm_stats.json"]
+    write_manifest(d, "v000001-abcdef12", parent=None)
+    assert load_policy(d).version == "v000001-abcdef12"

@@ -42,24 +42,30 @@ def build_policy(cfg: Pi05Config | StateConfig, norm_stats: NormStats,
     return StatePolicy(cfg, norm_stats)
 
 
-def save_policy(policy: FlowPolicyBase, directory: str | Path, version: str, parent: str | None = None,
-                summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `policy` as a checkpoint directory atomically (temp dir + rename); returns the manifest.
-
-    Refuses (ValueError) weights with NaN/inf; `directory` must not exist yet.
-    """
+def write_policy_files(policy: FlowPolicyBase, directory: str | Path) -> None:
+    """Write config.json, model.safetensors, tokenizer.json (pi05) and norm_stats.json into an existing
+    directory, without a manifest: for `CheckpointStore.writing()` staging dirs (the store hashes/publishes).
+    Refuses (ValueError) weights with NaN/inf."""
+    directory = Path(directory)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in policy.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite weights: {bad[:5]}")
+    cfg = policy.config
+    (directory / CONFIG).write_text(json.dumps({"format": CONFIG_FORMAT, "backbone": cfg.backbone,
+                                                "config": cfg.to_dict()}, indent=2))
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    if getattr(policy.processor, "tokenizer", None) is not None:
+        policy.processor.tokenizer.save(str(directory / TOKENIZER))
+    policy.processor.norm_stats.save(directory / NORM_STATS)
+
+
+def save_policy(policy: FlowPolicyBase, directory: str | Path, version: str, parent: str | None = None,
+                summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `policy` as a checkpoint directory atomically (temp dir + rename) with its manifest; returns the
+    manifest. Refuses (ValueError) weights with NaN/inf; `directory` must not exist yet."""
     with atomic_directory(Path(directory)) as tmp:
-        cfg = policy.config
-        (tmp / CONFIG).write_text(json.dumps({"format": CONFIG_FORMAT, "backbone": cfg.backbone,
-                                              "config": cfg.to_dict()}, indent=2))
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "version": version})
-        if getattr(policy.processor, "tokenizer", None) is not None:
-            policy.processor.tokenizer.save(str(tmp / TOKENIZER))
-        policy.processor.norm_stats.save(tmp / NORM_STATS)
+        write_policy_files(policy, tmp)
         manifest = write_manifest(tmp, version, parent, summary)
     return manifest
 
