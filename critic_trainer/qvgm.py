@@ -1,0 +1,184 @@
+"""Q-VGM actor update (METHOD.md §4): Q-guided value-gradient matching, no backprop through the chain.
+
+Flow-time convention (openpi, as everywhere in qvgm): t = 1 is noise, t = 0 the clean chunk,
+x_t = t * eps + (1 - t) * a, sampling x <- x + dt * v with dt = -1/K from t = 1. The K velocity
+evaluations happen at t_k = 1 - k/K, k = 0..K-1 (t_0 = 1 is pure noise, t_{K-1} = 1/K the last, least noisy).
+
+One update, for a batch of observations (context) and a critic bound to their states (q_fn):
+  1. roll out the current actor v_theta from noise WITHOUT gradient, keeping every (x_k, t_k);
+  2. reference one-step clean estimate A_base = x_k - t_k * v_base(x_k, t_k)   (v_base frozen SFT velocity);
+  3. J keep-best gradient-ascent steps on Qbar:  A <- proj_[-1,1](A + alpha * clip(grad_A Qbar(s, A)));
+  4. residual velocity target  h = -(A_Q - A_base) / t_k
+     (so that the actor's one-step estimate x_k - t_k (v_base + h) equals A_Q; in the paper's
+     tau = 1 - t convention this reads h = (A_Q - A_base) / (1 - tau_k));
+  5. loss = sum_k m_k || (v_theta - v_base)(x_k, t_k) - sg[h] ||^2 on the critic's coordinates
+          + anchor_weight * ( sum_k (1 - m_k) || v_theta - v_base ||^2 on the critic's coordinates
+                              + sum_k || v_theta - v_base ||^2 on every other coordinate )
+          + bc_weight * flow-matching loss on buffer actions (optional).
+Each term k of the loss holds exactly one actor velocity evaluation in its autograd graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from critic_trainer.critic import Aggregate, QEnsemble, aggregate
+from qvgm.policy.interface import FlowPolicy
+
+QFunction = Callable[[torch.Tensor], torch.Tensor]  # critic actions [B, n_exec * real] -> aggregated Q [B]
+
+
+@dataclass
+class QVGMConfig:
+    """Switches of the Q-VGM actor update (defaults are METHOD.md's)."""
+
+    n_exec: int = 5  # critic coordinates: first n_exec steps x real action dims
+    num_steps: int = 10  # K denoising steps
+    ascent_steps: int = 4  # J
+    ascent_lr: float = 0.05  # alpha, normalised action units per step (after clipping)
+    clip_grad: bool = True  # safeguard: clamp grad_A Q elementwise to [-grad_clip, grad_clip]
+    grad_clip: float = 1.0
+    project: bool = True  # safeguard: project ascent iterates to [-1, 1]
+    keep_best: bool = True  # safeguard: keep the best iterate by Q (A_base if no step helps)
+    gate: Literal["last_m", "smooth"] = "last_m"
+    gate_last_m: int = 5  # last M of K steps (t_k <= M/K) get m_k = 1
+    gate_power: float = 2.0  # smooth gate m_k = (1 - t_k)^p = tau_k^p: late, low-noise steps weigh most
+    anchor_weight: float = 1.0
+    bc_weight: float = 0.0
+    h_sign: float = 1.0  # diagnostic only: -1 reproduces the sign bug of METHOD.md (tests prove they catch it)
+
+
+def gate_weights(t: torch.Tensor, cfg: QVGMConfig) -> torch.Tensor:
+    """Gate m_k for flow times t [K] (openpi: 1 = noise) -> [K] in [0, 1], large on late low-noise steps."""
+    k = t.shape[0]
+    if cfg.gate == "last_m":
+        m = torch.zeros_like(t)
+        m[max(k - cfg.gate_last_m, 0):] = 1.0
+        return m
+    if cfg.gate == "smooth":
+        return (1.0 - t).clamp(0.0, 1.0) ** cfg.gate_power
+    raise ValueError(f"unknown gate {cfg.gate!r} (last_m / smooth)")
+
+
+def bind_critic(critic: QEnsemble, z: torch.Tensor, p: torch.Tensor | None, how: Aggregate = "mean",
+                lcb_beta: float = 1.0) -> QFunction:
+    """Fix the state (features z [B, F], proprio p [B, P]) of a Q ensemble: A [B, A] -> aggregated Q [B]."""
+    with torch.no_grad():
+        s = critic.encode_state(z, p)
+
+    def q_fn(actions: torch.Tensor) -> torch.Tensor:
+        return aggregate(critic.q_from_state(s, actions), how, lcb_beta)
+
+    return q_fn
+
+
+def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """J ascent steps on Q from a_base [B, A] -> (A_Q [B, A] detached, Q gain [B] = Q(A_Q) - Q(A_base))."""
+    a = a_base.detach()
+    with torch.no_grad():
+        q_base = q_fn(a)
+    best_a, best_q = a, q_base
+    for _ in range(cfg.ascent_steps):
+        with torch.enable_grad():
+            a_var = a.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(q_fn(a_var).sum(), a_var)
+        if cfg.clip_grad:
+            grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
+        a = a + cfg.ascent_lr * grad
+        if cfg.project:
+            a = a.clamp(-1.0, 1.0)
+        with torch.no_grad():
+            q = q_fn(a)
+        if cfg.keep_best:
+            better = q > best_q
+            best_a = torch.where(better[:, None], a, best_a)
+            best_q = torch.where(better, q, best_q)
+        else:
+            best_a, best_q = a, q
+    return best_a.detach(), (best_q - q_base).detach()
+
+
+def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, reference_context: Any,
+              q_fn: QFunction, cfg: QVGMConfig, noise: torch.Tensor | None = None,
+              bc_inputs: dict[str, torch.Tensor] | None = None, bc_actions: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Q-VGM loss for one batch. Returns (loss, info); info["step_losses"] holds the K per-step terms.
+
+    actor/reference: FlowPolicy (reference frozen; its context computed without grad by the caller or here).
+    q_fn: critic actions [B, n_exec * real] -> aggregated Q [B] at this batch's states (see bind_critic).
+    noise: optional [B, H, D] starting noise (t = 1). bc_inputs/bc_actions: optional buffer batch for the BC term.
+    """
+    n, r = cfg.n_exec, actor.real_action_dim
+    # 1. roll out the current actor without gradient, keeping every (x_k, t_k)
+    with torch.no_grad():
+        _, path = actor.sample(actor_context, num_steps=cfg.num_steps, noise=noise, return_path=True)
+    xs, ts = path.x[:-1], path.t[:-1]  # K states at t_k = 1, ..., 1/K (t = 0 is the output, never evaluated)
+    gate = gate_weights(ts, cfg)
+    b = xs.shape[1]
+
+    step_losses, info_gain, info_dv, info_h = [], [], [], []
+    for k in range(cfg.num_steps):
+        x_k = xs[k]
+        t_k = ts[k].expand(b)
+        # 2. reference one-step clean estimate
+        with torch.no_grad():
+            v_base = reference.velocity(x_k, t_k, reference_context)
+            a_base_chunk = x_k - ts[k] * v_base
+        a_base = a_base_chunk[:, :n, :r].flatten(1)
+        # 3. keep-best ascent on Qbar (only where the gate uses it)
+        if gate[k] > 0:
+            a_q, gain = q_ascent(q_fn, a_base, cfg)
+        else:
+            a_q, gain = a_base, torch.zeros(b, dtype=a_base.dtype, device=a_base.device)
+        # 4. residual velocity target (openpi convention: t_k is the noise level, > 0 here)
+        h = cfg.h_sign * (-(a_q - a_base) / ts[k])
+        # 5. regress the actor's velocity residual on sg[h]; anchor what the critic does not see
+        v_theta = actor.velocity(x_k, t_k, actor_context)
+        dv = v_theta - v_base
+        dv_c = dv[:, :n, :r].flatten(1)
+        match = ((dv_c - h.detach()) ** 2).sum(-1).mean()
+        anchor_c = (dv_c**2).sum(-1).mean()
+        mask = torch.ones_like(dv[0])
+        mask[:n, :r] = 0.0
+        anchor_o = ((dv**2) * mask).flatten(1).sum(-1).mean()
+        step_losses.append(gate[k] * match + cfg.anchor_weight * ((1.0 - gate[k]) * anchor_c + anchor_o))
+        info_gain.append(float(gain.mean()))
+        info_dv.append(float(dv.detach().norm(dim=(1, 2)).mean()))
+        info_h.append(float(h.norm(dim=-1).mean()))
+
+    loss = torch.stack(step_losses).sum()
+    info: dict[str, Any] = {"step_losses": step_losses, "ascent_gain": info_gain, "dv_norm": info_dv,
+                            "h_norm": info_h, "gate": gate.tolist()}
+    if cfg.bc_weight > 0:
+        if bc_inputs is None or bc_actions is None:
+            raise ValueError("bc_weight > 0 needs bc_inputs and bc_actions")
+        bc = actor.flow_loss(bc_inputs, bc_actions)
+        loss = loss + cfg.bc_weight * bc
+        info["bc_loss"] = float(bc)
+    info["loss"] = float(loss)
+    return loss, info
+
+
+def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim.Optimizer,
+                inputs: dict[str, torch.Tensor], q_fn: QFunction, cfg: QVGMConfig,
+                bc_actions: torch.Tensor | None = None, max_grad_norm: float | None = 1.0) -> dict[str, Any]:
+    """One optimiser step of Q-VGM on a batch of model inputs. Raises FloatingPointError (no step) on NaN."""
+    actor_context = actor.encode(inputs)
+    with torch.no_grad():
+        reference_context = reference.encode(inputs)
+    loss, info = qvgm_loss(actor, reference, actor_context, reference_context, q_fn, cfg,
+                           bc_inputs=inputs if bc_actions is not None else None, bc_actions=bc_actions)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"Q-VGM loss is not finite ({float(loss)}); no step taken")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    del info["step_losses"]
+    return info
