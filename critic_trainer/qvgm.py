@@ -81,11 +81,14 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[to
     a = a_base.detach()
     with torch.no_grad():
         q_base = q_fn(a)
+    if not torch.isfinite(q_base).all():
+        raise FloatingPointError("the critic returned a non-finite Q; refusing to build a Q-VGM target from it")
     best_a, best_q = a, q_base
     for _ in range(cfg.ascent_steps):
         with torch.enable_grad():
             a_var = a.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(q_fn(a_var).sum(), a_var)
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # a broken gradient makes no step
         if cfg.clip_grad:
             grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
         a = a + cfg.ascent_lr * grad
@@ -100,6 +103,15 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[to
         else:
             best_a, best_q = a, q
     return best_a.detach(), (best_q - q_base).detach()
+
+
+def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """h = -(A_Q - A_base) / t (openpi: t = noise level > 0), so x_t - t * (v_base + h) = A_Q.
+
+    a_q, a_base [B, A] clean-action estimates; t scalar or broadcastable flow time. In the paper's tau = 1 - t
+    convention the same quantity is (A_Q - A_base) / (1 - tau).
+    """
+    return -(a_q - a_base) / t
 
 
 def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, reference_context: Any,
@@ -135,7 +147,7 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
         else:
             a_q, gain = a_base, torch.zeros(b, dtype=a_base.dtype, device=a_base.device)
         # 4. residual velocity target (openpi convention: t_k is the noise level, > 0 here)
-        h = cfg.h_sign * (-(a_q - a_base) / ts[k])
+        h = cfg.h_sign * residual_target(a_q, a_base, ts[k])
         # 5. regress the actor's velocity residual on sg[h]; anchor what the critic does not see
         v_theta = actor.velocity(x_k, t_k, actor_context)
         dv = v_theta - v_base
@@ -158,8 +170,8 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
             raise ValueError("bc_weight > 0 needs bc_inputs and bc_actions")
         bc = actor.flow_loss(bc_inputs, bc_actions)
         loss = loss + cfg.bc_weight * bc
-        info["bc_loss"] = float(bc)
-    info["loss"] = float(loss)
+        info["bc_loss"] = bc.item()
+    info["loss"] = loss.item()
     return loss, info
 
 
@@ -173,7 +185,7 @@ def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim
     loss, info = qvgm_loss(actor, reference, actor_context, reference_context, q_fn, cfg,
                            bc_inputs=inputs if bc_actions is not None else None, bc_actions=bc_actions)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"Q-VGM loss is not finite ({float(loss)}); no step taken")
+        raise FloatingPointError(f"Q-VGM loss is not finite ({loss.item()}); no step taken")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm is not None:
