@@ -301,9 +301,13 @@ class CriticTrainer:
             raise FloatingPointError(f"critic loss is not finite ({loss.item()}); no step taken")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError("critic gradient is not finite; no step taken")
+        metrics["grad_norm"] = float(norm)
         self.optimizer.step()
         self.update_target()
         metrics["loss"] = loss.item()

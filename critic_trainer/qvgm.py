@@ -130,6 +130,7 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
         _, path = actor.sample(actor_context, num_steps=cfg.num_steps, noise=noise, return_path=True)
     xs, ts = path.x[:-1], path.t[:-1]  # K states at t_k = 1, ..., 1/K (t = 0 is the output, never evaluated)
     gate = gate_weights(ts, cfg)
+    gate_list = gate.tolist()  # host copy for the branch below
     b = xs.shape[1]
 
     step_losses, info_gain, info_dv, info_h = [], [], [], []
@@ -142,7 +143,7 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
             a_base_chunk = x_k - ts[k] * v_base
         a_base = a_base_chunk[:, :n, :r].flatten(1)
         # 3. keep-best ascent on Qbar (only where the gate uses it)
-        if gate[k] > 0:
+        if gate_list[k] > 0:
             a_q, gain = q_ascent(q_fn, a_base, cfg)
         else:
             a_q, gain = a_base, torch.zeros(b, dtype=a_base.dtype, device=a_base.device)
@@ -157,14 +158,15 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
         mask = torch.ones_like(dv[0])
         mask[:n, :r] = 0.0
         anchor_o = ((dv**2) * mask).flatten(1).sum(-1).mean()
-        step_losses.append(gate[k] * match + cfg.anchor_weight * ((1.0 - gate[k]) * anchor_c + anchor_o))
+        m_k = gate_list[k]
+        step_losses.append(m_k * match + cfg.anchor_weight * ((1.0 - m_k) * anchor_c + anchor_o))
         info_gain.append(float(gain.mean()))
         info_dv.append(float(dv.detach().norm(dim=(1, 2)).mean()))
         info_h.append(float(h.norm(dim=-1).mean()))
 
     loss = torch.stack(step_losses).sum()
     info: dict[str, Any] = {"step_losses": step_losses, "ascent_gain": info_gain, "dv_norm": info_dv,
-                            "h_norm": info_h, "gate": gate.tolist()}
+                            "h_norm": info_h, "gate": gate_list}
     if cfg.bc_weight > 0:
         if bc_inputs is None or bc_actions is None:
             raise ValueError("bc_weight > 0 needs bc_inputs and bc_actions")
@@ -188,9 +190,12 @@ def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim
         raise FloatingPointError(f"Q-VGM loss is not finite ({loss.item()}); no step taken")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError("Q-VGM gradient is not finite; no step taken")
+    info["grad_norm"] = float(norm)
     optimizer.step()
     del info["step_losses"]
     return info

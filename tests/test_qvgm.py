@@ -243,3 +243,12 @@ def test_sign_qvgm_moves_samples_toward_the_optimum(sft_policy):
     moved_c = (critic_action(good, N_EXEC, R) - critic_action(base_chunks, N_EXEC, R)).abs().mean()
     moved_o = (good[:, N_EXEC:, :R] - base_chunks[:, N_EXEC:, :R]).abs().mean()
     assert moved_o < 0.5 * moved_c, (moved_o, moved_c)
+
+
+def test_reference_actions_for_the_critic(sft_policy):
+    from critic_trainer.critic import reference_actions
+
+    ctx = sft_policy.encode({"state": torch.randn(5, OBS)})
+    ref = reference_actions(sft_policy, ctx, num_samples=3, n_exec=N_EXEC)
+    assert ref.shape == (5, 3, N_EXEC * R) and not ref.requires_grad
+    assert not torch.allclose(ref[:, 0], ref[:, 1])  # independent noise per sample
