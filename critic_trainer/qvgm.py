@@ -29,7 +29,9 @@ import torch
 from critic_trainer.critic import Aggregate, QEnsemble, aggregate
 from qvgm.policy.interface import FlowPolicy
 
-QFunction = Callable[[torch.Tensor], torch.Tensor]  # critic actions [B, n_exec * real] -> aggregated Q [B]
+# Critic bound to a batch of states: critic actions [B, A] -> aggregated Q [B], and [B, S, A] -> [B, S]
+# (S candidate actions per state; A = n_exec * real_action_dim). Must be differentiable in the actions.
+QFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -66,7 +68,7 @@ def gate_weights(t: torch.Tensor, cfg: QVGMConfig) -> torch.Tensor:
 
 def bind_critic(critic: QEnsemble, z: torch.Tensor, p: torch.Tensor | None, how: Aggregate = "mean",
                 lcb_beta: float = 1.0) -> QFunction:
-    """Fix the state (features z [B, F], proprio p [B, P]) of a Q ensemble: A [B, A] -> aggregated Q [B]."""
+    """Fix the state (features z [B, F], proprio p [B, P]) of a Q ensemble -> QFunction ([B, (S,) A] -> [B, (S)])."""
     with torch.no_grad():
         s = critic.encode_state(z, p)
 
@@ -77,32 +79,39 @@ def bind_critic(critic: QEnsemble, z: torch.Tensor, p: torch.Tensor | None, how:
 
 
 def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """J ascent steps on Q from a_base [B, A] -> (A_Q [B, A] detached, Q gain [B] = Q(A_Q) - Q(A_base))."""
+    """J ascent steps on Q from a_base [B, (S,) A] -> (A_Q like a_base, detached; Q gain [B, (S)] >= 0 if keep-best).
+
+    A <- proj_[-1,1](A + alpha * clip(grad_A Q(A))); one critic forward per iterate serves both the keep-best
+    bookkeeping and the next gradient (J + 1 forwards, J backwards).
+    """
     a = a_base.detach()
-    with torch.no_grad():
-        q_base = q_fn(a)
-    if not torch.isfinite(q_base).all():
-        raise FloatingPointError("the critic returned a non-finite Q; refusing to build a Q-VGM target from it")
-    best_a, best_q = a, q_base
-    for _ in range(cfg.ascent_steps):
-        with torch.enable_grad():
-            a_var = a.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(q_fn(a_var).sum(), a_var)
+    best_a, best_q, q_base = a, None, None
+    for j in range(cfg.ascent_steps + 1):
+        last = j == cfg.ascent_steps
+        with torch.set_grad_enabled(not last):
+            a_var = a if last else a.detach().requires_grad_(True)
+            q = q_fn(a_var)
+        if j == 0:
+            if not torch.isfinite(q).all():
+                raise FloatingPointError("the critic returned a non-finite Q; refusing to build a Q-VGM target")
+            q_base = best_q = q.detach()
+        elif cfg.keep_best:
+            better = q.detach() > best_q
+            best_a = torch.where(better[..., None], a, best_a)
+            best_q = torch.where(better, q.detach(), best_q)
+        else:
+            best_a, best_q = a, q.detach()
+        if last:
+            break
+        (grad,) = torch.autograd.grad(q.sum(), a_var)
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # a broken gradient makes no step
         if cfg.clip_grad:
             grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
         a = a + cfg.ascent_lr * grad
         if cfg.project:
             a = a.clamp(-1.0, 1.0)
-        with torch.no_grad():
-            q = q_fn(a)
-        if cfg.keep_best:
-            better = q > best_q
-            best_a = torch.where(better[:, None], a, best_a)
-            best_q = torch.where(better, q, best_q)
-        else:
-            best_a, best_q = a, q
-    return best_a.detach(), (best_q - q_base).detach()
+    assert best_q is not None and q_base is not None
+    return best_a.detach(), best_q - q_base
 
 
 def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -121,7 +130,7 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     """Q-VGM loss for one batch. Returns (loss, info); info["step_losses"] holds the K per-step terms.
 
     actor/reference: FlowPolicy (reference frozen; its context computed without grad by the caller or here).
-    q_fn: critic actions [B, n_exec * real] -> aggregated Q [B] at this batch's states (see bind_critic).
+    q_fn: QFunction at this batch's states (see bind_critic); called on [B, M, n_exec * real] (M gated steps).
     noise: optional [B, H, D] starting noise (t = 1). bc_inputs/bc_actions: optional buffer batch for the BC term.
     """
     n, r = cfg.n_exec, actor.real_action_dim
@@ -133,40 +142,38 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     gate_list = gate.tolist()  # host copy for the branch below
     b = xs.shape[1]
 
-    step_losses, info_gain, info_dv, info_h = [], [], [], []
+    # 2. reference one-step clean estimates A_base = x_k - t_k v_base(x_k, t_k) at every step
+    with torch.no_grad():
+        v_base = torch.stack([reference.velocity(xs[k], ts[k].expand(b), reference_context)
+                              for k in range(cfg.num_steps)])  # [K, B, H, D]
+        a_base = (xs - ts[:, None, None, None] * v_base)[:, :, :n, :r].flatten(2)  # [K, B, n*r]
+    # 3. keep-best ascent on Qbar, batched over the gated steps (the only ones whose target is used)
+    a_q, gain = a_base.clone(), torch.zeros(a_base.shape[:2], dtype=a_base.dtype, device=a_base.device)
+    gated = [k for k in range(cfg.num_steps) if gate_list[k] > 0]
+    if gated:
+        improved, g = q_ascent(q_fn, a_base[gated].transpose(0, 1), cfg)  # [B, M, n*r]
+        a_q[gated], gain[gated] = improved.transpose(0, 1), g.transpose(0, 1)
+    # 4. residual velocity targets (openpi convention: t_k is the noise level, >= 1/K here)
+    h = cfg.h_sign * residual_target(a_q, a_base, ts[:, None, None])  # [K, B, n*r]
+
+    # 5. per step: regress the actor's velocity residual on sg[h]; anchor what the critic does not see
+    mask = torch.ones_like(xs[0, 0])  # [H, D], 0 on the critic's coordinates
+    mask[:n, :r] = 0.0
+    step_losses, dv_norms = [], []
     for k in range(cfg.num_steps):
-        x_k = xs[k]
-        t_k = ts[k].expand(b)
-        # 2. reference one-step clean estimate
-        with torch.no_grad():
-            v_base = reference.velocity(x_k, t_k, reference_context)
-            a_base_chunk = x_k - ts[k] * v_base
-        a_base = a_base_chunk[:, :n, :r].flatten(1)
-        # 3. keep-best ascent on Qbar (only where the gate uses it)
-        if gate_list[k] > 0:
-            a_q, gain = q_ascent(q_fn, a_base, cfg)
-        else:
-            a_q, gain = a_base, torch.zeros(b, dtype=a_base.dtype, device=a_base.device)
-        # 4. residual velocity target (openpi convention: t_k is the noise level, > 0 here)
-        h = cfg.h_sign * residual_target(a_q, a_base, ts[k])
-        # 5. regress the actor's velocity residual on sg[h]; anchor what the critic does not see
-        v_theta = actor.velocity(x_k, t_k, actor_context)
-        dv = v_theta - v_base
+        v_theta = actor.velocity(xs[k], ts[k].expand(b), actor_context)  # the only graph-holding evaluation
+        dv = v_theta - v_base[k]
         dv_c = dv[:, :n, :r].flatten(1)
-        match = ((dv_c - h.detach()) ** 2).sum(-1).mean()
+        match = ((dv_c - h[k].detach()) ** 2).sum(-1).mean()
         anchor_c = (dv_c**2).sum(-1).mean()
-        mask = torch.ones_like(dv[0])
-        mask[:n, :r] = 0.0
         anchor_o = ((dv**2) * mask).flatten(1).sum(-1).mean()
         m_k = gate_list[k]
         step_losses.append(m_k * match + cfg.anchor_weight * ((1.0 - m_k) * anchor_c + anchor_o))
-        info_gain.append(float(gain.mean()))
-        info_dv.append(float(dv.detach().norm(dim=(1, 2)).mean()))
-        info_h.append(float(h.norm(dim=-1).mean()))
-
+        dv_norms.append(dv.detach().flatten(1).norm(dim=-1).mean())
     loss = torch.stack(step_losses).sum()
-    info: dict[str, Any] = {"step_losses": step_losses, "ascent_gain": info_gain, "dv_norm": info_dv,
-                            "h_norm": info_h, "gate": gate_list}
+    info: dict[str, Any] = {"step_losses": step_losses, "ascent_gain": gain.mean(1).tolist(),
+                            "dv_norm": torch.stack(dv_norms).tolist(), "h_norm": h.norm(dim=-1).mean(1).tolist(),
+                            "gate": gate_list}
     if cfg.bc_weight > 0:
         if bc_inputs is None or bc_actions is None:
             raise ValueError("bc_weight > 0 needs bc_inputs and bc_actions")
