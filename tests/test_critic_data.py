@@ -132,3 +132,39 @@ def test_cache_to_critic_update_end_to_end(tmp_path):
     trainer = CriticTrainer(critic, CriticTrainConfig(gamma=0.9))
     metrics = [trainer.update(critic_batch(cache, tr, np.arange(len(tr)))) for _ in range(3)]
     assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_fit_critic_from_frames_to_monte_carlo_returns(tmp_path):
+    """Frame-level episodes -> transitions -> feature cache on disk -> fitted critic that tracks MC returns."""
+    from critic_trainer.critic import critic_action
+    from critic_trainer.fit import evaluate_critic, fit_critic, grad_a_check
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    episodes, length, n, real, gamma = 24, 8, 2, 2, 0.95
+    goals = rng.standard_normal((episodes, 3)).astype(np.float32)
+    ep = np.repeat(np.arange(episodes), length)
+    step = np.tile(np.arange(length), episodes)
+    actions = rng.uniform(-1, 1, (episodes * length, real)).astype(np.float32)
+    reward = np.where((step == length - 1) & (goals[ep, 0] > 0), 1.0, 0.0).astype(np.float32)
+    done = step == length - 1
+    tr = chunk_transitions(ep, actions, reward, done, n_exec=n, gamma=gamma)
+    z = np.concatenate([goals[ep], (step / length)[:, None].astype(np.float32)], axis=1)
+    # reference samples per frame: the behaviour's own next n actions, jittered
+    own = np.stack([actions[np.minimum(i + np.arange(n), (ep[i] + 1) * length - 1)].reshape(-1)
+                    for i in range(len(ep))])
+    ref = np.clip(own[:, None] + 0.2 * rng.standard_normal((len(ep), 4, n * real)), -1, 1).astype(np.float32)
+    cache = FeatureCache.write(tmp_path / "f", "sha-enc", {"z_rl": z, "ref_actions": ref})
+    critic = QEnsemble(CriticConfig(feature_dim=4, proprio_dim=0, n_exec=n, real_action_dim=real, hidden=(64, 64)))
+    before = evaluate_critic(critic, cache, tr)
+    trainer = CriticTrainer(critic, CriticTrainConfig(gamma=gamma, reg_weight=0.0, target_tau=0.05, lr=3e-3))
+    logged = []
+    history = fit_critic(trainer, cache, tr, steps=300, batch_size=64, log=lambda s, m: logged.append(s))
+    after = evaluate_critic(critic, cache, tr)
+    assert len(history) == 300 and logged[-1] == 299
+    assert after["mc_corr"] > 0.85 and after["mc_mae"] < 0.5 * before["mc_mae"], (before, after)
+    assert "q_ref" in after and after["ensemble_std"] >= 0
+    b = critic_batch(cache, tr, np.arange(6))
+    assert grad_a_check(critic, b.z, b.p, b.actions) < 1e-5
+    assert critic_action(torch.zeros(1, 3, 2), n, real).shape == (1, 4)
