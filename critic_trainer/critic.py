@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from critic_trainer.distributed import average_gradients, broadcast_parameters, finite_on_all_ranks
+
 Aggregate = Literal["mean", "min", "lcb"]
 Objective = Literal["calql", "cql", "iql"]
 
@@ -251,6 +253,8 @@ class CriticTrainer:
             p0 = next(critic.parameters())
             self.value.to(dtype=p0.dtype, device=p0.device)
             params += list(self.value.parameters())
+        broadcast_parameters(params)  # data-parallel: every rank starts from rank 0's weights
+        broadcast_parameters(self.target.parameters())
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr)
 
     def _no_action(self, b: int, like: torch.Tensor) -> torch.Tensor:
@@ -295,13 +299,17 @@ class CriticTrainer:
         return loss, metrics
 
     def update(self, batch: CriticBatch) -> dict[str, float]:
-        """One gradient step + EMA target update. Raises FloatingPointError (without stepping) on a NaN loss."""
+        """One gradient step + EMA target update. Raises FloatingPointError (without stepping) on a NaN loss.
+
+        Under torchrun (initialised process group) gradients are averaged over ranks before the step.
+        """
         loss, metrics = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"critic loss is not finite ({loss.item()}); no step taken")
+        if not finite_on_all_ranks(loss):
+            raise FloatingPointError(f"critic loss is not finite (here: {loss.item()}); no step taken")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        average_gradients(params)  # no-op in one process
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if not torch.isfinite(norm):

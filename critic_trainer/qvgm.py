@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from critic_trainer.critic import Aggregate, QEnsemble, aggregate
+from critic_trainer.distributed import average_gradients, finite_on_all_ranks
 from qvgm.policy.interface import FlowPolicy
 
 # Critic bound to a batch of states: critic actions [B, A] -> aggregated Q [B], and [B, S, A] -> [B, S]
@@ -187,17 +188,22 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
 def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim.Optimizer,
                 inputs: dict[str, torch.Tensor], q_fn: QFunction, cfg: QVGMConfig,
                 bc_actions: torch.Tensor | None = None, max_grad_norm: float | None = 1.0) -> dict[str, Any]:
-    """One optimiser step of Q-VGM on a batch of model inputs. Raises FloatingPointError (no step) on NaN."""
+    """One optimiser step of Q-VGM on a batch of model inputs. Raises FloatingPointError (no step) on NaN.
+
+    Under torchrun gradients are averaged over ranks; the caller starts every rank from the same actor weights
+    (critic_trainer.distributed.broadcast_parameters).
+    """
     actor_context = actor.encode(inputs)
     with torch.no_grad():
         reference_context = reference.encode(inputs)
     loss, info = qvgm_loss(actor, reference, actor_context, reference_context, q_fn, cfg,
                            bc_inputs=inputs if bc_actions is not None else None, bc_actions=bc_actions)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"Q-VGM loss is not finite ({loss.item()}); no step taken")
+    if not finite_on_all_ranks(loss):
+        raise FloatingPointError(f"Q-VGM loss is not finite (here: {loss.item()}); no step taken")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    average_gradients(params)  # data-parallel under torchrun; no-op in one process
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
