@@ -127,8 +127,12 @@ def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | f
 def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, reference_context: Any,
               q_fn: QFunction, cfg: QVGMConfig, noise: torch.Tensor | None = None,
               bc_inputs: dict[str, torch.Tensor] | None = None, bc_actions: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, dict[str, Any]]:
+              backward_each_step: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Q-VGM loss for one batch. Returns (loss, info); info["step_losses"] holds the K per-step terms.
+
+    backward_each_step: call backward on every term as soon as it is built (gradients accumulate into .grad,
+    only one velocity graph is alive at a time: K times less activation memory); the returned loss is then
+    detached and info["step_losses"] is empty. The shared actor context graph is retained across the calls.
 
     actor/reference: FlowPolicy (reference frozen; its context computed without grad by the caller or here).
     q_fn: QFunction at this batch's states (see bind_critic); called on [B, M, n_exec * real] (M gated steps).
@@ -169,16 +173,24 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
         anchor_c = (dv_c**2).sum(-1).mean()
         anchor_o = ((dv**2) * mask).flatten(1).sum(-1).mean()
         m_k = gate_list[k]
-        step_losses.append(m_k * match + cfg.anchor_weight * ((1.0 - m_k) * anchor_c + anchor_o))
+        term = m_k * match + cfg.anchor_weight * ((1.0 - m_k) * anchor_c + anchor_o)
+        if backward_each_step:
+            term.backward(retain_graph=True)  # frees this step's graph once `term` is dropped
+            term = term.detach()
+        step_losses.append(term)
         dv_norms.append(dv.detach().flatten(1).norm(dim=-1).mean())
     loss = torch.stack(step_losses).sum()
-    info: dict[str, Any] = {"step_losses": step_losses, "ascent_gain": gain.mean(1).tolist(),
+    info: dict[str, Any] = {"step_losses": [] if backward_each_step else step_losses,
+                            "ascent_gain": gain.mean(1).tolist(),
                             "dv_norm": torch.stack(dv_norms).tolist(), "h_norm": h.norm(dim=-1).mean(1).tolist(),
                             "gate": gate_list}
     if cfg.bc_weight > 0:
         if bc_inputs is None or bc_actions is None:
             raise ValueError("bc_weight > 0 needs bc_inputs and bc_actions")
         bc = actor.flow_loss(bc_inputs, bc_actions)
+        if backward_each_step:
+            (cfg.bc_weight * bc).backward()
+            bc = bc.detach()
         loss = loss + cfg.bc_weight * bc
         info["bc_loss"] = bc.item()
     info["loss"] = loss.item()
@@ -187,21 +199,26 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
 
 def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim.Optimizer,
                 inputs: dict[str, torch.Tensor], q_fn: QFunction, cfg: QVGMConfig,
-                bc_actions: torch.Tensor | None = None, max_grad_norm: float | None = 1.0) -> dict[str, Any]:
+                bc_actions: torch.Tensor | None = None, max_grad_norm: float | None = 1.0,
+                backward_each_step: bool = False) -> dict[str, Any]:
     """One optimiser step of Q-VGM on a batch of model inputs. Raises FloatingPointError (no step) on NaN.
 
+    backward_each_step: see qvgm_loss (same gradients, K times less activation memory).
     Under torchrun gradients are averaged over ranks; the caller starts every rank from the same actor weights
     (critic_trainer.distributed.broadcast_parameters).
     """
+    optimizer.zero_grad(set_to_none=True)
     actor_context = actor.encode(inputs)
     with torch.no_grad():
         reference_context = reference.encode(inputs)
     loss, info = qvgm_loss(actor, reference, actor_context, reference_context, q_fn, cfg,
-                           bc_inputs=inputs if bc_actions is not None else None, bc_actions=bc_actions)
+                           bc_inputs=inputs if bc_actions is not None else None, bc_actions=bc_actions,
+                           backward_each_step=backward_each_step)
     if not finite_on_all_ranks(loss):
+        optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"Q-VGM loss is not finite (here: {loss.item()}); no step taken")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if not backward_each_step:
+        loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     average_gradients(params)  # data-parallel under torchrun; no-op in one process
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))

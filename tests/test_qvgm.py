@@ -252,3 +252,19 @@ def test_reference_actions_for_the_critic(sft_policy):
     ref = reference_actions(sft_policy, ctx, num_samples=3, n_exec=N_EXEC)
     assert ref.shape == (5, 3, N_EXEC * R) and not ref.requires_grad
     assert not torch.allclose(ref[:, 0], ref[:, 1])  # independent noise per sample
+
+
+def test_backward_each_step_gives_the_same_gradients(sft_policy):
+    """The memory-saving mode (one velocity graph alive at a time) computes the same gradient, BC term included."""
+    grads = []
+    for each in (False, True):
+        actor = copy.deepcopy(sft_policy).requires_grad_(True)
+        opt = torch.optim.SGD(actor.parameters(), lr=0.0)
+        torch.manual_seed(5)
+        info = qvgm_update(actor, sft_policy, opt, {"state": torch.randn(6, OBS)}, TargetQ(torch.zeros(N_EXEC * R)),
+                           QVGMConfig(n_exec=N_EXEC, bc_weight=0.5), bc_actions=torch.zeros(6, H, D),
+                           backward_each_step=each, max_grad_norm=None)
+        grads.append(([p.grad.clone() for p in actor.parameters()], info["loss"]))
+    for g0, g1 in zip(grads[0][0], grads[1][0], strict=True):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-7)
+    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
