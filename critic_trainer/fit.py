@@ -16,6 +16,22 @@ from critic_trainer.critic import CriticTrainer, QEnsemble
 from critic_trainer.transitions import ChunkTransitions, critic_batch
 
 
+def check_training_data(critic: QEnsemble, transitions: ChunkTransitions) -> None:
+    """Refuse data the critic cannot learn from: no transitions, another action space, or returns that never
+    vary (only successes or only failures: nothing to rank). Raises ValueError with the reason.
+    """
+    if len(transitions) == 0:
+        raise ValueError("no transitions to fit the critic on")
+    if transitions.actions.shape[1] != critic.cfg.action_dim:
+        raise ValueError(f"buffer actions have {transitions.actions.shape[1]} critic coordinates, the critic expects "
+                         f"{critic.cfg.action_dim} = n_exec {critic.cfg.n_exec} x real {critic.cfg.real_action_dim}: "
+                         "incompatible action space or n_exec")
+    mc = transitions.mc_return
+    if float(np.max(mc) - np.min(mc)) == 0.0:
+        raise ValueError(f"every transition has the same Monte-Carlo return ({float(mc[0])}): the buffer needs both "
+                         "successful and failed episodes")
+
+
 def fit_critic(trainer: CriticTrainer, features: Mapping[str, np.ndarray], transitions: ChunkTransitions,
                steps: int, batch_size: int = 256, seed: int = 0, device: str | None = None,
                log: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
@@ -24,8 +40,7 @@ def fit_critic(trainer: CriticTrainer, features: Mapping[str, np.ndarray], trans
     Raises FloatingPointError (from CriticTrainer.update) on a non-finite loss or gradient: the critic is left
     as it was before that step.
     """
-    if len(transitions) == 0:
-        raise ValueError("no transitions to fit the critic on")
+    check_training_data(trainer.critic, transitions)
     rng = np.random.default_rng(seed)
     history = []
     for step in range(steps):

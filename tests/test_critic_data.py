@@ -168,3 +168,18 @@ def test_fit_critic_from_frames_to_monte_carlo_returns(tmp_path):
     b = critic_batch(cache, tr, np.arange(6))
     assert grad_a_check(critic, b.z, b.p, b.actions) < 1e-5
     assert critic_action(torch.zeros(1, 3, 2), n, real).shape == (1, 4)
+
+
+def test_fit_refuses_unlearnable_data(tmp_path):
+    from critic_trainer.fit import check_training_data, fit_critic
+
+    ep, actions, reward, done = two_episodes()
+    tr = chunk_transitions(ep, actions, reward, done, n_exec=2, gamma=0.9)
+    critic = QEnsemble(CriticConfig(feature_dim=4, proprio_dim=0, n_exec=2, real_action_dim=2, hidden=(8,)))
+    check_training_data(critic, tr)  # fine: returns vary
+    wrong = QEnsemble(CriticConfig(feature_dim=4, proprio_dim=0, n_exec=2, real_action_dim=7, hidden=(8,)))
+    with pytest.raises(ValueError, match="action space"):
+        check_training_data(wrong, tr)
+    no_success = chunk_transitions(ep, actions, np.zeros_like(reward), done, n_exec=2, gamma=0.9)
+    with pytest.raises(ValueError, match="both"):
+        fit_critic(CriticTrainer(critic), {"z_rl": np.zeros((9, 4), np.float32)}, no_success, steps=1)
