@@ -607,8 +607,10 @@ class EpisodeRecorder:
             self.control.set(float(st.get("control_since") or 0.0), st.get("control", "teleop"))
             ep, state = int(st["episode"]), st["state"]
             if state == RUNNING and ep != self.episode:
-                if self.episode is not None and self.outcome is None:
-                    self._abort("superseded by a new episode")
+                if self.episode is not None and self.outcome is not None:
+                    self._finalize()  # the next episode started before the last one's final frames were due
+                elif self.episode is not None:
+                    self._abort("superseded by a new episode before it was labelled")
                 self.episode, self.t_start, self.t_end, self.outcome = ep, float(st["t_start"]), None, None
                 self.aligner.reset(self.t_start)
                 self._put(("begin", ep, self.task, self.t_start))
@@ -632,20 +634,25 @@ class EpisodeRecorder:
                     continue
                 n += self._frame(s)
             if self.t_end is not None and self.outcome is not None and now >= self.t_end + self.aligner.delay:
-                for s in self.aligner.flush():
-                    if s.stamp <= self.t_end:
-                        n += self._frame(s)
-                rep = self.aligner.report
-                verdict = rep.verdict(self.cfg)
-                o = self.outcome
-                notes = rep.notes(self.cfg, manager_episode=self.episode, end_reason=o.end_reason)
-                if verdict == "refused":
-                    self._put(("abort", self.episode, f"refused: {rep.flawed(self.cfg)}", notes), force=True)
-                else:
-                    self._put(("finish", self.episode, o, notes, self.t_end - (self.t_start or self.t_end)),
-                              force=True)
-                self.episode, self.outcome = None, None
+                n += self._finalize()
             return n
+
+    def _finalize(self) -> int:
+        """Flush the ended episode's remaining frames (stamp <= t_end) and queue its commit or refusal."""
+        n = 0
+        assert self.t_end is not None and self.outcome is not None
+        for s in self.aligner.flush():
+            if s.stamp <= self.t_end:
+                n += self._frame(s)
+        rep = self.aligner.report
+        o = self.outcome
+        notes = rep.notes(self.cfg, manager_episode=self.episode, end_reason=o.end_reason)
+        if rep.verdict(self.cfg) == "refused":
+            self._put(("abort", self.episode, f"refused: {rep.flawed(self.cfg)}", notes), force=True)
+        else:
+            self._put(("finish", self.episode, o, notes, self.t_end - (self.t_start or self.t_end)), force=True)
+        self.episode, self.outcome = None, None
+        return n
 
     def _frame(self, s: Sample) -> int:
         rep = self.aligner.report

@@ -51,6 +51,7 @@ class EpisodeManager(Node):
         self.reset_client = None
         self._reset_future = None
         self._reset_last_try = -1e9
+        self._fresh = False  # the sim was reset since the last episode started
         if p["sim_reset_service"]:
             self.reset_client = self.create_client(Trigger, str(p["sim_reset_service"]))
         self._armed = False  # a success=False was seen during this episode (guards against a stale True)
@@ -102,14 +103,21 @@ class EpisodeManager(Node):
         if tr:
             self.get_logger().info(f"time limit: {tr.message}")
         if self.sm.state == RESET and self.reset_client is not None:
-            self._drive_sim_reset(now)
+            if self._drive_sim_reset(now):
+                self.sm.reset_done(now)
+                self._fresh = True
         if self.sm.state == IDLE and self.auto_start:
-            tr = self.sm.start(now)
-            if tr:
-                self.get_logger().info(f"auto start: {tr.message}")
+            if self.reset_client is not None and not self._fresh:
+                self._fresh = self._drive_sim_reset(now)  # unattended episodes always start from a sim reset
+            else:
+                tr = self.sm.start(now)
+                self._fresh = False
+                if tr:
+                    self.get_logger().info(f"auto start: {tr.message}")
         self._after_transition()
 
-    def _drive_sim_reset(self, now: float) -> None:
+    def _drive_sim_reset(self, now: float) -> bool:
+        """Call the sim's reset service without blocking; True once a call has succeeded (retries on failure)."""
         fut = self._reset_future
         if fut is not None and fut.done():
             self._reset_future = None
@@ -119,17 +127,17 @@ class EpisodeManager(Node):
             except Exception as exc:
                 ok, msg = False, str(exc)
             if ok:
-                self.sm.reset_done(now)
                 self.get_logger().info(f"sim reset done: {msg}")
             else:
                 self.get_logger().error(f"sim reset failed: {msg}; retrying")
-            return
+            return ok
         if fut is None and now - self._reset_last_try >= self.reset_retry_s:
             self._reset_last_try = now
             if self.reset_client.service_is_ready():
                 self._reset_future = self.reset_client.call_async(Trigger.Request())
             else:
                 self.get_logger().warning("sim reset service not available yet", throttle_duration_sec=5.0)
+        return False
 
     def _publish(self) -> None:
         self._last_seq = self.sm.seq
