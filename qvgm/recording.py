@@ -142,7 +142,9 @@ class Aligner:
             raise ValueError(f"fps must be positive, got {fps}")
         self.cameras, self.reference, self.fps, self.cfg, self.delay = list(cameras), reference, fps, cfg, delay
         self.period = 1.0 / fps
-        self.images = {c: StreamHistory() for c in cameras if c != reference}
+        # images are big (0.9 MB at 640x480): keep only what an as-of lookup can still use
+        img_horizon = max(1.0, 2.0 * (cfg.max_age + delay))
+        self.images = {c: StreamHistory(img_horizon) for c in cameras if c != reference}
         self.states = StreamHistory()
         self.report = QualityReport()
         self._pending: deque[tuple[float, np.ndarray]] = deque()

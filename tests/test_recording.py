@@ -168,3 +168,37 @@ def test_recorder_core_writes_aligned_episode(tmp_path) -> None:
     assert r.done.tolist() == [False] * 7 + [True] and r.reward.tolist() == [0.0] * 7 + [1.0]
     assert r.episodes[0]["success"] is True and r.episodes[0]["label_source"] == "operator"
     assert json.loads(r.episodes[0]["notes"])["recorder"]["verdict"] == "ok"
+
+
+def test_recorder_core_next_episode_before_final_frames_due(tmp_path) -> None:
+    """Sim: success -> reset -> next start can arrive within align_delay; the ended episode is still committed,
+    and an episode superseded before it was labelled is dropped (never merged into the next)."""
+    buf = ReplayBuffer.create(tmp_path / "ds", fps=10, cameras={"front": (16, 16)})
+    rec = EpisodeRecorder(buf, "front", QualityConfig(), delay=0.5, default_task="push")
+    base = {"control": "policy", "control_since": 0.0}
+    try:
+        for ep, t0 in enumerate([1.0, 3.0, 5.0]):
+            rec.on_status({**base, "state": RUNNING, "episode": ep, "t_start": t0})
+            rec.add_chunk(t0, np.array([0.0]), np.full((1, 7), ep, float))
+            for k in range(5):
+                rec.add_state(t0 + k / 10, np.full(7, k, np.float32))
+                rec.add_image("front", t0 + k / 10, img(k), arrival=t0 + k / 10)
+            rec.poll(t0 + 0.45)  # the last frames are not due yet (delay 0.5 s)
+            if ep == 0:
+                rec.on_status({**base, "state": RESET, "episode": 0, "t_start": t0, "t_end": t0 + 0.45, "label": True,
+                               "label_source": "auto", "terminal": True, "end_reason": "success"})
+            elif ep == 1:
+                pass  # never labelled: superseded by episode 2
+            else:
+                rec.on_status({**base, "state": RESET, "episode": 2, "t_start": t0, "t_end": t0 + 0.45, "label": False,
+                               "label_source": "auto", "terminal": False, "end_reason": "timeout"})
+                rec.poll(t0 + 1.0)
+    finally:
+        rec.close()
+    assert [r["status"] for r in rec.results][:1] == ["committed"] and rec.results[-1]["status"] == "committed"
+    assert any("superseded" in r["status"] for r in rec.results), rec.results
+    r = ReplayReader(tmp_path / "ds", decode_images=False)
+    assert len(r.episodes) == 2 and r.num_frames == 10
+    np.testing.assert_allclose(r.action[:5, 0], 0.0) and np.testing.assert_allclose(r.action[5:, 0], 2.0)
+    assert r.done.tolist() == [False] * 4 + [True] + [False] * 5  # timeout: truncated, not terminal
+    assert r.reward.tolist() == [0.0] * 4 + [1.0] + [0.0] * 5
