@@ -151,6 +151,7 @@ class Aligner:
         self._last_ref_stamp: float | None = None  # last reference stamp received
         self._last_sampled: float | None = None
         self._digests: dict[str, tuple[bytes, int]] = {}  # camera -> (digest, run length)
+        self._as_of_stamp: dict[str, float] = {}
         self.start: float = -math.inf  # ignore frames before (episode start)
 
     def reset(self, start: float) -> None:
@@ -228,7 +229,9 @@ class Aligner:
                 images[cam] = None  # type: ignore[assignment]
                 continue
             images[cam], image_stamps[cam] = got[1], got[0]
-            self._frozen_check(cam, got[0], got[1])
+            if self._as_of_stamp.get(cam) != got[0]:  # the same message reused is staleness, not a frozen camera
+                self._as_of_stamp[cam] = got[0]
+                self._frozen_check(cam, got[0], got[1])
         got = self.states.as_of(stamp)
         if got is None or stamp - got[0] > self.cfg.max_age:
             self.report.add("stale", f"joint_states: none within {self.cfg.max_age}s before t={stamp:.3f}")

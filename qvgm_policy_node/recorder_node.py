@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
@@ -34,8 +34,10 @@ JOINT_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6",
 DEFAULTS: dict[str, Any] = {
     "root": "", "fps": 10, "cameras": ["front", "wrist"], "reference_camera": "front", "image_height": 224,
     "image_width": 224, "joint_names": JOINT_NAMES, "quality_mode": "mark", "max_age": 0.1, "max_latency": 0.2,
-    "gap_factor": 1.5, "frozen_frames": 3, "align_delay": 0.05, "queue_size": 256, "default_task": "",
-    "poll_hz": 50.0, "trajectory_topic": "/arm_controller/joint_trajectory", "codec": "libx264", "crf": 20,
+    "gap_factor": 1.5, "frozen_frames": 3, "align_delay": 0.2, "queue_size": 256, "default_task": "",
+    "poll_hz": 50.0, "image_queue_depth": 30, "image_reliability": "best_effort",
+    "trajectory_topic": "/arm_controller/joint_trajectory",
+    "codec": "libx264", "crf": 20,
 }
 
 
@@ -44,14 +46,15 @@ def stamp_seconds(stamp: Any) -> float:
 
 
 def image_array(msg: Image) -> np.ndarray:
-    """sensor_msgs/Image rgb8 (or bgr8) -> uint8[H, W, 3] RGB copy; ValueError otherwise."""
+    """sensor_msgs/Image rgb8 (or bgr8) -> uint8[H, W, 3] RGB (read-only view for rgb8); ValueError otherwise."""
     if msg.encoding not in ("rgb8", "bgr8"):
         raise ValueError(f"encoding {msg.encoding!r} (need rgb8)")
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if step < 3 * w or len(msg.data) < h * step:
         raise ValueError(f"data {len(msg.data)} bytes too short for {h}x{w} step {step}")
     a = np.frombuffer(msg.data, np.uint8, count=h * step).reshape(h, step)[:, :3 * w].reshape(h, w, 3)
-    return np.array(a[..., ::-1] if msg.encoding == "bgr8" else a, copy=True, order="C")
+    # a zero-copy view of the message buffer (rclpy never reuses a delivered message); bgr8 is converted
+    return np.ascontiguousarray(a[..., ::-1]) if msg.encoding == "bgr8" else a
 
 
 class RecorderNode(Node):
@@ -79,10 +82,18 @@ class RecorderNode(Node):
                                     queue_size=int(p["queue_size"]), default_task=str(p["default_task"]),
                                     logger=lambda m: self.get_logger().error(m))
         self.bad: dict[str, int] = {}
+        self.received: dict[str, int] = {}  # images received per camera (diagnostics, benches)
         self._reported = 0
+        # sensor-data QoS (best effort) with a deeper queue: a busy executor loses no frame for up to ~1 s
+        # (image_reliability "reliable" only matches reliable publishers, e.g. realsense-ros' default image QoS)
+        if p["image_reliability"] not in ("best_effort", "reliable"):
+            raise ValueError(f"image_reliability must be best_effort or reliable, got {p['image_reliability']!r}")
+        rel = ReliabilityPolicy.RELIABLE if p["image_reliability"] == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        image_qos = QoSProfile(depth=int(p["image_queue_depth"]), reliability=rel,
+                               durability=qos_profile_sensor_data.durability)
         for cam in self.core.cameras:
             self.create_subscription(Image, f"/camera/{cam}/color/image_raw",
-                                     lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
+                                     lambda m, c=cam: self._on_image(c, m), image_qos)
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, 50)
         self.create_subscription(JointTrajectory, str(p["trajectory_topic"]), self._on_trajectory, 10)
         self.create_subscription(String, "/qvgm/task", lambda m: self.core.set_task(m.data), LATCHED)
@@ -101,6 +112,7 @@ class RecorderNode(Node):
         self.get_logger().warning(f"ignored bad {what} message: {detail}", throttle_duration_sec=2.0)
 
     def _on_image(self, cam: str, msg: Image) -> None:
+        self.received[cam] = self.received.get(cam, 0) + 1
         try:
             img = image_array(msg)
             h, w = self.core.sizes[cam]
@@ -161,6 +173,7 @@ class RecorderNode(Node):
         rep = self.core.aligner.report
         level = DiagnosticStatus.OK if not rep.flawed(self.core.cfg) and not self.core.errors else DiagnosticStatus.WARN
         vals = {**{f"count.{k}": v for k, v in rep.counts.items()}, **{f"bad.{k}": v for k, v in self.bad.items()},
+                **{f"received.{k}": v for k, v in self.received.items()},
                 "queue": self.core.pending(), "frames_queued": self.core.frames_queued,
                 "episodes": len(self.core.results), "errors": len(self.core.errors)}
         st = DiagnosticStatus(level=level, name="qvgm: recorder_node", message="recording" if self.core.episode
