@@ -301,9 +301,15 @@ class Timeline:
         self.values: list[Any] = [initial]
 
     def set(self, stamp: float, value: Any) -> None:
+        """value holds from `stamp` on (a repeat of the current value is ignored; the history is bounded)."""
+        if self.at(stamp) == value:
+            return
         i = bisect.bisect_right(self.stamps, stamp)
         self.stamps.insert(i, stamp)
         self.values.insert(i, value)
+        if len(self.stamps) > 4096:
+            del self.stamps[1:2048], self.values[1:2048]
+            self.stamps[0] = -math.inf
 
     def at(self, t: float) -> Any:
         return self.values[bisect.bisect_right(self.stamps, t) - 1]

@@ -150,6 +150,13 @@ class TeleopNode(Node):
         self.published += 1
 
     def _tick(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # never die in a timer; the controller holds the last target
+            self.jogger.target = None
+            self.get_logger().error(f"teleop tick failed: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
+
+    def _step(self) -> None:
         while self.keys:
             self._handle_key(self.keys.popleft())
         if not self.has_control or self.joy is None:

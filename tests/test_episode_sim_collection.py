@@ -14,6 +14,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("mujoco")
 
 from rclpy.parameter import Parameter  # noqa: E402
+from std_srvs.srv import SetBool  # noqa: E402
 
 from qvgm.data import ReplayReader  # noqa: E402
 from qvgm_policy_node.episode_manager import EpisodeManager  # noqa: E402
@@ -37,6 +38,12 @@ def test_sim_collects_labelled_episodes_unattended(tmp_path) -> None:
             max_age=0.25, max_latency=1.0, align_delay=0.2)))
         g.add(EpisodeManager(context=g.context, parameter_overrides=params(
             time_limit=6.0, sim=True, sim_reset_service="/sim_node/reset", auto_start=True, auto_label_timeout=True)))
+        # operator takeover for ~1 s in the first episode (through the real service): those frames are flagged
+        takeover = g.node("operator").create_client(SetBool, "/qvgm/episode/takeover")
+        assert g.spin_until(lambda: rec.core.episode == 0 and rec.core.frames_queued >= 3, timeout=30.0)
+        assert g.call(takeover, SetBool.Request(data=True)).success
+        g.spin_for(1.0)
+        assert g.call(takeover, SetBool.Request(data=False)).success
         assert g.spin_until(lambda: len(rec.core.results) >= 2, timeout=60.0), rec.core.results
         results = list(rec.core.results)
     assert [r["status"] for r in results[:2]] == ["committed", "committed"], results
@@ -49,7 +56,12 @@ def test_sim_collects_labelled_episodes_unattended(tmp_path) -> None:
         stamps = r.stamp[s:t]
         assert np.all(np.diff(stamps) > 0.1)  # one frame per camera image at 5 Hz, in order
         assert np.all(np.isfinite(r.state[s:t])) and np.all(np.isfinite(r.action[s:t]))
-        assert not r.is_intervention[s:t].any()  # the policy drove; no takeover
+        n_int = int(r.is_intervention[s:t].sum())
+        if e == 0:  # ~1 s of takeover at 5 fps
+            assert 3 <= n_int <= 7 and row["num_intervention_frames"] == n_int, n_int
+            assert set(r.policy_version[s:t][r.is_intervention[s:t]]) == {"teleop"}
+        else:
+            assert n_int == 0
         notes = json.loads(row["notes"])["recorder"]
         assert notes["end_reason"] in ("success", "timeout")
         # the expert's chunks move the arm: actions are not just the held state
