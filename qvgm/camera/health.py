@@ -64,13 +64,10 @@ class FrameHealth:
         self.last_publish_host_ns: int | None = None
 
     def reset_stream(self) -> None:
-        """Forget per-stream state (after a reconnect); counters are kept."""
-        self._last_hash = None
-        self._same_count = 0
+        """Forget frame numbers and stamps (after a reconnect). Counters and the content history are kept: a
+        stream still frozen after reopening stays frozen rather than republishing the same image."""
         self._last_number = None
         self._last_stamp_ns = None
-        self.frozen = False
-        self.frozen_since_ns = None
 
     def check(self, image: np.ndarray, frame_number: int | None, stamp_ns: int, host_now_ns: int) -> Verdict:
         """Classify one frame. stamp_ns: its ROS stamp; host_now_ns: reception time on the same clock."""

@@ -23,9 +23,10 @@ class TimestampMapper:
         self.rebases = 0
 
     def to_ros_ns(self, device_ms: float, domain: str, host_now_ns: int) -> int:
-        """ROS time in ns for a frame stamped `device_ms` (milliseconds) in `domain`, received at host_now_ns."""
+        """ROS time in ns (whole microseconds) for a frame stamped `device_ms` (milliseconds) in `domain`,
+        received at host_now_ns."""
         if domain in HOST_DOMAINS:
-            return int(round(device_ms * 1e6))
+            return int(round(device_ms * 1e3)) * 1000  # a double holds epoch ms to ~0.2 us: keep whole us
         if domain != HARDWARE_DOMAIN:
             raise ValueError(f"unknown timestamp domain {domain!r}")
         last = self._last_device_ms
@@ -36,4 +37,4 @@ class TimestampMapper:
             self._device_base_ms = device_ms
             self._ros_base_ns = host_now_ns
         self._last_device_ms = device_ms
-        return self._ros_base_ns + int(round((device_ms - self._device_base_ms) * 1e6))
+        return self._ros_base_ns + int(round((device_ms - self._device_base_ms) * 1e3)) * 1000
