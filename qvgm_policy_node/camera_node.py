@@ -150,7 +150,7 @@ class CameraNode(Node):
             self.reconnects += 1
             self.get_logger().info(f"{self.camera_name}: reconnected to {self.hardware_id}")
         self._opened_once = True
-        self.state = "streaming"
+        self.state = "frozen" if self.health.frozen else "streaming"  # reopening does not unfreeze
         return True
 
     def _close(self) -> None:
