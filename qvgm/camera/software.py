@@ -67,3 +67,52 @@ class SoftwareRealSense:
                 f.depth_units = self.depth_scale
             sensor.on_video_frame(f)
         return ts
+
+
+class SoftwareFeeder:
+    """Pushes synthetic frames into a SoftwareRealSense at `fps` from a thread, like a camera's USB stream.
+
+    Frame k: colour = a gradient with red = k mod 256 (plus a noise band so no two frames hash alike),
+    depth = 1000 + k mod 1000 + column. `paused` stops delivery (unplugged); `frozen` repeats one image while
+    frame numbers advance (a stuck sensor). `pushed` maps each stamp (ns, global time) to its host push time.
+    """
+
+    def __init__(self, sw: SoftwareRealSense, fps: float | None = None, depth: bool = True) -> None:
+        import threading
+
+        self.sw, self.period, self.depth = sw, 1.0 / (fps or sw.fps), depth
+        self.paused = self.frozen = False
+        self.count = 0
+        self.pushed: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="software-feeder")
+        rng = np.random.default_rng(0)
+        self._base = rng.integers(0, 256, (sw.height, sw.width, 3), dtype=np.uint8)
+        self._depth = (1000 + np.arange(sw.width, dtype=np.uint16)[None, :] + np.zeros((sw.height, 1), np.uint16))
+
+    def __enter__(self) -> SoftwareFeeder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            next_t += self.period
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_t = time.monotonic()
+            if self.paused or self._stop.is_set():
+                continue
+            self.count += 1
+            k = 0 if self.frozen else self.count
+            color = self._base.copy()
+            color[0, :, 0] = k % 256
+            color[1, :8] = np.frombuffer(int(k).to_bytes(24, "little"), np.uint8).reshape(8, 3)
+            ts = self.sw.push(color, (self._depth + k % 1000) if self.depth else None, frame_number=self.count)
+            self.pushed[int(round(ts * 1e3)) * 1000] = time.time()
