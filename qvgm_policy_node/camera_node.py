@@ -269,8 +269,11 @@ def make_camera_nodes(cameras: Sequence[dict[str, Any]]) -> list[CameraNode]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m qvgm_policy_node.camera_node --ros-args -p camera_name:=wrist -p serial_no:=...`"""
-    rclpy.init(args=sys.argv if argv is None else argv)
-    node = CameraNode()
+    args = sys.argv if argv is None else argv
+    rclpy.init(args=args)
+    # the node is named after the camera (/camera/<camera_name>) unless remapped with -r __node:=...
+    name = next((a.split(":=", 1)[1] for a in args if a.startswith("camera_name:=")), None)
+    node = CameraNode(name)
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
     try:

@@ -307,3 +307,30 @@ def test_unknown_backend_is_reported_not_raised(ros: tuple[Any, MultiThreadedExe
     assert probe.count("color") == 0
     with pytest.raises(SourceDisconnected):
         RealSenseSource("", W, H, FPS, device_factory=lambda: (_ for _ in ()).throw(SourceDisconnected("x"))).open()
+
+
+def test_node_process_with_ros_args(ros: tuple[Any, MultiThreadedExecutor], tmp_path: Path) -> None:
+    """`python -m qvgm_policy_node.camera_node --ros-args -p ...` as its own process, OpenCV backend."""
+    import os
+    import subprocess
+    import sys
+
+    ctx, executor = ros
+    path = tmp_path / "cam.avi"
+    write_video(path, 30, FPS)
+    probe = Probe("side", ctx)
+    executor.add_node(probe)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "qvgm_policy_node.camera_node", "--ros-args",
+                             "-p", "camera_name:=side", "-p", "backend:=opencv", "-p", f"device:={path}",
+                             "-p", "loop_file:=true", "-p", "diagnostics_period_s:=0.2"],
+                            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: probe.count("color") >= 10 and probe.last_diag() is not None, 30, "images from the process")
+        assert probe.get("color")[0].header.frame_id == "side_color_optical_frame"
+        assert probe.get("diag")[-1].hardware_id == f"opencv:{path}"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0]
+    assert "Traceback" not in out, out
