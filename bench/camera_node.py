@@ -14,7 +14,11 @@ for 2 and 3 cameras (--cams), then, with one camera:
           "frozen" (diag_s); defaults: frozen_frames=10, diagnostics 1 Hz
   disconnect: the device vanishes -> node reports "disconnected" (detect_s, read_timeout_s=1.0); it is
           plugged back (a new device) -> first new image at a subscriber (recover_s, reconnect_period_s=0.5)
+Each throughput run is repeated per --transports entry, each in its own process: `default` (the RMW's
+default transports: Fast DDS UDP loopback + its default shared memory) and `shm16` (Fast DDS shared memory
+only, 16 MB segments; see FASTDDS_SHM_XML). Frozen/disconnect timings use the default transport.
 Usage: .venv/bin/python bench/camera_node.py [--seconds 6] [--cams 2 3] [--width 640 --height 480 --fps 30]
+       [--transports default shm16]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +41,26 @@ sys.path.insert(0, str(REPO))
 from qvgm_policy_node.ros_env import apply_loopback_env  # noqa: E402
 
 apply_loopback_env(keep_existing_domain=True)
+
+# Fast DDS profile for the "shm16" transport: shared memory only (nothing can leave the host), 16 MB segments
+# so a 640x480 rgb8 image (921,600 B) + its depth fit without fragmenting through a small default segment.
+FASTDDS_SHM_XML = """<?xml version="1.0" encoding="UTF-8" ?>
+<profiles xmlns="http://www.eprosima.com">
+  <transport_descriptors>
+    <transport_descriptor>
+      <transport_id>shm_16mb</transport_id>
+      <type>SHM</type>
+      <segment_size>16777216</segment_size>
+    </transport_descriptor>
+  </transport_descriptors>
+  <participant profile_name="shm_only" is_default_profile="true">
+    <rtps>
+      <userTransports><transport_id>shm_16mb</transport_id></userTransports>
+      <useBuiltinTransports>false</useBuiltinTransports>
+    </rtps>
+  </participant>
+</profiles>
+"""
 
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
@@ -233,10 +258,18 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--fps", type=int, default=30)
     ap.add_argument("--no-depth", action="store_true", help="colour only (default: colour + aligned depth)")
+    ap.add_argument("--transports", nargs="+", default=["default", "shm16"], choices=["default", "shm16"])
     ap.add_argument("--probe", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--one-transport", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         probe_main(args.probe.split(","), args.warmup, args.seconds)
+        return
+    if args.one_transport:
+        out = {"throughput": [throughput(n, args) for n in args.cams]}
+        if args.one_transport == "default":
+            out.update(frozen_and_disconnect(args))
+        print(json.dumps(out), flush=True)
         return
     report: dict[str, Any] = {
         "bench": "camera_node", "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
@@ -245,9 +278,21 @@ def main() -> None:
         "config": {"width": args.width, "height": args.height, "fps": args.fps, "depth": not args.no_depth,
                    "seconds": args.seconds, "warmup": args.warmup, "rmw": os.environ.get("RMW_IMPLEMENTATION",
                                                                                          "default")},
-        "throughput": [throughput(n, args) for n in args.cams],
+        "throughput": {},
     }
-    report.update(frozen_and_disconnect(args))
+    passthrough = [a for a in sys.argv[1:] if a != "--transports" and a not in ("default", "shm16")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for transport in args.transports:
+            env = dict(os.environ)
+            if transport == "shm16":
+                xml = Path(tmp) / "fastdds_shm16.xml"
+                xml.write_text(FASTDDS_SHM_XML)
+                env["FASTDDS_DEFAULT_PROFILES_FILE"] = env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(xml)
+            res = subprocess.run([sys.executable, __file__, "--one-transport", transport, *passthrough], env=env,
+                                 stdout=subprocess.PIPE, text=True, timeout=600, check=True)
+            part = json.loads(res.stdout.strip().splitlines()[-1])
+            report["throughput"][transport] = part.pop("throughput")
+            report.update(part)
     print(json.dumps(report, indent=2))
 
 

@@ -23,6 +23,7 @@ RUN bash scripts/setup.sh && rm -rf /var/lib/apt/lists/*
 
 ENV PATH=/opt/qvgm/.venv/bin:$PATH \
     RMW_IMPLEMENTATION=rmw_cyclonedds_cpp \
+    CYCLONEDDS_URI=file:///opt/qvgm/docker/cyclonedds.xml \
     MUJOCO_GL=egl \
     PYOPENGL_PLATFORM=egl \
     QVGM_BUFFER=/data/buffer \

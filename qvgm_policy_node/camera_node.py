@@ -140,7 +140,7 @@ class CameraNode(Node):
             source = self._factory()
             self.hardware_id = source.hardware_id
             source.open()
-        except (SourceDisconnected, ValueError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # absent device, bad configuration, driver error: report and retry, never die
             self._set_error("disconnected", exc)
             return False
         self._source = source
@@ -171,7 +171,7 @@ class CameraNode(Node):
     def _capture_loop(self) -> None:
         p = self.params
         period = float(p["reconnect_period_s"])
-        while self._running:
+        while self._running and self.context.ok():
             if self._source is None and not self._open():
                 time.sleep(period)
                 continue

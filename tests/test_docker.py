@@ -85,11 +85,23 @@ def env_vars(dockerfile: Path) -> set[str]:
                    "remove this mark once it does")
 def test_setup_script_reads_every_variable_the_images_set() -> None:
     script = (REPO / "scripts" / "setup.sh").read_text()
-    runtime = {"PATH", "RMW_IMPLEMENTATION", "MUJOCO_GL", "PYOPENGL_PLATFORM", "QVGM_BUFFER", "QVGM_CHECKPOINTS",
-               "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "PIP_EXTRA_INDEX_URL", "PIP_NO_CACHE_DIR"}
+    runtime = {"PATH", "RMW_IMPLEMENTATION", "CYCLONEDDS_URI", "MUJOCO_GL", "PYOPENGL_PLATFORM", "QVGM_BUFFER",
+               "QVGM_CHECKPOINTS", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "PIP_EXTRA_INDEX_URL",
+               "PIP_NO_CACHE_DIR"}
     for dockerfile in DOCKERFILES:
         missing = {v for v in env_vars(dockerfile) - runtime if v not in script}
         assert not missing, f"{dockerfile.name}: setup.sh ignores {sorted(missing)}"
+
+
+def test_cyclonedds_config_is_shipped_and_well_formed() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(DOCKER / "cyclonedds.xml").getroot()
+    assert root.tag == "{https://cdds.io/config}CycloneDDS"
+    buf = root.find("./{*}Domain/{*}Internal/{*}SocketReceiveBufferSize")
+    assert buf is not None and buf.get("min") == "10MB"
+    uri = "CYCLONEDDS_URI=file:///opt/qvgm/docker/cyclonedds.xml"
+    assert uri in " ".join(a for _, a in instructions(DOCKERFILES[0]))  # COPY . /opt/qvgm puts it there
 
 
 def test_compose_wires_robot_trainer_and_shared_volume() -> None:
