@@ -116,6 +116,7 @@ class CameraNode(Node):
         self.errors = 0
         self.last_error = ""
         self.hardware_id = ""
+        self.depth_scale = float("nan")
         self._source: FrameSource | None = None
         self._opened_once = False
         self._frozen_reopen_ns = 0
@@ -220,6 +221,7 @@ class CameraNode(Node):
             if frame.depth.dtype != np.uint16 or frame.depth.shape != frame.color.shape[:2]:
                 raise ValueError(f"depth image {frame.depth.dtype} {frame.depth.shape} is not uint16 aligned")
             self.pub_depth.publish(image_msg(frame.depth, "16UC1", header))
+            self.depth_scale = frame.depth_scale
             self.pub_depth_info.publish(camera_info_msg(intr, self.color_frame_id, stamp))
         self.health.mark_published(time.time_ns())
 
@@ -242,6 +244,7 @@ class CameraNode(Node):
             "drops": h.drops, "repeated": h.repeated, "stale": h.stale, "frozen_frames": h.frozen_frames,
             "age_ms": f"{h.last_age_s * 1e3:.2f}", "since_last_publish_s": f"{since_last:.3f}",
             "reconnects": self.reconnects, "errors": self.errors, "last_error": self.last_error,
+            "depth_scale_m": f"{self.depth_scale:g}",
         }
         return DiagnosticStatus(level=level, name=f"camera_node: {self.camera_name}", message=message,
                                 hardware_id=self.hardware_id,
@@ -259,12 +262,16 @@ class CameraNode(Node):
         super().destroy_node()
 
 
-def make_camera_nodes(cameras: Sequence[dict[str, Any]]) -> list[CameraNode]:
-    """One CameraNode per parameter dict (each needs a distinct `camera_name`)."""
+def make_camera_nodes(cameras: Sequence[dict[str, Any]], **node_kwargs: Any) -> list[CameraNode]:
+    """One CameraNode per parameter dict (keys from PARAMETERS; each needs a distinct `camera_name`), e.g. from
+    a profile's camera list; node_kwargs (context=...) go to every node. Add them to one executor."""
     names = [str(c.get("camera_name", "")) for c in cameras]
     if len(set(names)) != len(names) or "" in names:
         raise ValueError(f"each camera needs a distinct non-empty camera_name, got {names}")
-    return [CameraNode(parameter_overrides=dict(c)) for c in cameras]
+    unknown = sorted({k for c in cameras for k in c} - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown camera parameters {unknown}; known: {sorted(PARAMETERS)}")
+    return [CameraNode(parameter_overrides=dict(c), **node_kwargs) for c in cameras]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -334,3 +334,34 @@ def test_node_process_with_ros_args(ros: tuple[Any, MultiThreadedExecutor], tmp_
         proc.terminate()
         out = proc.communicate(timeout=10)[0]
     assert "Traceback" not in out, out
+
+
+def test_several_cameras_at_once(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+    """Two software devices, two nodes in one process: each topic carries its own device's frames."""
+    ctx, executor = ros
+    devs = {"left": SoftwareRealSense("843112070010", W, H, FPS), "right": SoftwareRealSense("843112070011", W, H, FPS)}
+    probes = {}
+    for name, sw in devs.items():
+        _, probes[name] = add_realsense_camera(executor, ctx, name, (lambda sw=sw: sw.device))
+    with Feeder(devs["left"]) as fl, Feeder(devs["right"]) as fr:
+        wait_for(lambda: all(p.count("color") >= 10 for p in probes.values()), 20, "images from both cameras")
+    for name, feeder in (("left", fl), ("right", fr)):
+        msgs = probes[name].get("color")
+        assert {m.header.frame_id for m in msgs} == {f"{name}_color_optical_frame"}
+        assert all(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec in feeder.stamps for m in msgs)
+        assert probes[name].get("diag")[-1].hardware_id == f"realsense:{devs[name].device.get_info(rs_serial())}"
+
+
+def rs_serial() -> Any:
+    import pyrealsense2 as rs
+
+    return rs.camera_info.serial_number
+
+
+def test_make_camera_nodes_validates_the_list() -> None:
+    from qvgm_policy_node.camera_node import make_camera_nodes
+
+    with pytest.raises(ValueError, match="distinct non-empty camera_name"):
+        make_camera_nodes([{"camera_name": "a"}, {"camera_name": "a"}])
+    with pytest.raises(ValueError, match=r"unknown camera parameters \['serial'\]"):
+        make_camera_nodes([{"camera_name": "a", "serial": "123"}])
