@@ -1,13 +1,15 @@
 """camera_node: one camera (RealSense or OpenCV) -> realsense-ros style topics, thin over `qvgm.camera`.
 
 One node per camera (node `/camera/<camera_name>`); several cameras = several nodes, in one process
-(`make_camera_nodes` + one executor, or `qvgm up`) or one process each. Publishes, with sensor-data QoS:
+(`make_camera_nodes` + one executor, or `qvgm up`) or one process each. Publishes:
   /camera/<name>/color/image_raw                     sensor_msgs/Image rgb8, frame `<name>_color_optical_frame`
   /camera/<name>/color/camera_info                   sensor_msgs/CameraInfo from the device intrinsics
-  /camera/<name>/aligned_depth_to_color/image_raw    sensor_msgs/Image 16UC1 (depth units: see `depth_scale`)
+  /camera/<name>/aligned_depth_to_color/image_raw    sensor_msgs/Image 16UC1 (units: depth_scale_m on /diagnostics)
   /camera/<name>/aligned_depth_to_color/camera_info  same intrinsics as colour (depth is reprojected into it)
-and a DiagnosticArray on /diagnostics (reliable, once per `diagnostics_period_s`). header.stamp is the
-capture time in ROS time (device clock mapped as realsense-ros does; host time of the grab for OpenCV).
+  /diagnostics                                       diagnostic_msgs/DiagnosticArray, every diagnostics_period_s
+Images use sensor-data QoS (best effort: subscribers must not ask for RELIABLE), camera_info and diagnostics
+are reliable (image_qos / info_qos select SENSOR_DATA or DEFAULT). header.stamp is the capture time in ROS
+time (device clock mapped as realsense-ros does; host time of the grab for OpenCV).
 Frames with a repeated frame number, a stale stamp or frozen content are not published; a frozen stream
 longer than `frozen_reconnect_s` and a lost device are reopened by the capture thread, never by a restart.
 """
@@ -60,7 +62,19 @@ PARAMETERS: dict[str, Any] = {
     "frozen_reconnect_s": 2.0,  # reopen a stream frozen for this long
     "reconnect_period_s": 0.5,  # wait between reopen attempts
     "diagnostics_period_s": 1.0,
+    "image_qos": "SENSOR_DATA",  # images: SENSOR_DATA (best effort) | DEFAULT (reliable, depth 10)
+    "info_qos": "DEFAULT",  # camera_info: reliable by default, so reliable and best-effort subscribers both match
 }
+
+QOS_PROFILES = {"SENSOR_DATA": qos_profile_sensor_data, "DEFAULT": QoSProfile(depth=10)}
+
+
+def qos_by_name(name: str) -> QoSProfile:
+    """realsense-ros style QoS names (SENSOR_DATA, DEFAULT) -> profile; ValueError for any other."""
+    try:
+        return QOS_PROFILES[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown QoS {name!r}; use one of {sorted(QOS_PROFILES)}") from None
 
 
 def stamp_msg(ns: int) -> Time:
@@ -102,14 +116,14 @@ class CameraNode(Node):
         self._factory = source_factory or self._default_factory
         base = f"/camera/{self.camera_name}"
         self.color_frame_id = optical_frame_id(self.camera_name, "color")
-        self.pub_color = self.create_publisher(Image, f"{base}/color/image_raw", qos_profile_sensor_data)
-        self.pub_info = self.create_publisher(CameraInfo, f"{base}/color/camera_info", qos_profile_sensor_data)
+        image_qos, info_qos = qos_by_name(str(p["image_qos"])), qos_by_name(str(p["info_qos"]))
+        self.pub_color = self.create_publisher(Image, f"{base}/color/image_raw", image_qos)
+        self.pub_info = self.create_publisher(CameraInfo, f"{base}/color/camera_info", info_qos)
         self.pub_depth = self.pub_depth_info = None
         if p["backend"] == "realsense" and p["enable_depth"]:
-            self.pub_depth = self.create_publisher(Image, f"{base}/aligned_depth_to_color/image_raw",
-                                                   qos_profile_sensor_data)
+            self.pub_depth = self.create_publisher(Image, f"{base}/aligned_depth_to_color/image_raw", image_qos)
             self.pub_depth_info = self.create_publisher(CameraInfo, f"{base}/aligned_depth_to_color/camera_info",
-                                                        qos_profile_sensor_data)
+                                                        info_qos)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self.state = "starting"
         self.reconnects = 0

@@ -153,7 +153,7 @@ def test_realsense_software_device_through_node(ros: tuple[Any, MultiThreadedExe
     node, probe = add_realsense_camera(executor, ctx, "front", lambda: sw.device)
     with Feeder(sw) as feeder:
         wait_for(lambda: probe.count("color") >= 20 and probe.count("depth") >= 20, 20, "20 colour+depth images")
-        wait_for(lambda: (probe.last_diag() or {}).get("message") == "streaming", 10, "diagnostics OK")
+        wait_for(lambda: (probe.last_diag() or {}).get("state") == "streaming", 10, "diagnostics: streaming")
     colors, depths = probe.get("color"), probe.get("depth")
     for msg in colors[:20]:
         assert (msg.encoding, msg.height, msg.width, msg.step) == ("rgb8", H, W, 3 * W)
@@ -179,7 +179,7 @@ def test_realsense_software_device_through_node(ros: tuple[Any, MultiThreadedExe
     assert list(info.k) == [90.0, 0, (W - 1) / 2, 0, 90.0, (H - 1) / 2, 0, 0, 1]
     assert info.header.frame_id == "front_color_optical_frame" and probe.count("depth_info") > 0
     diag = probe.last_diag()
-    assert diag["level"] == OK and diag["state"] == "streaming"
+    assert diag["level"] != ERROR and diag["state"] == "streaming"  # WARN = below 80% of fps (a loaded machine)
     assert float(diag["fps"]) > 5 and float(diag["age_ms"]) < 500 and diag["reconnects"] == "0"
     assert probe.get("diag")[-1].hardware_id == "realsense:843112070001"
 
@@ -365,3 +365,14 @@ def test_make_camera_nodes_validates_the_list() -> None:
         make_camera_nodes([{"camera_name": "a"}, {"camera_name": "a"}])
     with pytest.raises(ValueError, match=r"unknown camera parameters \['serial'\]"):
         make_camera_nodes([{"camera_name": "a", "serial": "123"}])
+
+
+def test_qos_names() -> None:
+    from rclpy.qos import ReliabilityPolicy
+
+    from qvgm_policy_node.camera_node import qos_by_name
+
+    assert qos_by_name("SENSOR_DATA").reliability == ReliabilityPolicy.BEST_EFFORT
+    assert qos_by_name("default").reliability == ReliabilityPolicy.RELIABLE
+    with pytest.raises(ValueError, match="unknown QoS 'FAST'"):
+        qos_by_name("FAST")
