@@ -1,0 +1,51 @@
+"""PolicyBackend over a learned FlowPolicy: one observation dict in, one ActionChunk (robot units) out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qvgm.policy.flow import FlowPolicyBase
+from qvgm.policy.interface import ActionChunk, Observation
+
+
+class NonFiniteActionError(RuntimeError):
+    """The policy produced NaN/inf actions; the caller must hold position."""
+
+
+class FlowPolicyBackend:
+    """Wraps a FlowPolicy for the policy node. `joint_names` order the chunk columns (len = real_action_dim),
+    `dt` is the control period in s; chunks are absolute joint targets (rad, gripper m) as in the dataset.
+    Bad observations raise processor.ObservationError; non-finite output raises NonFiniteActionError."""
+
+    name = "flow"
+
+    def __init__(self, policy: FlowPolicyBase, joint_names: list[str], dt: float, num_steps: int = 10,
+                 seed: int | None = None) -> None:
+        if len(joint_names) != policy.real_action_dim:
+            raise ValueError(f"{len(joint_names)} joint names for a policy with {policy.real_action_dim} action dims")
+        self.policy = policy.eval()
+        self.joint_names = list(joint_names)
+        self.dt = float(dt)
+        self.num_steps = num_steps
+        self.prompt: str | None = None
+        self._gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def reset(self, prompt: str | None = None) -> None:
+        """New episode; `prompt` is used for observations that carry none."""
+        self.prompt = prompt
+
+    @torch.no_grad()
+    def infer(self, observation: Observation) -> ActionChunk:
+        obs = dict(observation)
+        if not obs.get("prompt"):
+            obs["prompt"] = self.prompt or ""
+        p = self.policy
+        noise = None
+        if self._gen is not None:
+            noise = torch.randn(1, p.horizon, p.action_dim, generator=self._gen).to(p.device)
+        positions = p.act([obs], num_steps=self.num_steps, noise=noise)[0]
+        if not np.isfinite(positions).all():
+            raise NonFiniteActionError(f"policy {p.version} produced non-finite actions")
+        return ActionChunk(positions=positions, dt=self.dt, joint_names=self.joint_names,
+                           stamp=float(obs.get("stamp", 0.0)), version=str(p.version))

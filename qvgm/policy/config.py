@@ -1,0 +1,113 @@
+"""Model configurations for the FlowPolicy backbones (`pi05`, `pi05-small`, `pi05-tiny`, `state`).
+
+Sizes follow METHOD.md §1 for the real `pi05`. The action expert shares the VLM's attention layer by layer,
+so it has the same depth, number of heads, KV heads and head dim; only its width and MLP size differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Pi05Config:
+    """pi0.5: SigLIP + Gemma prefix (PaliGemma) and a Gemma-style action expert with adaRMSNorm.
+
+    Images are `image_size` px square, `patch_size` px patches -> (image_size / patch_size)^2 tokens per camera.
+    `vocab_size` None means: take the tokeniser's vocabulary size when the policy is built.
+    """
+
+    backbone: str = "pi05"
+    # SigLIP vision tower
+    vision_width: int = 1152
+    vision_depth: int = 27
+    vision_heads: int = 16
+    vision_mlp: int = 4304
+    image_size: int = 224
+    patch_size: int = 14
+    # Gemma VLM (prefix)
+    width: int = 2048
+    depth: int = 18
+    mlp: int = 16384
+    heads: int = 8
+    kv_heads: int = 1
+    head_dim: int = 256
+    vocab_size: int | None = 257152
+    # action expert (suffix)
+    expert_width: int = 1024
+    expert_mlp: int = 4096
+    # robot / chunk
+    horizon: int = 50
+    action_dim: int = 32
+    real_action_dim: int = 7
+    state_dim: int = 7
+    camera_names: list[str] = field(default_factory=lambda: ["base", "wrist"])
+    max_token_len: int = 200
+    rms_eps: float = 1e-6
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StateConfig:
+    """Compact `state` backbone: MLP encoder over normalised proprio + privileged state, MLP flow head."""
+
+    backbone: str = "state"
+    hidden: int = 256
+    embed_dim: int = 128
+    head_hidden: int = 512
+    head_depth: int = 3
+    time_dim: int = 64
+    horizon: int = 10
+    action_dim: int = 32
+    real_action_dim: int = 7
+    state_dim: int = 7
+    privileged_dim: int = 0
+    camera_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _pi05_tiny() -> Pi05Config:
+    return Pi05Config(vision_width=64, vision_depth=2, vision_heads=2, vision_mlp=256, image_size=32, patch_size=8,
+                      width=128, depth=2, mlp=512, heads=2, kv_heads=1, head_dim=32, vocab_size=None,
+                      expert_width=64, expert_mlp=256, horizon=10, action_dim=32, max_token_len=48)
+
+
+def _pi05_small() -> Pi05Config:
+    return Pi05Config(vision_width=192, vision_depth=4, vision_heads=3, vision_mlp=768, image_size=64, patch_size=8,
+                      width=384, depth=6, mlp=1536, heads=4, kv_heads=1, head_dim=64, vocab_size=None,
+                      expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=64)
+
+
+CONFIGS = {
+    "pi05": Pi05Config,
+    "pi05-small": _pi05_small,
+    "pi05-tiny": _pi05_tiny,
+    "state": StateConfig,
+}
+
+
+def get_config(name: str, **overrides: Any) -> Pi05Config | StateConfig:
+    """A fresh config by name (`pi05`, `pi05-small`, `pi05-tiny`, `state`) with field overrides."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown policy config {name!r}; known: {sorted(CONFIGS)}")
+    cfg = CONFIGS[name]()
+    return dataclasses.replace(cfg, **overrides)
+
+
+def config_from_dict(d: dict[str, Any]) -> Pi05Config | StateConfig:
+    """Rebuild a config from `to_dict()` output; unknown fields are an error (a foreign or newer config)."""
+    backbone = d.get("backbone")
+    cls = {"pi05": Pi05Config, "state": StateConfig}.get(backbone)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"config backbone {backbone!r} is not one of 'pi05', 'state'")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"config has unknown fields {sorted(unknown)} for backbone {backbone}")
+    return cls(**d)

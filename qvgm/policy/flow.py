@@ -1,0 +1,142 @@
+"""Shared flow-matching machinery for every backbone.
+
+Flow-time convention (openpi): t = 1 is noise, t = 0 is the clean chunk. x_t = t * eps + (1 - t) * a,
+target velocity u = eps - a; sampling integrates x <- x + dt * v(x, t), dt = -1/K, from t = 1 to t = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qvgm.policy.interface import DenoisePath, Observation
+from qvgm.policy.processor import Processor
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
+                              max_period: float = 4.0) -> torch.Tensor:
+    """t [B] flow time -> [B, dim] = [sin(2 pi t / p_i), cos(2 pi t / p_i)], periods log-spaced min..max."""
+    if dim % 2:
+        raise ValueError(f"time embedding dim {dim} must be even")
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    arg = t.to(torch.float64)[:, None] * (2.0 * math.pi / period)[None]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).to(torch.float32)
+
+
+def sample_flow_time(batch: int, generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
+    """Training flow times t ~ Beta(1.5, 1) * 0.999 + 0.001 (t = 1 noise), shape [B]."""
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    # Beta(1.5, 1) has CDF t^1.5 -> inverse-CDF sampling t = u^(2/3); avoids torch.distributions RNG coupling.
+    t = u ** (2.0 / 3.0)
+    return (t * 0.999 + 0.001).to(torch.float32).to(device)
+
+
+def batch_time(t: torch.Tensor | float, batch: int, device: Any) -> torch.Tensor:
+    """Flow time as float32 [B]: a float, 0-d or [1] tensor is broadcast; [B] passes through."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0 or t.shape == (1,):
+        return t.reshape(1).expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"flow time shape {tuple(t.shape)}, expected [{batch}]")
+    return t
+
+
+class FlowPolicyBase(nn.Module):
+    """Common FlowPolicy parts: preprocessing, Euler sampling, flow loss, postprocessing.
+
+    Subclasses implement `encode(inputs) -> context` and `velocity(x_t, t, context)`.
+    """
+
+    horizon: int
+    action_dim: int
+    real_action_dim: int
+    processor: Processor
+    version: str = "untrained"  # set by load_policy from the manifest
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return next(self.parameters()).device
+
+    def preprocess(self, observations: list[Observation]) -> dict[str, torch.Tensor]:
+        """Observation dicts -> model input tensors on the model's device (see Processor)."""
+        dev = self.device
+        return {k: v.to(dev) for k, v in self.processor(observations).items()}
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: Any) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def batch_size(self, context: Any) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def velocity_uncached(self, inputs: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t) recomputing the prefix (reference path); default encodes then calls `velocity`."""
+        return self.velocity(x_t, t, self.encode(inputs))
+
+    @torch.no_grad()
+    def sample(self, context: Any, num_steps: int = 10, noise: torch.Tensor | None = None,
+               return_path: bool = False) -> torch.Tensor | tuple[torch.Tensor, DenoisePath]:
+        """Euler-integrate dx/dt = v from t = 1 (noise [B, H, D]) to t = 0 with dt = -1/num_steps.
+
+        Returns the normalised chunk x_0 [B, H, D]; with return_path also DenoisePath(x [K+1, B, H, D], t [K+1]).
+        """
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1")
+        b = self.batch_size(context)
+        dev = self.device
+        if noise is None:
+            noise = torch.randn(b, self.horizon, self.action_dim, device=dev)
+        if noise.shape != (b, self.horizon, self.action_dim):
+            raise ValueError(f"noise shape {tuple(noise.shape)} != {(b, self.horizon, self.action_dim)}")
+        ts = torch.linspace(1.0, 0.0, num_steps + 1, device=dev)
+        dt = -1.0 / num_steps
+        x = noise.to(dev, torch.float32)
+        xs = [x]
+        for k in range(num_steps):
+            v = self.velocity(x, ts[k].expand(b), context)
+            x = x + dt * v
+            xs.append(x)
+        if return_path:
+            return x, DenoisePath(x=torch.stack(xs), t=ts)
+        return x
+
+    def flow_loss(self, inputs: dict[str, torch.Tensor], actions: torch.Tensor, noise: torch.Tensor | None = None,
+                  time: torch.Tensor | None = None, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching MSE on the real action dims.
+
+        actions [B, H, D] normalised; x_t = t * eps + (1 - t) * actions, target eps - actions, with
+        t ~ Beta(1.5, 1) * 0.999 + 0.001 (t = 1 noise) unless `time` [B] is given. `action_mask` [B, H] bool
+        marks valid steps (e.g. past an episode's end they are padding).
+        """
+        b = actions.shape[0]
+        dev = actions.device
+        eps = torch.randn_like(actions) if noise is None else noise
+        t = sample_flow_time(b, device=dev) if time is None else time.to(dev, torch.float32)
+        tt = t[:, None, None]
+        x_t = tt * eps + (1.0 - tt) * actions
+        u = eps - actions
+        v = self.velocity_uncached(inputs, x_t, t)
+        err = (v - u)[..., : self.real_action_dim] ** 2
+        if action_mask is None:
+            return err.mean()
+        m = action_mask.to(err.dtype)[..., None].expand_as(err)
+        return (err * m).sum() / m.sum().clamp_min(1.0)
+
+    def postprocess(self, actions: torch.Tensor) -> np.ndarray:
+        """Normalised [B, H, D] -> robot units float64 [B, H, real_action_dim]."""
+        return self.processor.unnormalize_actions(actions)
+
+    @torch.no_grad()
+    def act(self, observations: list[Observation], num_steps: int = 10,
+            noise: torch.Tensor | None = None) -> np.ndarray:
+        """Observation batch -> chunks in robot units float64 [B, H, real_action_dim] (encode once + K steps)."""
+        ctx = self.encode(self.preprocess(observations))
+        return self.postprocess(self.sample(ctx, num_steps=num_steps, noise=noise))

@@ -1,0 +1,316 @@
+"""pi0.5 in PyTorch: PaliGemma prefix (transformers' SigLIP + Gemma, random init from configs) and an action
+expert written here (Gemma-style layers with adaRMSNorm time conditioning) sharing attention layer by layer.
+
+Attention: per layer, Q/K/V of prefix tokens (VLM weights) and suffix tokens (expert weights) go through ONE
+attention. Prefix tokens attend bidirectionally to valid prefix tokens only; suffix (action) tokens attend to
+valid prefix tokens and all suffix tokens. Hence `encode` caches the per-layer prefix K/V (after RoPE) once
+per observation and `velocity` runs only the expert over the cache.
+
+Flow-time convention (openpi): t = 1 noise, t = 0 clean; x_t = t * eps + (1 - t) * a, v target = eps - a.
+Module names mirror openpi's `paligemma_with_expert` so published weights map by key (see weights_import.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+from transformers import GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
+from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
+from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
+
+from qvgm.policy.config import Pi05Config
+from qvgm.policy.flow import FlowPolicyBase, batch_time, sinusoidal_time_embedding
+from qvgm.policy.processor import NormStats, Processor
+
+
+class AdaRMSNorm(nn.Module):
+    """RMSNorm conditioned on c: y = rms(x) * (1 + scale) + shift; also returns gate for x + gate * f(y).
+
+    `dense`: Linear(cond_dim -> 3 * dim) producing (scale, shift, gate), zero-initialised (weight and bias),
+    so at init scale = shift = gate = 0.
+    """
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+        nn.init.zeros_(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, dim], cond [B, cond_dim] -> (normed [B, L, dim], gate [B, 1, dim])."""
+        dtype = x.dtype
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale, shift, gate = self.dense(cond).float()[:, None].chunk(3, dim=-1)
+        return (normed * (1.0 + scale) + shift).to(dtype), gate.to(dtype)
+
+
+class ExpertAttention(nn.Module):
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        w, hd = cfg.expert_width, cfg.head_dim
+        self.q_proj = nn.Linear(w, cfg.heads * hd, bias=False)
+        self.k_proj = nn.Linear(w, cfg.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(w, cfg.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * hd, w, bias=False)
+
+
+class ExpertMLP(nn.Module):
+    """Gemma MLP: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class ExpertLayer(nn.Module):
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.self_attn = ExpertAttention(cfg)
+        self.mlp = ExpertMLP(cfg.expert_width, cfg.expert_mlp)
+        self.input_layernorm = AdaRMSNorm(cfg.expert_width, cfg.expert_width, cfg.rms_eps)
+        self.post_attention_layernorm = AdaRMSNorm(cfg.expert_width, cfg.expert_width, cfg.rms_eps)
+
+
+class ExpertBody(nn.Module):
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ExpertLayer(cfg) for _ in range(cfg.depth))
+        self.norm = AdaRMSNorm(cfg.expert_width, cfg.expert_width, cfg.rms_eps)
+
+
+class GemmaExpert(nn.Module):
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.model = ExpertBody(cfg)
+
+
+class PaliGemmaHolder(nn.Module):
+    """Holds transformers' PaliGemmaModel as `.model` (keys `paligemma.model.{vision_tower,...}` like openpi)."""
+
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        vision = SiglipVisionConfig(hidden_size=cfg.vision_width, intermediate_size=cfg.vision_mlp,
+                                    num_hidden_layers=cfg.vision_depth, num_attention_heads=cfg.vision_heads,
+                                    image_size=cfg.image_size, patch_size=cfg.patch_size, vision_use_head=False,
+                                    projection_dim=cfg.width)
+        text = GemmaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp,
+                           num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+                           num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                           hidden_activation="gelu_pytorch_tanh", rms_norm_eps=cfg.rms_eps)
+        pg = PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=cfg.width,
+                             image_token_index=cfg.vocab_size)
+        pg.vision_config.vision_use_head = False
+        pg.text_config.vocab_size = cfg.vocab_size
+        self.model = PaliGemmaModel(pg)
+
+
+@dataclass
+class Pi05Context:
+    """Cached prefix: per-layer K/V [B, kv_heads, P, head_dim] (RoPE applied), key mask [B, P], the number of
+    valid prefix tokens [B] (suffix positions start there) and the final-norm prefix embedding [B, P, width]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    prefix_mask: torch.Tensor
+    prefix_len: torch.Tensor
+    prefix_out: torch.Tensor
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, Lq, d], k/v [B, Hkv, Lk, d], allowed bool [B, Lq, Lk] -> [B, Lq, Hq * d]."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+    b, h, lq, d = out.shape
+    return out.transpose(1, 2).reshape(b, lq, h * d)
+
+
+class Pi05Model(nn.Module):
+    """The pi0.5 network (no pre/post-processing). See module docstring for the attention pattern."""
+
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("Pi05Config.vocab_size is unset (build through Pi05Policy with a tokenizer)")
+        self.cfg = cfg
+        self.paligemma = PaliGemmaHolder(cfg)
+        self.gemma_expert = GemmaExpert(cfg)
+        self.action_in_proj = nn.Linear(cfg.action_dim, cfg.expert_width)
+        self.action_out_proj = nn.Linear(cfg.expert_width, cfg.action_dim)
+        self.time_mlp_in = nn.Linear(cfg.expert_width, cfg.expert_width)
+        self.time_mlp_out = nn.Linear(cfg.expert_width, cfg.expert_width)
+        self.scale = cfg.head_dim ** -0.5
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.paligemma.model.language_model
+
+    # --- prefix -------------------------------------------------------------------------------------------
+    def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
+                     token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N], tokens [B, L], token_mask [B, L]
+        -> (embeddings [B, N * T + L, width], valid mask [B, N * T + L]). Text embeddings scaled by sqrt(width)."""
+        b, n = images.shape[:2]
+        pm = self.paligemma.model
+        dtype = pm.multi_modal_projector.linear.weight.dtype
+        feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
+        img = pm.multi_modal_projector(feats)  # [B * N, T, width]
+        tpi = img.shape[1]
+        img = img.reshape(b, n * tpi, -1)
+        img_mask = image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
+        txt = self.lm.embed_tokens(tokens) * math.sqrt(self.cfg.width)
+        return torch.cat([img, txt.to(img.dtype)], dim=1), torch.cat([img_mask, token_mask.bool()], dim=1)
+
+    def _qkv(self, attn: nn.Module, h: torch.Tensor, hd: int) -> tuple[torch.Tensor, ...]:
+        b, seq = h.shape[:2]
+        q = attn.q_proj(h).view(b, seq, -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(b, seq, -1, hd).transpose(1, 2)
+        v = attn.v_proj(h).view(b, seq, -1, hd).transpose(1, 2)
+        return q, k, v
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lm.rotary_emb(x, pos)
+
+    def _time_cond(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] (1 = noise) -> adaRMS conditioning [B, expert_width]."""
+        emb = sinusoidal_time_embedding(t, self.cfg.expert_width).to(self.time_mlp_in.weight.dtype)
+        return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
+
+    def encode_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
+                      token_mask: torch.Tensor) -> Pi05Context:
+        """Run the VLM over the prefix once; cache per-layer K/V. Prefix attention is bidirectional."""
+        x, mask = self.embed_prefix(images, image_masks, tokens, token_mask)
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        cos, sin = self._rope(x, pos)
+        allowed = mask[:, None, :].expand(-1, x.shape[1], -1)
+        keys, values = [], []
+        hd = self.cfg.head_dim
+        for layer in self.lm.layers:
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer.self_attn, h, hd)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys.append(k)
+            values.append(v)
+            x = x + layer.self_attn.o_proj(_attend(q, k, v, allowed, self.scale))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return Pi05Context(keys, values, mask, mask.long().sum(-1), self.lm.norm(x))
+
+    # --- suffix -------------------------------------------------------------------------------------------
+    def suffix_velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Pi05Context) -> torch.Tensor:
+        """Expert pass over cached prefix K/V: x_t [B, H, D], t [B] -> v [B, H, D]."""
+        cfg = self.cfg
+        b, h_len = x_t.shape[:2]
+        a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
+        cond = self._time_cond(t)
+        pos = ctx.prefix_len[:, None] + torch.arange(h_len, device=a.device)[None]
+        cos, sin = self._rope(a, pos)
+        allowed = torch.cat([ctx.prefix_mask, torch.ones(b, h_len, dtype=torch.bool, device=a.device)], dim=1)
+        allowed = allowed[:, None, :].expand(-1, h_len, -1)
+        for i, layer in enumerate(self.gemma_expert.model.layers):
+            h, gate = layer.input_layernorm(a, cond)
+            q, k, v = self._qkv(layer.self_attn, h, cfg.head_dim)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = torch.cat([ctx.keys[i], k], dim=2)
+            v = torch.cat([ctx.values[i], v], dim=2)
+            a = a + gate * layer.self_attn.o_proj(_attend(q, k, v, allowed, self.scale))
+            h, gate = layer.post_attention_layernorm(a, cond)
+            a = a + gate * layer.mlp(h)
+        a, _ = self.gemma_expert.model.norm(a, cond)
+        return self.action_out_proj(a).float()
+
+    def joint_forward(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
+                      token_mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix and suffix in one pass (training path, no cache): returns (prefix_out [B, P, width] after the
+        final norm, v [B, H, D]). Same attention pattern as encode_prefix + suffix_velocity."""
+        cfg = self.cfg
+        xp, pmask = self.embed_prefix(images, image_masks, tokens, token_mask)
+        b, p_len = pmask.shape
+        a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
+        h_len = a.shape[1]
+        cond = self._time_cond(t)
+        ppos = (pmask.long().cumsum(-1) - 1).clamp_min(0)
+        spos = pmask.long().sum(-1)[:, None] + torch.arange(h_len, device=a.device)[None]
+        pcos, psin = self._rope(xp, ppos)
+        scos, ssin = self._rope(a, spos)
+        key_valid = torch.cat([pmask, torch.ones(b, h_len, dtype=torch.bool, device=a.device)], dim=1)
+        is_suffix_row = torch.arange(p_len + h_len, device=a.device) >= p_len
+        is_prefix_col = torch.arange(p_len + h_len, device=a.device) < p_len
+        allowed = key_valid[:, None, :] & (is_suffix_row[:, None] | is_prefix_col[None, :])[None]
+        for layer, ex in zip(self.lm.layers, self.gemma_expert.model.layers, strict=True):
+            hp = layer.input_layernorm(xp)
+            hs, gate = ex.input_layernorm(a, cond)
+            qp, kp, vp = self._qkv(layer.self_attn, hp, cfg.head_dim)
+            qs, ks, vs = self._qkv(ex.self_attn, hs, cfg.head_dim)
+            qp, kp = apply_rotary_pos_emb(qp, kp, pcos, psin)
+            qs, ks = apply_rotary_pos_emb(qs, ks, scos, ssin)
+            att = _attend(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), allowed, self.scale)
+            xp = xp + layer.self_attn.o_proj(att[:, :p_len])
+            a = a + gate * ex.self_attn.o_proj(att[:, p_len:])
+            xp = xp + layer.mlp(layer.post_attention_layernorm(xp))
+            hs, gate = ex.post_attention_layernorm(a, cond)
+            a = a + gate * ex.mlp(hs)
+        a, _ = self.gemma_expert.model.norm(a, cond)
+        return self.lm.norm(xp), self.action_out_proj(a).float()
+
+
+class Pi05Policy(FlowPolicyBase):
+    """FlowPolicy over Pi05Model. Context = Pi05Context (cached prefix K/V).
+
+    critic_features: for now the mean-pooled final prefix embedding over valid tokens [B, width]; the RL token
+    (METHOD.md §2) will replace it.
+    """
+
+    def __init__(self, cfg: Pi05Config, tokenizer: Tokenizer, norm_stats: NormStats) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            cfg.vocab_size = tokenizer.get_vocab_size()
+        elif tokenizer.get_vocab_size() > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens > model vocab {cfg.vocab_size}")
+        self.config = cfg
+        self.horizon = cfg.horizon
+        self.action_dim = cfg.action_dim
+        self.real_action_dim = cfg.real_action_dim
+        self.model = Pi05Model(cfg)
+        self.processor = Processor(camera_names=cfg.camera_names, image_size=cfg.image_size,
+                                   state_dim=cfg.state_dim, real_action_dim=cfg.real_action_dim,
+                                   action_dim=cfg.action_dim, norm_stats=norm_stats, tokenizer=tokenizer,
+                                   max_token_len=cfg.max_token_len)
+
+    @staticmethod
+    def _prefix_args(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return inputs["images"], inputs["image_masks"], inputs["tokens"], inputs["token_mask"]
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> Pi05Context:
+        """Prefix (images + prompt with discretised state) -> cached K/V context."""
+        return self.model.encode_prefix(*self._prefix_args(inputs))
+
+    def batch_size(self, context: Pi05Context) -> int:
+        return context.prefix_mask.shape[0]
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: Pi05Context) -> torch.Tensor:
+        """v(x_t, t | cached prefix): x_t [B, H, D] normalised, t [B] (1 = noise) -> [B, H, D]."""
+        return self.model.suffix_velocity(x_t, batch_time(t, x_t.shape[0], x_t.device), context)
+
+    def velocity_uncached(self, inputs: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t) from one joint prefix+suffix pass (no cache; the training path)."""
+        return self.model.joint_forward(*self._prefix_args(inputs), x_t, batch_time(t, x_t.shape[0], x_t.device))[1]
+
+    def critic_features(self, context: Pi05Context) -> torch.Tensor:
+        """[B, width]: mean of the final-norm prefix embeddings over valid prefix tokens (placeholder RL token)."""
+        m = context.prefix_mask.to(context.prefix_out.dtype)[..., None]
+        return ((context.prefix_out * m).sum(1) / m.sum(1).clamp_min(1.0)).float()
