@@ -101,6 +101,10 @@ def test_realsense_source_software_device_colour_depth_aligned() -> None:
         f0 = (sw.push(*pattern(10), frame_number=10, timestamp_ms=500.0, domain="hardware_clock"), src.read(2.0))[1]
         f1 = (sw.push(*pattern(11), frame_number=11, timestamp_ms=533.0, domain="hardware_clock"), src.read(2.0))[1]
         assert f1.stamp_ns - f0.stamp_ns == 33_000_000 and abs(f0.stamp_ns - f0.host_ns) < 10**8
+        color, depth = pattern(20)
+        sw.push(color, depth, frame_number=20)
+        color[:] = 0  # the caller reuses its buffer at once: the frame must hold its own copy
+        np.testing.assert_array_equal(src.read(2.0).color, pattern(20)[0])
         with pytest.raises(SourceDisconnected, match="no frame"):
             src.read(0.2)
     finally:

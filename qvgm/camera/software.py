@@ -4,7 +4,6 @@ librealsense's own simulated camera, used by tests, benchmarks and simulation to
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -41,8 +40,6 @@ class SoftwareRealSense:
         ex = rs.extrinsics()
         ex.rotation, ex.translation = [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], [0.0, 0.0, 0.0]
         self.depth_profile.register_extrinsics_to(self.color_profile, ex)
-        # librealsense may read a pushed buffer after on_video_frame returns: keep the recent ones alive
-        self._keep: deque[np.ndarray] = deque(maxlen=128)
 
     def push(self, color: np.ndarray, depth: np.ndarray | None = None, frame_number: int = 0,
              timestamp_ms: float | None = None, domain: str = "global_time") -> float:
@@ -57,8 +54,7 @@ class SoftwareRealSense:
         frames = [(self.depth_sensor, self.depth_profile, depth, 2)] if depth is not None else []
         frames.append((self.color_sensor, self.color_profile, color, 3))
         for sensor, profile, pixels, bpp in frames:
-            pixels = np.ascontiguousarray(pixels)
-            self._keep.append(pixels)
+            pixels = np.ascontiguousarray(pixels)  # pyrealsense2 copies it: the caller may reuse the array
             f = rs.software_video_frame()
             f.pixels, f.bpp, f.stride = pixels, bpp, self.width * bpp
             f.timestamp, f.domain, f.frame_number = ts, dom, frame_number
