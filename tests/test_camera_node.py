@@ -376,3 +376,18 @@ def test_qos_names() -> None:
     assert qos_by_name("default").reliability == ReliabilityPolicy.RELIABLE
     with pytest.raises(ValueError, match="unknown QoS 'FAST'"):
         qos_by_name("FAST")
+
+
+def test_stale_stamps_are_not_published(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+    """Frames stamped 2 s in the past (a device clock gone wrong) are held back and counted as stale."""
+    ctx, executor = ros
+    sw = SoftwareRealSense("843112070020", W, H, FPS)
+    node, probe = add_realsense_camera(executor, ctx, "late", lambda: sw.device)
+    for i in range(1, 40):
+        sw.push(*pattern(i), frame_number=i, timestamp_ms=time.time() * 1e3 - 2000.0)
+        time.sleep(1 / FPS)
+    wait_for(lambda: int((probe.last_diag() or {}).get("stale", "0")) >= 30, 10, "stale frames on /diagnostics")
+    assert probe.count("color") == 0 and node.health.published == 0
+    assert probe.last_diag()["level"] == ERROR and float(probe.last_diag()["age_ms"]) > 1900
+    sw.push(*pattern(50), frame_number=50)  # fresh again
+    wait_for(lambda: probe.count("color") == 1, 10, "the fresh frame")
