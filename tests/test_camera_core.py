@@ -4,6 +4,7 @@ for real (pyrealsense2 software_device; an OpenCV video file written here)."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import cv2
@@ -101,6 +102,11 @@ def test_realsense_source_software_device_colour_depth_aligned() -> None:
         f0 = (sw.push(*pattern(10), frame_number=10, timestamp_ms=500.0, domain="hardware_clock"), src.read(2.0))[1]
         f1 = (sw.push(*pattern(11), frame_number=11, timestamp_ms=533.0, domain="hardware_clock"), src.read(2.0))[1]
         assert f1.stamp_ns - f0.stamp_ns == 33_000_000 and abs(f0.stamp_ns - f0.host_ns) < 10**8
+        for k in range(12, 17):  # a consumer that fell behind gets the newest pair, not a backlog
+            sw.push(*pattern(k), frame_number=k, timestamp_ms=1e12 + 33.0 * k)
+        time.sleep(0.2)
+        f = src.read(2.0)
+        assert f.frame_number == 16 and int(f.depth[H // 2, W // 2]) == int(pattern(16)[1][H // 2, W // 2])
         color, depth = pattern(20)
         sw.push(color, depth, frame_number=20)
         color[:] = 0  # the caller reuses its buffer at once: the frame must hold its own copy

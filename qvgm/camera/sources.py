@@ -259,29 +259,45 @@ class RealSenseSource:
             source.frame_ready(fs)
 
     def _pair(self) -> tuple[Any, Any | None] | None:
-        """Oldest colour frame and the depth frame within half a period of it, dropping older unmatched ones."""
+        """The newest colour frame that has a depth frame within half a period of it (or the newest colour
+        frame without depth); older frames are discarded, so a slow consumer gets fresh frames, not a backlog
+        (the skipped frame numbers show up as drops)."""
         if not self._color:
             return None
         if not self.enable_depth:
-            return self._color.pop(0), None
+            c = self._color[-1]
+            self._color.clear()
+            return c, None
         half_ms = 500.0 / self.fps
-        while self._color and self._depth:
-            c, d = self._color[0], self._depth[0]
-            dt = c.get_timestamp() - d.get_timestamp()
-            if abs(dt) <= half_ms:
-                self._color.pop(0)
-                self._depth.pop(0)
-                return c, d
-            (self._depth if dt > 0 else self._color).pop(0)
+        for i in range(len(self._color) - 1, -1, -1):
+            c = self._color[i]
+            for j in range(len(self._depth) - 1, -1, -1):
+                d = self._depth[j]
+                if abs(c.get_timestamp() - d.get_timestamp()) <= half_ms:
+                    del self._color[: i + 1]
+                    del self._depth[: j + 1]
+                    return c, d
         return None
 
-    def read(self, timeout_s: float) -> Frame | None:
+    def _take(self, frame: Any) -> None:
         import pyrealsense2 as rs
 
+        kind = frame.get_profile().stream_type()
+        buf = self._color if kind == rs.stream.color else self._depth if kind == rs.stream.depth else None
+        if buf is not None:
+            buf.append(frame)
+            del buf[:-8]
+
+    def read(self, timeout_s: float) -> Frame | None:
         if self._queue is None:
             raise SourceDisconnected("source is not open")
         deadline = time.monotonic() + timeout_s
         while True:
+            while True:  # everything already delivered, so that pairing sees the newest frames
+                f = self._queue.poll_for_frame()
+                if not f:
+                    break
+                self._take(f)
             pair = self._pair()
             if pair is not None:
                 break
@@ -289,11 +305,7 @@ class RealSenseSource:
             ok, f = self._queue.try_wait_for_frame(max(int(remaining * 1000), 0)) if remaining > 0 else (False, None)
             if not ok:
                 raise SourceDisconnected(f"RealSense {self.serial}: no frame for {timeout_s:.2f} s")
-            kind = f.get_profile().stream_type()
-            buf = self._color if kind == rs.stream.color else self._depth if kind == rs.stream.depth else None
-            if buf is not None:
-                buf.append(f)
-                del buf[:-8]
+            self._take(f)
         host_ns = time.time_ns()
         cf, df = pair
         depth_img = None
