@@ -80,9 +80,6 @@ def env_vars(dockerfile: Path) -> set[str]:
     return names
 
 
-@pytest.mark.xfail(strict=True, reason="scripts/setup.sh does not yet read QVGM_PYTHON_VERSION / "
-                   "QVGM_REQUIREMENTS_EXCLUDE / QVGM_CONSTRAINTS_EXCLUDE (change proposed to the integrator); "
-                   "remove this mark once it does")
 def test_setup_script_reads_every_variable_the_images_set() -> None:
     script = (REPO / "scripts" / "setup.sh").read_text()
     runtime = {"PATH", "RMW_IMPLEMENTATION", "CYCLONEDDS_URI", "MUJOCO_GL", "PYOPENGL_PLATFORM", "QVGM_BUFFER",
