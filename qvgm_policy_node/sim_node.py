@@ -21,6 +21,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -54,8 +55,16 @@ def from_time_msg(stamp: TimeMsg) -> float:
 
 
 def declare(node: Node, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Declare every parameter with its default; returns the effective values (overrides applied)."""
-    return {k: node.declare_parameter(k, v).value for k, v in defaults.items()}
+    """Declare every parameter with its default; returns the effective values (overrides applied).
+
+    List parameters are dynamically typed so that an empty list (which ROS cannot type) is accepted.
+    """
+    values = {}
+    for k, v in defaults.items():
+        descriptor = ParameterDescriptor(dynamic_typing=True) if isinstance(v, list) else ParameterDescriptor()
+        value = node.declare_parameter(k, v, descriptor).value
+        values[k] = list(value) if isinstance(v, list) else value
+    return values
 
 
 class SimNode(Node):
@@ -273,7 +282,7 @@ class SimNode(Node):
     def _publish_objects(self) -> None:
         stamp = to_time_msg(self.sim_to_ros(float(self.env.time)))
         arr = MarkerArray()
-        for i, (role, pose) in enumerate(sorted(self.env.object_poses().items())):
+        for i, (role, pose) in enumerate(self.env.object_poses().items()):  # env role order = obs["privileged"]
             m = Marker()
             m.header.stamp, m.header.frame_id = stamp, "world"
             m.ns, m.id, m.type, m.action = str(role), i, Marker.CUBE, Marker.ADD
