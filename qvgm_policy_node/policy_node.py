@@ -6,7 +6,8 @@ Each chunk assembles {images, state, prompt, stamp} (qvgm/policy/interface.py)
 from the latest /joint_states, camera images and /qvgm/task. Each stream has a max age (measured on this node's
 clock at receipt); if any is stale or missing no chunk is published and the robot keeps executing/holding its
 last trajectory. The chunk goes out with header.stamp = the observation's (joint state) stamp and
-time_from_start = k * chunk_dt, k = 0..H-1. Backends are chosen by name (qvgm_policy_node/backends.py).
+time_from_start = k * chunk_dt, k = 0..H-1. Backends are chosen by name (qvgm_policy_node/backends.py):
+`expert` (sim only, needs /qvgm/sim/objects), `hold`, `flow` (a learned FlowPolicy checkpoint).
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ JointTrajectory chunks with JTC semantics (qvgm.trajectory) through the shared s
 publishes /joint_states, camera images + camera_info (sensor-data QoS), success, prompt, privileged object
 poses and /diagnostics. ROS stamps are sim time mapped to ROS time: stamp = epoch + env.time, with the epoch
 fixed at start-up/reset so that stamps track the node clock. A trajectory's header.stamp is read back through
-the same map (zero stamp = now). The node never dies on a message: bad input is rejected, logged, counted.
+the same map (zero stamp = now); chunks stamped before the last reset are dropped. Cameras are captured at the
+tick's sim time and rendered on a worker thread (RenderWorker), so slow (software) rendering lowers the camera
+rate instead of delaying control ticks. The node never dies on a message: bad input is rejected, logged, counted
+in /diagnostics, and the arm holds.
 """
 
 from __future__ import annotations
