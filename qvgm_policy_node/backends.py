@@ -62,7 +62,7 @@ def make_backend(name: str, config: BackendConfig) -> PolicyBackend:
 class ExpertBackend:
     """The scripted IK expert of qvgm.sim (sim only): needs obs["task"] and obs["objects"].
 
-    options: noise (float, expert noise knob), seed (int or None).
+    options: noise (float, expert noise knob), expert_seed (int; < 0 or None = unseeded).
     """
 
     name = "expert"
@@ -70,7 +70,7 @@ class ExpertBackend:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.noise = float(config.options.get("noise", 0.0))
-        seed = config.options.get("seed")
+        seed = config.options.get("expert_seed")
         self.seed = None if seed is None or int(seed) < 0 else int(seed)
         self._expert: Any = None
         self._task: str | None = None
@@ -117,3 +117,28 @@ class HoldBackend:
         return ActionChunk(positions=np.repeat(state[None], self.config.horizon, axis=0), dt=self.config.dt,
                            joint_names=list(self.config.joint_names), stamp=float(observation["stamp"]),
                            version="hold")
+
+
+@register_backend("flow")
+def make_flow_backend(config: BackendConfig) -> PolicyBackend:
+    """A learned FlowPolicy (pi0.5 or `state`) from a checkpoint directory (qvgm.policy.load_policy: sha256-
+    verified safetensors, no pickle), wrapped by qvgm.policy.backend.FlowPolicyBackend.
+
+    options: checkpoint (directory, required), device ("cpu"/"cuda"), num_steps (Euler steps K, flow time
+    t = 1 noise -> 0 clean), seed (< 0 = unseeded sampling noise). The chunk length is the policy's horizon; the
+    checkpoint must have real_action_dim == len(joint_names). Policies with privileged_dim > 0 (sim `state`
+    backbone) get obs["privileged"] from /qvgm/sim/objects.
+    """
+    from qvgm.policy import load_policy
+    from qvgm.policy.backend import FlowPolicyBackend
+
+    ckpt = str(config.options.get("checkpoint") or "")
+    if not ckpt:
+        raise ValueError("the flow backend needs the parameter `checkpoint` (a checkpoint directory)")
+    policy = load_policy(ckpt, expect={"real_action_dim": len(config.joint_names)},
+                         device=str(config.options.get("device", "cpu")))
+    seed = int(config.options.get("seed", -1))
+    backend = FlowPolicyBackend(policy, list(config.joint_names), dt=config.dt,
+                                num_steps=int(config.options.get("num_steps", 10)), seed=seed if seed >= 0 else None)
+    backend.needs_objects = int(getattr(policy.config, "privileged_dim", 0) or 0) > 0
+    return backend

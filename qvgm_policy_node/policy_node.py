@@ -6,7 +6,8 @@ Each chunk assembles {images, state, prompt, stamp} (qvgm/policy/interface.py)
 from the latest /joint_states, camera images and /qvgm/task. Each stream has a max age (measured on this node's
 clock at receipt); if any is stale or missing no chunk is published and the robot keeps executing/holding its
 last trajectory. The chunk goes out with header.stamp = the observation's (joint state) stamp and
-time_from_start = k * chunk_dt, k = 0..H-1. Backends are chosen by name (qvgm_policy_node/backends.py).
+time_from_start = k * chunk_dt, k = 0..H-1. Backends are chosen by name (qvgm_policy_node/backends.py):
+`expert` (sim only, needs /qvgm/sim/objects), `hold`, `flow` (a learned FlowPolicy checkpoint).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "cameras": ["front", "wrist"],
     "joint_names": ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"],
     "max_state_age": 0.25, "max_image_age": 0.5, "max_objects_age": 0.5, "expert_noise": 0.0,
-    "expert_seed": -1, "diagnostics_hz": 1.0,
+    "expert_seed": -1, "checkpoint": "", "device": "cpu", "num_steps": 10, "seed": -1, "diagnostics_hz": 1.0,
 }
 
 
@@ -63,10 +64,11 @@ class PolicyNode(Node):
         self.max_age = {"state": float(p["max_state_age"]), "image": float(p["max_image_age"]),
                         "objects": float(p["max_objects_age"])}
         entry = backend_entry(str(p["backend"]))
-        self.needs_objects = entry.needs_objects
-        self.backend = entry.factory(BackendConfig(
-            self.joint_names, int(p["horizon"]), float(p["chunk_dt"]),
-            {"noise": float(p["expert_noise"]), "seed": int(p["expert_seed"])}))
+        options = {"noise": float(p["expert_noise"]), "expert_seed": int(p["expert_seed"]),
+                   "checkpoint": str(p["checkpoint"]), "device": str(p["device"]), "num_steps": int(p["num_steps"]),
+                   "seed": int(p["seed"])}
+        self.backend = entry.factory(BackendConfig(self.joint_names, int(p["horizon"]), float(p["chunk_dt"]), options))
+        self.needs_objects = bool(getattr(self.backend, "needs_objects", entry.needs_objects))
         self.skipped: Counter[str] = Counter()
         self.published = 0
         self.last_chunk: ActionChunk | None = None
@@ -159,7 +161,8 @@ class PolicyNode(Node):
             if now - received > self.max_age["objects"]:
                 return None, "stale_objects"
             obs["objects"], obs["task"] = objects, task
-            obs["privileged"] = np.concatenate([objects[k] for k in sorted(objects)]).astype(np.float32) \
+            # marker order = the sim's role order, the same layout as TabletopEnv's obs["privileged"]
+            obs["privileged"] = np.concatenate(list(objects.values())).astype(np.float32) \
                 if objects else np.zeros(0, np.float32)
         return obs, "ok"
 

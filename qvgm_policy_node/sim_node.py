@@ -5,7 +5,10 @@ JointTrajectory chunks with JTC semantics (qvgm.trajectory) through the shared s
 publishes /joint_states, camera images + camera_info (sensor-data QoS), success, prompt, privileged object
 poses and /diagnostics. ROS stamps are sim time mapped to ROS time: stamp = epoch + env.time, with the epoch
 fixed at start-up/reset so that stamps track the node clock. A trajectory's header.stamp is read back through
-the same map (zero stamp = now). The node never dies on a message: bad input is rejected, logged, counted.
+the same map (zero stamp = now); chunks stamped before the last reset are dropped. Cameras are captured at the
+tick's sim time and rendered on a worker thread (RenderWorker), so slow (software) rendering lowers the camera
+rate instead of delaying control ticks. The node never dies on a message: bad input is rejected, logged, counted
+in /diagnostics, and the arm holds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -54,8 +58,16 @@ def from_time_msg(stamp: TimeMsg) -> float:
 
 
 def declare(node: Node, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Declare every parameter with its default; returns the effective values (overrides applied)."""
-    return {k: node.declare_parameter(k, v).value for k, v in defaults.items()}
+    """Declare every parameter with its default; returns the effective values (overrides applied).
+
+    List parameters are dynamically typed so that an empty list (which ROS cannot type) is accepted.
+    """
+    values = {}
+    for k, v in defaults.items():
+        descriptor = ParameterDescriptor(dynamic_typing=True) if isinstance(v, list) else ParameterDescriptor()
+        value = node.declare_parameter(k, v, descriptor).value
+        values[k] = list(value) if isinstance(v, list) else value
+    return values
 
 
 class SimNode(Node):
@@ -273,7 +285,7 @@ class SimNode(Node):
     def _publish_objects(self) -> None:
         stamp = to_time_msg(self.sim_to_ros(float(self.env.time)))
         arr = MarkerArray()
-        for i, (role, pose) in enumerate(sorted(self.env.object_poses().items())):
+        for i, (role, pose) in enumerate(self.env.object_poses().items()):  # env role order = obs["privileged"]
             m = Marker()
             m.header.stamp, m.header.frame_id = stamp, "world"
             m.ns, m.id, m.type, m.action = str(role), i, Marker.CUBE, Marker.ADD

@@ -115,8 +115,10 @@ def test_qvgm_up_runs_the_graph_in_one_process() -> None:
             io.create_subscription(JointTrajectory, topics.TRAJECTORY, chunks.append, 10)
             assert g.spin_until(lambda: len(js) >= 10 and prompts and len(chunks) >= 3, 45.0), (
                 len(js), len(prompts), len(chunks), proc.poll())
-            names = {n for n, _ns in io.get_node_names_and_namespaces()}
-            assert {"sim_node", "policy_node"} <= names
+            def names() -> set[str]:
+                return {n for n, _ns in io.get_node_names_and_namespaces()}
+
+            assert g.spin_until(lambda: {"sim_node", "policy_node"} <= names(), 15.0), names()
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -108,3 +108,41 @@ def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown policy backend 'pi0'"):
         with Graph([NodeSpec("policy_node", "policy_node", {"backend": "pi0"})]):
             pass
+
+
+def test_flow_backend_from_a_checkpoint_publishes_chunks(tmp_path) -> None:
+    """The learned-policy path: a (tiny, untrained) `state` FlowPolicy saved as a real checkpoint directory,
+    loaded by policy_node's `flow` backend, chunks published over DDS."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from qvgm.policy import NormStats, make_policy, save_policy
+
+    rng = np.random.default_rng(0)
+    stats = NormStats.compute(rng.normal(size=(64, 7)), rng.normal(size=(64, 7)) * 0.1)
+    save_policy(make_policy("state", stats, state_dim=7, real_action_dim=7, horizon=6, hidden=32, embed_dim=16,
+                            head_hidden=32, head_depth=1), tmp_path / "ckpt", version="v-test")
+    params = {"backend": "flow", "checkpoint": str(tmp_path / "ckpt"), "num_steps": 3, "seed": 0,
+              "cameras": [], "control_hz": 20.0}
+    chunks: list[JointTrajectory] = []
+    with Graph([NodeSpec("policy_node", "policy_node", params)]) as g:
+        policy = g.nodes["policy_node"]
+        assert policy.backend.name == "flow" and not policy.needs_objects
+        io = g.node("flow_test_io")
+        io.create_subscription(JointTrajectory, topics.TRAJECTORY, chunks.append, 10)
+        pub_js = io.create_publisher(JointState, topics.JOINT_STATES, 10)
+        pub_task = io.create_publisher(String, topics.TASK, TRANSIENT_LOCAL)
+        pub_task.publish(String(data="push the red cube onto the target"))
+        for _ in range(40):
+            msg = JointState(name=NAMES, position=[0.1] * 7)
+            msg.header.stamp = io.get_clock().now().to_msg()
+            pub_js.publish(msg)
+            g.spin_for(0.03)
+            if len(chunks) >= 2:
+                break
+        assert len(chunks) >= 2, dict(policy.skipped)
+        pos = np.array([p.positions for p in chunks[-1].points])
+        assert pos.shape == (6, 7) and np.all(np.isfinite(pos)) and chunks[-1].joint_names == NAMES
+        assert policy.last_chunk.version == "v-test"
+    with pytest.raises(ValueError, match="checkpoint"):
+        with Graph([NodeSpec("policy_node", "policy_node", {"backend": "flow"})]):
+            pass
