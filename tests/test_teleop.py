@@ -149,14 +149,23 @@ def test_keyboard_mode_through_a_pty() -> None:
                 spun(lambda c: Rig(c, publish_status=False)) as rig:
             wait_for(lambda: rig.count_subscribers("/joint_states") >= 1 and rig.count_publishers(
                 "/arm_controller/joint_trajectory") >= 1, timeout=30.0)
-            time.sleep(1.0)  # let the teleop process discover the services and receive the latched status
+            wait_for(lambda: rig.count_clients("/qvgm/episode/start") >= 1 and rig.count_clients(
+                "/qvgm/episode/takeover") >= 1, timeout=30.0)
+            time.sleep(0.5)  # let the teleop process discover the services and receive the latched status
 
             def key(ch: str, state: str, **match: Any) -> dict:
                 os.write(master, ch.encode())
                 return wait_for(lambda: rig.status and rig.status[-1]["state"] == state and all(
                     rig.status[-1][k] == v for k, v in match.items()) and rig.status[-1])
 
-            key("g", "RUNNING", episode=0)
+            for _ in range(10):  # a key pressed before the teleop client saw the service is refused with a warning
+                os.write(master, b"g")
+                try:
+                    wait_for(lambda: rig.status and rig.status[-1]["state"] == "RUNNING", timeout=2.0)
+                    break
+                except TimeoutError:
+                    continue
+            assert rig.status[-1]["state"] == "RUNNING" and rig.status[-1]["episode"] == 0
             os.write(master, b"1=")  # policy drives: a jog is refused
             time.sleep(0.5)
             assert rig.trajs == []
