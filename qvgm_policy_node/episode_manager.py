@@ -20,8 +20,12 @@ from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool, Trigger
 
 from qvgm.recording import IDLE, RESET, RUNNING, EpisodeStateMachine, Transition
+from qvgm_policy_node import topics
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STATUS_TOPIC = "/qvgm/episode/status"  # std_msgs/String JSON, transient-local
+ENABLE_TOPIC = "/qvgm/policy/enable"  # std_msgs/Bool, transient-local: the policy node publishes chunks only if True
+SERVICE_PREFIX = "/qvgm/episode/"  # start, stop, discard (Trigger); label, takeover (SetBool)
 
 DEFAULTS: dict[str, Any] = {
     "time_limit": 60.0, "sim": False, "sim_reset_service": "", "auto_start": False, "auto_label_timeout": False,
@@ -39,14 +43,14 @@ class EpisodeManager(Node):
         self.auto_start = bool(p["auto_start"])
         self.reset_retry_s = float(p["reset_retry_s"])
         self.sm = EpisodeStateMachine(float(p["time_limit"]), auto_label_timeout=bool(p["auto_label_timeout"]))
-        self.pub_status = self.create_publisher(String, "/qvgm/episode/status", LATCHED)
-        self.pub_enable = self.create_publisher(Bool, "/qvgm/policy/enable", LATCHED)
-        self.create_service(Trigger, "/qvgm/episode/start", self._srv(lambda now, _r: self.sm.start(now)))
-        self.create_service(Trigger, "/qvgm/episode/stop", self._srv(lambda now, _r: self.sm.stop(now)))
-        self.create_service(Trigger, "/qvgm/episode/discard", self._srv(lambda now, _r: self.sm.discard(now)))
-        self.create_service(SetBool, "/qvgm/episode/label",
+        self.pub_status = self.create_publisher(String, STATUS_TOPIC, LATCHED)
+        self.pub_enable = self.create_publisher(Bool, ENABLE_TOPIC, LATCHED)
+        self.create_service(Trigger, SERVICE_PREFIX + "start", self._srv(lambda now, _r: self.sm.start(now)))
+        self.create_service(Trigger, SERVICE_PREFIX + "stop", self._srv(lambda now, _r: self.sm.stop(now)))
+        self.create_service(Trigger, SERVICE_PREFIX + "discard", self._srv(lambda now, _r: self.sm.discard(now)))
+        self.create_service(SetBool, SERVICE_PREFIX + "label",
                             self._srv(lambda now, r: self.sm.label_request(bool(r.data), now)))
-        self.create_service(SetBool, "/qvgm/episode/takeover",
+        self.create_service(SetBool, SERVICE_PREFIX + "takeover",
                             self._srv(lambda now, r: self.sm.takeover_request(bool(r.data), now)))
         self.reset_client = None
         self._reset_future = None
@@ -56,7 +60,7 @@ class EpisodeManager(Node):
             self.reset_client = self.create_client(Trigger, str(p["sim_reset_service"]))
         self._armed = False  # a success=False was seen during this episode (guards against a stale True)
         if self.sim:
-            self.create_subscription(Bool, "/qvgm/sim/success", self._on_success, 10)
+            self.create_subscription(Bool, topics.SUCCESS, self._on_success, 10)
         self.create_timer(1.0 / float(p["tick_hz"]), self._tick)
         self.create_timer(1.0 / float(p["status_hz"]), self._publish)
         self._last_seq = -1

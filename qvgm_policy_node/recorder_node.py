@@ -24,6 +24,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from qvgm.data import ReplayBuffer
 from qvgm.recording import EpisodeRecorder, QualityConfig
+from qvgm_policy_node import topics
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STATUS_QOS = QoSProfile(depth=20, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # every transition
@@ -36,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "image_width": 224, "joint_names": JOINT_NAMES, "quality_mode": "mark", "max_age": 0.1, "max_latency": 0.2,
     "gap_factor": 1.5, "frozen_frames": 3, "align_delay": 0.2, "queue_size": 256, "default_task": "",
     "poll_hz": 50.0, "image_queue_depth": 30, "image_reliability": "best_effort",
-    "trajectory_topic": "/arm_controller/joint_trajectory",
+    "trajectory_topic": topics.TRAJECTORY,
     "codec": "libx264", "crf": 20,
 }
 
@@ -92,15 +93,15 @@ class RecorderNode(Node):
         image_qos = QoSProfile(depth=int(p["image_queue_depth"]), reliability=rel,
                                durability=qos_profile_sensor_data.durability)
         for cam in self.core.cameras:
-            self.create_subscription(Image, f"/camera/{cam}/color/image_raw",
+            self.create_subscription(Image, topics.camera_image(cam),
                                      lambda m, c=cam: self._on_image(c, m), image_qos)
-        self.create_subscription(JointState, "/joint_states", self._on_joint_state, 50)
+        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joint_state, 50)
         self.create_subscription(JointTrajectory, str(p["trajectory_topic"]), self._on_trajectory, 10)
-        self.create_subscription(String, "/qvgm/task", lambda m: self.core.set_task(m.data), LATCHED)
+        self.create_subscription(String, topics.TASK, lambda m: self.core.set_task(m.data), LATCHED)
         self.create_subscription(String, VERSION_TOPIC, lambda m: self.core.set_version(m.data), LATCHED)
         self.create_subscription(String, STATUS_TOPIC, self._on_status, STATUS_QOS)
         self.pub_episodes = self.create_publisher(String, "~/episodes", 10)
-        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.pub_diag = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
         self.create_timer(1.0 / float(p["poll_hz"]), self._poll)
         self.create_timer(1.0, self._diagnostics)
 

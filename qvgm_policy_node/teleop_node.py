@@ -32,6 +32,7 @@ from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from qvgm.recording import Jogger, JoyMapping, parse_key
+from qvgm_policy_node import topics
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 JOINT_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"]
@@ -46,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "deadman_button": 4, "gripper_open_button": 1, "gripper_close_button": 0, "gripper_speed": 0.03,
     "deadzone": 0.1, "rate_hz": 20.0, "joy_timeout": 0.5, "require_status": True,
     "keyboard": False, "keyboard_device": "", "key_step": 0.05,
-    "trajectory_topic": "/arm_controller/joint_trajectory",
+    "trajectory_topic": topics.TRAJECTORY,
 }
 
 EPISODE_KEYS = {"start": ("start", None), "stop": ("stop", None), "reset_done": ("stop", None),
@@ -94,7 +95,7 @@ class TeleopNode(Node):
         self.last_response: dict[str, Any] = {}
         self.pub = self.create_publisher(JointTrajectory, str(p["trajectory_topic"]), 10)
         self.create_subscription(Joy, "/joy", self._on_joy, 10)
-        self.create_subscription(JointState, "/joint_states", self._on_joint_state, 10)
+        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joint_state, 10)
         self.create_subscription(String, "/qvgm/episode/status", self._on_status, LATCHED)
         self.clients_ = {n: self.create_client(Trigger, f"/qvgm/episode/{n}") for n in ("start", "stop", "discard")}
         self.clients_["label"] = self.create_client(SetBool, "/qvgm/episode/label")
