@@ -202,3 +202,25 @@ def test_recorder_core_next_episode_before_final_frames_due(tmp_path) -> None:
     np.testing.assert_allclose(r.action[:5, 0], 0.0) and np.testing.assert_allclose(r.action[5:, 0], 2.0)
     assert r.done.tolist() == [False] * 4 + [True] + [False] * 5  # timeout: truncated, not terminal
     assert r.reward.tolist() == [0.0] * 4 + [1.0] + [0.0] * 5
+
+
+def test_reused_as_of_image_is_stale_not_frozen_and_timeline_bounded() -> None:
+    from qvgm.recording import Timeline
+
+    al = Aligner(["front", "wrist"], "front", fps=10, cfg=QualityConfig(max_age=0.5, frozen_frames=2))
+    al.reset(0.0)
+    al.add_image("wrist", 0.05, img(7))  # one wrist image, reused by three reference frames (wrist camera slow)
+    for k in range(1, 4):
+        al.add_state(k / 10, np.zeros(7))
+        al.add_image("front", k / 10, img(k), arrival=k / 10)
+    assert len(al.flush()) == 3 and al.report.counts["frozen"] == 0
+    al.add_image("wrist", 0.35, img(7))  # a NEW wrist message with identical content: frozen camera
+    al.add_state(0.4, np.zeros(7))
+    al.add_image("front", 0.4, img(4), arrival=0.4)
+    al.flush()
+    assert al.report.counts["frozen"] == 1
+    tl = Timeline("teleop")
+    for i in range(10_000):
+        tl.set(float(i), "policy" if i % 2 else "teleop")
+        tl.set(float(i), "policy" if i % 2 else "teleop")  # repeats are ignored
+    assert len(tl.stamps) <= 4096 and tl.at(9999.5) == "policy" and tl.at(9998.5) == "teleop"
