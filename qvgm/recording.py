@@ -587,7 +587,8 @@ class EpisodeRecorder:
         self.frames_queued = 0
         self.results: list[dict[str, Any]] = []  # one per finished/refused episode (worker thread appends)
         self.errors: list[str] = []
-        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._q: queue.Queue = queue.Queue()  # bounded for frames by _put; control items never block the caller
         self._worker = threading.Thread(target=self._run, name="recorder-writer", daemon=True)
         self._worker.start()
 
@@ -624,7 +625,7 @@ class EpisodeRecorder:
                     self._abort("superseded by a new episode before it was labelled")
                 self.episode, self.t_start, self.t_end, self.outcome = ep, float(st["t_start"]), None, None
                 self.aligner.reset(self.t_start)
-                self._put(("begin", ep, self.task, self.t_start))
+                self._put(("begin", ep, self.task, self.t_start), force=True)
             elif ep == self.episode and state in (LABEL, RESET, IDLE) and st.get("t_end") is not None:
                 self.t_end = float(st["t_end"])
                 if st.get("label") is not None or st.get("discarded") or state in (RESET, IDLE):
@@ -690,16 +691,11 @@ class EpisodeRecorder:
         self.episode, self.outcome = None, None
 
     def _put(self, item: tuple, force: bool = False) -> bool:
-        import queue
-
-        try:
-            if force:
-                self._q.put(item, timeout=30.0)
-            else:
-                self._q.put_nowait(item)
-            return True
-        except queue.Full:
+        """Never blocks: frames are refused when `queue_size` items wait; control items always go in."""
+        if not force and self._q.qsize() >= self.queue_size:
             return False
+        self._q.put_nowait(item)
+        return True
 
     # -------------------------------------------------------------- writer thread
     def _run(self) -> None:

@@ -224,3 +224,26 @@ def test_reused_as_of_image_is_stale_not_frozen_and_timeline_bounded() -> None:
         tl.set(float(i), "policy" if i % 2 else "teleop")
         tl.set(float(i), "policy" if i % 2 else "teleop")  # repeats are ignored
     assert len(tl.stamps) <= 4096 and tl.at(9999.5) == "policy" and tl.at(9998.5) == "teleop"
+
+
+def test_recorder_core_full_queue_refuses_frames_without_blocking(tmp_path) -> None:
+    import time
+
+    buf = ReplayBuffer.create(tmp_path / "ds", fps=10, cameras={"front": (16, 16)})
+    rec = EpisodeRecorder(buf, "front", QualityConfig(mode="refuse"), delay=0.0, queue_size=0)  # nothing fits
+    try:
+        rec.on_status({"state": RUNNING, "episode": 0, "t_start": 1.0, "control": "policy", "control_since": 1.0})
+        for k in range(5):
+            rec.add_state(1.0 + k / 10, np.zeros(7))
+            rec.add_image("front", 1.0 + k / 10, img(k), arrival=1.0 + k / 10)
+        t = time.perf_counter()
+        assert rec.poll(2.0) == 0
+        assert rec.aligner.report.counts["queue_overflow"] == 5
+        rec.on_status({"state": RESET, "episode": 0, "t_start": 1.0, "t_end": 1.45, "control": "teleop",
+                       "control_since": 1.45, "label": True, "label_source": "operator", "terminal": True})
+        rec.poll(3.0)
+        assert time.perf_counter() - t < 1.0  # the caller (ROS executor) never waits on the writer
+    finally:
+        rec.close()
+    assert rec.results[-1]["status"].startswith("refused") and "queue_overflow" in rec.results[-1]["status"]
+    assert ReplayReader(tmp_path / "ds", decode_images=False).num_frames == 0
