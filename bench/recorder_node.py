@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--episode-s", type=float, default=60.0)
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--keep", action="store_true", help="keep the dataset (default: deleted after the read-back)")
     ap.add_argument("--reliable", action="store_true", help="reliable image QoS (default: sensor-data best effort)")
     ap.add_argument("--publisher", choices=["cameras", "robot"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,7 +199,10 @@ def main() -> None:
         "recorder_cpu_share": round(cpu / (w1 - w0), 3),
         "write_frames_per_s": round(recorded / (w1 - w0), 2), "bytes_per_frame": int(size / max(recorded, 1)),
         "finalise_s": [round(f, 3) for f in finalise], "read_windows_per_s": round(read_ws, 1),
-        "dataset": root}, indent=1))
+        "dataset": root if args.keep else None}, indent=1))
+    r.close()
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
