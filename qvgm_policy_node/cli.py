@@ -20,6 +20,9 @@ from qvgm_policy_node.profile import NodeSpec, load_profile, node_specs
 NODE_CLASSES: dict[str, str] = {
     "sim_node": "qvgm_policy_node.sim_node:SimNode",
     "policy_node": "qvgm_policy_node.policy_node:PolicyNode",
+    "recorder_node": "qvgm_policy_node.recorder_node:RecorderNode",
+    "episode_manager": "qvgm_policy_node.episode_manager:EpisodeManager",
+    "teleop_node": "qvgm_policy_node.teleop_node:TeleopNode",
 }
 
 
