@@ -122,7 +122,7 @@ def load_demo_data(datasets: list[str | Path], horizon: int, with_images: bool, 
             else:
                 for key, val in shape.items():
                     if val != ref[key]:
-                        raise ValueError(f"dataset {ds} has {key} {val}, but {ref['path']} has {ref[key]}; "
+                        raise ValueError(f"dataset {ds} has {key} {val}, but {ref['path']} has {key} {ref[key]}; "
                                          "SFT needs datasets of one robot/camera setup")
             eps = [e for e in range(len(r.episodes)) if r.episode_mask[e]]
             if max_episodes is not None:
@@ -450,18 +450,21 @@ def heldout_flow_loss(policy: FlowPolicyBase, data: DemoData, seed: int = 0, sam
 # ---------------------------------------------------------------------------------------------------- closed loop
 @torch.no_grad()
 def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image_size: tuple[int, int] = (224, 224),
-            env: Any = None, compare_expert: bool = False, noise_seed: int = 0) -> dict[str, Any]:
+            env: Any = None, compare_expert: bool = False, noise_seed: int = 0,
+            max_steps: int | None = None) -> dict[str, Any]:
     """One closed-loop episode of `policy` in the sim (scene seed `seed`): infer a chunk, execute its first
     `n_exec` actions, repeat until success or the time limit. With `compare_expert` the noiseless scripted
     expert is queried at every executed step (it tracks its own set-point, so this is an approximate reference)
     and the mean absolute error (rad / m) of the policy's action vs the expert's is reported (`action_error`).
-    Sampling noise is seeded by `noise_seed`. Returns {success, steps, action_error}."""
+    Sampling noise is seeded by `noise_seed`; `max_steps` shortens the task's time limit (own env only).
+    Returns {success, steps, action_error}."""
     from qvgm.sim import TabletopEnv, make_expert
 
     cams = tuple(getattr(policy.config, "camera_names", []) or [])
     own = env is None
     if own:
-        env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=bool(cams))
+        env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=bool(cams),
+                          max_episode_steps=max_steps)
     expert = make_expert(task, noise=0.0, seed=seed) if compare_expert else None
     gen = torch.Generator().manual_seed(noise_seed)
     try:
