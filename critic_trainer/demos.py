@@ -137,23 +137,53 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
     return summary
 
 
+def profile_camera_settings(path: str | Path) -> dict[str, Any]:
+    """Camera names, image size (H, W) px and control rate (Hz) of a robot profile YAML (config/tabletop_sim.yaml:
+    nodes.sim_node.parameters cameras / image_height / image_width / control_hz). Missing keys are left out."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        params = (doc.get("nodes") or {}).get("sim_node", {}).get("parameters", {}) or {}
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise ValueError(f"profile {path}: unreadable ({e})") from None
+    out: dict[str, Any] = {}
+    cams = params.get("cameras", doc.get("cameras"))
+    if cams:
+        out["cameras"] = [str(c) for c in cams]
+    if "image_height" in params and "image_width" in params:
+        out["image_size"] = (int(params["image_height"]), int(params["image_width"]))
+    if "control_hz" in params:
+        hz = float(params["control_hz"])
+        if hz != int(hz):
+            raise ValueError(f"profile {path}: control_hz {hz} must be a whole number of Hz (dataset fps)")
+        out["hz"] = int(hz)
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="sim task (pick_place, push, stack)")
     p.add_argument("--episodes", type=int, required=True)
     p.add_argument("--noise", type=float, default=0.01, help="expert noise std (m)")
     p.add_argument("--seed", type=int, default=0, help="episode k uses scene/expert seed SEED + k")
     p.add_argument("--out", required=True, type=Path, help="dataset directory (created)")
-    p.add_argument("--image-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
-                   help="camera resolution in px (the robot profile's; even numbers)")
-    p.add_argument("--cameras", nargs="+", default=["front", "wrist"])
-    p.add_argument("--hz", type=int, default=10, help="control rate = dataset fps")
+    p.add_argument("--profile", default=None, help="robot profile YAML: cameras, resolution and rate come from its "
+                   "sim_node parameters (explicit flags win)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="camera resolution in px, even numbers (default: profile's, else 224 224)")
+    p.add_argument("--cameras", nargs="+", default=None, help="default: profile's, else front wrist")
+    p.add_argument("--hz", type=int, default=None, help="control rate = dataset fps (default: profile's, else 10)")
     p.add_argument("--no-render", action="store_true", help="record no cameras (state-only dataset)")
     p.add_argument("--append", action="store_true", help="add episodes to an existing dataset")
 
 
 def run(args: argparse.Namespace) -> int:
+    prof = profile_camera_settings(args.profile) if args.profile else {}
+    image_size = tuple(args.image_size or prof.get("image_size", (224, 224)))
+    cameras = tuple(args.cameras or prof.get("cameras", ("front", "wrist")))
+    hz = args.hz or prof.get("hz", 10)
     summary = collect_demos(args.task, args.episodes, args.out, noise=args.noise, seed=args.seed,
-                            image_size=tuple(args.image_size), cameras=tuple(args.cameras), control_hz=args.hz,
-                            append=args.append, render=not args.no_render)
+                            image_size=image_size, cameras=cameras, control_hz=hz, append=args.append,
+                            render=not args.no_render)
     print(json.dumps(summary))
     return 0

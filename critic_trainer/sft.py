@@ -291,8 +291,11 @@ def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
 
 def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, rng: np.random.Generator,
                       gen: torch.Generator, cfg: SFTConfig, fingerprint: str) -> int:
-    """Restore a saved training state; returns the step to continue from. Mismatches -> ValueError."""
+    """Restore a saved training state; returns the step to continue from. Mismatches -> ValueError.
+    Falls back to the previous state when a crash struck between the two renames of `_save_train_state`."""
     d = work / STATE_DIR
+    if not (d / "state.json").exists():
+        d = work / f".{STATE_DIR}.old"
     meta = json.loads((d / "state.json").read_text())
     if meta["training_key"] != json.loads(json.dumps(cfg.training_key())):
         raise ValueError(f"{d}: saved run has different settings {meta['training_key']}; refusing to resume")
@@ -377,7 +380,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     work = cfg.work
     start = 0
-    if resume and (work / STATE_DIR / "state.json").exists():
+    if resume and any((work / n / "state.json").exists() for n in (STATE_DIR, f".{STATE_DIR}.old")):
         start = _load_train_state(work, policy, opt, rng, gen, cfg, fingerprint)
     log = ScalarLog(work, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)

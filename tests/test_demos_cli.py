@@ -67,3 +67,14 @@ def test_demos_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["demos", "--task", "stack", "--episodes", "1", "--seed", "5", "--out", str(out), "--no-render",
                  "--append"]) == 0
     assert len(ReplayReader(out, decode_images=False).episodes) == 2
+
+
+def test_demos_cli_takes_cameras_from_a_profile(tmp_path: Path) -> None:
+    prof = tmp_path / "profile.yaml"
+    prof.write_text("cameras: [front, wrist]\nnodes:\n  sim_node:\n    parameters:\n      cameras: [wrist]\n"
+                    "      image_width: 40\n      image_height: 24\n      control_hz: 10.0\n")
+    out = tmp_path / "d"
+    assert main(["demos", "--task", "push", "--episodes", "1", "--out", str(out), "--profile", str(prof)]) == 0
+    r = ReplayReader(out)
+    assert r.video_keys == ["observation.images.wrist"] and r.fps == 10
+    assert r.observation(0)["images"]["wrist"].shape == (24, 40, 3)
