@@ -22,8 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"qvgm needs Python 3.11, found {sys.version}"'
-stamp_want=$(cat requirements.txt constraints.txt pyproject.toml setup.py | sha256sum | cut -c1-16)
+PY_WANT=${QVGM_PYTHON_VERSION:-3.11}
+"$PYTHON" -c "import sys; v='%d.%d' % sys.version_info[:2]; assert v == '$PY_WANT', f'qvgm needs Python $PY_WANT, found {v}'"
+# QVGM_REQUIREMENTS_EXCLUDE / QVGM_CONSTRAINTS_EXCLUDE: extended regexes of lines to leave out (docker images:
+# the robot PC takes rclpy from /opt/ros, the trainer takes CUDA torch and no ROS). Unset: everything installs.
+REQ=$(mktemp); CON=$(mktemp); trap 'rm -f "$REQ" "$CON"' EXIT
+grep -Ev "${QVGM_REQUIREMENTS_EXCLUDE:-a^}" requirements.txt > "$REQ" || true
+grep -Ev "${QVGM_CONSTRAINTS_EXCLUDE:-a^}" constraints.txt > "$CON" || true
+stamp_want=$(cat "$REQ" "$CON" pyproject.toml setup.py | sha256sum | cut -c1-16)
 stamp_file=$VENV/.qvgm-setup
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_want" ]; then
   exit 0
@@ -33,7 +39,7 @@ fi
 pip_quiet() {  # pip, minus the warnings about file:// indexes that do not carry a package
   "$VENV/bin/pip" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
-pip_quiet install -q -r requirements.txt -c constraints.txt
+pip_quiet install -q -r "$REQ" -c "$CON"
 pip_quiet install -q --no-deps --no-build-isolation -e .
 echo "$stamp_want" > "$stamp_file"
 echo "[setup] done: $VENV"

@@ -1,0 +1,102 @@
+"""Critic fitting loop over cached features, its evaluation, and the pre-actor sanity checks of METHOD.md §3.
+
+Works on frame-level features (a FeatureCache or any mapping with "z_rl", optional "proprio", "ref_actions")
+and ChunkTransitions; never touches images. Actions are normalised critic actions [.., n_exec * real].
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from critic_trainer.critic import CriticTrainer, QEnsemble
+from critic_trainer.transitions import ChunkTransitions, critic_batch
+
+
+def check_training_data(critic: QEnsemble, transitions: ChunkTransitions) -> None:
+    """Refuse data the critic cannot learn from: no transitions, another action space, or returns that never
+    vary (only successes or only failures: nothing to rank). Raises ValueError with the reason.
+    """
+    if len(transitions) == 0:
+        raise ValueError("no transitions to fit the critic on")
+    if transitions.actions.shape[1] != critic.cfg.action_dim:
+        raise ValueError(f"buffer actions have {transitions.actions.shape[1]} critic coordinates, the critic expects "
+                         f"{critic.cfg.action_dim} = n_exec {critic.cfg.n_exec} x real {critic.cfg.real_action_dim}: "
+                         "incompatible action space or n_exec")
+    mc = transitions.mc_return
+    if float(np.max(mc) - np.min(mc)) == 0.0:
+        raise ValueError(f"every transition has the same Monte-Carlo return ({float(mc[0])}): the buffer needs both "
+                         "successful and failed episodes")
+
+
+def fit_critic(trainer: CriticTrainer, features: Mapping[str, np.ndarray], transitions: ChunkTransitions,
+               steps: int, batch_size: int = 256, seed: int = 0, device: str | None = None,
+               log: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Run `steps` critic updates on uniformly sampled transitions; returns the per-step metrics.
+
+    Raises FloatingPointError (from CriticTrainer.update) on a non-finite loss or gradient: the critic is left
+    as it was before that step.
+    """
+    check_training_data(trainer.critic, transitions)
+    rng = np.random.default_rng(seed)
+    history = []
+    for step in range(steps):
+        rows = rng.integers(0, len(transitions), size=min(batch_size, len(transitions)))
+        metrics = trainer.update(critic_batch(features, transitions, rows, device=device))
+        history.append(metrics)
+        if log is not None:
+            log(step, metrics)
+    return history
+
+
+@torch.no_grad()
+def evaluate_critic(critic: QEnsemble, features: Mapping[str, np.ndarray], transitions: ChunkTransitions,
+                    batch_size: int = 4096, device: str | None = None) -> dict[str, float]:
+    """Q of data vs reference-policy actions and agreement with the Monte-Carlo returns, over all transitions.
+
+    Returns q_data, q_ref (mean over ensemble and samples), mc_return (mean), mc_mae, mc_corr (Pearson of
+    ensemble-mean Q(s, a_data) with the MC return; nan if either is constant) and ensemble_std.
+    """
+    q_data, q_ref, std = [], [], []
+    for start in range(0, len(transitions), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(transitions)))
+        b = critic_batch(features, transitions, rows, device=device)
+        s = critic.encode_state(b.z, b.p)
+        q = critic.q_from_state(s, b.actions)
+        q_data.append(q.mean(0))
+        std.append(q.std(0, correction=0))
+        if b.ref_actions is not None:
+            q_ref.append(critic.q_from_state(s, b.ref_actions).mean(dim=(0, 2)))
+    qd = torch.cat(q_data).double().cpu()
+    mc = torch.as_tensor(transitions.mc_return, dtype=torch.float64)
+    corr = float("nan")
+    if qd.numel() > 1 and qd.std() > 0 and mc.std() > 0:
+        corr = float(torch.corrcoef(torch.stack([qd, mc]))[0, 1])
+    out = {"q_data": float(qd.mean()), "mc_return": float(mc.mean()), "mc_mae": float((qd - mc).abs().mean()),
+           "mc_corr": corr, "ensemble_std": float(torch.cat(std).mean())}
+    if q_ref:
+        out["q_ref"] = float(torch.cat(q_ref).mean())
+    return out
+
+
+def grad_a_check(critic: QEnsemble, z: torch.Tensor, p: torch.Tensor | None, actions: torch.Tensor,
+                 eps: float = 1e-6) -> float:
+    """Max relative error between autograd grad_A sum_i Q_i and central finite differences (float64 copy).
+
+    z [B, F], p [B, P] or None, actions [B, A]. A healthy critic gives ~1e-8; > 1e-4 means a broken graph.
+    """
+    c = copy.deepcopy(critic).double().requires_grad_(False)
+    z, a = z.detach().double(), actions.detach().double().clone().requires_grad_(True)
+    p = None if p is None else p.detach().double()
+    (grad,) = torch.autograd.grad(c(z, p, a).sum(), a)
+    fd = torch.zeros_like(a)
+    with torch.no_grad():
+        for j in range(a.shape[1]):
+            d = torch.zeros_like(a)
+            d[:, j] = eps
+            fd[:, j] = (c(z, p, a + d).sum(0) - c(z, p, a - d).sum(0)) / (2 * eps)
+    scale = fd.abs().max().clamp_min(1e-12)
+    return float((grad - fd).abs().max() / scale)
