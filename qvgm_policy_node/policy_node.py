@@ -480,18 +480,27 @@ class PolicyNode(Node):
                                          stamp=safe.stamp, version=chunk.version))
 
     def _filter(self, chunk: Chunk, current: np.ndarray) -> tuple[Chunk, bool]:
-        """Every point through SafetyLayer.filter (limits, workspace, max step per chunk_dt from the previous
-        point, starting at `current` [n]); a rejected point holds the previous one. Returns (chunk, changed)."""
+        """Every point through the safety layer, starting at `current` [n]: finite positions are clamped into the
+        URDF limits (counted `clamped`), then SafetyLayer.filter rejects non-finite / out-of-workspace targets
+        (the point holds the previous command) and limits the step per chunk_dt to velocity_scale * v_max * dt
+        (counted `rate_limited`). Returns (filtered chunk, whether anything changed)."""
         assert self.safety is not None
         out = np.empty_like(chunk.positions)
         cmd = np.asarray(current, dtype=np.float64)
         changed = False
-        for k, target in enumerate(chunk.positions):
-            verdict = self.safety.filter(cmd, target, chunk.dt, obs_age=0.0)
-            if not verdict.ok or np.max(np.abs(verdict.command - target)) > 1e-9:
-                changed = True
-                if verdict.ok:
+        for k, raw in enumerate(chunk.positions):
+            target = raw
+            if np.all(np.isfinite(raw)):
+                target = self.safety.limits.clamp(raw)
+                if np.any(target != raw):
                     self.safety.count("clamped")
+                    changed = True
+            verdict = self.safety.filter(cmd, target, chunk.dt, obs_age=0.0)
+            if not verdict.ok:
+                changed = True
+            elif np.max(np.abs(verdict.command - target)) > 1e-9:
+                self.safety.count("rate_limited")
+                changed = True
             cmd = verdict.command
             out[k] = cmd
         return Chunk(out, chunk.stamp, chunk.dt, chunk.first), changed
