@@ -122,7 +122,8 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     v = publish(store, seed, args.horizon, args.hidden)
     dt = 1.0 / hz
     js_hz = max(50.0, 2 * hz)
-    sim = {"cameras": [], "control_hz": hz, "joint_state_hz": js_hz, "physics_hz": 500.0}
+    physics_hz = next(f for f in (500.0, 600.0, 1000.0, 100.0 * hz) if (f / hz) == int(f / hz))
+    sim = {"cameras": [], "control_hz": hz, "joint_state_hz": js_hz, "physics_hz": physics_hz}
     pol = {"backend": "flow", "checkpoint_store": str(store.root), "cameras": [], "num_steps": args.num_steps,
            "seed": 0, "chunk_dt": dt, "control_hz": hz, "poll_hz": max(50.0, 2 * hz),
            "async_start_fraction": args.start_fraction, "blend_steps": args.blend_steps, "reload_watch": "inotify",
