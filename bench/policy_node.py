@@ -7,6 +7,9 @@ FlowPolicy) + a listener node. Reported per rate:
                        p50 / p99: DDS hop + async scheduling + inference + trim/blend/safety + DDS hop
   inference_ms         backend.infer wall time on the worker thread, p50 / p99
   hot_reload           `--reloads` consecutive publishes into the store while the robot runs:
+                         (the publisher is a separate process at nice +10, standing in for the trainer's machine;
+                         `control_publishing_without_reload` runs the same publisher load into a store the node
+                         does not watch, so the machine's own contention can be told apart from reload cost)
                          publish_to_first_chunk_s (store commit returned -> first chunk from the new weights
                          published), missed_chunk_ticks (policy chunks later than one control step past their
                          schedule), sim_tick_gaps (sim control ticks more than 2 periods apart, with a no-reload
@@ -99,6 +102,7 @@ class Publisher:
 def serve_publisher(root: str, horizon: int, hidden: int) -> None:
     """--serve-publisher: one seed per stdin line -> publish -> print "version monotonic_commit_time"."""
     torch.set_num_threads(1)
+    os.nice(10)  # the trainer normally runs on another machine: keep its CPU load off the robot's control loop
     store = CheckpointStore(root, keep_last=None)
     for line in sys.stdin:
         v = publish(store, int(line), horizon, hidden)
@@ -160,7 +164,23 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         g.spin_for(args.window)
         out["sim_tick_gaps_baseline"] = tick_gaps(simn.tick_times, t0, time.monotonic(), 1.0 / js_hz)
 
-        missed0 = node.stats["missed_ticks"]
+        # control window: the same publisher load into a store the node does not watch (no reload happens);
+        # separates the machine's load from the cost of hot reloading itself
+        other = CheckpointStore(root / f"unwatched_{int(hz)}", keep_last=None)
+        pub = Publisher(other.root, args.horizon, args.hidden)
+        missed0, holds0 = node.stats["missed_ticks"], node.stats["holds.stale_state"]
+        t0 = time.monotonic()
+        for i in range(args.reloads):
+            pub.start(1000 + i)
+            pub.result()
+            g.spin_for(args.spacing + 0.3)
+        out["control_publishing_without_reload"] = {
+            "missed_chunk_ticks": node.stats["missed_ticks"] - missed0,
+            "stale_holds": node.stats["holds.stale_state"] - holds0,
+            "sim_tick_gaps": tick_gaps(simn.tick_times, t0, time.monotonic(), 1.0 / js_hz)}
+        pub.close()
+
+        missed0, holds0 = node.stats["missed_ticks"], node.stats["holds.stale_state"]
         hot: list[float] = []
         pub = Publisher(store.root, args.horizon, args.hidden)
         t0 = time.monotonic()
@@ -180,6 +200,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "missed_chunk_ticks": node.stats["missed_ticks"] - missed0,
             "dropped_chunks": node.stats["dropped_chunks"], "late_chunks": node.stats["late_chunks"],
             "swaps": node.stats["swaps"], "refused": node.backend.reloader.counters["refused"],
+            "stale_holds": node.stats["holds.stale_state"] - holds0,
             "sim_tick_gaps": tick_gaps(simn.tick_times, t0, t1, 1.0 / js_hz)}
         out["obs_to_chunk_ms"] = {"p50": pct(latencies, 50, 1e3), "p99": pct(latencies, 99, 1e3),
                                   "n": len(latencies)}

@@ -8,6 +8,8 @@ The observation is the interface's dict; for sim-only backends the policy node a
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,7 +177,8 @@ class StoreFlowBackend:
     latest observation -- within `reload_budget_s`) and handed over by `poll_swap()`, which the node calls only
     at a chunk boundary and which never blocks. Until the first version is swapped in, `ready` is False and
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
-    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s.
+    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s, reload_nice
+    (niceness added to the loader thread so it yields the CPU to the control loop; default 10).
     """
 
     name = "flow"
@@ -199,6 +202,8 @@ class StoreFlowBackend:
         self.version: str | None = None
         self.prompt: str | None = None
         self.last_dry_run_s: float | None = None
+        self.loader_nice = int(opts.get("reload_nice", 10))
+        self._niced: set[int] = set()
         self.reloader = HotReloader(self.store, self._load, self._validate,
                                     required_files=("config.json", "model.safetensors", "norm_stats.json"),
                                     watch=str(opts.get("reload_watch", "auto")),
@@ -210,10 +215,23 @@ class StoreFlowBackend:
         from qvgm.policy import load_policy
         from qvgm.policy.backend import FlowPolicyBackend
 
+        self._lower_loader_priority()
         n = len(self.config.joint_names)
         policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device)
         return FlowPolicyBackend(policy, list(self.config.joint_names), dt=self.config.dt,
                                  num_steps=self.num_steps, seed=self.seed)
+
+    def _lower_loader_priority(self) -> None:
+        """Linux nice values are per thread: make the loader thread yield the CPU to the control loop and the
+        inference worker (raising niceness needs no privilege). Once per thread; best effort."""
+        if self.loader_nice <= 0 or threading.get_native_id() in self._niced:
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.loader_nice))
+            self._niced.add(tid)
+        except (OSError, AttributeError):
+            pass
 
     def _validate(self, backend: Any, manifest: dict[str, Any]) -> None:
         from qvgm.reload import ValidationError, check_finite, timed_dry_run
