@@ -31,7 +31,6 @@ and a single point at time_from_start 0.
 
 from __future__ import annotations
 
-import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -165,7 +164,8 @@ class PolicyNode(Node):
             self.safety = self._make_safety(p)
             if hasattr(self.backend, "observation_source"):
                 self.backend.observation_source = self.latest_observation
-        self._lock = threading.Lock()
+        # the worker thread triggers this when a chunk is ready, so it goes out without waiting for the poll timer
+        self._chunk_ready = self.create_guard_condition(self._tick)
 
         self.create_subscription(JointState, topics.JOINT_STATES, self._on_joint_state, 10)
         for cam in self.cameras:
@@ -428,6 +428,7 @@ class PolicyNode(Node):
         self._last_start_stamp = float(obs["stamp"])
         self._future_epoch = self._epoch
         self._future = self._pool.submit(self._infer_timed, self.backend, obs)
+        self._future.add_done_callback(lambda _f: self._chunk_ready.trigger())
 
     @staticmethod
     def _infer_timed(backend: Any, obs: Observation) -> tuple[ActionChunk, float, np.ndarray]:
