@@ -5,6 +5,10 @@ bad checkpoint (hash mismatch, truncated, NaN, wrong shape, pickle file, corrupt
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from qvgm_policy_node.profile import NodeSpec  # noqa: E402
 from qvgm_policy_node.sim_node import TRANSIENT_LOCAL  # noqa: E402
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 HOME = np.array([0.0, -0.4, 0.9, 0.0, 0.9, 0.0, 0.02])
 
 
@@ -190,3 +195,50 @@ def test_hot_reload_swap_rollback_and_bad_checkpoints(tmp_path: Path) -> None:
         assert reply.success
         g.spin_for(0.5)
         assert policy.version == v3
+
+
+def test_reload_under_load_with_a_publisher_process(tmp_path: Path) -> None:
+    """A separate process (the trainer) publishes 4 versions into the store (keep_last=3, so retention prunes
+    while the node loads) while the node drives the sim: the node ends up serving the last one, only ever swaps
+    forward, never refuses a good version, and its chunk versions change only at chunk boundaries."""
+    store = CheckpointStore(tmp_path / "store", keep_last=3)
+    v1 = publish(store, 1)
+    specs = [NodeSpec("sim_node", "sim_node", SIM),
+             NodeSpec("policy_node", "policy_node", policy_params(store.root))]
+    with Graph(specs) as g:
+        policy = g.nodes["policy_node"]
+        io = g.node("reload_load_io")
+        io.create_publisher(String, topics.TASK, TRANSIENT_LOCAL).publish(String(data="pick the cube"))
+        assert g.spin_until(lambda: v1 in policy.published_versions, 20)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, __file__, "publish", str(store.root), "4", "0.4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        try:
+            assert g.spin_until(lambda: proc.poll() is not None, 60)
+            out, err = proc.communicate()
+            assert proc.returncode == 0, err
+            published = out.split()
+            assert len(published) == 4
+            assert g.spin_until(lambda: policy.version == published[-1], 20), policy.backend.diagnostic_values()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        served = [v for i, v in enumerate(policy.published_versions) if i == 0 or v != policy.published_versions[i - 1]]
+        assert served == sorted(served) and set(served) <= {v1, *published}
+        assert policy.backend.reloader.counters["refused"] == 0
+        assert policy.stats["dropped_chunks"] == 0
+
+
+def _publisher(root: str, count: int, interval: float) -> None:
+    store = CheckpointStore(root, keep_last=3)
+    for i in range(count):
+        time.sleep(interval)
+        print(publish(store, 100 + i), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "publish":
+        _publisher(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]}")
