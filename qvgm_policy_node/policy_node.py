@@ -389,6 +389,8 @@ class PolicyNode(Node):
         self.published += 1
         self.last_chunk = chunk
         self.published_versions.append(chunk.version)
+        if len(self.published_versions) > 200_000:  # bounded on long runs
+            del self.published_versions[:100_000]
         self.publish_log.append((time.monotonic(), float(chunk.stamp), chunk.version))
         if chunk.version != self.version:
             self.version = chunk.version
