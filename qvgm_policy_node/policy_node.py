@@ -41,7 +41,6 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -64,6 +63,7 @@ from qvgm.policy.interface import ActionChunk, Observation
 from qvgm.safety import SafetyLayer, SafetyLimits, box_workspace
 from qvgm_policy_node import topics
 from qvgm_policy_node.backends import BackendConfig, NoPolicyError, backend_entry
+from qvgm_policy_node.params import declare
 from qvgm_policy_node.sim_node import TRANSIENT_LOCAL, from_time_msg, to_time_msg
 
 DEFAULTS: dict[str, Any] = {
@@ -77,20 +77,6 @@ DEFAULTS: dict[str, Any] = {
     "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2], "diagnostics_hz": 1.0,
 }
 ESTOP_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
-
-
-def declare(node: Node, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Declare every parameter with its default; returns the effective values (overrides applied).
-
-    List parameters are dynamically typed; an empty list from a params file (`cameras: []`, which ROS cannot
-    type and delivers as unset) reads as [] instead of None.
-    """
-    values = {}
-    for k, v in defaults.items():
-        descriptor = ParameterDescriptor(dynamic_typing=True) if isinstance(v, list) else ParameterDescriptor()
-        value = node.declare_parameter(k, v, descriptor).value
-        values[k] = (list(value) if value is not None else []) if isinstance(v, list) else value
-    return values
 
 
 def image_to_array(msg: Image) -> np.ndarray:
