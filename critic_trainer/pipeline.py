@@ -648,11 +648,12 @@ def run_episode(actor: Any, env: Any, task: str, seed: int, n_exec: int = 5, noi
 
 def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, render: bool = False,
              image_size: tuple[int, int] = (224, 224), noise_seed: int = 0, env: Any = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, max_episode_steps: int | None = None) -> dict[str, Any]:
     """Closed-loop success of `actor` (a FlowPolicy or a test-time wrapper) on scene seeds `seeds`.
 
     Returns {success_rate, ci95: [lo, hi] (Wilson), successes, episodes, seeds, mean_steps, wall_s}.
-    render=False for the `state` backbone (no cameras); pixel policies need render=True.
+    render=False for the `state` backbone (no cameras); pixel policies need render=True. max_episode_steps: time
+    limit in control steps for an env built here (default: the task's).
     """
     from qvgm.sim import TabletopEnv
 
@@ -662,7 +663,8 @@ def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, rende
     cams = tuple(getattr(getattr(actor, "policy", actor), "config", None).camera_names or ()) if render else ()
     own = env is None
     if own:
-        env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=render)
+        env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=render,
+                          max_episode_steps=max_episode_steps)
     t0 = time.perf_counter()
     results = []
     try:
