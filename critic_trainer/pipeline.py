@@ -387,6 +387,32 @@ def policy_q(policy: FlowPolicyBase, inputs: dict[str, torch.Tensor], critic: QE
     return float(critic(z, p, critic_action(chunk, cfg.n_exec, policy.real_action_dim)).mean())
 
 
+class DifferentiableSampler:
+    """View of a FlowPolicyBase whose `sample` keeps the autograd graph through all K Euler steps.
+
+    FlowPolicyBase.sample runs under torch.no_grad (inference), so passed as is to
+    baselines.diffusion_ql_loss the Q term would carry no gradient and only the BC term would train. Same Euler
+    scheme (openpi: t = 1 noise -> t = 0, dt = -1/K); everything else is delegated to the policy.
+    """
+
+    def __init__(self, policy: FlowPolicyBase) -> None:
+        self.policy = policy
+        self.real_action_dim, self.horizon, self.action_dim = policy.real_action_dim, policy.horizon, policy.action_dim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    def sample(self, context: Any, num_steps: int = 10, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised chunks [B, H, D] from noise [B, H, D] (drawn if None), differentiable in the weights."""
+        b = self.policy.batch_size(context)
+        dev = self.policy.device
+        x = torch.randn(b, self.horizon, self.action_dim, device=dev) if noise is None else noise.to(dev)
+        ts = torch.linspace(1.0, 0.0, num_steps + 1, device=dev)
+        for k in range(num_steps):
+            x = x + (-1.0 / num_steps) * self.policy.velocity(x, ts[k].expand(b), context)
+        return x
+
+
 def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, critic: QEnsemble | None,
                 features: FeatureCache | None, log: ScalarLog | None = None,
                 progress: bool = False) -> tuple[FlowPolicyBase, dict[str, Any]]:
@@ -443,8 +469,9 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                     loss, m = q_distill_loss(actor, b_in, q_fn, qcfg)
                 elif cfg.method == "dql":
                     assert q_fn is not None
-                    loss, m = diffusion_ql_loss(actor, b_in, q_fn, cfg.n_exec, num_steps=cfg.num_steps,
-                                                eta=cfg.dql_eta, bc_actions=chunks[trows].to(dev))
+                    loss, m = diffusion_ql_loss(DifferentiableSampler(actor), b_in, q_fn, cfg.n_exec,
+                                                num_steps=cfg.num_steps, eta=cfg.dql_eta,
+                                                bc_actions=chunks[trows].to(dev))
                 else:  # filtered-bc / sft: flow matching on buffer chunks
                     loss = actor.flow_loss(b_in, chunks[trows].to(dev), action_mask=valid[trows].to(dev))
                     m = {"loss": loss.item()}

@@ -168,6 +168,25 @@ def test_every_method_trains_and_saves(data, tmp_path, method):
     assert load_policy(tmp_path / "ck").manifest["summary"]["method"] == method
 
 
+def test_dql_backpropagates_through_the_chain(data):
+    """FlowPolicyBase.sample is no_grad; the pipeline's DQL must still get a Q gradient through all K steps."""
+    from critic_trainer.baselines import diffusion_ql_loss
+
+    pol = load_policy(data["policy"]).train().requires_grad_(True)
+    inputs = pol.preprocess(P.load_buffer(data["buffer"], pol.horizon).demo.observations(range(8)))
+    target = torch.full((3 * 7,), 0.5)
+
+    def q_fn(a: torch.Tensor) -> torch.Tensor:
+        return -((a - target) ** 2).sum(-1)
+
+    loss, _ = diffusion_ql_loss(P.DifferentiableSampler(pol), inputs, q_fn, 3, num_steps=4)  # no BC term
+    loss.backward()
+    head = [p.grad for n, p in pol.named_parameters() if n.startswith("head.")]
+    assert all(g is not None for g in head) and sum(float(g.abs().sum()) for g in head) > 0
+    with pytest.raises(RuntimeError):  # the plain policy gives the Q term no graph at all
+        diffusion_ql_loss(pol, inputs, q_fn, 3, num_steps=4)[0].backward()
+
+
 def test_wilson_interval_math():
     lo, hi = P.wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
