@@ -91,7 +91,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                                                                              if k != "seeds"}}), flush=True)
     buf = P.load_buffer(buf_dir, sft.horizon)
     base = P.ImproveConfig(method="qvgm", n_exec=args.n_exec, seed=s, critic_steps=args.critic_steps,
-                           critic_hidden=tuple(args.critic_hidden), actor_steps=args.actor_steps,
+                           critic_batch=args.critic_batch, critic_hidden=tuple(args.critic_hidden),
+                           actor_steps=args.actor_steps,
                            actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m)
     out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
@@ -117,6 +118,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         else:
             cfg = P.ImproveConfig(**{**base.__dict__, "method": m})
             actor, _, summ = P.improve(sft, buf, cfg, work=work / f"run-{task}-s{s}-{m}",
+                                       cache_dir=work / f"features-{task}-s{s}",  # same key: reused
                                        critic=critic if m in P.CRITIC_METHODS else None)
             train = summ["actor"]
         train_s = time.perf_counter() - t1
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-exec", type=int, default=5)
     ap.add_argument("--critic-steps", type=int, default=3000)
     ap.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
+    ap.add_argument("--critic-batch", type=int, default=256)
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)
