@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E402
+from qvgm.policy import load_policy  # noqa: E402
 
 DEMO0, TUNE0, ROLL0, EVAL0 = 0, 200_000, 300_000, 900_000
 ALL_METHODS = ("sft", "qvgm", "qdistill", "dql", "filtered-bc", "best-of-n", "q-guided")
@@ -52,15 +53,19 @@ def demo_seeds(s: int, n: int) -> list[int]:
 def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Path, args: argparse.Namespace):
     """Record n noisy demos and SFT a `state` policy on them; returns (policy, checkpoint dir, info)."""
     t0 = time.perf_counter()
-    root = work / f"demos-{task}-s{seed}-n{n_demos}"
+    root = work / f"demos-{task}-s{seed}-n{n_demos}-noise{noise}"
+    ck = work / f"sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{args.sft_steps}"
+    info_path = work / f"{ck.name}.info.json"
+    if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
+        return load_policy(ck), ck, {**json.loads(info_path.read_text()), "reused": True}
     demo = collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=False)
     data = load_demo_data([root], 10, with_images=False)
-    ck = work / f"sft-{task}-s{seed}-n{n_demos}"
     cfg = SFTConfig(datasets=[str(root)], config="state", out=str(ck), steps=args.sft_steps, seed=seed,
                     batch_size=64, lr=1e-3, checkpoint_every=args.sft_steps, version=f"sft-{task}-s{seed}")
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
             "final_loss": round(res["final_loss"], 4), "wall_s": round(time.perf_counter() - t0, 1)}
+    info_path.write_text(json.dumps(info))
     return res["policy"].eval(), ck, info
 
 
@@ -84,14 +89,19 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     sft, sft_dir, sft_info = train_sft_policy(task, args.demos[0], args.demo_noise[0], s, work, args)
     roll_seeds = [ROLL0 + 1000 * s + k for k in range(args.rollouts)]
     assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))
-    buf_dir = work / f"buffer-{task}-s{s}"
-    roll = P.collect_rollouts(sft, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
-                              max_episode_steps=args.max_episode_steps)
+    buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}"
+    if (buf_dir / "roll_info.json").exists():  # resumed --work
+        roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
+    else:
+        roll = P.collect_rollouts(sft, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
+                                  max_episode_steps=args.max_episode_steps)
+        (buf_dir / "roll_info.json").write_text(json.dumps(roll))
     print(json.dumps({"task": task, "seed": s, "sft": sft_info, "rollouts": {k: v for k, v in roll.items()
                                                                              if k != "seeds"}}), flush=True)
     buf = P.load_buffer(buf_dir, sft.horizon)
     base = P.ImproveConfig(method="qvgm", n_exec=args.n_exec, seed=s, critic_steps=args.critic_steps,
                            critic_batch=args.critic_batch, critic_hidden=tuple(args.critic_hidden),
+                           reg_weight=args.reg_weight,
                            actor_steps=args.actor_steps,
                            actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m)
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--critic-steps", type=int, default=3000)
     ap.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     ap.add_argument("--critic-batch", type=int, default=256)
+    ap.add_argument("--reg-weight", type=float, default=1.0, help="w of the Cal-QL term")
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)

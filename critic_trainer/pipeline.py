@@ -760,6 +760,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--critic-steps", type=int, default=2000)
     p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--critic-batch", type=int, default=256)
+    p.add_argument("--reg-weight", type=float, default=1.0, help="w of the Cal-QL / CQL term")
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
     p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
@@ -783,7 +784,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output checkpoint {args.out} already exists")
     cfg = ImproveConfig(method=args.method, n_exec=args.n_exec, seed=args.seed, critic_objective=args.critic_objective,
                         ensemble=args.ensemble, aggregate=args.aggregate, critic_hidden=tuple(args.critic_hidden),
-                        critic_steps=args.critic_steps, critic_batch=args.critic_batch,
+                        critic_steps=args.critic_steps, critic_batch=args.critic_batch, reg_weight=args.reg_weight,
                         actor_steps=args.actor_steps, actor_lr=args.actor_lr,
                         gate=args.gate, gate_last_m=args.gate_m, ascent_steps=args.ascent_steps,
                         ascent_lr=args.ascent_lr, project=not args.no_projection, clip_grad=not args.no_clipping,

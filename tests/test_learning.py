@@ -36,7 +36,13 @@ def test_benchmark_mode_json(tmp_path):
     assert not evals & set(seed["rollouts"]["seeds"]) and not evals & set(seed["sft"]["demo_seeds"])
     assert seed["rollouts"]["episodes"] == 2 and res["seed_scheme"]["eval"] == "900000 + j"
     # the fixed rollout buffer is a real replay buffer on disk
-    assert (tmp_path / "w" / "buffer-push-s0" / "meta" / "info.json").exists()
+    assert (tmp_path / "w" / "buffer-sft-push-s0-n1-noise0.01-steps5-r2" / "meta" / "info.json").exists()
+    # a rerun on the same --work reuses the SFT checkpoint and the buffer (same seeds and settings)
+    again = bench().main([*TOY, "--rollouts", "2", "--eval-episodes", "3", "--methods", "sft", "--work",
+                          str(tmp_path / "w")])
+    seed2 = again["tasks"]["push"]["seeds"][0]
+    assert seed2["sft"]["reused"] and seed2["rollouts"]["reused"]
+    assert again["tasks"]["push"]["summary"]["sft"]["success_rate"] == s["success_rate"]
 
 
 def test_critic_methods_refuse_a_buffer_without_successes(tmp_path):
