@@ -88,7 +88,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     torch.manual_seed(s)
     sft, sft_dir, sft_info = train_sft_policy(task, args.demos[0], args.demo_noise[0], s, work, args)
     roll_seeds = [ROLL0 + 1000 * s + k for k in range(args.rollouts)]
-    assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))
+    assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))  # held out from training
     buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}"
     if (buf_dir / "roll_info.json").exists():  # resumed --work
         roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--guidance", type=float, default=0.5)
     ap.add_argument("--calibrate", action="store_true", help="SFT success on tuning seeds for each --demos")
     ap.add_argument("--tune-episodes", type=int, default=30)
+    ap.add_argument("--on-tuning-seeds", action="store_true",
+                    help="evaluate on tuning seeds instead of held-out ones (diagnosing step sizes etc.)")
     ap.add_argument("--max-episode-steps", type=int, default=None, help="time limit (default: the task's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temp dir)")
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             if len(args.demos) != 1 or len(args.demo_noise) != 1:
                 raise SystemExit("give one --demos and one --demo-noise value (several only with --calibrate)")
-            eval_seeds = [EVAL0 + j for j in range(args.eval_episodes)]
+            seed0 = TUNE0 if args.on_tuning_seeds else EVAL0
+            eval_seeds = [seed0 + j for j in range(args.eval_episodes)]
             tasks = {}
             for task in args.tasks:
                 seeds = [run_seed(task, s, args, work, eval_seeds) for s in range(args.train_seeds)]
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   "wall_s": round(sum(r["methods"][m]["train_s"] + r["methods"][m]["eval_s"]
                                                       for r in seeds), 1)}
                 tasks[task] = {"summary": summary, "seeds": seeds}
-            result = {"mode": "benchmark", "eval_seeds": f"{EVAL0}..{EVAL0 + args.eval_episodes - 1}",
+            result = {"mode": "diagnostic (tuning seeds)" if args.on_tuning_seeds else "benchmark",
+                      "eval_seeds": f"{seed0}..{seed0 + args.eval_episodes - 1}",
                       "tasks": tasks}
     out = {"bench": "learning", "tier": args.tier, "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()},
