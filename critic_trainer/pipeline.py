@@ -1,0 +1,815 @@
+"""Offline improvement pipeline: replay buffer + SFT checkpoint -> critic -> improved checkpoint.
+
+    critic_trainer qvgm --dataset DIR --policy CKPT (--out DIR | --store STORE) [--method qvgm|qdistill|dql|
+                        filtered-bc|sft] [--critic-objective calql|cql|iql] [--ensemble N]
+                        [--aggregate mean|min|lcb] [--gate last-M|smooth] [--no-projection] [--no-clipping]
+                        [--no-keep-best] [--critic-steps N] [--actor-steps N] [--seed S]
+
+Stages (each a public function, reused by bench/learning.py):
+ 1. `load_buffer`: every frame of the kept (non-discarded) episodes: observations (state, privileged state from
+    the `critic_trainer demos` side files, prompts, images for pixel backbones), executed actions (robot units),
+    next.reward, next.done, episode ids and success labels.
+ 2. `extract_features`: the FROZEN input policy runs over the buffer once -> FeatureCache with
+    z_rl [T, F] (policy.critic_features of the encoded context), proprio [T, state_dim] (normalised state) and
+    ref_actions [T, S, n_exec * real] (S reference-policy samples per frame, normalised critic actions; sample 0
+    at s' is the A' of the TD target). The cache key is the checkpoint's weight hash + buffer fingerprint +
+    settings, so a new checkpoint (or buffer) rebuilds it.
+ 3. `fit_critic` (critic_trainer.fit) on chunk transitions (n_exec steps, gamma per control step).
+ 4. Actor update by `--method`, actor init = the input policy, reference = a frozen copy:
+    qvgm (METHOD.md §4), qdistill (flow matching onto critic-improved terminal chunks), dql (backprop through all
+    K denoising steps + BC), filtered-bc (flow matching on successful episodes), sft (flow matching on all).
+ 5. The new checkpoint (save_policy or CheckpointStore.writing) with parent = the input version, a training
+    summary in its manifest, and the critic (critic.safetensors + critic.json) for the test-time baselines
+    (`BestOfNPolicy`, `QGuidedPolicy`). A non-finite loss stops training and publishes nothing.
+ 6. `evaluate`: closed-loop episodes in TabletopEnv executing n_exec steps per inference; success rate with a 95 %
+    Wilson interval.
+Flow-time convention (openpi): t = 1 noise, t = 0 clean; x_t = t * eps + (1 - t) * a; Euler dt = -1/K from t = 1.
+All actions inside the trainer are normalised (quantile stats of the input checkpoint, [-1, 1] nominal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from critic_trainer.baselines import best_of_n, diffusion_ql_loss, q_distill_loss, q_guided_sample
+from critic_trainer.critic import CriticConfig, CriticTrainConfig, CriticTrainer, QEnsemble, critic_action
+from critic_trainer.features import FeatureCache
+from critic_trainer.fit import check_training_data, evaluate_critic, fit_critic
+from critic_trainer.qvgm import QVGMConfig, bind_critic, qvgm_update
+from critic_trainer.sft import DemoData, batch_inputs, encode_inputs
+from critic_trainer.transitions import ChunkTransitions, chunk_transitions
+from qvgm.data import DatasetError, ReplayReader
+from qvgm.policy.flow import FlowPolicyBase
+
+HELP = "improve a policy offline from a replay buffer: critic + Q-VGM (or a same-backbone baseline)"
+METHODS = ("qvgm", "qdistill", "dql", "filtered-bc", "sft")
+CRITIC_METHODS = ("qvgm", "qdistill", "dql")
+CRITIC_WEIGHTS, CRITIC_CONFIG = "critic.safetensors", "critic.json"
+
+
+# ---------------------------------------------------------------------------------------------------- buffer
+@dataclass
+class BufferData:
+    """Frames of the kept episodes of one replay buffer, in episode order.
+
+    demo: observations + H-step action chunks (robot units) for flow matching (see critic_trainer.sft.DemoData);
+    action [T, real] executed actions (robot units); reward [T] next.reward; done [T] next.done;
+    episode [T] buffer episode_index; success [T] bool label of the frame's episode (False when unlabelled).
+    """
+
+    demo: DemoData
+    action: np.ndarray
+    reward: np.ndarray
+    done: np.ndarray
+    episode: np.ndarray
+    success: np.ndarray
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.action)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.demo.fingerprint().encode())
+        for a in (self.reward, self.done, self.episode):
+            h.update(np.ascontiguousarray(a).tobytes())
+        if self.demo.privileged is not None:
+            h.update(np.ascontiguousarray(self.demo.privileged).tobytes())
+        return h.hexdigest()
+
+
+def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) -> BufferData:
+    """Read a replay buffer (see critic_trainer.demos for the privileged side files). Raises ValueError for an
+    empty buffer, FileNotFoundError / DatasetError for a missing or unreadable one."""
+    from critic_trainer.demos import load_privileged
+
+    if not Path(dataset).exists():
+        raise FileNotFoundError(f"dataset {dataset} does not exist")
+    r = ReplayReader(dataset, decode_images=with_images)
+    try:
+        eps = [e for e in range(len(r.episodes)) if r.episode_mask[e]]
+        if not eps or all(r.ep_end[e] == r.ep_start[e] for e in eps):
+            raise ValueError(f"the replay buffer {dataset} is empty (no kept episodes with frames)")
+        priv_all = load_privileged(r)
+        rows, chunks, valid, succ = [], [], [], []
+        for e in eps:
+            s, t = int(r.ep_start[e]), int(r.ep_end[e])
+            g = np.arange(s, t)
+            idx = g[:, None] + np.arange(horizon)[None]
+            chunks.append(r.action[np.minimum(idx, t - 1)])
+            valid.append(idx < t)
+            rows.append(g)
+            succ.append(np.full(t - s, r.episodes[e].get("success") is True))
+        g_all = np.concatenate(rows)
+        images: dict[str, np.ndarray] = {}
+        if with_images and r.video_keys:
+            dec = r.images(g_all.tolist())
+            for cam in dec[int(g_all[0])]:
+                images[cam] = np.stack([dec[int(g)][cam] for g in g_all])
+        demo = DemoData(state=r.state[g_all].astype(np.float32), actions=np.concatenate(chunks).astype(np.float32),
+                        valid=np.concatenate(valid), privileged=None if priv_all is None else priv_all[g_all],
+                        prompts=[r.tasks[int(i)] for i in r.task_index[g_all]], images=images,
+                        episode=r.episode_index[g_all].copy(), datasets=[str(dataset)], fps=r.fps)
+        return BufferData(demo=demo, action=r.action[g_all].astype(np.float32),
+                          reward=r.reward[g_all].astype(np.float32), done=r.done[g_all].copy(),
+                          episode=r.episode_index[g_all].copy(), success=np.concatenate(succ), path=str(dataset))
+    finally:
+        r.close()
+
+
+def check_compatible(policy: FlowPolicyBase, buf: BufferData) -> None:
+    """Refuse a buffer recorded with another action/state space than the policy's (ValueError naming both)."""
+    cfg = policy.config
+    if buf.action.shape[1] != policy.real_action_dim:
+        raise ValueError(f"buffer {buf.path} has {buf.action.shape[1]}-dim actions, the policy expects "
+                         f"{policy.real_action_dim}: incompatible action space")
+    if buf.demo.state.shape[1] != cfg.state_dim:
+        raise ValueError(f"buffer {buf.path} has {buf.demo.state.shape[1]}-dim states, the policy expects "
+                         f"{cfg.state_dim}: incompatible robot")
+    pdim = int(getattr(cfg, "privileged_dim", 0) or 0)
+    if pdim:
+        if buf.demo.privileged is None:
+            raise ValueError(f"the `state` policy needs privileged object state, buffer {buf.path} has none "
+                             "(no meta/qvgm_privileged side files)")
+        if buf.demo.privileged.shape[1] != pdim:
+            raise ValueError(f"buffer {buf.path} has {buf.demo.privileged.shape[1]}-dim privileged state, the "
+                             f"policy expects {pdim}")
+
+
+def check_outcomes(buf: BufferData) -> None:
+    """A critic needs both outcomes to rank: refuse a buffer whose episodes all succeeded or all failed."""
+    eps = np.unique(buf.episode)
+    ok = np.unique(buf.episode[buf.success])
+    if ok.size == 0 or ok.size == eps.size:
+        what = "no successful" if ok.size == 0 else "no failed"
+        raise ValueError(f"buffer {buf.path} has {what} episodes ({ok.size}/{eps.size} successful): the critic needs "
+                         "both successful and failed episodes")
+
+
+def normalised_actions(policy: FlowPolicyBase, action: np.ndarray) -> np.ndarray:
+    """Robot-unit actions [T, real] -> normalised float32 [T, real] (the policy's quantile stats)."""
+    return policy.processor.normalize_actions(action[:, None, :])[:, 0, : policy.real_action_dim].numpy()
+
+
+def buffer_transitions(policy: FlowPolicyBase, buf: BufferData, n_exec: int, gamma: float) -> ChunkTransitions:
+    """Chunk transitions over the buffer's frame rows (critic actions normalised with the policy's stats)."""
+    return chunk_transitions(buf.episode, normalised_actions(policy, buf.action), buf.reward, buf.done, n_exec,
+                             gamma)
+
+
+# ---------------------------------------------------------------------------------------------------- features
+def checkpoint_key(policy: FlowPolicyBase) -> str:
+    """sha256 identity of the frozen policy: the manifest's weight + norm-stats hashes when loaded from a
+    checkpoint, else a hash of the state_dict bytes."""
+    files = (getattr(policy, "manifest", None) or {}).get("files") or {}
+    if "model.safetensors" in files:
+        return f"{files['model.safetensors']}:{files.get('norm_stats.json', '')}"
+    h = hashlib.sha256()
+    for k, v in sorted(policy.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(policy: FlowPolicyBase, buf: BufferData, cache_dir: str | Path, n_exec: int,
+                     num_ref: int = 4, num_steps: int = 10, seed: int = 0, batch: int = 512,
+                     progress: bool = False) -> tuple[FeatureCache, str | None]:
+    """Run the frozen policy over every buffer frame once -> (FeatureCache, why it was (re)built or None).
+
+    Fields: z_rl float32 [T, F], proprio float32 [T, state_dim] (normalised), ref_actions float32
+    [T, num_ref, n_exec * real] (normalised critic actions of reference samples, noise seeded by `seed`).
+    """
+    key = json.dumps({"policy": checkpoint_key(policy), "buffer": buf.fingerprint(), "n_exec": n_exec,
+                      "num_ref": num_ref, "num_steps": num_steps, "seed": seed}, sort_keys=True)
+
+    def build() -> dict[str, np.ndarray]:
+        policy.eval()
+        gen = torch.Generator().manual_seed(seed)
+        z, p, ref = [], [], []
+        rng = range(0, len(buf), batch)
+        for s in tqdm(rng, desc="features", disable=not progress, dynamic_ncols=True):
+            inputs = policy.preprocess(buf.demo.observations(range(s, min(s + batch, len(buf)))))
+            ctx = policy.encode(inputs)
+            b = inputs["state"].shape[0]
+            z.append(policy.critic_features(ctx).float().cpu())
+            p.append(inputs["state"].float().cpu())
+            samples = []
+            for _ in range(num_ref):
+                eps = torch.randn(b, policy.horizon, policy.action_dim, generator=gen).to(policy.device)
+                chunk = policy.sample(ctx, num_steps=num_steps, noise=eps)
+                samples.append(critic_action(chunk, n_exec, policy.real_action_dim).float().cpu())
+            ref.append(torch.stack(samples, 1))
+        return {"z_rl": torch.cat(z).numpy(), "proprio": torch.cat(p).numpy(), "ref_actions": torch.cat(ref).numpy()}
+
+    return FeatureCache.load_or_build(cache_dir, key, build)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class ImproveConfig:
+    """Settings of one offline improvement run. Steps are optimiser steps; lr are Adam learning rates."""
+
+    method: str = "qvgm"
+    n_exec: int = 5
+    num_steps: int = 10  # K
+    gamma: float = 0.99
+    seed: int = 0
+    # critic
+    critic_objective: str = "calql"
+    ensemble: int = 2
+    aggregate: str = "mean"
+    critic_hidden: tuple[int, ...] = (256, 256)
+    critic_steps: int = 2000
+    critic_batch: int = 256
+    critic_lr: float = 3e-4
+    reg_weight: float = 1.0
+    num_ref: int = 4
+    # actor
+    actor_steps: int = 300
+    actor_batch: int = 64
+    actor_lr: float = 1e-4
+    gate: str = "last_m"
+    gate_last_m: int = 5
+    ascent_steps: int = 4
+    ascent_lr: float = 0.05
+    project: bool = True
+    clip_grad: bool = True
+    keep_best: bool = True
+    anchor_weight: float = 1.0
+    bc_weight: float = 0.0
+    dql_eta: float = 1.0
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.gate in ("last-M", "last-m"):
+            self.gate = "last_m"
+        if self.gate not in ("last_m", "smooth"):
+            raise ValueError(f"unknown gate {self.gate!r} (last-M / smooth)")
+        if self.aggregate not in ("mean", "min", "lcb"):
+            raise ValueError(f"unknown aggregate {self.aggregate!r} (mean / min / lcb)")
+        if self.critic_objective not in ("calql", "cql", "iql"):
+            raise ValueError(f"unknown critic objective {self.critic_objective!r} (calql / cql / iql)")
+        if self.ensemble < 1 or self.n_exec < 1 or self.num_steps < 1 or self.actor_steps < 0 or self.critic_steps < 0:
+            raise ValueError("ensemble, n_exec, num_steps must be >= 1 and step counts >= 0")
+
+    def qvgm(self) -> QVGMConfig:
+        return QVGMConfig(n_exec=self.n_exec, num_steps=self.num_steps, ascent_steps=self.ascent_steps,
+                          ascent_lr=self.ascent_lr, clip_grad=self.clip_grad, project=self.project,
+                          keep_best=self.keep_best, gate=self.gate, gate_last_m=self.gate_last_m,
+                          anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
+
+
+class ScalarLog:
+    """scalars.jsonl ({"step", "tag": value...} per line) and TensorBoard events when `tensorboard` imports."""
+
+    def __init__(self, work: Path | None) -> None:
+        self.f = self.tb = None
+        if work is None:
+            return
+        work.mkdir(parents=True, exist_ok=True)
+        self.path = work / "scalars.jsonl"
+        self.f = open(self.path, "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(work / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, stage: str, step: int, scalars: dict[str, Any]) -> None:
+        vals = {k: float(v) for k, v in scalars.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.f is not None:
+            self.f.write(json.dumps({"stage": stage, "step": step, **vals}) + "\n")
+            self.f.flush()
+        if self.tb is not None:
+            for k, v in vals.items():
+                self.tb.add_scalar(f"{stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------- critic
+def build_critic(policy: FlowPolicyBase, features: FeatureCache, cfg: ImproveConfig) -> QEnsemble:
+    return QEnsemble(CriticConfig(feature_dim=features["z_rl"].shape[1], proprio_dim=features["proprio"].shape[1],
+                                  n_exec=cfg.n_exec, real_action_dim=policy.real_action_dim, num_q=cfg.ensemble,
+                                  hidden=tuple(cfg.critic_hidden)))
+
+
+def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: ChunkTransitions, cfg: ImproveConfig,
+                 log: ScalarLog | None = None, progress: bool = False) -> tuple[QEnsemble, dict[str, Any]]:
+    """Fit the critic ensemble on cached features; returns (critic in eval mode, {fit metrics, evaluation})."""
+    torch.manual_seed(cfg.seed)
+    critic = build_critic(policy, features, cfg)
+    check_training_data(critic, transitions)
+    trainer = CriticTrainer(critic, CriticTrainConfig(objective=cfg.critic_objective, gamma=cfg.gamma,
+                                                      reg_weight=cfg.reg_weight, lr=cfg.critic_lr))
+    bar = tqdm(total=cfg.critic_steps, desc="critic", disable=not progress, dynamic_ncols=True)
+    last: dict[str, float] = {}
+
+    def on_step(step: int, m: dict[str, float]) -> None:
+        last.update(m)
+        bar.update(1)
+        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.critic_steps):
+            log.log("critic", step + 1, m)
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+
+    try:
+        fit_critic(trainer, features, transitions, cfg.critic_steps, batch_size=cfg.critic_batch, seed=cfg.seed,
+                   log=on_step)
+    finally:
+        bar.close()
+    critic.eval().requires_grad_(False)
+    ev = evaluate_critic(critic, features, transitions)
+    if log is not None:
+        log.log("critic_eval", cfg.critic_steps, ev)
+    return critic, {"final": last, "eval": ev}
+
+
+def save_critic(critic: QEnsemble, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    """critic.safetensors (ensemble weights) + critic.json (CriticConfig) into a checkpoint directory."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()},
+              str(directory / CRITIC_WEIGHTS))
+    c = asdict(critic.cfg)
+    c["hidden"] = list(c["hidden"])
+    (directory / CRITIC_CONFIG).write_text(json.dumps({"config": c, **(extra or {})}, indent=1))
+
+
+def load_critic(directory: str | Path) -> tuple[QEnsemble, dict[str, Any]]:
+    """Load the critic saved with a checkpoint (safetensors, no pickle) -> (critic in eval mode, critic.json)."""
+    directory = Path(directory)
+    if not (directory / CRITIC_CONFIG).is_file():
+        raise FileNotFoundError(f"{directory} holds no critic ({CRITIC_CONFIG}); it was not trained by "
+                                "`critic_trainer qvgm` with a critic method")
+    meta = json.loads((directory / CRITIC_CONFIG).read_text())
+    c = dict(meta["config"])
+    c["hidden"] = tuple(c["hidden"])
+    critic = QEnsemble(CriticConfig(**c))
+    critic.load_state_dict(load_file(str(directory / CRITIC_WEIGHTS)), strict=True)
+    return critic.eval().requires_grad_(False), meta
+
+
+# ---------------------------------------------------------------------------------------------------- actor
+def _rows_z(features: FeatureCache, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.as_tensor(np.asarray(features["z_rl"][rows])), torch.as_tensor(np.asarray(features["proprio"][rows])))
+
+
+@torch.no_grad()
+def policy_q(policy: FlowPolicyBase, inputs: dict[str, torch.Tensor], critic: QEnsemble, features: FeatureCache,
+             rows: np.ndarray, cfg: ImproveConfig, seed: int = 1234) -> float:
+    """Mean ensemble-mean Q of the policy's own chunks at buffer frames `rows` (fixed noise: comparable)."""
+    policy.eval()
+    gen = torch.Generator().manual_seed(seed)
+    z, p = _rows_z(features, rows)
+    ctx = policy.encode(batch_inputs(inputs, torch.as_tensor(rows), policy.device))
+    eps = torch.randn(len(rows), policy.horizon, policy.action_dim, generator=gen)
+    chunk = policy.sample(ctx, num_steps=cfg.num_steps, noise=eps)
+    return float(critic(z, p, critic_action(chunk, cfg.n_exec, policy.real_action_dim)).mean())
+
+
+class DifferentiableSampler:
+    """View of a FlowPolicyBase whose `sample` keeps the autograd graph through all K Euler steps.
+
+    FlowPolicyBase.sample runs under torch.no_grad (inference), so passed as is to
+    baselines.diffusion_ql_loss the Q term would carry no gradient and only the BC term would train. Same Euler
+    scheme (openpi: t = 1 noise -> t = 0, dt = -1/K); everything else is delegated to the policy.
+    """
+
+    def __init__(self, policy: FlowPolicyBase) -> None:
+        self.policy = policy
+        self.real_action_dim, self.horizon, self.action_dim = policy.real_action_dim, policy.horizon, policy.action_dim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    def sample(self, context: Any, num_steps: int = 10, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised chunks [B, H, D] from noise [B, H, D] (drawn if None), differentiable in the weights."""
+        b = self.policy.batch_size(context)
+        dev = self.policy.device
+        x = torch.randn(b, self.horizon, self.action_dim, device=dev) if noise is None else noise.to(dev)
+        ts = torch.linspace(1.0, 0.0, num_steps + 1, device=dev)
+        for k in range(num_steps):
+            x = x + (-1.0 / num_steps) * self.policy.velocity(x, ts[k].expand(b), context)
+        return x
+
+
+def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, critic: QEnsemble | None,
+                features: FeatureCache | None, log: ScalarLog | None = None,
+                progress: bool = False) -> tuple[FlowPolicyBase, dict[str, Any]]:
+    """Train a copy of `policy` by cfg.method (the input stays untouched, the reference is a frozen copy).
+
+    Returns (actor in eval mode, summary). Raises FloatingPointError on a non-finite loss (nothing to publish).
+    """
+    torch.manual_seed(cfg.seed + 7)
+    rng = np.random.default_rng(cfg.seed + 7)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    actor = copy.deepcopy(policy).train().requires_grad_(True)
+    dev = actor.device
+    inputs = encode_inputs(actor, buf.demo)
+    chunks = actor.processor.normalize_actions(buf.demo.actions)  # [T, H, D]
+    valid = torch.from_numpy(buf.demo.valid)
+    if cfg.method == "filtered-bc":
+        pool = np.flatnonzero(buf.success)
+        if pool.size == 0:
+            raise ValueError(f"filtered-bc: buffer {buf.path} has no successful episodes to imitate")
+    else:
+        pool = np.arange(len(buf))
+    if cfg.method in CRITIC_METHODS and (critic is None or features is None):
+        raise ValueError(f"method {cfg.method} needs a critic")
+    qcfg = cfg.qvgm()
+    opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
+    eval_rows = np.random.default_rng(cfg.seed + 99).choice(len(buf), size=min(256, len(buf)), replace=False)
+    summary: dict[str, Any] = {}
+    if critic is not None and features is not None:
+        summary["q_policy_before"] = policy_q(reference, inputs, critic, features, eval_rows, cfg)
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(cfg.actor_steps), desc=f"actor {cfg.method}", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for step in bar:
+            rows = rng.choice(pool, size=min(cfg.actor_batch, pool.size), replace=pool.size < cfg.actor_batch)
+            trows = torch.as_tensor(rows)
+            b_in = batch_inputs(inputs, trows, dev)
+            q_fn = None
+            if critic is not None and features is not None:
+                z, p = _rows_z(features, rows)
+                q_fn = bind_critic(critic, z.to(dev), p.to(dev), how=cfg.aggregate)
+            actor.train()
+            if cfg.method == "qvgm":
+                assert q_fn is not None
+                info = qvgm_update(actor, reference, opt, b_in, q_fn, qcfg,
+                                   bc_actions=chunks[trows].to(dev) if cfg.bc_weight > 0 else None)
+                m = {"loss": info["loss"], "ascent_gain": float(np.mean(info["ascent_gain"])),
+                     "dv_norm": float(np.mean(info["dv_norm"])), "h_norm": float(np.mean(info["h_norm"])),
+                     "grad_norm": info["grad_norm"]}
+            else:
+                opt.zero_grad(set_to_none=True)
+                if cfg.method == "qdistill":
+                    assert q_fn is not None
+                    loss, m = q_distill_loss(actor, b_in, q_fn, qcfg)
+                elif cfg.method == "dql":
+                    assert q_fn is not None
+                    loss, m = diffusion_ql_loss(DifferentiableSampler(actor), b_in, q_fn, cfg.n_exec,
+                                                num_steps=cfg.num_steps, eta=cfg.dql_eta,
+                                                bc_actions=chunks[trows].to(dev))
+                else:  # filtered-bc / sft: flow matching on buffer chunks
+                    loss = actor.flow_loss(b_in, chunks[trows].to(dev), action_mask=valid[trows].to(dev))
+                    m = {"loss": loss.item()}
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{cfg.method} loss is not finite ({loss.item()}) at step {step}")
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
+                if not torch.isfinite(norm):
+                    raise FloatingPointError(f"{cfg.method} gradient is not finite at step {step}")
+                m["grad_norm"] = float(norm)
+                opt.step()
+            history.append(m)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.actor_steps:
+                if log is not None:
+                    log.log(f"actor_{cfg.method}", step + 1, m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+    finally:
+        bar.close()
+    actor.eval().requires_grad_(False)
+    summary["actor_wall_s"] = round(time.perf_counter() - t0, 2)
+    if history:
+        tail = history[-max(1, len(history) // 10):]
+        summary["actor_final"] = {k: float(np.mean([h[k] for h in tail if k in h])) for k in tail[-1]}
+        summary["actor_first"] = history[0]
+    with torch.no_grad():  # how far the actor moved from the reference, on the same inputs/noise
+        gen = torch.Generator().manual_seed(cfg.seed + 5)
+        b_in = batch_inputs(inputs, torch.as_tensor(eval_rows), dev)
+        eps = torch.randn(len(eval_rows), actor.horizon, actor.action_dim, generator=gen)
+        a_new = actor.sample(actor.encode(b_in), num_steps=cfg.num_steps, noise=eps)
+        a_ref = reference.sample(reference.encode(b_in), num_steps=cfg.num_steps, noise=eps)
+        summary["action_shift"] = float((a_new - a_ref)[..., : actor.real_action_dim].abs().mean())
+    if critic is not None and features is not None:
+        summary["q_policy_after"] = policy_q(actor, inputs, critic, features, eval_rows, cfg)
+        if log is not None:
+            log.log("actor_eval", cfg.actor_steps, {k: summary[k] for k in ("q_policy_before", "q_policy_after")})
+    return actor, summary
+
+
+# ---------------------------------------------------------------------------------------------------- whole run
+def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: Path | None = None,
+            cache_dir: Path | None = None, progress: bool = False,
+            critic: QEnsemble | None = None) -> tuple[FlowPolicyBase, QEnsemble | None, dict[str, Any]]:
+    """Features -> critic -> actor for one buffer; returns (actor, critic or None, summary). `critic` reuses an
+    already fitted critic (the benchmark trains every method against the same one)."""
+    check_compatible(policy, buf)
+    policy.eval()
+    log = ScalarLog(work)
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"kind": "qvgm-pipeline", "method": cfg.method, "buffer": buf.path,
+                               "frames": len(buf), "episodes": int(len(np.unique(buf.episode))),
+                               "successful_episodes": int(len(np.unique(buf.episode[buf.success]))),
+                               "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    try:
+        features = None
+        if cfg.method in CRITIC_METHODS:
+            check_outcomes(buf)
+            tr = buffer_transitions(policy, buf, cfg.n_exec, cfg.gamma)
+            cache_dir = cache_dir or (work / "features" if work is not None else None)
+            if cache_dir is None:
+                raise ValueError("a critic method needs a feature cache directory (work or cache_dir)")
+            features, rebuilt = extract_features(policy, buf, cache_dir, cfg.n_exec, num_ref=cfg.num_ref,
+                                                 num_steps=cfg.num_steps, seed=cfg.seed, progress=progress)
+            summary["features"] = {"path": str(cache_dir), "rebuilt": rebuilt is not None, "key": features.key}
+            summary["transitions"] = len(tr)
+            if critic is None:
+                critic, cinfo = train_critic(policy, features, tr, cfg, log=log, progress=progress)
+                summary["critic"] = cinfo
+            else:
+                check_training_data(critic, tr)
+                summary["critic"] = {"reused": True, "eval": evaluate_critic(critic, features, tr)}
+        actor, ainfo = train_actor(policy, buf, cfg, critic, features, log=log, progress=progress)
+        summary["actor"] = ainfo
+    finally:
+        log.close()
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    return actor, critic, summary
+
+
+def publish(actor: FlowPolicyBase, critic: QEnsemble | None, summary: dict[str, Any], init_dir: Path,
+            out: Path | None = None, store: Path | None = None, version: str | None = None) -> dict[str, Any]:
+    """Write the improved checkpoint: a new directory `out` (parent = the input's version) or a new version in
+    the CheckpointStore `store` (parent = the input's store version; an input from outside the store is first
+    published into it, not made current). Returns the manifest. Refuses non-finite weights."""
+    from qvgm.checkpoints import CheckpointStore, atomic_directory, write_manifest
+    from qvgm.policy.checkpoint_io import write_policy_files
+
+    init_dir = Path(init_dir)
+    parent_manifest = json.loads((init_dir / "manifest.json").read_text())
+    summary = {**summary, "init_checkpoint": str(init_dir), "init_version": parent_manifest.get("version")}
+    if (out is None) == (store is None):
+        raise ValueError("give exactly one of --out DIR and --store STORE")
+    if out is not None:
+        with atomic_directory(Path(out)) as tmp:
+            write_policy_files(actor, tmp)
+            if critic is not None:
+                save_critic(critic, tmp)
+            return write_manifest(tmp, version or f"{parent_manifest.get('version')}+{summary['method']}",
+                                  parent_manifest.get("version"), summary)
+    st = CheckpointStore(store)
+    if init_dir.resolve().parent == st.versions_dir.resolve():
+        parent = init_dir.name
+    else:
+        parent = st.publish_dir(init_dir, summary=parent_manifest.get("summary"), make_current=False)
+    with st.writing(parent=parent, summary=summary) as staged:
+        write_policy_files(actor, staged.path)
+        if critic is not None:
+            save_critic(critic, staged.path)
+    return staged.manifest
+
+
+# ---------------------------------------------------------------------------------------------------- test time
+class BestOfNPolicy:
+    """Test-time best-of-N: sample n chunks from `policy`, execute the one with the highest aggregated Q."""
+
+    def __init__(self, policy: FlowPolicyBase, critic: QEnsemble, n: int = 8, n_exec: int = 5,
+                 aggregate: str = "mean", num_steps: int = 10) -> None:
+        self.policy, self.critic, self.n, self.n_exec = policy, critic, n, n_exec
+        self.aggregate, self.num_steps = aggregate, num_steps
+        self.horizon, self.action_dim, self.real_action_dim = policy.horizon, policy.action_dim, policy.real_action_dim
+        self.version = f"{getattr(policy, 'version', '?')}+best-of-{n}"
+
+    @torch.no_grad()
+    def act(self, observations: list[dict[str, Any]], noise: torch.Tensor | None = None) -> np.ndarray:
+        """Observations -> chunks in robot units [B, H, real]; noise optional [n, B, H, D]."""
+        inputs = self.policy.preprocess(observations)
+        ctx = self.policy.encode(inputs)
+        q_fn = bind_critic(self.critic, self.policy.critic_features(ctx), inputs["state"], how=self.aggregate)
+        chunk, _ = best_of_n(self.policy, ctx, q_fn, self.n, self.n_exec, self.num_steps, noise=noise)
+        return self.policy.postprocess(chunk)
+
+
+class QGuidedPolicy:
+    """Test-time Q-gradient guidance on every sampling step; the policy's weights are unchanged."""
+
+    def __init__(self, policy: FlowPolicyBase, critic: QEnsemble, scale: float = 0.5, n_exec: int = 5,
+                 aggregate: str = "mean", num_steps: int = 10) -> None:
+        self.policy, self.critic, self.scale, self.n_exec = policy, critic, scale, n_exec
+        self.aggregate, self.num_steps = aggregate, num_steps
+        self.horizon, self.action_dim, self.real_action_dim = policy.horizon, policy.action_dim, policy.real_action_dim
+        self.version = f"{getattr(policy, 'version', '?')}+qguided-{scale}"
+
+    def act(self, observations: list[dict[str, Any]], noise: torch.Tensor | None = None) -> np.ndarray:
+        """Observations -> chunks in robot units [B, H, real]; noise optional [B, H, D] at t = 1."""
+        with torch.no_grad():
+            inputs = self.policy.preprocess(observations)
+            ctx = self.policy.encode(inputs)
+            q_fn = bind_critic(self.critic, self.policy.critic_features(ctx), inputs["state"], how=self.aggregate)
+        b = inputs["state"].shape[0]
+        if noise is None:
+            noise = torch.randn(b, self.horizon, self.action_dim, device=self.policy.device)
+        chunk = q_guided_sample(self.policy, ctx, q_fn, self.scale, self.n_exec, noise, num_steps=self.num_steps)
+        return self.policy.postprocess(chunk)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % (z = 1.96) Wilson score interval for a binomial proportion; (0, 1) when n = 0."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds at the ends (no rounding residue)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def run_episode(actor: Any, env: Any, task: str, seed: int, n_exec: int = 5, noise_seed: int = 0,
+                record: Any = None) -> dict[str, Any]:
+    """One closed-loop episode (scene seed `seed`): infer a chunk, execute its first n_exec actions, repeat until
+    success or the time limit. `actor.act([obs]) -> [1, H, real]` robot units; sampling noise comes from the
+    global torch RNG seeded with noise_seed. `record`: optional EpisodeWriter (frames + privileged returned)."""
+    torch.manual_seed(noise_seed)
+    obs, _ = env.reset(seed=seed, options={"task": task})
+    steps, ok, priv = 0, False, []
+    version = str(getattr(actor, "version", "policy"))
+    while True:
+        o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
+             "privileged": obs["privileged"]}
+        chunk = actor.act([o])[0]
+        done = False
+        for a in chunk[: max(1, n_exec)]:
+            a = a.astype(np.float32)
+            prev = obs
+            obs, reward, term, trunc, _ = env.step(a)
+            steps += 1
+            if record is not None:
+                record.add_frame({"images": prev.get("images", {}), "state": prev["state"], "prompt": prev["prompt"],
+                                  "stamp": prev["stamp"]}, a, reward=reward, done=term, policy_version=version)
+                priv.append(prev["privileged"])
+            if term or trunc:
+                ok, done = bool(term), True
+                break
+        if done:
+            break
+    return {"success": ok, "steps": steps, "privileged": priv}
+
+
+def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, render: bool = False,
+             image_size: tuple[int, int] = (224, 224), noise_seed: int = 0, env: Any = None,
+             progress: bool = False, max_episode_steps: int | None = None) -> dict[str, Any]:
+    """Closed-loop success of `actor` (a FlowPolicy or a test-time wrapper) on scene seeds `seeds`.
+
+    Returns {success_rate, ci95: [lo, hi] (Wilson), successes, episodes, seeds, mean_steps, wall_s}.
+    render=False for the `state` backbone (no cameras); pixel policies need render=True. max_episode_steps: time
+    limit in control steps for an env built here (default: the task's).
+    """
+    from qvgm.sim import TabletopEnv
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("evaluate needs at least one seed")
+    cams = tuple(getattr(getattr(actor, "policy", actor), "config", None).camera_names or ()) if render else ()
+    own = env is None
+    if own:
+        env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=render,
+                          max_episode_steps=max_episode_steps)
+    t0 = time.perf_counter()
+    results = []
+    try:
+        for s in tqdm(seeds, desc=f"eval {task}", disable=not progress, dynamic_ncols=True):
+            results.append(run_episode(actor, env, task, s, n_exec=n_exec, noise_seed=noise_seed + s))
+    finally:
+        if own:
+            env.close()
+    k = sum(r["success"] for r in results)
+    lo, hi = wilson_interval(k, len(results))
+    return {"success_rate": k / len(results), "ci95": [lo, hi], "successes": k, "episodes": len(results),
+            "seeds": seeds, "mean_steps": float(np.mean([r["steps"] for r in results])),
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Path, n_exec: int = 5,
+                     noise_seed: int = 0, progress: bool = False,
+                     max_episode_steps: int | None = None) -> dict[str, Any]:
+    """Run `actor` on scene seeds and record every episode into a new state-only replay buffer at `out`
+    (sparse reward, success label from the sim detector, privileged side files). Returns a summary.
+    max_episode_steps: time limit in control steps (default: the task's)."""
+    from critic_trainer.demos import write_privileged
+    from qvgm.data import ReplayBuffer
+    from qvgm.sim import TabletopEnv
+
+    env = TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps)
+    buf = ReplayBuffer.create(out, fps=int(env.control_hz), cameras={}, state_names=env.joint_names,
+                              action_names=env.joint_names)
+    t0 = time.perf_counter()
+    succ, frames = 0, 0
+    try:
+        for s in tqdm(list(seeds), desc=f"rollouts {task}", disable=not progress, dynamic_ncols=True):
+            ep = buf.begin_episode(task=env.prompt, start_stamp=0.0)
+            try:
+                r = run_episode(actor, env, task, int(s), n_exec=n_exec, noise_seed=noise_seed + int(s), record=ep)
+            except BaseException:
+                ep.abort()
+                raise
+            index = ep.finish(success=r["success"], label_source="auto")
+            write_privileged(Path(out), index, np.stack(r["privileged"]))
+            succ += int(r["success"])
+            frames += r["steps"]
+    finally:
+        buf.close()
+        env.close()
+    return {"episodes": len(list(seeds)), "successes": succ, "frames": frames, "seeds": [int(s) for s in seeds],
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", "--buffer", required=True, help="replay-buffer dataset directory")
+    p.add_argument("--policy", "--init", required=True, help="input (SFT) checkpoint directory")
+    p.add_argument("--out", default=None, help="new checkpoint directory (must not exist)")
+    p.add_argument("--store", default=None, help="CheckpointStore root to publish the new version into")
+    p.add_argument("--method", default="qvgm", choices=METHODS)
+    p.add_argument("--critic-objective", default="calql", choices=["calql", "cql", "iql"])
+    p.add_argument("--ensemble", type=int, default=2, help="number of Q heads")
+    p.add_argument("--aggregate", default="mean", choices=["mean", "min", "lcb"])
+    p.add_argument("--gate", default="last-M", choices=["last-M", "smooth"])
+    p.add_argument("--gate-m", type=int, default=5, help="M of the last-M gate")
+    p.add_argument("--no-projection", action="store_true")
+    p.add_argument("--no-clipping", action="store_true")
+    p.add_argument("--no-keep-best", action="store_true")
+    p.add_argument("--n-exec", type=int, default=5, help="executed steps per chunk (critic action length)")
+    p.add_argument("--critic-steps", type=int, default=2000)
+    p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
+    p.add_argument("--critic-batch", type=int, default=256)
+    p.add_argument("--reg-weight", type=float, default=1.0, help="w of the Cal-QL / CQL term")
+    p.add_argument("--actor-steps", type=int, default=300)
+    p.add_argument("--actor-lr", type=float, default=1e-4)
+    p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
+    p.add_argument("--ascent-steps", type=int, default=4, help="J")
+    p.add_argument("--bc-weight", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None, help="feature cache + logs (default OUT.work or STORE/work)")
+    p.add_argument("--version", default=None, help="version string for --out (default INIT+METHOD)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qvgm.policy import load_policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.out is None) == (args.store is None):
+        raise ValueError("give exactly one of --out DIR and --store STORE")
+    if args.out is not None and Path(args.out).exists():
+        raise FileExistsError(f"output checkpoint {args.out} already exists")
+    cfg = ImproveConfig(method=args.method, n_exec=args.n_exec, seed=args.seed, critic_objective=args.critic_objective,
+                        ensemble=args.ensemble, aggregate=args.aggregate, critic_hidden=tuple(args.critic_hidden),
+                        critic_steps=args.critic_steps, critic_batch=args.critic_batch, reg_weight=args.reg_weight,
+                        actor_steps=args.actor_steps, actor_lr=args.actor_lr,
+                        gate=args.gate, gate_last_m=args.gate_m, ascent_steps=args.ascent_steps,
+                        ascent_lr=args.ascent_lr, project=not args.no_projection, clip_grad=not args.no_clipping,
+                        keep_best=not args.no_keep_best, bc_weight=args.bc_weight)
+    policy = load_policy(args.policy)
+    backbone = policy.config.backbone
+    buf = load_buffer(args.dataset, policy.horizon, with_images=backbone != "state")
+    work = Path(args.work_dir) if args.work_dir else (Path(str(args.out) + ".work") if args.out
+                                                        else Path(args.store) / "work")
+    try:
+        actor, critic, summary = improve(policy, buf, cfg, work=work, progress=not args.no_progress)
+    except FloatingPointError as e:
+        raise ValueError(f"training diverged, nothing published: {e}") from None
+    manifest = publish(actor, critic, summary, Path(args.policy), out=Path(args.out) if args.out else None,
+                       store=Path(args.store) if args.store else None, version=args.version)
+    (work / "summary.json").write_text(json.dumps(manifest["summary"], indent=1, default=str))
+    crit = summary.get("critic", {}).get("eval", {})
+    print(json.dumps({"version": manifest["version"], "parent": manifest["parent"], "method": cfg.method,
+                      "out": args.out or args.store, "critic_mc_corr": crit.get("mc_corr"),
+                      "q_before": summary["actor"].get("q_policy_before"),
+                      "q_after": summary["actor"].get("q_policy_after"), "log": str(work / "scalars.jsonl"),
+                      "summary": str(work / "summary.json")}))
+    return 0
+
+
+__all__ = ["BestOfNPolicy", "BufferData", "DatasetError", "ImproveConfig", "QGuidedPolicy", "buffer_transitions",
+           "check_compatible", "collect_rollouts", "evaluate", "extract_features", "improve", "load_buffer",
+           "load_critic", "publish", "train_actor", "train_critic", "wilson_interval"]
