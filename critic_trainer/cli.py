@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demos": "critic_trainer.demos",
     "sft": "critic_trainer.sft",
     "rl-token": "critic_trainer.rl_token",
+    "qvgm": "critic_trainer.pipeline",
 }
 
 

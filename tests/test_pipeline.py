@@ -64,23 +64,10 @@ def data(tmp_path_factory):
 
 
 def cli(argv: list[str]) -> int:
-    """`critic_trainer ARGV` through cli.main once cli.py lists the module; until then the same plumbing here."""
-    import argparse
-
+    """`critic_trainer ARGV` through the real entry point."""
     from critic_trainer import cli as C
 
-    if "qvgm" in C.SUBCOMMANDS:
-        return C.main(argv)
-    ap = argparse.ArgumentParser(prog="critic_trainer")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("qvgm", help=P.HELP)
-    P.add_arguments(p)
-    args = ap.parse_args(argv)
-    try:
-        return int(P.run(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"critic_trainer {args.command}: error: {e}")
-        return 2
+    return C.main(argv)
 
 
 def test_extract_features_and_cache_invalidation(data, tmp_path):
