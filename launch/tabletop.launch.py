@@ -1,12 +1,14 @@
-"""`ros2 launch qvgm tabletop.launch.py [profile:=tabletop_sim]`: the profile's graph as launch_ros Nodes.
+"""`ros2 launch qvgm tabletop.launch.py [profile:=tabletop_sim|sim|tabletop_real|real|robots/ur5e]`.
 
 Thin over config/<profile>.yaml: the node list and parameters come from qvgm_policy_node.profile.node_specs,
 the same function `qvgm up` uses. DDS discovery settings are the caller's environment (see the profile).
+Nodes of other packages (robot_state_publisher, with robot_description read from the profile's robot.urdf)
+are started here only; `qvgm up` skips them.
 """
 
 from __future__ import annotations
 
-from qvgm_policy_node.profile import NodeSpec, load_profile, node_specs
+from qvgm_policy_node.profile import NodeSpec, launch_parameters, load_profile, node_specs
 
 DEFAULT_PROFILE = "tabletop_sim"
 
@@ -20,9 +22,11 @@ def _nodes(context, *args, **kwargs):  # launch OpaqueFunction: resolve the prof
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import Node
 
-    profile = LaunchConfiguration("profile").perform(context)
-    return [Node(package="qvgm", executable=spec.executable, name=spec.name, parameters=[spec.parameters],
-                 output="screen") for spec in describe(profile)]
+    name = LaunchConfiguration("profile").perform(context)
+    profile = load_profile(name)
+    return [Node(package=spec.package, executable=spec.executable, name=spec.name, namespace=spec.namespace or None,
+                 parameters=[launch_parameters(spec, profile)], remappings=list(spec.remappings) or None,
+                 output="screen") for spec in node_specs(profile)]
 
 
 def generate_launch_description():
@@ -31,6 +35,7 @@ def generate_launch_description():
     from launch import LaunchDescription
 
     return LaunchDescription([
-        DeclareLaunchArgument("profile", default_value=DEFAULT_PROFILE, description="config/<profile>.yaml"),
+        DeclareLaunchArgument("profile", default_value=DEFAULT_PROFILE,
+                              description="config/<profile>.yaml (aliases: sim, real)"),
         OpaqueFunction(function=_nodes),
     ])
