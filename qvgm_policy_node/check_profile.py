@@ -242,6 +242,20 @@ def expected_rates(profile: dict[str, Any], overrides: dict[str, dict[str, Any]]
     return (float(js_hz) if js_hz else None), cams
 
 
+def published_cameras(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The cameras the profile's nodes publish (after overrides), in the profile's order first."""
+    names: list[str] = []
+    for spec in node_specs(profile, overrides):
+        if spec.external:
+            continue
+        if spec.executable == "camera_node":
+            names.append(str(spec.parameters.get("camera_name")))
+        elif spec.executable == "sim_node":
+            names += [str(c) for c in spec.parameters.get("cameras", [])]
+    order = list(profile.get("cameras") or [])
+    return sorted(dict.fromkeys(names), key=lambda c: order.index(c) if c in order else len(order))
+
+
 def live_problems(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None, *,
                   timeout: float = 10.0, window: float = 3.0, min_rate_fraction: float = 0.5) -> list[str]:
     """Check the live graph (this process's DDS domain): waits up to `timeout` s for the topics, then
@@ -252,7 +266,7 @@ def live_problems(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] 
     from qvgm_policy_node.graph import Graph
 
     traj = trajectory_topic(profile)
-    cameras = list(profile.get("cameras") or [])
+    cameras = published_cameras(profile, overrides)
     topics = profile.get("topics") or {}
     img_fmt = topics.get("camera_image", "/camera/{name}/color/image_raw")
     info_fmt = topics.get("camera_info", "/camera/{name}/color/camera_info")
@@ -263,6 +277,7 @@ def live_problems(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] 
     js_hz, cam_hz = expected_rates(profile, overrides)
     joints = list((profile.get("robot") or {}).get("joint_names") or [])
     out: list[str] = []
+    deadline = time.monotonic() + timeout
     with Graph() as g:
         node = g.node("qvgm_check_profile")
 
@@ -271,65 +286,77 @@ def live_problems(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] 
 
         def ready() -> bool:
             types = graph_types()
-            return all(t in types for t in required) and node.count_subscribers(traj) > 0
+            return (all(t in types for t in required) and node.count_subscribers(traj) > 0
+                    and all(node.count_publishers(t) > 0 for t, want in required.items() if want != TRAJECTORY))
 
         g.spin_until(ready, timeout)
         types = graph_types()
+        inputs: dict[str, str] = {}
         for topic, want in required.items():
             if topic not in types:
                 out.append(f"{topic}: missing (no publisher or subscriber of {want})")
             elif want not in types[topic]:
                 out.append(f"{topic}: type {', '.join(types[topic])}, the profile expects {want}")
-        if traj in types and node.count_subscribers(traj) == 0:
-            out.append(f"{traj}: no subscriber (is the JointTrajectoryController "
-                       f"{traj.strip('/').split('/')[0]!r} loaded and active?)")
-        stamps: dict[str, list[float]] = {}
+            elif want == TRAJECTORY:
+                if node.count_subscribers(traj) == 0:
+                    out.append(f"{traj}: no subscriber (is the JointTrajectoryController "
+                               f"{traj.strip('/').split('/')[0]!r} loaded and active?)")
+            elif node.count_publishers(topic) == 0:
+                out.append(f"{topic}: no publisher of {want} (only subscribers)")
+            else:
+                inputs[topic] = want
+        stamps: dict[str, list[float]] = {t: [] for t in inputs}
+        received: dict[str, int] = dict.fromkeys(inputs, 0)
         last_js: list[JointState] = []
 
         def record(topic: str):
-            stamps[topic] = []
-
             def cb(msg: Any) -> None:
                 stamps[topic].append(time.monotonic())
+                received[topic] += 1
                 if isinstance(msg, JointState):
                     last_js[:] = [msg]
             return cb
 
         qos = qos_profile_sensor_data  # best effort: matches reliable and best-effort publishers
-        for topic, want in required.items():
-            if topic in types and want in types[topic] and want != TRAJECTORY:
-                cls = {JOINT_STATE: JointState, IMAGE: Image, CAMERA_INFO: CameraInfo}[want]
-                node.create_subscription(cls, topic, record(topic), qos)
+        classes = {JOINT_STATE: JointState, IMAGE: Image, CAMERA_INFO: CameraInfo}
+        for topic, want in inputs.items():
+            node.create_subscription(classes[want], topic, record(topic), qos)
+        # warm-up: every stream delivers 3 messages (publishers that just started), then the measuring window
+        g.spin_until(lambda: min(received.values(), default=3) >= 3, max(deadline - time.monotonic(), window))
+        for ts in stamps.values():
+            ts.clear()
         g.spin_for(window)
 
         def rate(topic: str) -> float:
             ts = stamps.get(topic, [])
             return 0.0 if len(ts) < 2 else (len(ts) - 1) / max(ts[-1] - ts[0], 1e-9)
 
-        if "/joint_states" in stamps:
-            if not stamps["/joint_states"]:
-                out.append(f"/joint_states: no message in {window:.1f} s")
-            else:
-                names = list(last_js[0].name)
-                missing = [j for j in joints if j not in names]
-                if missing:
-                    out.append(f"/joint_states: joints {missing} of the profile are not published "
-                               f"(published: {names})")
-                r = rate("/joint_states")
-                if js_hz and r < min_rate_fraction * js_hz:
-                    out.append(f"/joint_states: {r:.1f} Hz, expected >= {min_rate_fraction * js_hz:.1f} Hz "
-                               f"(profile: {js_hz:.1f} Hz)")
+        def silent(topic: str) -> bool:
+            return topic in inputs and received[topic] == 0
+
+        js = "/joint_states"
+        if silent(js):
+            out.append(f"{js}: no message (publisher present) in {max(timeout, window):.1f} s")
+        elif js in inputs:
+            names = list(last_js[0].name)
+            missing = [j for j in joints if j not in names]
+            if missing:
+                out.append(f"{js}: joints {missing} of the profile are not published (published: {names})")
+            r = rate(js)
+            if js_hz and r < min_rate_fraction * js_hz:
+                out.append(f"{js}: {r:.1f} Hz, expected >= {min_rate_fraction * js_hz:.1f} Hz "
+                           f"(profile: {js_hz:.1f} Hz)")
         for c in cameras:
             img, info = img_fmt.format(name=c), info_fmt.format(name=c)
-            if img in stamps:
+            if silent(img):
+                out.append(f"camera {c}: no image on {img} in {max(timeout, window):.1f} s")
+            elif img in inputs:
                 r, want_hz = rate(img), cam_hz.get(c)
-                if not stamps[img]:
-                    out.append(f"camera {c}: no image on {img} in {window:.1f} s")
-                elif want_hz and r < min_rate_fraction * want_hz:
+                if want_hz and r < min_rate_fraction * want_hz:
                     out.append(f"camera {c}: {img} {r:.1f} Hz, expected >= {min_rate_fraction * want_hz:.1f} Hz "
                                f"(profile: {want_hz:.1f} Hz)")
-            if info in stamps and not stamps[info]:
-                out.append(f"camera {c}: no camera_info on {info} in {window:.1f} s")
+            if silent(info):
+                out.append(f"camera {c}: no camera_info on {info} in {max(timeout, window):.1f} s")
     return out
 
 
