@@ -49,6 +49,7 @@ JOINT_STATE = "sensor_msgs/msg/JointState"
 TRAJECTORY = "trajectory_msgs/msg/JointTrajectory"
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
+ROBOT_DESCRIPTION = "/robot_description"  # std_msgs/String, transient-local (robot_state_publisher)
 
 
 def node_defaults(executable: str) -> dict[str, Any]:
@@ -321,6 +322,14 @@ def live_problems(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] 
         classes = {JOINT_STATE: JointState, IMAGE: Image, CAMERA_INFO: CameraInfo}
         for topic, want in inputs.items():
             node.create_subscription(classes[want], topic, record(topic), qos)
+        descriptions: list[str] = []
+        if "std_msgs/msg/String" in types.get(ROBOT_DESCRIPTION, []):  # the driver's URDF (latched)
+            from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+            from std_msgs.msg import String
+
+            latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            node.create_subscription(String, ROBOT_DESCRIPTION, lambda m: descriptions.append(m.data), latched)
         # warm-up: every stream delivers 3 messages (publishers that just started), then the measuring window
         g.spin_until(lambda: min(received.values(), default=3) >= 3, max(deadline - time.monotonic(), window))
         for ts in stamps.values():
@@ -357,6 +366,16 @@ def live_problems(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] 
                                f"(profile: {want_hz:.1f} Hz)")
             if silent(info):
                 out.append(f"camera {c}: no camera_info on {info} in {max(timeout, window):.1f} s")
+        if descriptions:
+            try:
+                movable = [j.get("name", "") for j in ET.fromstring(descriptions[-1]).iter("joint")
+                           if j.get("type") != "fixed"]
+                missing = [j for j in joints if j not in movable]
+                if missing:
+                    out.append(f"{ROBOT_DESCRIPTION}: joints {missing} of the profile are not movable joints of "
+                               f"the robot's URDF (has {movable})")
+            except ET.ParseError as exc:
+                out.append(f"{ROBOT_DESCRIPTION}: not a parseable URDF ({exc})")
     return out
 
 

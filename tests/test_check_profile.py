@@ -123,9 +123,11 @@ class FakeRobot:
     """A robot driver's graph made of real rclpy publishers/subscribers in its own context, spun in a thread:
     /joint_states at `js_hz`, camera image + camera_info for `cameras`, optionally the controller's subscriber."""
 
-    def __init__(self, joint_names: list[str], js_hz: float, cameras: list[str], controller: bool) -> None:
-        from rclpy.qos import qos_profile_sensor_data
+    def __init__(self, joint_names: list[str], js_hz: float, cameras: list[str], controller: bool,
+                 urdf: str = "") -> None:
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
         from sensor_msgs.msg import CameraInfo, Image, JointState
+        from std_msgs.msg import String
         from trajectory_msgs.msg import JointTrajectory
 
         from qvgm_policy_node.graph import Graph
@@ -149,6 +151,11 @@ class FakeRobot:
             node.create_timer(0.1, pub_cam)
         # the policy node's publisher: the topic exists whether or not the controller listens
         node.create_publisher(JointTrajectory, "/arm_controller/joint_trajectory", 10)
+        if urdf:  # what robot_state_publisher latches
+            latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            self._desc = node.create_publisher(String, "/robot_description", latched)
+            self._desc.publish(String(data=urdf))
         if controller:
             node.create_subscription(JointTrajectory, "/arm_controller/joint_trajectory", lambda m: None, 10)
         self._stop = threading.Event()
@@ -173,7 +180,8 @@ def real_profile_for_fake() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
 
 def test_a_good_fake_robot_passes() -> None:
     pytest.importorskip("rclpy")
-    robot = FakeRobot(JOINTS, 20.0, ["front", "wrist"], controller=True)
+    urdf = (REPO_ROOT / "urdf/tabletop_arm.urdf").read_text()
+    robot = FakeRobot(JOINTS, 20.0, ["front", "wrist"], controller=True, urdf=urdf)
     try:
         prof, overrides = real_profile_for_fake()
         assert live_problems(prof, overrides, timeout=10.0, window=1.5) == []
@@ -184,7 +192,8 @@ def test_a_good_fake_robot_passes() -> None:
 def test_a_broken_robot_graph_fails_with_exact_messages() -> None:
     pytest.importorskip("rclpy")
     wrong = [*JOINTS[:5], "joint_six", JOINTS[6]]
-    robot = FakeRobot(wrong, 4.0, ["front"], controller=False)
+    urdf = (REPO_ROOT / "urdf/tabletop_arm.urdf").read_text().replace('name="joint_6"', 'name="joint_six"')
+    robot = FakeRobot(wrong, 4.0, ["front"], controller=False, urdf=urdf)
     try:
         prof, overrides = real_profile_for_fake()
         problems = live_problems(prof, overrides, timeout=3.0, window=1.5)
@@ -199,4 +208,6 @@ def test_a_broken_robot_graph_fails_with_exact_messages() -> None:
     assert problems[3] == (f"/joint_states: joints ['joint_6'] of the profile are not published (published: "
                            f"{wrong})")
     assert re.fullmatch(r"/joint_states: [0-9.]+ Hz, expected >= 10\.0 Hz \(profile: 20\.0 Hz\)", problems[4])
-    assert len(problems) == 5, problems
+    assert problems[5].startswith("/robot_description: joints ['joint_6'] of the profile are not movable joints of "
+                                  "the robot's URDF (has ['joint_1', "), problems
+    assert len(problems) == 6, problems
