@@ -127,3 +127,46 @@ def test_qvgm_up_real_skips_robot_state_publisher(tmp_path: Path, capsys: pytest
     assert "qvgm up real: skipping robot_state_publisher (robot_state_publisher/robot_state_publisher is not a " \
            "Python node" in out
     assert "nodes ['front', 'wrist', 'policy_node', 'recorder_node', 'episode_manager', 'teleop_node']" in out
+
+
+def test_real_profile_as_separate_processes(tmp_path: Path) -> None:
+    """What `ros2 launch ... profile:=robots/ur5e` does without launch: a camera node and the policy node as
+    their own processes, parameters from ros_params_yaml, node name/namespace and the controller remapping as
+    ROS arguments; the graph shows /camera/front and the policy's chunks go to the UR controller's topic."""
+    pytest.importorskip("rclpy")
+    import os
+    import subprocess
+    import sys
+
+    from qvgm_policy_node.graph import Graph
+
+    missing = str(tmp_path / "no_camera.mp4")
+    overrides = {"front": {"backend": "opencv", "device": missing}, "policy_node": {"device": "cpu"}}
+    specs = {s.name: s for s in node_specs(load_profile("robots/ur5e"), overrides)}
+    params = tmp_path / "params.yaml"
+    params.write_text(ros_params_yaml(list(specs.values())))
+    procs = []
+    for name in ("front", "policy_node"):
+        s = specs[name]
+        args = ["--ros-args", "-r", f"__node:={s.name}", "--params-file", str(params)]
+        if s.namespace:
+            args += ["-r", f"__ns:=/{s.namespace}"]
+        procs.append(subprocess.Popen([sys.executable, "-m", f"qvgm_policy_node.{s.executable}", *args,
+                                       *s.ros_args()], env=dict(os.environ), cwd=str(REPO_ROOT)))
+    traj = "/scaled_joint_trajectory_controller/joint_trajectory"
+    try:
+        with Graph() as g:
+            io = g.node("separate_real_probe")
+
+            def nodes() -> set[tuple[str, str]]:
+                return {(ns, n) for n, ns in io.get_node_names_and_namespaces()}
+
+            assert g.spin_until(lambda: {("/camera", "front"), ("/", "policy_node")} <= nodes()
+                                and io.count_publishers(traj) == 1, 40.0), (nodes(), [p.poll() for p in procs])
+            assert io.count_publishers("/camera/front/color/image_raw") == 1  # camera_name from the params file
+            assert io.count_publishers(DEFAULT_TRAJECTORY) == 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
