@@ -21,6 +21,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from qvgm.recording import IDLE, RESET, RUNNING, EpisodeStateMachine, Transition
 from qvgm_policy_node import topics
+from qvgm_policy_node.params import declare
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STATUS_TOPIC = "/qvgm/episode/status"  # std_msgs/String JSON, transient-local
@@ -38,7 +39,7 @@ class EpisodeManager(Node):
 
     def __init__(self, node_name: str = "episode_manager", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        p = {k: self.declare_parameter(k, v).value for k, v in DEFAULTS.items()}
+        p = declare(self, DEFAULTS)
         self.sim = bool(p["sim"])
         self.auto_start = bool(p["auto_start"])
         self.reset_retry_s = float(p["reset_retry_s"])

@@ -25,6 +25,7 @@ from trajectory_msgs.msg import JointTrajectory
 from qvgm.data import ReplayBuffer
 from qvgm.recording import EpisodeRecorder, QualityConfig
 from qvgm_policy_node import topics
+from qvgm_policy_node.params import declare
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STATUS_QOS = QoSProfile(depth=20, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # every transition
@@ -63,7 +64,7 @@ class RecorderNode(Node):
 
     def __init__(self, node_name: str = "recorder_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        p = {k: self.declare_parameter(k, v).value for k, v in DEFAULTS.items()}
+        p = declare(self, DEFAULTS)
         if not p["root"]:
             raise ValueError("recorder_node: parameter 'root' (dataset directory) is required")
         self.joint_names = list(p["joint_names"])

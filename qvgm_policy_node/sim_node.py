@@ -24,7 +24,6 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -36,6 +35,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from qvgm.safety import SafetyLayer, SafetyLimits, box_workspace
 from qvgm.trajectory import TrajectoryExecutor, TrajectoryRejected, validate_trajectory
 from qvgm_policy_node import topics
+from qvgm_policy_node.params import declare
 
 TRANSIENT_LOCAL = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -55,19 +55,6 @@ def to_time_msg(seconds: float) -> TimeMsg:
 
 def from_time_msg(stamp: TimeMsg) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
-
-
-def declare(node: Node, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Declare every parameter with its default; returns the effective values (overrides applied).
-
-    List parameters are dynamically typed so that an empty list (which ROS cannot type) is accepted.
-    """
-    values = {}
-    for k, v in defaults.items():
-        descriptor = ParameterDescriptor(dynamic_typing=True) if isinstance(v, list) else ParameterDescriptor()
-        value = node.declare_parameter(k, v, descriptor).value
-        values[k] = list(value) if isinstance(v, list) else value
-    return values
 
 
 class SimNode(Node):

@@ -33,6 +33,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from qvgm.recording import Jogger, JoyMapping, parse_key
 from qvgm_policy_node import topics
+from qvgm_policy_node.params import declare
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 JOINT_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"]
@@ -64,7 +65,7 @@ class TeleopNode(Node):
 
     def __init__(self, node_name: str = "teleop_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        p = {k: self.declare_parameter(k, v).value for k, v in DEFAULTS.items()}
+        p = declare(self, DEFAULTS)
         self.joint_names = list(p["joint_names"])
         lower, upper = np.asarray(p["lower"], float), np.asarray(p["upper"], float)
         if p["urdf"]:

@@ -6,6 +6,9 @@ TASK = "/qvgm/task"
 SUCCESS = "/qvgm/sim/success"
 OBJECTS = "/qvgm/sim/objects"
 DIAGNOSTICS = "/diagnostics"
+ESTOP = "/qvgm/estop"  # std_msgs/Bool: true = hold until cleared
+POLICY_VERSION = "/qvgm/policy/version"  # std_msgs/String, transient-local: version that produced the latest chunk
+POLICY_ENABLE = "/qvgm/policy/enable"  # std_msgs/Bool, transient-local: false = policy muted (publishes nothing)
 
 
 def camera_image(name: str) -> str:

@@ -46,6 +46,8 @@ class Pi05Config:
     camera_names: list[str] = field(default_factory=lambda: ["base", "wrist"])
     max_token_len: int = 200
     rms_eps: float = 1e-6
+    # RL token (qvgm.policy.rl_token.RLTokenConfig as a dict) when the checkpoint has one, else None
+    rl_token: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

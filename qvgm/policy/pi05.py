@@ -26,6 +26,7 @@ from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
 from qvgm.policy.config import Pi05Config
 from qvgm.policy.flow import FlowPolicyBase, batch_time, sinusoidal_time_embedding
 from qvgm.policy.processor import NormStats, Processor
+from qvgm.policy.rl_token import RLToken, RLTokenConfig
 
 
 class AdaRMSNorm(nn.Module):
@@ -271,8 +272,8 @@ class Pi05Model(nn.Module):
 class Pi05Policy(FlowPolicyBase):
     """FlowPolicy over Pi05Model. Context = Pi05Context (cached prefix K/V).
 
-    critic_features: for now the mean-pooled final prefix embedding over valid tokens [B, width]; the RL token
-    (METHOD.md §2) will replace it.
+    critic_features: the RL token z_rl when the config has `rl_token` (METHOD.md §2, qvgm.policy.rl_token), else
+    the mean-pooled final prefix embedding over valid tokens [B, width].
     """
 
     def __init__(self, cfg: Pi05Config, tokenizer: Tokenizer, norm_stats: NormStats) -> None:
@@ -290,6 +291,9 @@ class Pi05Policy(FlowPolicyBase):
                                    state_dim=cfg.state_dim, real_action_dim=cfg.real_action_dim,
                                    action_dim=cfg.action_dim, norm_stats=norm_stats, tokenizer=tokenizer,
                                    max_token_len=cfg.max_token_len)
+        self.rl_token: RLToken | None = None
+        if cfg.rl_token is not None:
+            self.rl_token = RLToken(RLTokenConfig.from_dict(cfg.rl_token))
 
     @staticmethod
     def _prefix_args(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -311,6 +315,9 @@ class Pi05Policy(FlowPolicyBase):
         return self.model.joint_forward(*self._prefix_args(inputs), x_t, batch_time(t, x_t.shape[0], x_t.device))[1]
 
     def critic_features(self, context: Pi05Context) -> torch.Tensor:
-        """[B, width]: mean of the final-norm prefix embeddings over valid prefix tokens (placeholder RL token)."""
+        """z_rl [B, rl_token.dim] when the checkpoint has a trained RL token (METHOD.md §2); otherwise [B, width]:
+        the mean of the final-norm prefix embeddings over valid prefix tokens."""
+        if self.rl_token is not None:
+            return self.rl_token.encode(context.prefix_out.float(), context.prefix_mask).float()
         m = context.prefix_mask.to(context.prefix_out.dtype)[..., None]
         return ((context.prefix_out * m).sum(1) / m.sum(1).clamp_min(1.0)).float()

@@ -1,0 +1,123 @@
+"""SFT success rate in the sim: few-shot SFT from 10 / 20 noisy expert demos, closed-loop evaluation.
+
+For each task and demo count: record `n` noisy-expert demos (scene seeds DEMO_SEED0 + k), train the policy with
+`critic_trainer.sft` for several training seeds, and roll it out on held-out scene seeds (EVAL_SEED0 + j, never a
+demo seed). Reports per training seed the success rate, and pooled over seeds the mean with a 95 % Wilson
+interval (episodes pooled) and a 95 % bootstrap interval over training seeds. Prints one JSON object and writes
+it to --out. Usage::
+
+    .venv/bin/python bench/sft_success.py --config state --steps 1000 --seeds 3 --episodes 20 --out sft.json
+    .venv/bin/python bench/sft_success.py --config pi05-small --tasks push --demos 10 --seeds 1 --steps 200 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from critic_trainer.demos import collect_demos  # noqa: E402
+from critic_trainer.sft import SFTConfig, load_demo_data, rollout, train_sft  # noqa: E402
+
+DEMO_SEED0 = 0
+EVAL_SEED0 = 100_000
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for k successes out of n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def bootstrap(rates: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of per-seed success rates."""
+    r = np.asarray(rates, dtype=np.float64)
+    if len(r) < 2:
+        return (float(r.mean()), float(r.mean()))
+    rng = np.random.default_rng(seed)
+    means = r[rng.integers(0, len(r), size=(iters, len(r)))].mean(1)
+    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="state")
+    ap.add_argument("--tasks", nargs="+", default=["pick_place", "push", "stack"])
+    ap.add_argument("--demos", nargs="+", type=int, default=[10, 20])
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per (task, demos)")
+    ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per training seed")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--noise", type=float, default=0.01, help="demo expert noise std (m)")
+    ap.add_argument("--n-exec", type=int, default=5, help="actions executed per chunk")
+    ap.add_argument("--image-size", type=int, nargs=2, default=(64, 64))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    state_only = args.config == "state"
+    t_all = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sft_bench_") as tmp:
+        for task in args.tasks:
+            root = Path(tmp) / task
+            demo = collect_demos(task, max(args.demos), root, noise=args.noise, seed=DEMO_SEED0,
+                                 image_size=tuple(args.image_size), render=not state_only)
+            print(json.dumps({"demos": demo}), flush=True)
+            eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
+            assert not set(eval_seeds) & set(demo["seeds"])
+            for n in args.demos:
+                data = load_demo_data([root], 10, with_images=not state_only, max_episodes=n)
+                per_seed = []
+                for s in range(args.seeds):
+                    t0 = time.perf_counter()
+                    ck = str(Path(tmp) / f"ck-{task}-{n}-{s}")
+                    cfg = SFTConfig(datasets=[str(root)], config=args.config, out=ck,
+                                    steps=args.steps, seed=s, batch_size=args.batch_size, lr=args.lr,
+                                    checkpoint_every=args.steps, max_episodes=n)
+                    res = train_sft(cfg, data=data, progress=False)
+                    t_train = time.perf_counter() - t0
+                    runs = [rollout(res["policy"], task, e, n_exec=args.n_exec, image_size=tuple(args.image_size),
+                                    noise_seed=e) for e in eval_seeds]
+                    k = sum(r["success"] for r in runs)
+                    per_seed.append({"seed": s, "success": k, "episodes": len(runs), "rate": k / len(runs),
+                                     "final_loss": round(res["final_loss"], 4), "train_s": round(t_train, 1),
+                                     "eval_s": round(time.perf_counter() - t0 - t_train, 1)})
+                    print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
+                k_all = sum(p["success"] for p in per_seed)
+                n_all = sum(p["episodes"] for p in per_seed)
+                rates = [p["rate"] for p in per_seed]
+                results.append({"task": task, "demos": n, "frames": len(data),
+                                "success_mean": k_all / n_all, "wilson95": wilson(k_all, n_all),
+                                "bootstrap95_over_seeds": bootstrap(rates), "per_seed": per_seed})
+    out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
+           "lr": args.lr, "demo_noise_m": args.noise, "n_exec": args.n_exec, "demo_seeds": f"{DEMO_SEED0}+k",
+           "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+           "results": results, "wall_s": round(time.perf_counter() - t_all, 1)}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,539 @@
+"""Few-shot supervised flow matching (SFT) of a FlowPolicy on replay-buffer datasets.
+
+    critic_trainer sft --dataset DIR [--dataset DIR2 ...] --config state|pi05-tiny|pi05-small --out CKPT
+                       --steps N --seed S [--batch-size B] [--lr LR] [--resume]
+
+Data: every frame of every kept episode is a training sample: its observation and the chunk of H actions
+a_i..a_{i+H-1}; steps past the episode end repeat the last action and are masked out of the loss.
+Quantile norm stats (1%/99%) come from the kept frames' states and actions and are stored in the checkpoint.
+Loss: flow matching in the openpi convention (t = 1 noise, t = 0 clean; x_t = t*eps + (1-t)*a, target
+eps - a, t ~ Beta(1.5, 1)*0.999 + 0.001), MSE over real action dims and unpadded steps.
+
+Determinism: one seed fixes the init (torch.manual_seed), the batch indices (numpy PCG64) and the
+noise/flow times (a torch.Generator); same seed + data + thread count -> identical weights.
+Resume: every `checkpoint_every` steps the training state is written atomically to WORK/train_state/
+(model.safetensors; optimizer.safetensors = Adam moments + torch RNG state; state.json = step, numpy RNG,
+config, data fingerprint). `--resume` continues from it and ends bit-identical to an uninterrupted run.
+Logs: WORK/scalars.jsonl ({"step", "loss", "lr", "wall_s"} per line), and TensorBoard event files in
+WORK/tb when the optional `tensorboard` package is importable. WORK defaults to OUT + ".work".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from qvgm.data import DatasetError, ReplayReader
+from qvgm.policy import NormStats, make_policy, save_policy
+from qvgm.policy.flow import FlowPolicyBase, sample_flow_time
+
+HELP = "supervised flow-matching fine-tuning (SFT) of a policy on replay-buffer datasets"
+STATE_DIR = "train_state"
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class DemoData:
+    """Frames of one or more datasets, flattened. Robot units (rad, m), not normalised.
+
+    state [N, ds], actions [N, H, da] (chunk from each frame, padded with the last action), valid [N, H] bool,
+    privileged [N, k] or None, prompts [N] str, images {cam: uint8 [N, h, w, 3]} (empty without cameras),
+    episode [N] int (running episode id across datasets), datasets: their paths.
+    """
+
+    state: np.ndarray
+    actions: np.ndarray
+    valid: np.ndarray
+    privileged: np.ndarray | None
+    prompts: list[str]
+    images: dict[str, np.ndarray]
+    episode: np.ndarray
+    datasets: list[str] = field(default_factory=list)
+    fps: int = 10
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def subset(self, rows: np.ndarray) -> DemoData:
+        return DemoData(self.state[rows], self.actions[rows], self.valid[rows],
+                        None if self.privileged is None else self.privileged[rows], [self.prompts[i] for i in rows],
+                        {c: v[rows] for c, v in self.images.items()}, self.episode[rows], self.datasets, self.fps)
+
+    def observations(self, rows: np.ndarray | list[int]) -> list[dict[str, Any]]:
+        """Interface observation dicts of frames `rows` (with `privileged` when present)."""
+        out = []
+        for i in rows:
+            o: dict[str, Any] = {"images": {c: v[i] for c, v in self.images.items()}, "state": self.state[i],
+                                 "prompt": self.prompts[i]}
+            if self.privileged is not None:
+                o["privileged"] = self.privileged[i]
+            out.append(o)
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 over states, actions and prompts (resume refuses different data)."""
+        h = hashlib.sha256()
+        for a in (self.state, self.actions, self.valid):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update("\n".join(self.prompts).encode())
+        return h.hexdigest()
+
+
+def load_demo_data(datasets: list[str | Path], horizon: int, with_images: bool, success_only: bool = False,
+                   max_episodes: int | None = None) -> DemoData:
+    """Read datasets (replay-buffer format) into DemoData with H = `horizon` action chunks.
+
+    Discarded episodes are dropped; `success_only` keeps episodes labelled successful; `max_episodes` keeps the
+    first n episodes of each dataset. Raises ValueError for no datasets, no usable frames, or datasets whose
+    state/action dims, cameras or fps disagree; DatasetError for a directory that is not a dataset.
+    """
+    from critic_trainer.demos import load_privileged
+
+    if not datasets:
+        raise ValueError("no --dataset given")
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    parts: list[dict[str, Any]] = []
+    ref: dict[str, Any] | None = None
+    ep_offset = 0
+    for ds in datasets:
+        if not Path(ds).exists():
+            raise FileNotFoundError(f"dataset {ds} does not exist")
+        r = ReplayReader(ds, success=True if success_only else None, decode_images=with_images)
+        try:
+            shape = {"state_dim": r.state.shape[1], "action_dim": r.action.shape[1],
+                     "cameras": sorted(k.split(".")[-1] for k in r.video_keys), "fps": r.fps}
+            if ref is None:
+                ref = {"path": str(ds), **shape}
+            else:
+                for key, val in shape.items():
+                    if val != ref[key]:
+                        raise ValueError(f"dataset {ds} has {key} {val}, but {ref['path']} has {key} {ref[key]}; "
+                                         "SFT needs datasets of one robot/camera setup")
+            eps = [e for e in range(len(r.episodes)) if r.episode_mask[e]]
+            if max_episodes is not None:
+                eps = eps[:max_episodes]
+            if not eps:
+                continue
+            priv_all = load_privileged(r)
+            rows_g: list[np.ndarray] = []
+            acts, valid = [], []
+            for e in eps:
+                s, t = int(r.ep_start[e]), int(r.ep_end[e])
+                g = np.arange(s, t)
+                idx = g[:, None] + np.arange(horizon)[None]
+                ok = idx < t
+                acts.append(r.action[np.minimum(idx, t - 1)])
+                valid.append(ok)
+                rows_g.append(g)
+            g_all = np.concatenate(rows_g)
+            images: dict[str, np.ndarray] = {}
+            if with_images and r.video_keys:
+                dec = r.images(g_all.tolist())
+                for cam in dec[int(g_all[0])]:
+                    images[cam] = np.stack([dec[int(g)][cam] for g in g_all])
+            episode = np.concatenate([np.full(len(x), ep_offset + k) for k, x in enumerate(rows_g)])
+            ep_offset += len(eps)
+            parts.append({"state": r.state[g_all], "actions": np.concatenate(acts), "valid": np.concatenate(valid),
+                          "privileged": None if priv_all is None else priv_all[g_all],
+                          "prompts": [r.tasks[int(i)] for i in r.task_index[g_all]], "images": images,
+                          "episode": episode})
+        finally:
+            r.close()
+    if not parts:
+        what = "successful " if success_only else ""
+        raise ValueError(f"no {what}episodes with frames in {[str(d) for d in datasets]} (empty dataset?)")
+    has_priv = all(p["privileged"] is not None for p in parts)
+    if has_priv and len({p["privileged"].shape[1] for p in parts}) != 1:
+        raise ValueError("datasets have privileged state of different widths")
+    return DemoData(
+        state=np.concatenate([p["state"] for p in parts]).astype(np.float32),
+        actions=np.concatenate([p["actions"] for p in parts]).astype(np.float32),
+        valid=np.concatenate([p["valid"] for p in parts]),
+        privileged=np.concatenate([p["privileged"] for p in parts]) if has_priv else None,
+        prompts=[s for p in parts for s in p["prompts"]],
+        images={c: np.concatenate([p["images"][c] for p in parts]) for c in parts[0]["images"]},
+        episode=np.concatenate([p["episode"] for p in parts]),
+        datasets=[str(d) for d in datasets], fps=int(ref["fps"]) if ref else 10)
+
+
+def norm_stats_from(data: DemoData) -> NormStats:
+    """1%/99% quantiles of the states and of the valid (unpadded) actions."""
+    return NormStats.compute(data.state, data.actions[data.valid])
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class SFTConfig:
+    """SFT run settings. lr: AdamW peak learning rate with `warmup` linear steps then cosine to 10 %."""
+
+    datasets: list[str]
+    config: str = "state"
+    out: str = "sft_ckpt"
+    steps: int = 2000
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 25
+    success_only: bool = False
+    max_episodes: int | None = None
+    version: str | None = None
+    work_dir: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # policy config overrides (e.g. horizon)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(str(self.out) + ".work")
+
+    def training_key(self) -> dict[str, Any]:
+        """The fields that must match for a resume (everything but out/work_dir/steps/checkpoint cadence)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version"):
+            d.pop(k)
+        return d
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to 0.1 * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
+
+
+def build_policy_for(data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
+    """A fresh policy sized to the data (state/action dims, cameras, privileged state) with data norm stats."""
+    from qvgm.policy.config import get_config
+
+    stats = norm_stats_from(data)
+    over = {"state_dim": data.state.shape[1], "real_action_dim": data.actions.shape[2], **cfg.overrides}
+    backbone = get_config(cfg.config).backbone
+    if backbone == "state":
+        if data.privileged is None:
+            raise ValueError("the `state` backbone needs privileged object state: the dataset has no "
+                             "meta/qvgm_privileged side files (record it with `critic_trainer demos`)")
+        over.setdefault("privileged_dim", data.privileged.shape[1])
+    else:
+        if not data.images:
+            raise ValueError(f"{cfg.config} needs camera images; the dataset has no cameras")
+        over.setdefault("camera_names", sorted(data.images))
+    return make_policy(cfg.config, stats, tasks=sorted(set(data.prompts)), **over)
+
+
+def encode_inputs(policy: FlowPolicyBase, data: DemoData, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Preprocess every frame once (images resized to the model size, kept as float16; tokens; state)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, len(data), chunk):
+        inp = policy.processor(data.observations(range(s, min(s + chunk, len(data)))))
+        for k, v in inp.items():
+            out.setdefault(k, []).append(v.half() if k == "images" else v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def batch_inputs(inputs: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v[rows].float() if k == "images" else v[rows]).to(device) for k, v in inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- state io
+def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, step: int,
+                      rng: np.random.Generator, gen: torch.Generator, cfg: SFTConfig, fingerprint: str,
+                      last_loss: float) -> None:
+    """Atomically replace WORK/train_state with the state after `step` optimizer steps."""
+    tmp = work / f".{STATE_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    sd = opt.state_dict()
+    tensors = {"rng/torch_generator": gen.get_state()}
+    for pid, st in sd["state"].items():
+        for name, val in st.items():
+            tensors[f"opt/{pid}/{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "numpy_rng": rng.bit_generator.state, "param_groups": sd["param_groups"],
+            "training_key": cfg.training_key(), "data_fingerprint": fingerprint, "last_loss": last_loss}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = work / STATE_DIR
+    old = work / f".{STATE_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, rng: np.random.Generator,
+                      gen: torch.Generator, cfg: SFTConfig, fingerprint: str) -> int:
+    """Restore a saved training state; returns the step to continue from. Mismatches -> ValueError.
+    Falls back to the previous state when a crash struck between the two renames of `_save_train_state`."""
+    d = work / STATE_DIR
+    if not (d / "state.json").exists():
+        d = work / f".{STATE_DIR}.old"
+    meta = json.loads((d / "state.json").read_text())
+    if meta["training_key"] != json.loads(json.dumps(cfg.training_key())):
+        raise ValueError(f"{d}: saved run has different settings {meta['training_key']}; refusing to resume")
+    if meta["data_fingerprint"] != fingerprint:
+        raise ValueError(f"{d}: saved run used different data; refusing to resume")
+    if meta["step"] > cfg.steps:
+        raise ValueError(f"{d}: saved state is at step {meta['step']} > --steps {cfg.steps}")
+    policy.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    tensors = load_file(str(d / "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    gen.set_state(tensors["rng/torch_generator"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return int(meta["step"])
+
+
+class ScalarLog:
+    """JSONL scalar log (always) + TensorBoard SummaryWriter when `tensorboard` is importable."""
+
+    def __init__(self, work: Path, resume_step: int) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.path = work / "scalars.jsonl"
+        if self.path.exists():  # drop lines past the resume point (they will be re-logged identically)
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+        self.f = open(self.path, "a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(work / "tb"), purge_step=resume_step + 1)
+        except ImportError:
+            pass
+
+    def log(self, step: int, **scalars: float) -> None:
+        self.f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"sft/{k}", v, step)
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False, stop_after: int | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Run SFT; writes the final checkpoint to cfg.out with save_policy and returns its manifest.
+
+    `data` skips loading (tests, bench); `resume` continues from WORK/train_state when present;
+    `stop_after` ends the process-local run after that many optimizer steps in total, leaving only the training
+    state (to test resume). Returns {"manifest", "final_loss", "steps", "work"} (manifest None when stopped).
+    """
+    from qvgm.policy.config import get_config
+
+    if Path(cfg.out).exists():
+        raise FileExistsError(f"output checkpoint {cfg.out} already exists")
+    horizon = int(cfg.overrides.get("horizon", get_config(cfg.config).horizon))
+    backbone = get_config(cfg.config).backbone
+    if data is None:
+        data = load_demo_data(cfg.datasets, horizon, with_images=backbone != "state",
+                              success_only=cfg.success_only, max_episodes=cfg.max_episodes)
+    if data.actions.shape[1] != horizon:
+        raise ValueError(f"data has chunks of {data.actions.shape[1]} actions, policy horizon is {horizon}")
+    torch.manual_seed(cfg.seed)
+    policy = build_policy_for(data, cfg)
+    policy.train()
+    dev = policy.device
+    inputs = encode_inputs(policy, data)
+    actions = policy.processor.normalize_actions(data.actions)  # [N, H, D]
+    valid = torch.from_numpy(data.valid)
+    fingerprint = data.fingerprint()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    work = cfg.work
+    start = 0
+    if resume and any((work / n / "state.json").exists() for n in (STATE_DIR, f".{STATE_DIR}.old")):
+        start = _load_train_state(work, policy, opt, rng, gen, cfg, fingerprint)
+    log = ScalarLog(work, start)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    t0 = time.perf_counter()
+    loss_v = float("nan")
+    b, h, d = cfg.batch_size, policy.horizon, policy.action_dim
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"sft {cfg.config}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for step in bar:
+            rows = torch.from_numpy(rng.integers(0, len(data), size=b))
+            noise = torch.randn(b, h, d, generator=gen)
+            t = sample_flow_time(b, generator=gen)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = policy.flow_loss(batch_inputs(inputs, rows, dev), actions[rows].to(dev), noise=noise.to(dev),
+                                    time=t, action_mask=valid[rows].to(dev))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"SFT loss became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+            loss_v = float(loss.item())
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end:
+                log.log(done, loss=loss_v, lr=lr, wall_s=round(time.perf_counter() - t0, 3))
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+            if done % cfg.checkpoint_every == 0 or done == end:
+                _save_train_state(work, policy, opt, done, rng, gen, cfg, fingerprint, loss_v)
+    finally:
+        bar.close()
+        log.close()
+    if end < cfg.steps:
+        return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work)}
+    policy.eval()
+    summary = {"kind": "sft", "config": cfg.config, "datasets": data.datasets, "frames": len(data),
+               "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
+               "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v,
+               "success_only": cfg.success_only, "data_sha256": fingerprint}
+    version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
+    manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
+    return {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}
+
+
+@torch.no_grad()
+def heldout_flow_loss(policy: FlowPolicyBase, data: DemoData, seed: int = 0, samples: int = 4) -> float:
+    """Mean masked flow loss over every frame of `data` with fixed noise/time draws (comparable across models)."""
+    policy.eval()
+    inputs = encode_inputs(policy, data)
+    actions = policy.processor.normalize_actions(data.actions)
+    valid = torch.from_numpy(data.valid)
+    gen = torch.Generator().manual_seed(seed)
+    dev = policy.device
+    total, n = 0.0, 0
+    for _ in range(samples):
+        for s in range(0, len(data), 256):
+            rows = torch.arange(s, min(s + 256, len(data)))
+            noise = torch.randn(len(rows), policy.horizon, policy.action_dim, generator=gen)
+            t = sample_flow_time(len(rows), generator=gen)
+            loss = policy.flow_loss(batch_inputs(inputs, rows, dev), actions[rows].to(dev), noise=noise.to(dev),
+                                    time=t, action_mask=valid[rows].to(dev))
+            total += float(loss) * len(rows)
+            n += len(rows)
+    return total / n
+
+
+# ---------------------------------------------------------------------------------------------------- closed loop
+@torch.no_grad()
+def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image_size: tuple[int, int] = (224, 224),
+            env: Any = None, compare_expert: bool = False, noise_seed: int = 0,
+            max_steps: int | None = None) -> dict[str, Any]:
+    """One closed-loop episode of `policy` in the sim (scene seed `seed`): infer a chunk, execute its first
+    `n_exec` actions, repeat until success or the time limit. With `compare_expert` the noiseless scripted
+    expert is queried at every executed step (it tracks its own set-point, so this is an approximate reference)
+    and the mean absolute error (rad / m) of the policy's action vs the expert's is reported (`action_error`).
+    Sampling noise is seeded by `noise_seed`; `max_steps` shortens the task's time limit (own env only).
+    Returns {success, steps, action_error}."""
+    from qvgm.sim import TabletopEnv, make_expert
+
+    cams = tuple(getattr(policy.config, "camera_names", []) or [])
+    own = env is None
+    if own:
+        env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=bool(cams),
+                          max_episode_steps=max_steps)
+    expert = make_expert(task, noise=0.0, seed=seed) if compare_expert else None
+    gen = torch.Generator().manual_seed(noise_seed)
+    try:
+        obs, _ = env.reset(seed=seed, options={"task": task})
+        steps, ok, errs = 0, False, []
+        while True:
+            o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
+                 "privileged": obs["privileged"]}
+            noise = torch.randn(1, policy.horizon, policy.action_dim, generator=gen)
+            chunk = policy.act([o], noise=noise.to(policy.device))[0]
+            for a in chunk[: max(1, n_exec)]:
+                if expert is not None:
+                    errs.append(float(np.abs(a - expert.act(obs["state"], env.object_poses())).mean()))
+                obs, _, term, trunc, _ = env.step(a.astype(np.float32))
+                steps += 1
+                if term or trunc:
+                    ok = bool(term)
+                    break
+            else:
+                continue
+            break
+    finally:
+        if own:
+            env.close()
+    return {"success": ok, "steps": steps, "action_error": float(np.mean(errs)) if errs else None}
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", action="append", required=True, help="replay-buffer dataset dir (repeatable)")
+    p.add_argument("--config", default="state", choices=["state", "pi05-tiny", "pi05-small", "pi05"])
+    p.add_argument("--out", required=True, help="final checkpoint directory (must not exist)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="training-state save cadence (steps)")
+    p.add_argument("--success-only", action="store_true", help="train on successful episodes only")
+    p.add_argument("--max-episodes", type=int, default=None, help="first N episodes of each dataset")
+    p.add_argument("--horizon", type=int, default=None, help="override the config's chunk length H")
+    p.add_argument("--version", default=None, help="checkpoint version string")
+    p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
+    p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = SFTConfig(datasets=list(args.dataset), config=args.config, out=args.out, steps=args.steps, seed=args.seed,
+                    batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                    checkpoint_every=args.checkpoint_every, success_only=args.success_only,
+                    max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
+                    overrides={"horizon": args.horizon} if args.horizon else {})
+    try:
+        res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
+    except FloatingPointError as e:
+        raise ValueError(str(e)) from None
+    m = res["manifest"]
+    print(json.dumps({"out": cfg.out, "version": m["version"], "final_loss": res["final_loss"], "steps": res["steps"],
+                      "log": str(cfg.work / "scalars.jsonl"),
+                      "tensorboard": str(cfg.work / "tb") if (cfg.work / "tb").exists() else None}))
+    return 0
+
+
+__all__ = ["DemoData", "SFTConfig", "DatasetError", "heldout_flow_loss", "load_demo_data", "norm_stats_from",
+           "rollout", "train_sft"]
