@@ -34,7 +34,7 @@ DDS_KEYS = {"ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS"
 DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
 NODE_KEYS = {"executable", "package", "namespace", "parameters"}
 TOPIC_KEYS = {"joint_states", "trajectory", "task", "success", "objects", "diagnostics", "camera_image",
-              "camera_info", "joy", "robot_description"}
+              "camera_info", "joy", "robot_description", "estop", "policy_version", "policy_enable"}
 # executable -> module holding its parameter defaults (DEFAULTS or PARAMETERS)
 NODE_DEFAULTS = {
     "sim_node": "qvgm_policy_node.sim_node:DEFAULTS",
@@ -202,6 +202,17 @@ def _node_problems(profile: dict[str, Any], joints: list[str], cameras: list[str
         if "trajectory_topic" in params and params["trajectory_topic"] not in (traj, DEFAULT_TRAJECTORY):
             out.append(f"{where}.parameters.trajectory_topic: {params['trajectory_topic']} but the controller "
                        f"listens on {traj}")
+        if exe == "policy_node" and params.get("backend", defaults["backend"]) == "flow":
+            urdf_param = str(params.get("urdf", ""))
+            try:
+                path = Path(urdf_param) if urdf_param else package_file("urdf/tabletop_arm.urdf")
+                movable = urdf_movable_joints(path)
+                bad = [j for j in params.get("joint_names", defaults["joint_names"]) if j not in movable]
+                if bad:
+                    out.append(f"{where}.parameters.urdf: backend flow's safety layer reads the limits of {bad} "
+                               f"from {urdf_param or 'the tabletop arm URDF'}, which lacks them: set this arm's URDF")
+            except (FileNotFoundError, ValueError) as exc:
+                out.append(f"{where}.parameters.urdf: {exc}")
         if exe == "teleop_node":
             n = len(params.get("joint_names", defaults["joint_names"]))
             out += [f"{where}.parameters.{key}: {len(params.get(key, defaults[key]))} entries, joint_names has {n}"

@@ -77,6 +77,12 @@ def test_broken_copies_fail_with_exact_messages() -> None:
     for mutate, message in cases:
         problems = static_problems(broken(mutate))
         assert any(p.startswith(message) for p in problems), (message, problems)
+    ur = copy.deepcopy(load_profile("robots/ur5e"))
+    ur["nodes"]["policy_node"]["parameters"]["backend"] = "flow"
+    assert static_problems(ur) == [
+        "nodes.policy_node.parameters.urdf: backend flow's safety layer reads the limits of ['shoulder_pan_joint', "
+        "'shoulder_lift_joint', 'elbow_joint', 'wrist_1_joint', 'wrist_2_joint', 'wrist_3_joint'] from the tabletop "
+        "arm URDF, which lacks them: set this arm's URDF"]
 
 
 def test_cli_static_prints_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
