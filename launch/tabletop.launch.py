@@ -13,9 +13,9 @@ from qvgm_policy_node.profile import NodeSpec, launch_parameters, load_profile, 
 DEFAULT_PROFILE = "tabletop_sim"
 
 
-def describe(profile: str = DEFAULT_PROFILE) -> list[NodeSpec]:
+def describe(profile: str = DEFAULT_PROFILE, mode: str | None = None) -> list[NodeSpec]:
     """The nodes this launch file starts (no launch import needed)."""
-    return node_specs(load_profile(profile))
+    return node_specs(load_profile(profile), mode=mode)
 
 
 def _nodes(context, *args, **kwargs):  # launch OpaqueFunction: resolve the profile argument at launch time
@@ -23,10 +23,11 @@ def _nodes(context, *args, **kwargs):  # launch OpaqueFunction: resolve the prof
     from launch_ros.actions import Node
 
     name = LaunchConfiguration("profile").perform(context)
+    mode = LaunchConfiguration("mode").perform(context) or None
     profile = load_profile(name)
     return [Node(package=spec.package, executable=spec.executable, name=spec.name, namespace=spec.namespace or None,
                  parameters=[launch_parameters(spec, profile)], remappings=list(spec.remappings) or None,
-                 output="screen") for spec in node_specs(profile)]
+                 output="screen") for spec in node_specs(profile, mode=mode)]
 
 
 def generate_launch_description():
@@ -37,5 +38,7 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument("profile", default_value=DEFAULT_PROFILE,
                               description="config/<profile>.yaml (aliases: sim, real)"),
+        DeclareLaunchArgument("mode", default_value="",
+                              description="'' = every node; e.g. deploy = only nodes whose `modes` list it"),
         OpaqueFunction(function=_nodes),
     ])

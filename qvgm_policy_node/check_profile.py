@@ -24,7 +24,7 @@ from qvgm_policy_node.profile import (
     trajectory_topic,
 )
 
-TOP_KEYS = {"profile", "description", "robot", "cameras", "topics", "nodes", "dds"}
+TOP_KEYS = {"profile", "description", "robot", "cameras", "topics", "nodes", "dds", "modes"}
 REQUIRED_TOP = ("profile", "robot", "cameras", "nodes")
 ROBOT_KEYS = {"urdf", "joint_names", "controller", "gripper", "joint_state_hz", "name"}
 GRIPPER_KEYS = {"interface", "joint", "action"}
@@ -32,7 +32,7 @@ GRIPPER_INTERFACES = ("joint", "action", "none")
 DDS_KEYS = {"ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS", "RMW_IMPLEMENTATION",
             "CYCLONEDDS_URI", "FASTRTPS_DEFAULT_PROFILES_FILE", "ZENOH_ROUTER_CONFIG_URI"}
 DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
-NODE_KEYS = {"executable", "package", "namespace", "parameters"}
+NODE_KEYS = {"executable", "package", "namespace", "parameters", "modes"}
 TOPIC_KEYS = {"joint_states", "trajectory", "task", "success", "objects", "diagnostics", "camera_image",
               "camera_info", "joy", "robot_description", "estop", "policy_version", "policy_enable"}
 # executable -> module holding its parameter defaults (DEFAULTS or PARAMETERS)
@@ -161,6 +161,9 @@ def _node_problems(profile: dict[str, Any], joints: list[str], cameras: list[str
             out.append(f"{where}: must be a mapping")
             continue
         out += [f"{where}: unknown key {k!r} (known: {sorted(NODE_KEYS)})" for k in node if k not in NODE_KEYS]
+        modes = profile.get("modes") or []
+        out += [f"{where}.modes: {m!r} is not one of the profile's modes {modes}" for m in node.get("modes") or []
+                if m not in modes]
         exe, package = node.get("executable"), node.get("package", "qvgm")
         if package != "qvgm":
             if (package, exe) not in EXTERNAL_NODES:

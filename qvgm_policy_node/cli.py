@@ -78,11 +78,12 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def up(profile: str, overrides: dict[str, dict[str, Any]] | None = None, duration: float | None = None) -> int:
-    """Bring the graph up and spin until Ctrl-C or `duration` seconds."""
+def up(profile: str, overrides: dict[str, dict[str, Any]] | None = None, duration: float | None = None,
+       mode: str | None = None) -> int:
+    """Bring the graph up (only `mode`'s nodes when given) and spin until Ctrl-C or `duration` seconds."""
     from qvgm_policy_node.graph import Graph
 
-    specs = node_specs(load_profile(profile), overrides)
+    specs = node_specs(load_profile(profile), overrides, mode=mode)
     for spec in specs:
         if spec.external:
             print(f"qvgm up {profile}: skipping {spec.name} ({spec.package}/{spec.executable} is not a Python "
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("profile", help="profile name (config/<name>.yaml; aliases sim, real) or path")
     p_up.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE")
     p_up.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p_up.add_argument("--mode", default=None, help="only the nodes of this mode (e.g. deploy); default: all")
     p_up.add_argument("--network", action="store_true",
                       help="keep the caller's DDS discovery settings (real robot network) instead of loopback")
     p_check = sub.add_parser("check", help="validate a profile (schema, URDF) and, unless --static, a live graph")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_loopback_env(keep_existing_domain=True)
     if args.command == "up":
-        return up(args.profile, parse_overrides(args.set), args.duration)
+        return up(args.profile, parse_overrides(args.set), args.duration, args.mode)
     if args.command == "check":
         from qvgm_policy_node.check_profile import run_check
 

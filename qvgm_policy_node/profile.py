@@ -92,11 +92,22 @@ def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     for node_name, node in prof["nodes"].items():
         if not isinstance(node, dict) or "executable" not in node:
             raise ValueError(f"profile {path}: node {node_name!r} needs an `executable`")
+        if "modes" in node and not (isinstance(node["modes"], list) and all(isinstance(m, str) for m in node["modes"])):
+            raise ValueError(f"profile {path}: node {node_name!r}: `modes` must be a list of mode names")
     return prof
 
 
-def node_specs(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None) -> list[NodeSpec]:
+def profile_modes(profile: dict[str, Any]) -> list[str]:
+    """The profile's `modes` (e.g. ["collect", "deploy"]); [] when it has none."""
+    return [str(m) for m in profile.get("modes") or []]
+
+
+def node_specs(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None,
+               mode: str | None = None) -> list[NodeSpec]:
     """The graph of a profile: one NodeSpec per node, parameters with `overrides[node][param]` applied.
+
+    `mode` (e.g. "deploy"): keep only nodes without a `modes` list or whose `modes` contain it; None = every
+    node (the full collection graph). Overrides for nodes the mode leaves out are ignored.
 
     When the robot's controller topic differs from the stack's default (/arm_controller/joint_trajectory),
     every qvgm node gets the remapping default -> `/<robot.controller>/joint_trajectory`."""
@@ -105,8 +116,12 @@ def node_specs(profile: dict[str, Any], overrides: dict[str, dict[str, Any]] | N
     unknown = set(overrides) - set(profile["nodes"])
     if unknown:
         raise ValueError(f"overrides for nodes not in the profile: {sorted(unknown)}")
+    if mode and mode not in profile_modes(profile):
+        raise ValueError(f"mode {mode!r} is not one of the profile's modes {profile_modes(profile)}")
     traj = trajectory_topic(profile)
     for node_name, node in profile["nodes"].items():
+        if mode and node.get("modes") is not None and mode not in node["modes"]:
+            continue
         params = copy.deepcopy(node.get("parameters") or {})
         params.update(overrides.get(node_name, {}))
         package = str(node.get("package", "qvgm"))

@@ -68,6 +68,8 @@ def test_broken_copies_fail_with_exact_messages() -> None:
         (lambda p: p["nodes"].update(rviz={"executable": "rviz2", "package": "rviz2"}),
          "nodes.rviz: unknown external node rviz2/rviz2"),
         (lambda p: p["nodes"].update(arm={"executable": "arm_driver"}), "nodes.arm: unknown executable 'arm_driver'"),
+        (lambda p: p["nodes"]["recorder_node"].update(modes=["record"]),
+         "nodes.recorder_node.modes: 'record' is not one of the profile's modes ['collect', 'deploy']"),
         (lambda p: p["dds"].update(ROS_DOMAIN_ID="300"), "dds.ROS_DOMAIN_ID: '300' is not a domain id 0..232"),
         (lambda p: p["dds"].update(ROS_LOCALHOST_ONLY="1"), "dds: unknown variable 'ROS_LOCALHOST_ONLY'"),
         (lambda p: p["robot"].update(controller="scaled_joint_trajectory_controller"),

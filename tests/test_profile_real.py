@@ -60,6 +60,20 @@ def test_real_profile_graph() -> None:
     assert "/camera/front:" in params and "policy_node:" in params
 
 
+@pytest.mark.parametrize("name", ["tabletop_real", "robots/ur5e", "robots/fr3", "robots/xarm6"])
+def test_modes(name: str) -> None:
+    launch = load_launch_module()
+    prof = load_profile(name)
+    everything = [s.name for s in node_specs(prof)]
+    assert [s.name for s in node_specs(prof, mode="collect")] == everything
+    assert launch.describe(name, mode="deploy") == node_specs(prof, mode="deploy")
+    deploy = [s.name for s in node_specs(prof, mode="deploy")]
+    assert [n for n in everything if n not in deploy] == ["recorder_node", "episode_manager", "teleop_node"]
+    assert "policy_node" in deploy and "front" in deploy and "wrist" in deploy
+    with pytest.raises(ValueError, match="mode 'teleop' is not one of the profile's modes"):
+        node_specs(prof, mode="teleop")
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_parameters_match_node_declarations(name: str) -> None:
     for spec in node_specs(load_profile(name)):
