@@ -100,6 +100,8 @@ def test_launch_file_builds_real_launch_ros_nodes() -> None:
 
     launch = load_launch_module()
     context = LaunchContext()
+    for entity in launch.generate_launch_description().entities:
+        entity.visit(context)  # declares profile and mode with their defaults
     context.launch_configurations["profile"] = "real"
     nodes = launch._nodes(context)
     specs = node_specs(load_profile("real"))
