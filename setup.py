@@ -17,6 +17,7 @@ setup(
         ("share/" + PACKAGE, ["package.xml"]),
         ("share/" + PACKAGE + "/launch", glob("launch/*.py")),
         ("share/" + PACKAGE + "/config", glob("config/*.yaml")),
+        ("share/" + PACKAGE + "/config/robots", glob("config/robots/*.yaml")),
         ("share/" + PACKAGE + "/urdf", glob("urdf/*")),
     ],
     zip_safe=False,

@@ -26,6 +26,9 @@ def test_colcon_build_of_ros2_ws(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     share = ws / "install" / "qvgm" / "share" / "qvgm"
     assert (share / "package.xml").is_file()
+    for installed in ("launch/tabletop.launch.py", "config/tabletop_sim.yaml", "config/tabletop_real.yaml",
+                      "config/robots/ur5e.yaml", "urdf/tabletop_arm.urdf"):
+        assert (share / installed).is_file(), f"{installed} is not installed into share/qvgm"
     index = ws / "install" / "qvgm" / "share" / "ament_index" / "resource_index"
     assert (index / "packages" / "qvgm").is_file()
     site = list((ws / "install" / "qvgm" / "lib").glob("python3*/site-packages/qvgm"))
