@@ -26,8 +26,8 @@ ENV PATH=/opt/qvgm/.venv/bin:$PATH \
     CYCLONEDDS_URI=file:///opt/qvgm/docker/cyclonedds.xml \
     MUJOCO_GL=egl \
     PYOPENGL_PLATFORM=egl \
-    QVGM_BUFFER=/data/buffer \
-    QVGM_CHECKPOINTS=/data/checkpoints
+    QVGM_BUFFER=/data/qvgm/buffer \
+    QVGM_CHECKPOINTS=/data/qvgm/checkpoints
 
 # The base image's entrypoint sources /opt/ros/jazzy/setup.bash before running the command.
 CMD ["qvgm", "up", "real"]

@@ -21,8 +21,8 @@ ENV PATH=/opt/qvgm/.venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MUJOCO_GL=egl \
     PYOPENGL_PLATFORM=egl \
-    QVGM_BUFFER=/data/buffer \
-    QVGM_CHECKPOINTS=/data/checkpoints
+    QVGM_BUFFER=/data/qvgm/buffer \
+    QVGM_CHECKPOINTS=/data/qvgm/checkpoints
 
 ENTRYPOINT ["critic_trainer"]
 CMD ["--help"]

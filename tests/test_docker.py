@@ -125,3 +125,16 @@ def test_compose_wires_robot_trainer_and_shared_volume() -> None:
     assert services["robot"]["network_mode"] == "host"
     gpu = services["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+
+
+def test_shared_volume_holds_the_real_profile_buffer_and_store() -> None:
+    """The robot service mounts the shared volume where config/tabletop_real.yaml records and reads checkpoints."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    profile = yaml.safe_load((REPO / "config" / "tabletop_real.yaml").read_text())
+    nodes = profile["nodes"]
+    paths = [nodes["recorder_node"]["parameters"]["root"], nodes["policy_node"]["parameters"]["checkpoint_store"]]
+    for service in ("robot", "trainer"):
+        mounts = [v.split(":")[1] for v in compose["services"][service]["volumes"] if v.startswith("qvgm-data:")]
+        assert mounts, f"{service} does not mount qvgm-data"
+        for path in paths:
+            assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), f"{service}: {path} outside {mounts}"
