@@ -21,7 +21,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from qvgm.recording import IDLE, RESET, RUNNING, EpisodeStateMachine, Transition
 from qvgm_policy_node import topics
-from qvgm_policy_node.params import declare
+from qvgm_policy_node.params import declare, spin_main
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STATUS_TOPIC = "/qvgm/episode/status"  # std_msgs/String JSON, transient-local
@@ -151,18 +151,7 @@ class EpisodeManager(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    import rclpy
-
-    rclpy.init(args=args)
-    node = EpisodeManager()
-    try:
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    spin_main(EpisodeManager, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Parameter declaration shared by every node: one place for the list-parameter rule."""
+"""What every node shares: parameter declaration (one place for the list-parameter rule) and the main loop."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rcl_interfaces.msg import ParameterDescriptor
@@ -20,3 +21,19 @@ def declare(node: Node, defaults: dict[str, Any]) -> dict[str, Any]:
         value = node.declare_parameter(k, v, descriptor).value
         values[k] = (list(value) if value is not None else []) if isinstance(v, list) else value
     return values
+
+
+def spin_main(node_factory: Callable[[], Node], args: list[str] | None = None) -> None:
+    """Console-script body of every node: init, spin until Ctrl-C or SIGTERM, destroy, shut down."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)
+    node = node_factory()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()

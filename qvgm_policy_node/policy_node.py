@@ -38,10 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import rclpy
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -63,7 +61,7 @@ from qvgm.policy.interface import ActionChunk, Observation
 from qvgm.safety import SafetyLayer, SafetyLimits, box_workspace
 from qvgm_policy_node import topics
 from qvgm_policy_node.backends import BackendConfig, NoPolicyError, backend_entry
-from qvgm_policy_node.params import declare
+from qvgm_policy_node.params import declare, spin_main
 from qvgm_policy_node.sim_node import TRANSIENT_LOCAL, from_time_msg, to_time_msg
 
 DEFAULTS: dict[str, Any] = {
@@ -562,15 +560,7 @@ def _duration(t: float) -> Duration:
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = PolicyNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C / SIGTERM
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_main(PolicyNode, args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from trajectory_msgs.msg import JointTrajectory
 from qvgm.data import ReplayBuffer
 from qvgm.recording import EpisodeRecorder, QualityConfig
 from qvgm_policy_node import topics
-from qvgm_policy_node.params import declare
+from qvgm_policy_node.params import declare, spin_main
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STATUS_QOS = QoSProfile(depth=20, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # every transition
@@ -192,18 +192,7 @@ class RecorderNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    import rclpy
-
-    rclpy.init(args=args)
-    node = RecorderNode()
-    try:
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    spin_main(RecorderNode, args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
@@ -35,7 +34,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from qvgm.safety import SafetyLayer, SafetyLimits, box_workspace
 from qvgm.trajectory import TrajectoryExecutor, TrajectoryRejected, validate_trajectory
 from qvgm_policy_node import topics
-from qvgm_policy_node.params import declare
+from qvgm_policy_node.params import declare, spin_main
 
 TRANSIENT_LOCAL = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -383,15 +382,7 @@ class RenderWorker:
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = SimNode()
-    try:
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_main(SimNode, args)
 
 
 if __name__ == "__main__":

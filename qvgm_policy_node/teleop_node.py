@@ -33,7 +33,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from qvgm.recording import Jogger, JoyMapping, parse_key
 from qvgm_policy_node import topics
-from qvgm_policy_node.params import declare
+from qvgm_policy_node.params import declare, spin_main
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 JOINT_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"]
@@ -261,18 +261,7 @@ class TeleopNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    import rclpy
-
-    rclpy.init(args=args)
-    node = TeleopNode()
-    try:
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    spin_main(TeleopNode, args)
 
 
 if __name__ == "__main__":
