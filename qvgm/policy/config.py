@@ -69,6 +69,10 @@ class StateConfig:
     state_dim: int = 7
     privileged_dim: int = 0
     camera_names: list[str] = field(default_factory=list)
+    # Fresh `state` configs (get_config("state")) turn both on; the dataclass defaults keep checkpoints written
+    # before these fields existed loading and acting exactly as before.
+    delta_actions: bool = False  # arm joints predicted relative to the current joint state (gripper absolute)
+    privileged_norm: bool = False  # privileged state standardised with stored mean/std buffers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +94,7 @@ CONFIGS = {
     "pi05": Pi05Config,
     "pi05-small": _pi05_small,
     "pi05-tiny": _pi05_tiny,
-    "state": StateConfig,
+    "state": lambda: StateConfig(delta_actions=True, privileged_norm=True),
 }
 
 
