@@ -158,8 +158,17 @@ def test_delta_actions_zero_head_holds_the_current_joints(demos: dict[str, Path]
     """With delta_actions the flow runs on a - c (c = current joints): a head that outputs 0, sampled from zero
     noise, must return exactly the current arm joints (hold position) in robot units; the gripper stays absolute."""
     data = load_demo_data([demos["train"]], 10, with_images=False)
-    policy = build_policy_for(data, SFTConfig(datasets=[str(demos["train"])], config="state"))
+    flags = {"delta_actions": True, "privileged_norm": True, "tool_features": True}
+    policy = build_policy_for(data, SFTConfig(datasets=[str(demos["train"])], config="state", overrides=flags))
     assert policy.config.delta_actions and policy.config.privileged_norm and policy.delta_dims == 6
+    # tool features: FK of the recorded joints vs the object positions of the privileged state (roles x 7)
+    from qvgm.sim.ik import ArmIK
+
+    inp = policy.preprocess(data.observations([5]))
+    feats = policy._tool_features(inp["state"], inp["privileged"])[0].numpy()
+    tool = ArmIK().fk(data.state[5, :6].astype(np.float64))[0]
+    assert np.allclose(feats[:3], tool, atol=1e-4)
+    assert np.allclose(feats[7:10], (data.privileged[5, :3] - tool) * 10.0, atol=1e-3)
     last = policy.head[-1]
     with torch.no_grad():
         last.weight.zero_()
@@ -191,7 +200,7 @@ def test_legacy_state_config_keeps_absolute_actions() -> None:
     from qvgm.policy.config import StateConfig, config_from_dict
 
     d = StateConfig().to_dict()
-    for k in ("delta_actions", "privileged_norm"):
+    for k in ("delta_actions", "privileged_norm", "tool_features"):
         d.pop(k)
     cfg = config_from_dict(d)
-    assert not cfg.delta_actions and not cfg.privileged_norm
+    assert not cfg.delta_actions and not cfg.privileged_norm and not cfg.tool_features

@@ -69,10 +69,12 @@ class StateConfig:
     state_dim: int = 7
     privileged_dim: int = 0
     camera_names: list[str] = field(default_factory=list)
-    # Fresh `state` configs (get_config("state")) turn both on; the dataclass defaults keep checkpoints written
-    # before these fields existed loading and acting exactly as before.
+    # Opt-in (get_config("state", delta_actions=True, ...) or SFTConfig.overrides); all off = the original model,
+    # and checkpoints written before these fields existed load unchanged. Measured in bench/results/*_fix_*.json:
+    # they did not raise closed-loop success, so they stay off by default.
     delta_actions: bool = False  # arm joints predicted relative to the current joint state (gripper absolute)
     privileged_norm: bool = False  # privileged state standardised with stored mean/std buffers
+    tool_features: bool = False  # add tool0 pose (FK of the arm joints, URDF) and object-minus-tool positions
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +96,7 @@ CONFIGS = {
     "pi05": Pi05Config,
     "pi05-small": _pi05_small,
     "pi05-tiny": _pi05_tiny,
-    "state": lambda: StateConfig(delta_actions=True, privileged_norm=True),
+    "state": StateConfig,
 }
 
 

@@ -10,6 +10,9 @@ joint state c (mapped into the normalised action space): the head sees x'_t = x_
 v' is returned as v = v' - c. This is exactly flow matching on a' = a - c (same noise, same t) while the policy
 keeps the interface's absolute normalised actions in and out. `privileged_norm`: privileged object state is
 standardised with buffers `priv_mean` / `priv_std` (set from the SFT data by `set_privileged_stats`).
+`tool_features`: the encoder also sees the tool0 pose from forward kinematics of the arm joints (the URDF's arm
+model, qvgm.sim.ik) — position (m) and the top-left 2x2 of its rotation — and, per privileged role (7 values:
+xyz m + quat wxyz), the object position minus the tool position in dm (x10), so reaching is a near-linear map.
 """
 
 from __future__ import annotations
@@ -56,8 +59,18 @@ class StatePolicy(FlowPolicyBase):
         self.processor = Processor(camera_names=[], image_size=0, state_dim=cfg.state_dim,
                                    real_action_dim=cfg.real_action_dim, action_dim=cfg.action_dim,
                                    norm_stats=norm_stats, tokenizer=None, privileged_dim=cfg.privileged_dim)
-        self.encoder = nn.Sequential(_mlp([cfg.state_dim + cfg.privileged_dim, cfg.hidden, cfg.hidden, cfg.embed_dim]),
-                                     nn.LayerNorm(cfg.embed_dim))
+        self.n_roles = cfg.privileged_dim // 7 if cfg.tool_features else 0
+        extra = 7 + 3 * self.n_roles if cfg.tool_features else 0
+        self._ik = None
+        if cfg.tool_features:
+            from qvgm.sim.ik import ArmIK
+
+            self._ik = ArmIK()
+            self._s_q01 = np.asarray(norm_stats.state_q01, dtype=np.float64)
+            self._s_rng = np.maximum(np.asarray(norm_stats.state_q99, dtype=np.float64) - self._s_q01, _EPS)
+        self.encoder = nn.Sequential(
+            _mlp([cfg.state_dim + cfg.privileged_dim + extra, cfg.hidden, cfg.hidden, cfg.embed_dim]),
+            nn.LayerNorm(cfg.embed_dim))
         self.time_proj = nn.Linear(cfg.time_dim, cfg.time_dim)
         flat = cfg.horizon * cfg.real_action_dim
         self.head = _mlp([flat + cfg.time_dim + cfg.embed_dim] + [cfg.head_hidden] * cfg.head_depth + [flat])
@@ -100,6 +113,8 @@ class StatePolicy(FlowPolicyBase):
             if "privileged" not in inputs:
                 raise ValueError("state backbone configured with privileged_dim > 0 but inputs have no 'privileged'")
             p = inputs["privileged"]
+            if self._ik is not None:
+                x = torch.cat([x, self._tool_features(inputs["state"], p)], dim=-1)
             if hasattr(self, "priv_mean"):
                 p = (p - self.priv_mean) / self.priv_std
             x = torch.cat([x, p], dim=-1)
@@ -109,6 +124,20 @@ class StatePolicy(FlowPolicyBase):
             c = inputs["state"][:, : self.delta_dims].to(emb.dtype) * self.anchor_scale + self.anchor_shift
             anchor = F.pad(c, (0, self.action_dim - self.delta_dims))[:, None, :]
         return StateContext(emb, anchor)
+
+    @torch.no_grad()
+    def _tool_features(self, state_norm: torch.Tensor, privileged: torch.Tensor) -> torch.Tensor:
+        """[B, 7 + 3 * n_roles]: tool xyz (m), rot[:2, :2], (object xyz - tool xyz) * 10 per role."""
+        q = ((state_norm.double().cpu().numpy() + 1.0) / 2.0 * self._s_rng + self._s_q01)[:, :6]
+        feats = np.zeros((len(q), 7), dtype=np.float64)
+        for i, qi in enumerate(q):
+            pos, rot = self._ik.fk(qi)
+            feats[i, :3] = pos
+            feats[i, 3:] = rot[:2, :2].reshape(-1)
+        tool = torch.from_numpy(feats).to(privileged.device, torch.float32)
+        obj = privileged[:, : 7 * self.n_roles].reshape(-1, self.n_roles, 7)[..., :3]
+        rel = (obj - tool[:, None, :3]) * 10.0
+        return torch.cat([tool, rel.reshape(len(q), -1)], dim=-1)
 
     def batch_size(self, context: StateContext) -> int:
         return context.embedding.shape[0]
