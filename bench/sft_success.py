@@ -8,6 +8,10 @@ it to --out. Usage::
 
     .venv/bin/python bench/sft_success.py --config state --steps 1000 --seeds 3 --episodes 20 --out sft.json
     .venv/bin/python bench/sft_success.py --config pi05-small --tasks push --demos 10 --seeds 1 --steps 200 ...
+    .venv/bin/python bench/sft_success.py --tasks push --override delta_actions=true --override tool_features=true
+
+From a git worktree, prefix PYTHONPATH=. : the script's own folder, not the cwd, is first on sys.path, so
+without it `qvgm` resolves to the shared venv's install (the main checkout).
 """
 
 from __future__ import annotations
