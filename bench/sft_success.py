@@ -8,6 +8,10 @@ it to --out. Usage::
 
     .venv/bin/python bench/sft_success.py --config state --steps 1000 --seeds 3 --episodes 20 --out sft.json
     .venv/bin/python bench/sft_success.py --config pi05-small --tasks push --demos 10 --seeds 1 --steps 200 ...
+    .venv/bin/python bench/sft_success.py --tasks push --override delta_actions=true --override tool_features=true
+
+From a git worktree, prefix PYTHONPATH=. : the script's own folder, not the cwd, is first on sys.path, so
+without it `qvgm` resolves to the shared venv's install (the main checkout).
 """
 
 from __future__ import annotations
@@ -69,12 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-exec", type=int, default=5, help="actions executed per chunk")
     ap.add_argument("--image-size", type=int, nargs=2, default=(64, 64))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                    help="policy config override, e.g. delta_actions=true (repeatable)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
     state_only = args.config == "state"
     t_all = time.perf_counter()
     results = []
+    policy_flags: dict = {}
     with tempfile.TemporaryDirectory(prefix="sft_bench_") as tmp:
         for task in args.tasks:
             root = Path(tmp) / task
@@ -91,9 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
                     ck = str(Path(tmp) / f"ck-{task}-{n}-{s}")
                     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=ck,
                                     steps=args.steps, seed=s, batch_size=args.batch_size, lr=args.lr,
-                                    checkpoint_every=args.steps, max_episodes=n)
+                                    checkpoint_every=args.steps, max_episodes=n, overrides=overrides)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
+                    cfg_d = res["policy"].config.to_dict()
+                    policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
+                                                          "hidden", "head_hidden", "head_depth") if k in cfg_d}
                     runs = [rollout(res["policy"], task, e, n_exec=args.n_exec, image_size=tuple(args.image_size),
                                     noise_seed=e) for e in eval_seeds]
                     k = sum(r["success"] for r in runs)
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 "success_mean": k_all / n_all, "wilson95": wilson(k_all, n_all),
                                 "bootstrap95_over_seeds": bootstrap(rates), "per_seed": per_seed})
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
-           "lr": args.lr, "demo_noise_m": args.noise, "n_exec": args.n_exec, "demo_seeds": f"{DEMO_SEED0}+k",
+           "lr": args.lr, "policy": policy_flags, "demo_noise_m": args.noise, "n_exec": args.n_exec,
+           "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
            "results": results, "wall_s": round(time.perf_counter() - t_all, 1)}

@@ -241,7 +241,10 @@ def build_policy_for(data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
         if not data.images:
             raise ValueError(f"{cfg.config} needs camera images; the dataset has no cameras")
         over.setdefault("camera_names", sorted(data.images))
-    return make_policy(cfg.config, stats, tasks=sorted(set(data.prompts)), **over)
+    policy = make_policy(cfg.config, stats, tasks=sorted(set(data.prompts)), **over)
+    if backbone == "state" and hasattr(policy, "set_privileged_stats"):
+        policy.set_privileged_stats(data.privileged)  # no-op unless the config has privileged_norm
+    return policy
 
 
 def encode_inputs(policy: FlowPolicyBase, data: DemoData, chunk: int = 256) -> dict[str, torch.Tensor]:

@@ -152,3 +152,55 @@ def test_sft_cli_pi05_tiny_on_camera_demos(tmp_path: Path, capsys: pytest.Captur
     data = load_demo_data([ds], horizon=10, with_images=True)
     chunk = pol.act(data.observations([0, 5]))
     assert chunk.shape == (2, 10, 7) and np.isfinite(chunk).all()
+
+
+def test_delta_actions_zero_head_holds_the_current_joints(demos: dict[str, Path], tmp_path: Path) -> None:
+    """With delta_actions the flow runs on a - c (c = current joints): a head that outputs 0, sampled from zero
+    noise, must return exactly the current arm joints (hold position) in robot units; the gripper stays absolute."""
+    data = load_demo_data([demos["train"]], 10, with_images=False)
+    flags = {"delta_actions": True, "privileged_norm": True, "tool_features": True}
+    policy = build_policy_for(data, SFTConfig(datasets=[str(demos["train"])], config="state", overrides=flags))
+    assert policy.config.delta_actions and policy.config.privileged_norm and policy.delta_dims == 6
+    # tool features: FK of the recorded joints vs the object positions of the privileged state (roles x 7)
+    from qvgm.sim.ik import ArmIK
+
+    inp = policy.preprocess(data.observations([5]))
+    feats = policy._tool_features(inp["state"], inp["privileged"])[0].numpy()
+    tool = ArmIK().fk(data.state[5, :6].astype(np.float64))[0]
+    assert np.allclose(feats[:3], tool, atol=1e-4)
+    assert np.allclose(feats[7:10], (data.privileged[5, :3] - tool) * 10.0, atol=1e-3)
+    last = policy.head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    obs = data.observations([0, 17, 40])
+    chunk = policy.act(obs, noise=torch.zeros(3, policy.horizon, policy.action_dim))
+    ns = policy.processor.norm_stats
+    rel = policy.anchor_scale.numpy() != 0  # joints held ~constant by the expert stay absolute
+    assert rel.sum() >= 4, policy.anchor_scale
+    mid = (np.asarray(ns.action_q01) + np.asarray(ns.action_q99)) / 2
+    for o, c in zip(obs, chunk, strict=True):
+        assert np.allclose(c[:, :6][:, rel], o["state"][None, :6][:, rel], atol=1e-5), (c[0], o["state"])
+        assert np.allclose(c[:, :6][:, ~rel], mid[None, :6][:, ~rel], atol=1e-5)
+    assert np.allclose(chunk[..., 6], mid[6], atol=1e-6)
+    # privileged standardisation comes from the data and survives a checkpoint round trip
+    assert np.allclose(policy.priv_mean.numpy(), data.privileged.mean(0), atol=1e-5)
+    from qvgm.policy import save_policy
+
+    save_policy(policy, tmp_path / "ck", version="t")
+    back = load_policy(tmp_path / "ck")
+    assert torch.equal(back.priv_std, policy.priv_std) and back.config.delta_actions
+    noise = torch.randn(3, policy.horizon, policy.action_dim, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(back.act(obs, noise=noise), policy.act(obs, noise=noise), atol=1e-6)
+
+
+def test_legacy_state_config_keeps_absolute_actions() -> None:
+    """A config.json written before delta_actions/privileged_norm existed loads with both off (same weights,
+    same behaviour as before)."""
+    from qvgm.policy.config import StateConfig, config_from_dict
+
+    d = StateConfig().to_dict()
+    for k in ("delta_actions", "privileged_norm", "tool_features"):
+        d.pop(k)
+    cfg = config_from_dict(d)
+    assert not cfg.delta_actions and not cfg.privileged_norm and not cfg.tool_features

@@ -69,6 +69,12 @@ class StateConfig:
     state_dim: int = 7
     privileged_dim: int = 0
     camera_names: list[str] = field(default_factory=list)
+    # Opt-in (get_config("state", delta_actions=True, ...) or SFTConfig.overrides); all off = the original model,
+    # and checkpoints written before these fields existed load unchanged. Measured in
+    # bench/results/sft_success_state_flags_*.json: they did not raise closed-loop success, so they stay off.
+    delta_actions: bool = False  # arm joints predicted relative to the current joint state (gripper absolute)
+    privileged_norm: bool = False  # privileged state standardised with stored mean/std buffers
+    tool_features: bool = False  # add tool0 pose (FK of the arm joints, URDF) and object-minus-tool positions
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,26 +3,39 @@
 Encoder: MLP([state_norm, privileged]) -> embedding e [B, embed_dim] (the context and the critic features).
 Flow head: MLP([x_t real dims flattened, time embedding, e]) -> v on the real dims; padded dims get v = 0.
 Flow-time convention (openpi): t = 1 noise, t = 0 clean.
+
+`delta_actions`: the arm joints (all action dims but the last, the gripper; minus joints whose commanded range is
+far narrower than their measured range) are modelled relative to the current
+joint state c (mapped into the normalised action space): the head sees x'_t = x_t - (1 - t) c and its velocity
+v' is returned as v = v' - c. This is exactly flow matching on a' = a - c (same noise, same t) while the policy
+keeps the interface's absolute normalised actions in and out. `privileged_norm`: privileged object state is
+standardised with buffers `priv_mean` / `priv_std` (set from the SFT data by `set_privileged_stats`).
+`tool_features`: the encoder also sees the tool0 pose from forward kinematics of the arm joints (the URDF's arm
+model, qvgm.sim.ik) — position (m) and the top-left 2x2 of its rotation — and, per privileged role (7 values:
+xyz m + quat wxyz), the object position minus the tool position in dm (x10), so reaching is a near-linear map.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qvgm.policy.config import StateConfig
 from qvgm.policy.flow import FlowPolicyBase, batch_time, sinusoidal_time_embedding
-from qvgm.policy.processor import NormStats, Processor
+from qvgm.policy.processor import _EPS, NormStats, Processor
 
 
 @dataclass
 class StateContext:
-    """embedding: [B, embed_dim] encoder output."""
+    """embedding: [B, embed_dim] encoder output; anchor: [B, 1, action_dim] current joint state in normalised action
+    units on the delta dims (zero elsewhere), or None without `delta_actions`."""
 
     embedding: torch.Tensor
+    anchor: torch.Tensor | None = None
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -46,11 +59,52 @@ class StatePolicy(FlowPolicyBase):
         self.processor = Processor(camera_names=[], image_size=0, state_dim=cfg.state_dim,
                                    real_action_dim=cfg.real_action_dim, action_dim=cfg.action_dim,
                                    norm_stats=norm_stats, tokenizer=None, privileged_dim=cfg.privileged_dim)
-        self.encoder = nn.Sequential(_mlp([cfg.state_dim + cfg.privileged_dim, cfg.hidden, cfg.hidden, cfg.embed_dim]),
-                                     nn.LayerNorm(cfg.embed_dim))
+        self.n_roles = cfg.privileged_dim // 7 if cfg.tool_features else 0
+        extra = 7 + 3 * self.n_roles if cfg.tool_features else 0
+        self._ik = None
+        if cfg.tool_features:
+            from qvgm.sim.ik import ArmIK
+
+            self._ik = ArmIK()
+            self._s_q01 = np.asarray(norm_stats.state_q01, dtype=np.float64)
+            self._s_rng = np.maximum(np.asarray(norm_stats.state_q99, dtype=np.float64) - self._s_q01, _EPS)
+        self.encoder = nn.Sequential(
+            _mlp([cfg.state_dim + cfg.privileged_dim + extra, cfg.hidden, cfg.hidden, cfg.embed_dim]),
+            nn.LayerNorm(cfg.embed_dim))
         self.time_proj = nn.Linear(cfg.time_dim, cfg.time_dim)
         flat = cfg.horizon * cfg.real_action_dim
         self.head = _mlp([flat + cfg.time_dim + cfg.embed_dim] + [cfg.head_hidden] * cfg.head_depth + [flat])
+        # delta dims: arm joints = every real action dim but the last (gripper), when the state has them
+        self.delta_dims = min(cfg.state_dim, cfg.real_action_dim - 1) if cfg.delta_actions else 0
+        if self.delta_dims:
+            ns, k = norm_stats, self.delta_dims
+            s_rng = np.maximum(np.asarray(ns.state_q99[:k]) - np.asarray(ns.state_q01[:k]), _EPS)
+            a_rng = np.maximum(np.asarray(ns.action_q99[:k]) - np.asarray(ns.action_q01[:k]), _EPS)
+            # normalised state s -> robot units (s + 1) / 2 * s_rng + s_q01 -> normalised action units
+            scale = s_rng / a_rng
+            shift = 2.0 * (np.asarray(ns.state_q01[:k]) - np.asarray(ns.action_q01[:k])) / a_rng + scale - 1.0
+            # a joint whose commanded range is far narrower than its measured one (e.g. held ~constant) would get
+            # an anchor amplifying state noise by s_rng / a_rng: such dims stay absolute
+            keep = (scale > 0.5) & (scale < 2.0)
+            scale, shift = np.where(keep, scale, 0.0), np.where(keep, shift, 0.0)
+            self.register_buffer("anchor_scale", torch.tensor(scale, dtype=torch.float32), persistent=False)
+            self.register_buffer("anchor_shift", torch.tensor(shift, dtype=torch.float32), persistent=False)
+        if cfg.privileged_norm and cfg.privileged_dim:
+            self.register_buffer("priv_mean", torch.zeros(cfg.privileged_dim))
+            self.register_buffer("priv_std", torch.ones(cfg.privileged_dim))
+
+    @torch.no_grad()
+    def set_privileged_stats(self, privileged: np.ndarray, min_std: float = 1e-2) -> None:
+        """Standardisation of privileged state from samples [N, privileged_dim] (m / quaternion units); std is
+        floored at `min_std` so constant dims (upright cubes' quaternions) stay finite. No-op unless
+        `privileged_norm`."""
+        if not hasattr(self, "priv_mean"):
+            return
+        p = np.asarray(privileged, dtype=np.float64).reshape(-1, self.config.privileged_dim)
+        if not len(p) or not np.isfinite(p).all():
+            raise ValueError("privileged stats need finite samples [N, privileged_dim], N >= 1")
+        self.priv_mean.copy_(torch.from_numpy(p.mean(0)))
+        self.priv_std.copy_(torch.from_numpy(np.maximum(p.std(0), min_std)))
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> StateContext:
         """state [B, state_dim] normalised (+ privileged [B, k]) -> StateContext(embedding [B, embed_dim])."""
@@ -58,8 +112,32 @@ class StatePolicy(FlowPolicyBase):
         if self.config.privileged_dim:
             if "privileged" not in inputs:
                 raise ValueError("state backbone configured with privileged_dim > 0 but inputs have no 'privileged'")
-            x = torch.cat([x, inputs["privileged"]], dim=-1)
-        return StateContext(self.encoder(x.to(self.time_proj.weight.dtype)))
+            p = inputs["privileged"]
+            if self._ik is not None:
+                x = torch.cat([x, self._tool_features(inputs["state"], p)], dim=-1)
+            if hasattr(self, "priv_mean"):
+                p = (p - self.priv_mean) / self.priv_std
+            x = torch.cat([x, p], dim=-1)
+        emb = self.encoder(x.to(self.time_proj.weight.dtype))
+        anchor = None
+        if self.delta_dims:
+            c = inputs["state"][:, : self.delta_dims].to(emb.dtype) * self.anchor_scale + self.anchor_shift
+            anchor = F.pad(c, (0, self.action_dim - self.delta_dims))[:, None, :]
+        return StateContext(emb, anchor)
+
+    @torch.no_grad()
+    def _tool_features(self, state_norm: torch.Tensor, privileged: torch.Tensor) -> torch.Tensor:
+        """[B, 7 + 3 * n_roles]: tool xyz (m), rot[:2, :2], (object xyz - tool xyz) * 10 per role."""
+        q = ((state_norm.double().cpu().numpy() + 1.0) / 2.0 * self._s_rng + self._s_q01)[:, :6]
+        feats = np.zeros((len(q), 7), dtype=np.float64)
+        for i, qi in enumerate(q):
+            pos, rot = self._ik.fk(qi)
+            feats[i, :3] = pos
+            feats[i, 3:] = rot[:2, :2].reshape(-1)
+        tool = torch.from_numpy(feats).to(privileged.device, torch.float32)
+        obj = privileged[:, : 7 * self.n_roles].reshape(-1, self.n_roles, 7)[..., :3]
+        rel = (obj - tool[:, None, :3]) * 10.0
+        return torch.cat([tool, rel.reshape(len(q), -1)], dim=-1)
 
     def batch_size(self, context: StateContext) -> int:
         return context.embedding.shape[0]
@@ -70,8 +148,12 @@ class StatePolicy(FlowPolicyBase):
         r = self.real_action_dim
         t = batch_time(t, b, x_t.device)
         temb = F.silu(self.time_proj(sinusoidal_time_embedding(t, self.config.time_dim).to(x_t.dtype)))
+        anchor = context.anchor
+        if anchor is not None:  # flow on a - c: x'_t = x_t - (1 - t) c, v = v' - c
+            x_t = x_t - (1.0 - t)[:, None, None].to(x_t.dtype) * anchor
         v = self.head(torch.cat([x_t[..., :r].reshape(b, -1), temb, context.embedding], dim=-1))
-        return F.pad(v.view(b, self.horizon, r), (0, self.action_dim - r))
+        v = F.pad(v.view(b, self.horizon, r), (0, self.action_dim - r))
+        return v if anchor is None else v - anchor
 
     def critic_features(self, context: StateContext) -> torch.Tensor:
         """[B, embed_dim] encoder embedding."""
