@@ -44,6 +44,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 STATE_FILE = "loop_state.json"
 CAMERA = "front"
+EVAL_SEED = 1_000_000  # evaluation scenes: seed + EVAL_SEED + k, the same held-out set every round
 
 
 class Progress:
@@ -196,16 +197,21 @@ class SimLoop:
     def policy(self) -> Any:
         return self.graph.nodes["policy_node"]
 
-    def episodes(self, root: Path, n: int, stage: str, accept: Any = None) -> list[dict[str, Any]]:
+    def episodes(self, root: Path, n: int, stage: str, seed: int, accept: Any = None) -> list[dict[str, Any]]:
         """Run episodes (episode_manager sim mode, auto start/label) recorded into `root` until `n` committed
-        episodes pass `accept(reader_row, versions)`; returns [{index, success, versions}] of the accepted ones."""
+        episodes pass `accept(info)`; scene seeds seed, seed+1, ... (sim_node's `seed` parameter, set before each
+        reset). Returns [{index, seed, success, frames, versions, stamps}] of the accepted episodes."""
         from rclpy.parameter import Parameter
 
         from qvgm.data import ReplayReader
+        from qvgm.recording import RUNNING
         from qvgm_policy_node.episode_manager import EpisodeManager
         from qvgm_policy_node.recorder_node import RecorderNode
 
         a, g = self.args, self.graph
+        sim = g.nodes["sim_node"]
+        seeds = [seed]  # seed of every started episode, in order (the next one is set before its reset)
+        sim.set_parameters([Parameter("seed", value=seed)])
 
         def params(**kw: Any) -> list[Parameter]:
             return [Parameter(k, value=v) for k, v in kw.items()]
@@ -220,11 +226,16 @@ class SimLoop:
         seen = 0
         t0 = time.monotonic()
         wall_cap = (n * 4 + 4) * (a.episode_time / a.real_time_factor + 10.0)
+        started = -1
         try:
             while len(accepted) < n:
                 if time.monotonic() - t0 > wall_cap:
                     raise TimeoutError(f"{stage}: only {len(accepted)}/{n} episodes in {wall_cap:.0f}s")
                 g.spin_once(0.01)
+                if em.sm.state == RUNNING and em.sm.episode != started:  # next reset: the next seed
+                    started = em.sm.episode
+                    seeds.append(seeds[-1] + 1)
+                    sim.set_parameters([Parameter("seed", value=seeds[-1])])
                 while seen < len(rec.core.results):
                     res = rec.core.results[seen]
                     seen += 1
@@ -232,11 +243,13 @@ class SimLoop:
                         self.log(stage, f"episode not kept: {res['status']}")
                         continue
                     info = self._episode_info(root, int(res["index"]))
+                    info["seed"] = seeds[seen - 1] if seen - 1 < len(seeds) else None
                     ok = accept is None or accept(info)
                     if ok:
                         accepted.append(info)
-                    self.log(stage, f"episode {info['index']} success={info['success']} frames={info['frames']} "
-                             f"versions={info['versions']}{'' if ok else ' (not counted)'}", len(accepted), n)
+                    self.log(stage, f"episode {info['index']} seed={info['seed']} success={info['success']} "
+                             f"frames={info['frames']} versions={info['versions']}"
+                             f"{'' if ok else ' (not counted)'}", len(accepted), n)
                     if len(accepted) >= n:
                         em.auto_start = False  # no new episode; an open one is aborted by the recorder's close
                         break
@@ -315,7 +328,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.copytree(prev_buffer, buffer)
                 log("collect", f"round {r}/{args.rounds}: {args.rollouts} rollouts of {serving} -> {buffer}")
                 sim.objects.clear()
-                infos = sim.episodes(buffer, args.rollouts, "collect")
+                infos = sim.episodes(buffer, args.rollouts, "collect", seed=args.seed + 10_000 * r)
                 sim.write_privileged(buffer, infos)
                 rs.update(collected=True, rollouts=[{k: v for k, v in i.items() if k != "stamps"} for i in infos],
                           **{"from": serving})
@@ -333,7 +346,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
                 log("reload", f"waiting for the running policy node to serve {new}")
                 shutil.rmtree(rdir / "eval", ignore_errors=True)
                 n_before = len(sim.versions)
-                infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval",
+                infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
                                      accept=lambda i, v=new: i["versions"] == [v])
                 if new not in sim.versions[n_before:] and sim.policy.version != new:
                     raise RuntimeError(f"/qvgm/policy/version never reported {new}")
