@@ -108,7 +108,7 @@ def stage_sft(args: argparse.Namespace, work: Path, demos: Path, state: LoopStat
         cfg = SFTConfig(datasets=[str(demos)], config=args.backbone, out=str(out), steps=args.sft_steps,
                         seed=args.seed, work_dir=str(work / "sft_v0.work"), **({"overrides": args.sft_overrides}
                                                                                 if args.sft_overrides else {}))
-        res = train_sft(cfg, resume=True, progress=args.tqdm)
+        res = train_sft(cfg, resume=True, progress=not args.no_progress)
         log("sft", f"final flow loss {res['final_loss']:.4f}")
     v0 = store.publish_dir(out, summary={"kind": "sft", "source": str(out)}, make_current=True)
     state.data["v0"] = v0
@@ -136,7 +136,7 @@ def stage_improve(args: argparse.Namespace, work: Path, buffer: Path, serving: s
     log("improve", f"Q-VGM from {serving} on {len(buf)} frames ({len(np.unique(buf.episode))} episodes, "
         f"critic {cfg.critic_steps} steps, actor {cfg.actor_steps} steps)")
     with torch.inference_mode(False):
-        actor, critic, summary = improve(policy, buf, cfg, work=rwork, progress=args.tqdm)
+        actor, critic, summary = improve(policy, buf, cfg, work=rwork, progress=not args.no_progress)
     manifest = publish(actor, critic, summary, init, store=work / "store")
     new = str(manifest["version"])
     if store.current() != new:  # publish makes the new version current; be explicit about what serves next
@@ -227,6 +227,9 @@ class SimLoop:
         t0 = time.monotonic()
         wall_cap = (n * 4 + 4) * (a.episode_time / a.real_time_factor + 10.0)
         started = -1
+
+        def eta(k: int) -> str:
+            return f", ETA {(time.monotonic() - t0) / k * (n - k):.0f}s" if 0 < k < n else ""
         try:
             while len(accepted) < n:
                 if time.monotonic() - t0 > wall_cap:
@@ -249,7 +252,7 @@ class SimLoop:
                         accepted.append(info)
                     self.log(stage, f"episode {info['index']} seed={info['seed']} success={info['success']} "
                              f"frames={info['frames']} versions={info['versions']}"
-                             f"{'' if ok else ' (not counted)'}", len(accepted), n)
+                             f"{'' if ok else ' (not counted)'}{eta(len(accepted))}", len(accepted), n)
                     if len(accepted) >= n:
                         em.auto_start = False  # no new episode; an open one is aborted by the recorder's close
                         break
@@ -423,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="camera images (px, square, even) recorded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--tqdm", action="store_true", help="tqdm bars in SFT/improve")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars in SFT / Q-VGM (stage lines stay)")
     return p
 
 
@@ -442,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[loop] interrupted: stages finished so far are in {Path(args.work) / STATE_FILE}; "
               "run again with the same --work to resume", flush=True)
         return 130
+    except (ValueError, RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"[loop] failed: {type(exc).__name__}: {exc} (finished stages are kept; fix and rerun to resume)",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

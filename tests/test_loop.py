@@ -25,7 +25,7 @@ from qvgm_policy_node import loop  # noqa: E402
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demos", "3", "--sft-steps", "20", "--rollouts", "2", "--eval-episodes", "2", "--critic-steps", "20",
-        "--actor-steps", "2", "--critic-hidden", "32", "32", "--episode-time", "4"]
+        "--actor-steps", "2", "--critic-hidden", "32", "32", "--episode-time", "4", "--no-progress"]
 
 
 def check_round(work: Path, r: int, parent: str, demos: int, rollouts_before: int, rollouts: int,
