@@ -17,9 +17,9 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
   A table (round, serving version, success rate, 95 % Wilson CI, episodes), WORK/summary.json and WORK/loop.png
   (when matplotlib is installed) close the run. Progress lines: `[loop +ELAPSEDs] stage i/n ...`.
 
-Ctrl-C (SIGINT) stops at the next spin: the graph shuts down, the recorder aborts its open episode, the store only
-ever holds committed versions; WORK/loop_state.json records which stages finished. `--backbone pi05-small` trains the
-image policy instead (needs a GPU in practice: ~8 s per SFT step on 2 CPU cores).
+Ctrl-C (SIGINT) or SIGTERM stops at the next spin: the graph shuts down, the recorder aborts its open episode, the
+store only ever holds committed versions; WORK/loop_state.json records which stages finished.
+`--backbone pi05-small` trains the image policy instead (needs a GPU in practice: ~8 s per SFT step on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -439,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.demos, args.sft_steps, args.rollouts, args.eval_episodes, args.rounds) < 1 or args.image_size % 2:
         p.error("sizes must be >= 1 and --image-size even")
     torch.set_num_threads(args.threads)
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGINT (even when a launching shell ignored it, as for `cmd &`) and SIGTERM both stop cleanly
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         run_loop(args)
     except KeyboardInterrupt:
