@@ -1,0 +1,464 @@
+"""The learn-from-experience loop, end to end (issue 7): `python -m qvgm_policy_node.loop --work runs/loop`.
+
+Stages (each resumable; a finished stage is skipped when the same work dir is run again):
+  demos   noisy scripted-expert demos (critic_trainer.demos.collect_demos) -> WORK/demos
+  sft     SFT of the `state` backbone (critic_trainer.sft.train_sft) -> WORK/sft_v0, published as v0 into the
+          CheckpointStore WORK/store (made current)
+  rounds  R times, with ONE in-process sim graph (sim_node + policy_node backend `flow` serving the store's current
+          version with hot reload + privileged object state):
+            collect   E rollouts through ROS (episode_manager sim mode, auto start/label; recorder_node) appended to
+                      the round's replay buffer WORK/rounds/rN/buffer (= a copy of the previous round's buffer, or
+                      of the demos for round 1); privileged object poses (/qvgm/sim/objects, stamp-matched to the
+                      recorded frames) are written as the buffer's side files (the `state` backbone needs them)
+            improve   critic_trainer.pipeline.improve (Q-VGM) on that buffer -> publish (parent = serving version)
+            reload    the RUNNING policy node hot-reloads it (/qvgm/policy/version must report the new version)
+            eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version;
+                      only episodes whose every frame was served by that version count
+  A table (round, serving version, success rate, 95 % Wilson CI, episodes), WORK/summary.json and WORK/loop.png
+  (when matplotlib is installed) close the run. Progress lines: `[loop +ELAPSEDs] stage i/n ...`.
+
+Ctrl-C (SIGINT) or SIGTERM stops at the next spin: the graph shuts down, the recorder aborts its open episode, the
+store only ever holds committed versions; WORK/loop_state.json records which stages finished.
+`--backbone pi05-small` trains the image policy instead (needs a GPU in practice: ~8 s per SFT step on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+from qvgm_policy_node.ros_env import apply_loopback_env
+
+apply_loopback_env(keep_existing_domain=True)  # before rclpy: DDS discovery on loopback, per-run domain
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+STATE_FILE = "loop_state.json"
+CAMERA = "front"
+EVAL_SEED = 1_000_000  # evaluation scenes: seed + EVAL_SEED + k, the same held-out set every round
+
+
+class Progress:
+    """`[loop +12.3s] stage i/n message` lines on stdout (flushed)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, stage: str, msg: str, i: int | None = None, n: int | None = None) -> None:
+        frac = f" {i}/{n}" if i is not None and n is not None else ""
+        print(f"[loop +{time.monotonic() - self.t0:7.1f}s] {stage}{frac}: {msg}", flush=True)
+
+
+class LoopState:
+    """WORK/loop_state.json: finished stages and per-round results, rewritten atomically after every change."""
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / STATE_FILE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"rounds": {}}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+    def round(self, r: int) -> dict[str, Any]:
+        return self.data["rounds"].setdefault(str(r), {})
+
+
+# ------------------------------------------------------------------------------------------------- offline stages
+def stage_demos(args: argparse.Namespace, work: Path, log: Progress) -> Path:
+    """Noisy expert demos with the recorder's camera layout (so rollouts append to a copy of them)."""
+    from critic_trainer.demos import collect_demos
+
+    out = work / "demos"
+    if (out / "meta" / "info.json").exists() and (work / "demos.done").exists():
+        log("demos", f"present in {out}, skipped")
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    log("demos", f"{args.demos} noisy expert episodes of {args.task} -> {out}")
+    s = collect_demos(args.task, args.demos, out, noise=args.demo_noise, seed=args.seed,
+                      image_size=(args.image_size, args.image_size), cameras=(CAMERA,), control_hz=10)
+    (work / "demos.done").write_text(json.dumps(s))
+    log("demos", f"{s['successes']}/{s['episodes']} successful, {s['frames']} frames, {s['wall_s']:.0f}s")
+    return out
+
+
+def stage_sft(args: argparse.Namespace, work: Path, demos: Path, state: LoopState, log: Progress) -> str:
+    """SFT -> WORK/sft_v0 -> store version v0 (current). Returns v0's version id."""
+    from critic_trainer.sft import SFTConfig, train_sft
+    from qvgm.checkpoints import CheckpointStore
+
+    store = CheckpointStore(work / "store", keep_last=None)
+    if state.data.get("v0") and state.data["v0"] in {v.version for v in store.versions()}:
+        log("sft", f"v0 = {state.data['v0']} present in the store, skipped")
+        return str(state.data["v0"])
+    out = work / "sft_v0"
+    if not (out / "manifest.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        log("sft", f"{args.sft_steps} steps of `{args.backbone}` on {demos}")
+        cfg = SFTConfig(datasets=[str(demos)], config=args.backbone, out=str(out), steps=args.sft_steps,
+                        seed=args.seed, work_dir=str(work / "sft_v0.work"), **({"overrides": args.sft_overrides}
+                                                                                if args.sft_overrides else {}))
+        res = train_sft(cfg, resume=True, progress=not args.no_progress)
+        log("sft", f"final flow loss {res['final_loss']:.4f}")
+    v0 = store.publish_dir(out, summary={"kind": "sft", "source": str(out)}, make_current=True)
+    state.data["v0"] = v0
+    state.save()
+    log("sft", f"published v0 = {v0} to {store.root}")
+    return v0
+
+
+def stage_improve(args: argparse.Namespace, work: Path, buffer: Path, serving: str, log: Progress) -> str:
+    """Q-VGM on `buffer` starting from store version `serving`; publishes (and makes current) the new version."""
+    import torch
+
+    from critic_trainer.pipeline import ImproveConfig, improve, load_buffer, publish
+    from qvgm.checkpoints import CheckpointStore
+    from qvgm.policy import load_policy
+
+    store = CheckpointStore(work / "store", keep_last=None)
+    init = store.path(serving)
+    policy = load_policy(init)
+    buf = load_buffer(buffer, policy.horizon, with_images=policy.config.backbone != "state")
+    cfg = ImproveConfig(method="qvgm", critic_steps=args.critic_steps, actor_steps=args.actor_steps,
+                        critic_hidden=tuple(args.critic_hidden), seed=args.seed)
+    rwork = buffer.parent / "improve.work"
+    shutil.rmtree(rwork, ignore_errors=True)
+    log("improve", f"Q-VGM from {serving} on {len(buf)} frames ({len(np.unique(buf.episode))} episodes, "
+        f"critic {cfg.critic_steps} steps, actor {cfg.actor_steps} steps)")
+    with torch.inference_mode(False):
+        actor, critic, summary = improve(policy, buf, cfg, work=rwork, progress=not args.no_progress)
+    manifest = publish(actor, critic, summary, init, store=work / "store")
+    new = str(manifest["version"])
+    if store.current() != new:  # publish makes the new version current; be explicit about what serves next
+        store.set_current(new)
+    act = summary.get("actor", {})
+    log("improve", f"published {new} (parent {manifest.get('parent')}), Q before {act.get('q_policy_before')} "
+        f"after {act.get('q_policy_after')}")
+    return new
+
+
+# ------------------------------------------------------------------------------------------------- the ROS graph
+class SimLoop:
+    """The in-process graph and the ROS-side stages (collect / wait for reload / eval)."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, log: Progress) -> None:
+        from qvgm_policy_node.graph import Graph
+        from qvgm_policy_node.profile import load_profile, node_specs
+
+        self.args, self.work, self.log = args, work, log
+        size = args.image_size
+        sim_ov = {"task": args.task, "seed": args.seed, "cameras": [CAMERA], "image_width": size,
+                  "image_height": size, "camera_hz": 10.0, "real_time_factor": args.real_time_factor}
+        pol_ov = {"backend": "flow", "checkpoint_store": str(work / "store"), "privileged": True,
+                  "cameras": [CAMERA], "max_image_age": 1.0, "max_objects_age": 1.0, "seed": args.seed,
+                  "reload_budget_s": 2.0}
+        self.graph = Graph(node_specs(load_profile("tabletop_sim"), {"sim_node": sim_ov, "policy_node": pol_ov}))
+        self.versions: list[str] = []  # /qvgm/policy/version messages
+        self.objects: list[tuple[float, np.ndarray]] = []  # (stamp s, privileged vector) from /qvgm/sim/objects
+
+    def __enter__(self) -> SimLoop:
+        from rclpy.qos import DurabilityPolicy, QoSProfile
+        from std_msgs.msg import String
+        from visualization_msgs.msg import MarkerArray
+
+        from qvgm_policy_node import topics
+
+        self.graph.__enter__()
+        node = self.graph.node("loop_driver")
+        node.create_subscription(String, topics.POLICY_VERSION, lambda m: self.versions.append(m.data),
+                                 QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        node.create_subscription(MarkerArray, topics.OBJECTS, self._on_objects, 50)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.graph.__exit__(*exc)
+
+    def _on_objects(self, msg: Any) -> None:
+        from qvgm_policy_node.recorder_node import stamp_seconds
+
+        parts = [np.array([m.pose.position.x, m.pose.position.y, m.pose.position.z, m.pose.orientation.w,
+                           m.pose.orientation.x, m.pose.orientation.y, m.pose.orientation.z])
+                 for m in msg.markers if m.ns != "task"]
+        stamps = [stamp_seconds(m.header.stamp) for m in msg.markers if m.ns != "task"]
+        if parts:
+            self.objects.append((stamps[0], np.concatenate(parts).astype(np.float32)))
+
+    @property
+    def policy(self) -> Any:
+        return self.graph.nodes["policy_node"]
+
+    def episodes(self, root: Path, n: int, stage: str, seed: int, accept: Any = None) -> list[dict[str, Any]]:
+        """Run episodes (episode_manager sim mode, auto start/label) recorded into `root` until `n` committed
+        episodes pass `accept(info)`; scene seeds seed, seed+1, ... (sim_node's `seed` parameter, set before each
+        reset). Returns [{index, seed, success, frames, versions, stamps}] of the accepted episodes."""
+        from rclpy.parameter import Parameter
+
+        from qvgm.data import ReplayReader
+        from qvgm.recording import RUNNING
+        from qvgm_policy_node.episode_manager import EpisodeManager
+        from qvgm_policy_node.recorder_node import RecorderNode
+
+        a, g = self.args, self.graph
+        sim = g.nodes["sim_node"]
+        seeds = [seed]  # seed of every started episode, in order (the next one is set before its reset)
+        sim.set_parameters([Parameter("seed", value=seed)])
+
+        def params(**kw: Any) -> list[Parameter]:
+            return [Parameter(k, value=v) for k, v in kw.items()]
+
+        rec = g.add(RecorderNode(context=g.context, parameter_overrides=params(
+            root=str(root), fps=10, cameras=[CAMERA], reference_camera=CAMERA, image_height=a.image_size,
+            image_width=a.image_size, max_age=0.25, max_latency=1.0, align_delay=0.2)))
+        em = g.add(EpisodeManager(context=g.context, parameter_overrides=params(
+            time_limit=a.episode_time / a.real_time_factor, sim=True, sim_reset_service="/sim_node/reset",
+            auto_start=True, auto_label_timeout=True)))
+        accepted: list[dict[str, Any]] = []
+        seen = 0
+        t0 = time.monotonic()
+        wall_cap = (n * 4 + 4) * (a.episode_time / a.real_time_factor + 10.0)
+        started = -1
+
+        def eta(k: int) -> str:
+            return f", ETA {(time.monotonic() - t0) / k * (n - k):.0f}s" if 0 < k < n else ""
+        try:
+            while len(accepted) < n:
+                if time.monotonic() - t0 > wall_cap:
+                    raise TimeoutError(f"{stage}: only {len(accepted)}/{n} episodes in {wall_cap:.0f}s")
+                g.spin_once(0.01)
+                if em.sm.state == RUNNING and em.sm.episode != started:  # next reset: the next seed
+                    started = em.sm.episode
+                    seeds.append(seeds[-1] + 1)
+                    sim.set_parameters([Parameter("seed", value=seeds[-1])])
+                while seen < len(rec.core.results):
+                    res = rec.core.results[seen]
+                    seen += 1
+                    if res["status"] != "committed":
+                        self.log(stage, f"episode not kept: {res['status']}")
+                        continue
+                    info = self._episode_info(root, int(res["index"]))
+                    info["seed"] = seeds[seen - 1] if seen - 1 < len(seeds) else None
+                    ok = accept is None or accept(info)
+                    if ok:
+                        accepted.append(info)
+                    self.log(stage, f"episode {info['index']} seed={info['seed']} success={info['success']} "
+                             f"frames={info['frames']} versions={info['versions']}"
+                             f"{'' if ok else ' (not counted)'}{eta(len(accepted))}", len(accepted), n)
+                    if len(accepted) >= n:
+                        em.auto_start = False  # no new episode; an open one is aborted by the recorder's close
+                        break
+        finally:
+            for node in (em, rec):
+                g.executor.remove_node(node)
+                g.nodes.pop(node.get_name(), None)
+                node.destroy_node()
+        ReplayReader(root, decode_images=False, include_discarded=True).close()  # the buffer reads back
+        return accepted
+
+    def _episode_info(self, root: Path, index: int) -> dict[str, Any]:
+        from qvgm.data import ReplayReader
+
+        r = ReplayReader(root, decode_images=False, include_discarded=True)
+        try:
+            e = next(i for i, row in enumerate(r.episodes) if int(row["episode_index"]) == index)
+            s, t = int(r.ep_start[e]), int(r.ep_end[e])
+            return {"index": index, "success": r.episodes[e].get("success") is True, "frames": t - s,
+                    "versions": sorted({str(v) for v in r.policy_version[s:t]}),
+                    "stamps": r.stamp[s:t].astype(np.float64).tolist()}
+        finally:
+            r.close()
+
+    def write_privileged(self, root: Path, infos: list[dict[str, Any]]) -> None:
+        """Privileged object poses per recorded frame (nearest /qvgm/sim/objects stamp) as the buffer's side files."""
+        from critic_trainer.demos import write_privileged
+
+        st = np.array([s for s, _ in self.objects])
+        vec = np.stack([v for _, v in self.objects])
+        for info in infos:
+            stamps = np.asarray(info["stamps"])
+            j = np.clip(np.searchsorted(st, stamps), 1, len(st) - 1)
+            j = np.where(np.abs(st[j - 1] - stamps) <= np.abs(st[j] - stamps), j - 1, j)
+            gap = float(np.abs(st[j] - stamps).max())
+            if gap > 0.25:
+                raise RuntimeError(f"episode {info['index']}: no object poses within {gap:.2f}s of a frame")
+            write_privileged(root, int(info["index"]), vec[j])
+
+    def wait_serving(self, version: str, timeout: float = 60.0) -> None:
+        """Spin until the running policy node has swapped to `version` (its chunks carry it once enabled)."""
+        backend = self.policy.backend
+        ok = self.graph.spin_until(lambda: getattr(getattr(backend, "current", None), "version", None) == version
+                                   or self.policy.version == version, timeout)
+        if not ok:
+            raise TimeoutError(f"the policy node did not load {version} in {timeout}s")
+
+
+# ------------------------------------------------------------------------------------------------- main
+def run_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage; returns the summary dict (also written to WORK/summary.json)."""
+    from critic_trainer.pipeline import wilson_interval
+    from qvgm.checkpoints import CheckpointStore
+
+    log = Progress()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    state = LoopState(work)
+    demos = stage_demos(args, work, log)
+    v0 = stage_sft(args, work, demos, state, log)
+    store = CheckpointStore(work / "store", keep_last=None)
+    if all(state.round(r).get("evaluated") for r in range(1, args.rounds + 1)):
+        log("rounds", f"all {args.rounds} rounds finished, skipped")
+        return write_summary(args, work, state, log)
+    with SimLoop(args, work, log) as sim:
+        log("graph", f"up: ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID')}, nodes {sorted(sim.graph.nodes)}")
+        prev_buffer = demos
+        for r in range(1, args.rounds + 1):
+            rs = state.round(r)
+            rdir = work / "rounds" / f"r{r}"
+            buffer = rdir / "buffer"
+            serving = rs.get("from") or store.current() or v0
+            if not rs.get("collected"):
+                shutil.rmtree(rdir, ignore_errors=True)
+                rdir.mkdir(parents=True)
+                shutil.copytree(prev_buffer, buffer)
+                log("collect", f"round {r}/{args.rounds}: {args.rollouts} rollouts of {serving} -> {buffer}")
+                sim.objects.clear()
+                infos = sim.episodes(buffer, args.rollouts, "collect", seed=args.seed + 10_000 * r)
+                sim.write_privileged(buffer, infos)
+                rs.update(collected=True, rollouts=[{k: v for k, v in i.items() if k != "stamps"} for i in infos],
+                          **{"from": serving})
+                state.save()
+            else:
+                log("collect", f"round {r}: rollouts present, skipped")
+            if not rs.get("improved"):
+                rs["version"] = stage_improve(args, work, buffer, serving, log)
+                rs["improved"] = True
+                state.save()
+            new = rs["version"]
+            if store.current() != new:
+                store.set_current(new)
+            if not rs.get("evaluated"):
+                log("reload", f"waiting for the running policy node to serve {new}")
+                shutil.rmtree(rdir / "eval", ignore_errors=True)
+                n_before = len(sim.versions)
+                infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
+                                     accept=lambda i, v=new: i["versions"] == [v])
+                if new not in sim.versions[n_before:] and sim.policy.version != new:
+                    raise RuntimeError(f"/qvgm/policy/version never reported {new}")
+                k = sum(i["success"] for i in infos)
+                lo, hi = wilson_interval(k, len(infos))
+                rs.update(evaluated=True, serving=new, successes=k, episodes=len(infos), ci=[lo, hi],
+                          eval=[{kk: vv for kk, vv in i.items() if kk != "stamps"} for i in infos],
+                          version_messages=sim.versions[n_before:])
+                state.save()
+                log("eval", f"round {r}: {new} {k}/{len(infos)} = {k / len(infos):.0%} [{lo:.0%}, {hi:.0%}]")
+            prev_buffer = buffer
+    return write_summary(args, work, state, log)
+
+
+def write_summary(args: argparse.Namespace, work: Path, state: LoopState, log: Progress) -> dict[str, Any]:
+    rows = []
+    for r in range(1, args.rounds + 1):
+        rs = state.data["rounds"].get(str(r), {})
+        if rs.get("evaluated"):
+            rows.append({"round": r, "serving": rs["serving"], "parent": rs["from"], "successes": rs["successes"],
+                         "episodes": rs["episodes"], "success_rate": rs["successes"] / max(1, rs["episodes"]),
+                         "ci95": rs["ci"], "rollouts": len(rs.get("rollouts", [])),
+                         "rollout_successes": sum(bool(i["success"]) for i in rs.get("rollouts", []))})
+    print(f"{'round':>5}  {'serving version':<20} {'success':>8}  {'95% CI':<15} {'episodes':>8}  "
+          "rollouts of the parent (successful/total)")
+    for row in rows:
+        lo, hi = row["ci95"]
+        print(f"{row['round']:>5}  {row['serving']:<20} {row['success_rate']:>8.0%}  [{lo:4.0%}, {hi:4.0%}]"
+              f"{'':3} {row['episodes']:>8}  {row['rollout_successes']}/{row['rollouts']} ({row['parent']})")
+    summary = {"task": args.task, "backbone": args.backbone, "v0": state.data.get("v0"), "rounds": rows,
+               "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = [row["round"] for row in rows]
+        ys = [row["success_rate"] for row in rows]
+        err = [[y - row["ci95"][0] for y, row in zip(ys, rows, strict=True)],
+               [row["ci95"][1] - y for y, row in zip(ys, rows, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4)
+        ax.set(xlabel="round", ylabel="success rate (95% Wilson CI)", ylim=(0, 1), title=f"qvgm loop: {args.task}")
+        fig.tight_layout()
+        fig.savefig(work / "loop.png", dpi=100)
+        plt.close(fig)
+        log("summary", f"wrote {work / 'summary.json'} and {work / 'loop.png'}")
+    except ImportError:
+        log("summary", f"wrote {work / 'summary.json'} (matplotlib not installed: no PNG plot)")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qvgm.sim import TASKS
+    from qvgm.sim.tasks import TIME_LIMIT_S
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="runs/loop", help="work dir (demos, store, buffers, state); rerun resumes")
+    p.add_argument("--task", default="push", choices=list(TASKS))
+    p.add_argument("--backbone", default="state", help="policy config: state (CPU) or pi05-small (needs a GPU)")
+    p.add_argument("--demos", type=int, default=20, help="noisy expert demo episodes")
+    p.add_argument("--demo-noise", type=float, default=0.01, help="expert noise std (m)")
+    p.add_argument("--sft-steps", type=int, default=2000)
+    p.add_argument("--rollouts", type=int, default=10, help="policy rollouts collected through ROS per round")
+    p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes through ROS per round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--critic-steps", type=int, default=2000)
+    p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
+    p.add_argument("--actor-steps", type=int, default=300)
+    p.add_argument("--episode-time", type=float, default=max(TIME_LIMIT_S.values()), help="robot s per episode")
+    p.add_argument("--real-time-factor", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=64, help="camera images (px, square, even) recorded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars in SFT / Q-VGM (stage lines stay)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.sft_overrides = {}
+    if min(args.demos, args.sft_steps, args.rollouts, args.eval_episodes, args.rounds) < 1 or args.image_size % 2:
+        p.error("sizes must be >= 1 and --image-size even")
+    torch.set_num_threads(args.threads)
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGINT (even when a launching shell ignored it, as for `cmd &`) and SIGTERM both stop cleanly
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run_loop(args)
+    except KeyboardInterrupt:
+        print(f"[loop] interrupted: stages finished so far are in {Path(args.work) / STATE_FILE}; "
+              "run again with the same --work to resume", flush=True)
+        return 130
+    except (ValueError, RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"[loop] failed: {type(exc).__name__}: {exc} (finished stages are kept; fix and rerun to resume)",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
