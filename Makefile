@@ -8,12 +8,16 @@ export PYOPENGL_PLATFORM ?= egl
 ROS_ENV = ROS_DOMAIN_ID=$$($(PY) -m qvgm_policy_node.ros_env)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint colcon bench clean
+.PHONY: setup demo loop test test-all lint colcon bench clean
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(ROS_ENV) $(PY) -m qvgm_policy_node.demo $(DEMO_ARGS)
+
+# The learn-from-experience loop (issue 7, first version): demos -> SFT -> ROS rollouts -> Q-VGM -> hot reload -> eval.
+loop: setup
+	$(ROS_ENV) $(PY) -m qvgm_policy_node.loop $(LOOP_ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .
