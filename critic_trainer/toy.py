@@ -130,3 +130,26 @@ class ToyFlowPolicy(nn.Module):
     def postprocess(self, actions: torch.Tensor) -> np.ndarray:
         """Normalised [B, H, D] -> float64 [B, H, real_action_dim] (identity normalisation)."""
         return actions[..., : self.real_action_dim].detach().cpu().double().numpy()
+
+
+def fit_toy_policy(obs_dim: int, horizon: int, action_dim: int, real_action_dim: int, *, noise: float,
+                   steps: int, hidden: int = 64, seed: int = 0) -> tuple[ToyFlowPolicy, float]:
+    """A ToyFlowPolicy fitted by flow matching on chunks a = 0.5 tanh(W s) + noise * eps (padding dims 0).
+
+    Returns the frozen policy (requires_grad False) and the last training loss. Deterministic under `seed`.
+    """
+    torch.manual_seed(seed)
+    policy = ToyFlowPolicy(obs_dim, horizon, action_dim, real_action_dim, hidden=hidden)
+    w = torch.randn(obs_dim, horizon * action_dim) * 0.5
+    opt = torch.optim.Adam(policy.parameters(), 1e-3)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        s = torch.randn(128, obs_dim)
+        a = (0.5 * torch.tanh(s @ w)).reshape(-1, horizon, action_dim) + noise * torch.randn(128, horizon, action_dim)
+        a[..., real_action_dim:] = 0.0
+        loss = policy.flow_loss({"state": s}, a)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.zero_grad(set_to_none=True)
+    return policy.requires_grad_(False), float(loss.item())

@@ -21,7 +21,7 @@ from critic_trainer.qvgm import (
     qvgm_update,
     residual_target,
 )
-from critic_trainer.toy import ToyFlowPolicy
+from critic_trainer.toy import ToyFlowPolicy, fit_toy_policy
 
 OBS, H, D, R, N_EXEC = 6, 4, 4, 3, 2
 
@@ -49,21 +49,9 @@ class TargetQ(torch.nn.Module):
 def sft_policy() -> ToyFlowPolicy:
     """Toy flow policy fitted by flow matching on chunks a = 0.5 tanh(W s) + 0.1 noise (padding dims 0)."""
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    policy = ToyFlowPolicy(OBS, H, D, R, hidden=64)
-    w = torch.randn(OBS, H * D) * 0.5
-    opt = torch.optim.Adam(policy.parameters(), 1e-3)
-    for _ in range(400):
-        s = torch.randn(128, OBS)
-        a = (0.5 * torch.tanh(s @ w)).reshape(-1, H, D) + 0.1 * torch.randn(128, H, D)
-        a[..., R:] = 0.0
-        loss = policy.flow_loss({"state": s}, a)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5
-    policy.zero_grad(set_to_none=True)
-    return policy.requires_grad_(False)
+    policy, loss = fit_toy_policy(OBS, H, D, R, noise=0.1, steps=400)
+    assert loss < 0.5
+    return policy
 
 
 def eval_samples(policy: ToyFlowPolicy, seed: int = 123, b: int = 512) -> torch.Tensor:

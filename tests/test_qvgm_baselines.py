@@ -10,7 +10,7 @@ import torch
 from critic_trainer.baselines import best_of_n, diffusion_ql_loss, q_distill_loss, q_guided_sample
 from critic_trainer.critic import critic_action
 from critic_trainer.qvgm import QVGMConfig
-from critic_trainer.toy import ToyFlowPolicy
+from critic_trainer.toy import ToyFlowPolicy, fit_toy_policy
 
 OBS, H, D, R, N_EXEC = 6, 4, 4, 3, 2
 A_STAR = torch.full((N_EXEC * R,), 0.8)
@@ -33,20 +33,7 @@ def q_fn(a: torch.Tensor) -> torch.Tensor:
 def policy() -> ToyFlowPolicy:
     """Toy flow policy fitted on chunks a = 0.5 tanh(W s) + 0.3 noise: a spread that selection can exploit."""
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    pol = ToyFlowPolicy(OBS, H, D, R, hidden=64)
-    w = torch.randn(OBS, H * D) * 0.5
-    opt = torch.optim.Adam(pol.parameters(), 1e-3)
-    for _ in range(300):
-        s = torch.randn(128, OBS)
-        a = (0.5 * torch.tanh(s @ w)).reshape(-1, H, D) + 0.3 * torch.randn(128, H, D)
-        a[..., R:] = 0.0
-        loss = pol.flow_loss({"state": s}, a)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pol.zero_grad(set_to_none=True)
-    return pol.requires_grad_(False)
+    return fit_toy_policy(OBS, H, D, R, noise=0.3, steps=300)[0]
 
 
 def batch(seed: int = 7, b: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
