@@ -266,21 +266,19 @@ class PolicyNode(Node):
         self.stats[f"holds.{reason}"] += 1
 
     def _srv_reload(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        reloader = getattr(self.backend, "reloader", None)
-        if reloader is None:
-            response.success, response.message = False, "no checkpoint_store configured: nothing to reload"
-        else:
-            response.success, response.message = reloader.request_reload()
-        self.get_logger().info(f"~/reload: {response.message}")
-        return response
+        return self._reloader_service(response, "reload", lambda r: r.request_reload())
 
     def _srv_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        return self._reloader_service(response, "roll back", lambda r: r.request_rollback())
+
+    def _reloader_service(self, response: Trigger.Response, what: str, call: Any) -> Trigger.Response:
+        """~/reload and ~/rollback: delegate to the store backend's HotReloader (non-blocking)."""
         reloader = getattr(self.backend, "reloader", None)
         if reloader is None:
-            response.success, response.message = False, "no checkpoint_store configured: nothing to roll back"
+            response.success, response.message = False, f"no checkpoint_store configured: nothing to {what}"
         else:
-            response.success, response.message = reloader.request_rollback()
-        self.get_logger().info(f"~/rollback: {response.message}")
+            response.success, response.message = call(reloader)
+        self.get_logger().info(f"~/{what.replace(' ', '')}: {response.message}")
         return response
 
     def _on_objects(self, msg: MarkerArray) -> None:
