@@ -25,8 +25,9 @@ def jacobian(q: np.ndarray) -> np.ndarray:
 
 
 def expert_action(obs: np.ndarray, gain: float = 20.0, vel_gain: float = 0.2, damping: float = 1e-3) -> np.ndarray:
-    """Reacher-v5 observation [10] -> torques float32[2] in [-1, 1]."""
-    obs = np.asarray(obs, dtype=np.float64)
+    """Reacher-v5 observation [10] (or a Dict holding it under "state", e.g. AddRenderObservation) -> torques
+    float32[2] in [-1, 1]."""
+    obs = np.asarray(obs["state"] if isinstance(obs, dict) else obs, dtype=np.float64)
     q = np.arctan2(obs[2:4], obs[0:2])
     qd = obs[6:8]
     err = obs[8:10]  # fingertip - target (m)
@@ -46,4 +47,5 @@ def make_expert(env: Any, seed: int) -> Callable[[np.ndarray], np.ndarray]:
 def reached(obs: np.ndarray, reward: float, info: dict[str, Any], radius: float = 0.02) -> bool:
     """Success predicate (``module:function`` form): fingertip within `radius` m of the target."""
     del reward, info
+    obs = obs["state"] if isinstance(obs, dict) else obs
     return bool(np.linalg.norm(np.asarray(obs)[8:10]) < radius)

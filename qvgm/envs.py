@@ -267,11 +267,16 @@ def _part_width(space: spaces.Space, part: ObsPart) -> int:
     if not isinstance(sub, spaces.Box):
         raise EnvSpecError(f"observation part {part.text!r} is a {type(sub).__name__}; state parts must be Box")
     n = int(np.prod(sub.shape))
+    idx = part.index
+    if isinstance(idx, slice) and any(b is not None and abs(b) > n for b in (idx.start, idx.stop)):
+        raise EnvSpecError(f"observation part {part.text!r}: index out of range for {n} values")
     try:
-        return len(np.arange(n)[list(part.index) if isinstance(part.index, tuple) else part.index]
-                   if part.index is not None else np.arange(n))
+        width = len(np.arange(n)[list(idx) if isinstance(idx, tuple) else idx] if idx is not None else np.arange(n))
     except IndexError:
         raise EnvSpecError(f"observation part {part.text!r}: index out of range for {n} values") from None
+    if width == 0:
+        raise EnvSpecError(f"observation part {part.text!r} selects nothing (of {n} values)")
+    return width
 
 
 class GymEnvAdapter(gym.Env):
