@@ -211,7 +211,7 @@ def test_end_to_end_spec_demos_sft_rollouts_qvgm_evaluate(tmp_path: Path) -> Non
     data = load_demo_data([tmp_path / "demos"], 10, with_images=False)
     assert data.state.shape[1] == 6 and data.actions.shape[1:] == (10, 2) and data.privileged.shape[1] == 4
     res = train_sft(SFTConfig(datasets=[str(tmp_path / "demos")], config="state", out=str(tmp_path / "sft"),
-                              steps=150, batch_size=64, lr=1e-3, checkpoint_every=150, overrides=TINY),
+                              steps=100, batch_size=64, lr=1e-3, checkpoint_every=100, overrides=TINY),
                     data=data, progress=False)
     assert np.isfinite(res["final_loss"])
     sft = load_policy(tmp_path / "sft")
@@ -222,8 +222,8 @@ def test_end_to_end_spec_demos_sft_rollouts_qvgm_evaluate(tmp_path: Path) -> Non
         assert 0 < roll["successes"] < roll["episodes"]  # both outcomes: the critic has something to rank
         buf = P.load_buffer(tmp_path / "buf", sft.horizon)
         assert buf.action.shape == (roll["frames"], 2) and buf.demo.privileged.shape == (roll["frames"], 4)
-        cfg = P.ImproveConfig(method="qvgm", n_exec=5, critic_steps=200, critic_hidden=(64, 64), actor_steps=20,
-                              actor_batch=32)
+        cfg = P.ImproveConfig(method="qvgm", n_exec=5, critic_steps=100, critic_batch=128, critic_hidden=(64, 64),
+                              num_ref=2, actor_steps=10, actor_batch=32)
         actor, critic, summ = P.improve(sft, buf, cfg, work=tmp_path / "work")
         assert summ["transitions"] > 0 and np.isfinite(summ["critic"]["eval"]["q_data"])
         assert summ["actor"]["action_shift"] > 0  # Q-VGM moved the policy
