@@ -257,3 +257,26 @@ def test_learning_bench_env_spec(tmp_path: Path) -> None:
         assert max(int(e["length"]) for e in r.episodes) <= 30  # --max-episode-steps reached the env
     finally:
         r.close()
+
+
+def test_learning_bench_env_spec_with_a_demo_dataset(tmp_path: Path) -> None:
+    """demos: {dataset: ...}: the benchmark trains SFT on the dataset's first --demos episodes, records nothing."""
+    collect_env_demos(load_env_spec(SPEC), 3, tmp_path / "given", seed=50)
+    doc = reacher_doc(demos={"dataset": "given"})  # relative to the spec file's folder
+    spec = spec_file(tmp_path, doc)
+    mod_spec = importlib.util.spec_from_file_location("bench_learning_gym2", ROOT / "bench" / "learning.py")
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    res = bench.main(["--env-spec", str(spec), "--demos", "2", "--sft-steps", "10", "--rollouts", "2",
+                      "--eval-episodes", "2", "--methods", "sft", "--max-episode-steps", "10", "--work",
+                      str(tmp_path / "w")])
+    seed = res["tasks"]["reach"]["seeds"][0]
+    r = ReplayReader(tmp_path / "given")
+    try:
+        first_two = int(r.ep_end[1])  # frames of the dataset's first 2 episodes
+    finally:
+        r.close()
+    assert seed["sft"]["demo_seeds"] == [] and seed["sft"]["frames"] == first_two
+    assert not list((tmp_path / "w").glob("demos-*"))  # nothing recorded
+    with pytest.raises(EnvSpecError, match="no demos.expert"):
+        collect_env_demos(spec, 1, tmp_path / "x")
