@@ -20,11 +20,13 @@ terminates without success (``info["env_terminated"]``), and ``prompt`` / ``cont
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import json
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +293,7 @@ class GymEnvAdapter(gym.Env):
     def __init__(self, spec: EnvSpec, max_episode_steps: int | None = None) -> None:
         super().__init__()
         self.env_spec = spec
+        self.env: gym.Env | None = None
         for mod in spec.imports:
             try:
                 importlib.import_module(mod)
@@ -310,8 +313,9 @@ class GymEnvAdapter(gym.Env):
             raise EnvSpecError(f"gym.make({spec.env_id!r}) failed: {e}") from None
         try:
             self._validate()
-        except BaseException:
-            self.env.close()
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # the frames' locals must not keep the env alive
+            self.close()
             raise
         self.max_episode_steps = int(steps or getattr(self.env.spec, "max_episode_steps", None) or 1000)
         self.raw_obs: Any = None
@@ -477,7 +481,12 @@ class GymEnvAdapter(gym.Env):
         return self.env.render()
 
     def close(self) -> None:
-        self.env.close()
+        """Close the env and drop it at once. A closed Gymnasium MuJoCo viewer that is garbage-collected later frees
+        its GL objects in whatever EGL context is current then (another env's: its renders turn black)."""
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+            gc.collect()
 
     # ------------------------------------------------------------------------------------------- demos
     def make_expert(self, seed: int) -> Callable[[Any], np.ndarray]:

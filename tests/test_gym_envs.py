@@ -173,6 +173,17 @@ def test_dict_observations_and_images(tmp_path: Path) -> None:
         r.close()
     data = load_demo_data([tmp_path / "pix"], 10, with_images=True)
     assert data.images["top"].shape == (summary["frames"], 64, 64, 3) and data.privileged.shape[1] == 4
+    # a pixel policy (pi05-tiny: SigLIP-style image tokens + prompt) trains on it and acts in the env from images
+    res = train_sft(SFTConfig(datasets=[str(tmp_path / "pix")], config="pi05-tiny", out=str(tmp_path / "pi"),
+                              steps=3, batch_size=4, checkpoint_every=3), data=data, progress=False)
+    assert np.isfinite(res["final_loss"])
+    pol = load_policy(tmp_path / "pi", expect={"camera_names": ["top"], "real_action_dim": 2})
+    env = spec.make(max_episode_steps=6)
+    try:
+        r = P.evaluate(pol, spec.name, [7], n_exec=5, env=env)
+        assert r["episodes"] == 1 and r["mean_steps"] == 6
+    finally:
+        env.close()
 
 
 # ---------------------------------------------------------------------------------------------------- cli
