@@ -186,6 +186,23 @@ def test_dict_observations_and_images(tmp_path: Path) -> None:
         env.close()
 
 
+def test_render_camera() -> None:
+    """images: {cam: render} -> env.render() of the MuJoCo env (render_mode rgb_array) every step."""
+    doc = reacher_doc(env_kwargs={"render_mode": "rgb_array", "width": 48, "height": 32},
+                      observation={"state": ["[0:4]", "[6:8]"], "privileged": ["[4:10]"], "images": {"top": "render"}})
+    env = env_spec_from_dict(doc, ROOT / "examples").make()
+    try:
+        assert env.cameras == ("top",) and env.privileged_dim == 6
+        obs, _ = env.reset(seed=1)
+        img0 = obs["images"]["top"]
+        assert img0.shape == (32, 48, 3) and img0.dtype == np.uint8 and img0.std() > 5
+        for _ in range(5):
+            obs, *_ = env.step(np.array([1.0, -1.0]))
+        assert np.abs(obs["images"]["top"].astype(int) - img0).sum() > 0  # the arm moved in the picture
+    finally:
+        env.close()
+
+
 # ---------------------------------------------------------------------------------------------------- cli
 def test_demos_cli_env_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "reach"
@@ -233,13 +250,15 @@ def test_end_to_end_spec_demos_sft_rollouts_qvgm_evaluate(tmp_path: Path) -> Non
         assert 0 < roll["successes"] < roll["episodes"]  # both outcomes: the critic has something to rank
         buf = P.load_buffer(tmp_path / "buf", sft.horizon)
         assert buf.action.shape == (roll["frames"], 2) and buf.demo.privileged.shape == (roll["frames"], 4)
-        cfg = P.ImproveConfig(method="qvgm", n_exec=5, critic_steps=100, critic_batch=128, critic_hidden=(64, 64),
-                              num_ref=2, actor_steps=10, actor_batch=32)
-        actor, critic, summ = P.improve(sft, buf, cfg, work=tmp_path / "work")
+        # critic + Q-VGM through the unchanged `critic_trainer qvgm` command (it reads only the buffer)
+        assert cli(["qvgm", "--dataset", str(tmp_path / "buf"), "--policy", str(tmp_path / "sft"), "--out",
+                    str(tmp_path / "qvgm"), "--critic-steps", "100", "--critic-batch", "128", "--critic-hidden", "64",
+                    "64", "--actor-steps", "10", "--no-progress", "--threads", "1"]) == 0
+        summ = json.loads((tmp_path / "qvgm.work" / "summary.json").read_text())
         assert summ["transitions"] > 0 and np.isfinite(summ["critic"]["eval"]["q_data"])
         assert summ["actor"]["action_shift"] > 0  # Q-VGM moved the policy
-        man = P.publish(actor, critic, summ, tmp_path / "sft", out=tmp_path / "qvgm")
-        assert man["parent"] == sft.manifest["version"]
+        man = json.loads((tmp_path / "qvgm" / "manifest.json").read_text())
+        assert man["parent"] == sft.manifest["version"] and man["summary"]["method"] == "qvgm"
         new = load_policy(tmp_path / "qvgm")
         crit, _ = P.load_critic(tmp_path / "qvgm")
         assert crit.cfg.real_action_dim == 2 and crit.cfg.n_exec == 5
