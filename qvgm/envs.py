@@ -140,11 +140,17 @@ class EnvSpec:
             raise EnvSpecError(f"success: unknown fields {sorted(unknown)}")
         if ("above" in self.success or "below" in self.success) and kinds[0] != "info_key":
             raise EnvSpecError("success.above / success.below only go with success.info_key")
+        for k in ("above", "below", "return_threshold"):
+            if k in self.success and not isinstance(self.success[k], int | float):
+                raise EnvSpecError(f"success.{k} must be a number, got {self.success[k]!r}")
+        if "noise" in self.demos and not isinstance(self.demos["noise"], int | float):
+            raise EnvSpecError(f"demos.noise must be a number, got {self.demos['noise']!r}")
         if self.demos and ("expert" in self.demos) == ("dataset" in self.demos):
             raise EnvSpecError("demos must give exactly one of 'expert' (module:function) and 'dataset' (path)")
         if "noise" in self.demos and not (float(self.demos["noise"]) >= 0 and np.isfinite(float(self.demos["noise"]))):
             raise EnvSpecError(f"demos.noise must be a finite number >= 0, got {self.demos['noise']}")
-        if self.max_episode_steps is not None and int(self.max_episode_steps) < 1:
+        if self.max_episode_steps is not None and (not isinstance(self.max_episode_steps, int)
+                                                   or self.max_episode_steps < 1):
             raise EnvSpecError(f"max_episode_steps must be >= 1, got {self.max_episode_steps}")
         if self.control_hz is not None and (int(self.control_hz) != self.control_hz or self.control_hz < 1):
             raise EnvSpecError(f"control_hz must be a whole number of Hz >= 1 (dataset fps), got {self.control_hz}")
@@ -183,6 +189,9 @@ def env_spec_from_dict(doc: dict[str, Any], base_dir: str | Path = ".") -> EnvSp
     act = doc.get("action") or {}
     if not isinstance(obs, dict) or set(obs) - {"state", "privileged", "images"}:
         raise EnvSpecError(f"observation must be a mapping with state / privileged / images, got {obs!r}")
+    for k in ("env_kwargs", "success", "demos"):
+        if not isinstance(doc.get(k) or {}, dict):
+            raise EnvSpecError(f"{k} must be a mapping, got {doc[k]!r}")
     if not isinstance(act, dict) or set(act) - {"dims", "fill", "low", "high"}:
         raise EnvSpecError(f"action must be a mapping with dims / fill / low / high, got {act!r}")
 
@@ -192,6 +201,16 @@ def env_spec_from_dict(doc: dict[str, Any], base_dir: str | Path = ".") -> EnvSp
             raise EnvSpecError(f"{what} must be a list of observation parts, got {v!r}")
         return v
 
+    try:
+        return _env_spec(doc, obs, act, strs, base_dir)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, EnvSpecError):
+            raise
+        raise EnvSpecError(f"bad field value ({e})") from None
+
+
+def _env_spec(doc: dict[str, Any], obs: dict[str, Any], act: dict[str, Any], strs: Callable[[Any, str], list[str]],
+              base_dir: str | Path) -> EnvSpec:
     return EnvSpec(env_id=doc["env_id"], name=str(doc.get("name") or ""), env_kwargs=dict(doc.get("env_kwargs") or {}),
                    imports=list(doc.get("imports") or []), prompt=str(doc.get("prompt") or ""),
                    state=strs(obs.get("state"), "observation.state"),

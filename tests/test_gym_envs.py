@@ -141,6 +141,9 @@ def test_success_definitions_agree(tmp_path: Path) -> None:
     ({"observation": {"state": ["[0:4]"], "images": {"top": "render"}}}, "render_mode: rgb_array"),
     ({"max_episode_steps": 0}, "max_episode_steps"),
     ({"colour": "red"}, "unknown env spec fields"),
+    ({"max_episode_steps": "ten"}, "max_episode_steps must be >= 1"),
+    ({"success": {"info_key": "reward_dist", "above": "close"}}, "success.above must be a number"),
+    ({"env_kwargs": ["render_mode"]}, "env_kwargs must be a mapping"),
 ])
 def test_bad_specs_are_refused_with_clear_errors(tmp_path: Path, over: dict, match: str) -> None:
     doc = reacher_doc(**over)
