@@ -65,6 +65,15 @@ def gym_env(args: argparse.Namespace) -> dict[str, Any]:
     return {"env": _GYM_ENVS[key]}
 
 
+def spec_policy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The --env-spec's `policy` config overrides for SFT ({} for the built-in sim)."""
+    if getattr(args, "env_spec", None) is None:
+        return {}
+    from qvgm.envs import load_env_spec
+
+    return dict(load_env_spec(args.env_spec).policy)
+
+
 def record_demos(task: str, n_demos: int, noise: float, seed: int, root: Path,
                  args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Demos for SFT -> (dataset dir, collection summary): the sim's noisy expert, the --env-spec expert, or the
@@ -93,6 +102,7 @@ def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Pat
     data = load_demo_data([root], 10, with_images=False, max_episodes=n_demos)
     cfg = SFTConfig(datasets=[str(root)], config="state", out=str(ck), steps=args.sft_steps, seed=seed,
                     batch_size=64, lr=1e-3, checkpoint_every=args.sft_steps, version=f"sft-{task}-s{seed}")
+    cfg.overrides.update(spec_policy_overrides(args))
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
             "final_loss": round(res["final_loss"], 4), "wall_s": round(time.perf_counter() - t0, 1)}

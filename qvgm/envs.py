@@ -98,7 +98,9 @@ class EnvSpec:
     "below": x]} | {"predicate": "module:function"} ((raw_obs, env_reward, info) -> bool) | {"return_threshold":
     R} (cumulative env reward >= R); demos: {"expert": "module:function", "noise": std as a fraction of the
     action half-range} or {"dataset": path}; max_episode_steps: time limit in control steps (default the env's);
-    control_hz: dataset fps (default round(1 / env.unwrapped.dt), else metadata render_fps). `base_dir`: where
+    control_hz: dataset fps (default round(1 / env.unwrapped.dt), else metadata render_fps); policy: policy config
+    overrides for SFT in the benchmark (e.g. {"privileged_norm": true}: standardise privileged state whose units are
+    not ~1, see qvgm.policy.config.StateConfig). `base_dir`: where
     relative paths (``file.py:function``, dataset) resolve (the spec file's folder).
     """
 
@@ -118,6 +120,7 @@ class EnvSpec:
     demos: dict[str, Any] = field(default_factory=dict)
     max_episode_steps: int | None = None
     control_hz: int | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."
 
     def __post_init__(self) -> None:
@@ -172,7 +175,7 @@ class EnvSpec:
 
 
 _TOP = {"env_id", "name", "env_kwargs", "imports", "prompt", "observation", "action", "success", "demos",
-        "max_episode_steps", "control_hz"}
+        "max_episode_steps", "control_hz", "policy"}
 
 
 def env_spec_from_dict(doc: dict[str, Any], base_dir: str | Path = ".") -> EnvSpec:
@@ -189,7 +192,7 @@ def env_spec_from_dict(doc: dict[str, Any], base_dir: str | Path = ".") -> EnvSp
     act = doc.get("action") or {}
     if not isinstance(obs, dict) or set(obs) - {"state", "privileged", "images"}:
         raise EnvSpecError(f"observation must be a mapping with state / privileged / images, got {obs!r}")
-    for k in ("env_kwargs", "success", "demos"):
+    for k in ("env_kwargs", "success", "demos", "policy"):
         if not isinstance(doc.get(k) or {}, dict):
             raise EnvSpecError(f"{k} must be a mapping, got {doc[k]!r}")
     if not isinstance(act, dict) or set(act) - {"dims", "fill", "low", "high"}:
@@ -218,7 +221,7 @@ def _env_spec(doc: dict[str, Any], obs: dict[str, Any], act: dict[str, Any], str
                    images=dict(obs.get("images") or {}), action_dims=act.get("dims"), action_fill=act.get("fill", 0.0),
                    action_low=act.get("low"), action_high=act.get("high"), success=dict(doc.get("success") or {}),
                    demos=dict(doc.get("demos") or {}), max_episode_steps=doc.get("max_episode_steps"),
-                   control_hz=doc.get("control_hz"), base_dir=str(base_dir))
+                   control_hz=doc.get("control_hz"), policy=dict(doc.get("policy") or {}), base_dir=str(base_dir))
 
 
 def load_env_spec(path: str | Path) -> EnvSpec:

@@ -242,11 +242,13 @@ def test_end_to_end_spec_demos_sft_rollouts_qvgm_evaluate(tmp_path: Path) -> Non
     data = load_demo_data([tmp_path / "demos"], 10, with_images=False)
     assert data.state.shape[1] == 6 and data.actions.shape[1:] == (10, 2) and data.privileged.shape[1] == 4
     res = train_sft(SFTConfig(datasets=[str(tmp_path / "demos")], config="state", out=str(tmp_path / "sft"),
-                              steps=100, batch_size=64, lr=1e-3, checkpoint_every=100, overrides=TINY),
+                              steps=100, batch_size=64, lr=1e-3, checkpoint_every=100,
+                              overrides={**TINY, **spec.policy}),
                     data=data, progress=False)
     assert np.isfinite(res["final_loss"])
     sft = load_policy(tmp_path / "sft")
     assert sft.real_action_dim == 2 and sft.config.state_dim == 6 and sft.config.privileged_dim == 4
+    assert sft.config.privileged_norm  # the spec's policy overrides
     env = spec.make()
     try:
         roll = P.collect_rollouts(sft, spec.name, range(100, 124), tmp_path / "buf", n_exec=5, env=env)
