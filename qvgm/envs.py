@@ -20,6 +20,7 @@ terminates without success (``info["env_terminated"]``), and ``prompt`` / ``cont
 
 from __future__ import annotations
 
+import difflib
 import gc
 import importlib
 import importlib.util
@@ -322,7 +323,7 @@ class GymEnvAdapter(gym.Env):
             except ImportError as e:
                 raise EnvSpecError(f"imports: cannot import {mod!r} ({e})") from None
         if spec.env_id not in gym.registry and ":" not in spec.env_id:
-            near = sorted(k for k in gym.registry if spec.env_id.split("-")[0].lower() in k.lower())[:8]
+            near = difflib.get_close_matches(spec.env_id, list(gym.registry), n=5, cutoff=0.6)
             raise EnvSpecError(f"unknown Gymnasium env id {spec.env_id!r}" + (f"; similar: {near}" if near else
                                " (is its package installed and listed under `imports`?)"))
         steps = max_episode_steps or spec.max_episode_steps

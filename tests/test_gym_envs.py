@@ -125,7 +125,7 @@ def test_success_definitions_agree(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("over, match", [
-    ({"env_id": "Reachr-v5"}, "unknown Gymnasium env id 'Reachr-v5'"),
+    ({"env_id": "Reachr-v5"}, "unknown Gymnasium env id 'Reachr-v5'; similar: \\['Reacher-v5'"),
     ({"env_id": "CartPole-v1", "observation": {"state": ["[0:4]"]}}, "not a 1-D Box"),
     ({"observation": {"state": ["[0:4]", "[6:12]"]}}, "out of range|bad index"),
     ({"observation": {"state": ["qpos[0:2]"]}}, "names key 'qpos'.*not a Dict"),
