@@ -141,6 +141,7 @@ def test_success_definitions_agree(tmp_path: Path) -> None:
     ({"observation": {"state": ["[0:4]"], "images": {"top": "render"}}}, "render_mode: rgb_array"),
     ({"max_episode_steps": 0}, "max_episode_steps"),
     ({"colour": "red"}, "unknown env spec fields"),
+    ({"imports": ["no_such_suite"]}, "imports: cannot import 'no_such_suite'"),
     ({"max_episode_steps": "ten"}, "max_episode_steps must be >= 1"),
     ({"success": {"info_key": "reward_dist", "above": "close"}}, "success.above must be a number"),
     ({"env_kwargs": ["render_mode"]}, "env_kwargs must be a mapping"),
