@@ -403,6 +403,43 @@ def test_sigkilled_writer_leaves_readable_prefix(tmp_path: Path) -> None:
     assert rep.truncated and rep.messages[TOPICS["joint_states"]] == len(stamps) and rep.episodes == []
 
 
+def child_diskfull(path: str) -> None:
+    """Write images under a 200 kB file-size limit (EFBIG stands in for a full disk); report what happened."""
+    import resource
+    import time
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    w = McapTopicWriter(path, {METADATA_NAME: config().to_metadata()}, compression="none", flush_period=0.0)
+    w.add_channel(TOPICS["image/front"], TYPES["image/front"])
+    s = Session()
+    refused = 0
+    for i in range(100):
+        s.msgs.clear()
+        s.image("front", T0 + 0.1 * i, i)
+        if not w.write(TOPICS["image/front"], encode(TYPES["image/front"], s.msgs[0][2]), int((T0 + 0.1 * i) * 1e9)):
+            refused += 1
+        time.sleep(0.002)
+    w.close()
+    print(json.dumps({"failed": w.failed, "written": w.written[TOPICS["image/front"]], "refused": refused}))
+
+
+def test_writer_disk_full_stops_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "full.mcap"
+    out = subprocess.run([sys.executable, __file__, "diskfull", str(path)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["failed"] and "File too large" in res["failed"] and res["refused"] > 0, res
+    assert 0 < res["written"] < 100
+    from mcap.records import Message
+
+    state = ReadState()
+    n = sum(isinstance(rec, Message) for rec in iter_records(path, state))
+    assert not state.complete and 0 < n <= res["written"]  # what reached the disk stays readable
+    assert convert_mcap(path, tmp_path / "ds").truncated
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from critic_trainer.cli import main
 
@@ -417,5 +454,5 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no such file" in capsys.readouterr().err
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["writer"]:
-    child_writer(sys.argv[2])
+if __name__ == "__main__":
+    {"writer": child_writer, "diskfull": child_diskfull}[sys.argv[1]](sys.argv[2])

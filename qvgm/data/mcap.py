@@ -302,7 +302,10 @@ class McapTopicWriter:
             self.failed = f"{type(exc).__name__}: {exc}"
         finally:
             if not self._thread.is_alive():
-                self._file.close()
+                try:
+                    self._file.close()  # a failed flush of buffered bytes still closes the descriptor
+                except OSError as exc:
+                    self.failed = self.failed or f"{type(exc).__name__}: {exc}"
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -527,9 +530,12 @@ def convert_mcap(path: str | Path, root: str | Path, config: RecordingConfig | N
 def _open_core(root: str | Path, cfg: RecordingConfig, codec: str, crf: int) -> EpisodeRecorder:
     from qvgm.data.buffer import ReplayBuffer
 
-    buf = ReplayBuffer.open_or_create(root, fps=int(cfg.fps), cameras=dict(cfg.cameras),
-                                      state_names=list(cfg.joint_names), action_names=list(cfg.joint_names),
-                                      codec=codec, crf=crf)
+    try:
+        buf = ReplayBuffer.open_or_create(root, fps=int(cfg.fps), cameras=dict(cfg.cameras),
+                                          state_names=list(cfg.joint_names), action_names=list(cfg.joint_names),
+                                          codec=codec, crf=crf)
+    except RuntimeError as exc:  # another process holds the buffer's writer lock
+        raise McapConvertError(str(exc)) from exc
     try:
         if buf.fps != int(cfg.fps) or buf.cameras != dict(cfg.cameras) or \
                 buf.features["observation.state"]["shape"][0] != len(cfg.joint_names):
