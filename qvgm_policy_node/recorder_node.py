@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "poll_hz": 50.0, "image_queue_depth": 30, "image_reliability": "best_effort",
     "trajectory_topic": topics.TRAJECTORY,
     "codec": "libx264", "crf": 20,
-    "mcap_dir": "", "mcap_compression": "zstd",
+    "mcap_dir": "", "mcap_compression": "lz4",
 }
 
 

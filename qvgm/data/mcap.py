@@ -199,7 +199,7 @@ class McapTopicWriter:
     """
 
     def __init__(self, path: str | Path, metadata: dict[str, dict[str, str]] | None = None,
-                 compression: str = "zstd", chunk_size: int = 1 << 20, flush_period: float = 1.0,
+                 compression: str = "lz4", chunk_size: int = 1 << 20, flush_period: float = 1.0,
                  queue_size: int = 4096, max_queue_bytes: int = 256 << 20) -> None:
         from mcap.writer import CompressionType, Writer
 
