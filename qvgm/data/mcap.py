@@ -246,9 +246,9 @@ class McapTopicWriter:
                     self._q.qsize() >= self.queue_size or self._queued_bytes + n > self.max_queue_bytes:
                 self.dropped[topic] = self.dropped.get(topic, 0) + 1
                 return False
-            self._queued_bytes += n
-        self._q.put(("msg", topic, bytes(data), int(log_time_ns),
-                     int(publish_time_ns if publish_time_ns else log_time_ns)))
+            self._queued_bytes += n  # put under the lock: nothing can follow close()'s stop item
+            self._q.put(("msg", topic, bytes(data), int(log_time_ns),
+                         int(publish_time_ns if publish_time_ns else log_time_ns)))
         return True
 
     def pending(self) -> int:
@@ -259,11 +259,16 @@ class McapTopicWriter:
         seq: dict[str, int] = {}
         last_flush = time.monotonic()
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=max(self.flush_period, 0.01))
+            except queue.Empty:
+                item = ("idle",)  # quiet topics: still flush the open chunk on time
             if item[0] == "stop":
                 return
             try:
                 if self.failed is not None:
+                    pass
+                elif item[0] == "idle":
                     pass
                 elif item[0] == "channel":
                     _, topic, type_name, definition = item
