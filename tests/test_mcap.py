@@ -454,5 +454,20 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no such file" in capsys.readouterr().err
 
 
+def test_converter_needs_no_ros(tmp_path: Path) -> None:
+    """The trainer image has no ROS packages: conversion runs with rclpy and every message package unimportable."""
+    s = Session()
+    play_episode(s, 0, T0, 5)
+    path = s.write(tmp_path / "rec.mcap")
+    blocked = ["rclpy", "sensor_msgs", "std_msgs", "trajectory_msgs", "builtin_interfaces", "ament_index_python",
+               "rosidl_runtime_py", "qvgm_policy_node"]
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            f"from qvgm.data.mcap import main\nsys.exit(main([{str(path)!r}, {str(tmp_path / 'ds')!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert [e["status"] for e in json.loads(out.stdout)["episodes"]] == ["committed"]
+
+
 if __name__ == "__main__":
     {"writer": child_writer, "diskfull": child_diskfull}[sys.argv[1]](sys.argv[2])
