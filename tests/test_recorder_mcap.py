@@ -70,7 +70,7 @@ def test_recorder_mcap_roundtrip_equals_live_dataset(tmp_path: Path) -> None:
                           "/qvgm/task": 1, "/qvgm/policy/version": 2, "/qvgm/episode/status": 5}, counts
         cfg = RecordingConfig.from_metadata({m.name: m.metadata for m in reader.iter_metadata()}[METADATA_NAME])
         assert cfg.joint_names == JOINT_NAMES and cfg.reference == "front" and cfg.delay == 0.1
-        front, joints, statuses, chunks = [], [], [], []
+        front, joints, statuses, chunks, sent_before_logged = [], [], [], [], []
         for _, ch, msg, dec in reader.iter_decoded_messages():
             if ch.topic == "/camera/front/color/image_raw":
                 img = np.frombuffer(bytes(dec.data), np.uint8).reshape(H, W, 3)
@@ -78,12 +78,15 @@ def test_recorder_mcap_roundtrip_equals_live_dataset(tmp_path: Path) -> None:
             elif ch.topic == "/joint_states":
                 t = dec.header.stamp.sec + dec.header.stamp.nanosec * 1e-9
                 joints.append((t, list(dec.name), list(dec.position)))
-                assert msg.log_time * 1e-9 >= t - 0.05  # log time = reception on the node clock
+                assert t - 1e-3 <= msg.log_time * 1e-9 < t + 1.0  # log time = reception on the node clock
+                assert abs(msg.publish_time * 1e-9 - t) < 0.5  # publish time = the DDS source timestamp
+                sent_before_logged.append(msg.publish_time < msg.log_time)
             elif ch.topic == "/qvgm/episode/status":
                 statuses.append(json.loads(dec.data)["state"])
             elif ch.topic == "/arm_controller/joint_trajectory":
                 chunks.append([p.positions[0] for p in dec.points])
     assert [c for _, c in front] == list(range(n + 1))
+    assert all(sent_before_logged)  # publish_time is the sender's stamp, not a copy of log_time
     np.testing.assert_allclose([t - tm["t0"] for t, _ in front], 5 * TICK * np.arange(n + 1), atol=1e-6)
     assert all(names == list(reversed(JOINT_NAMES)) for _, names, _ in joints)
     np.testing.assert_allclose([q[-1] for _, _, q in joints], [t - tm["t0"] for t, _, _ in joints], atol=1e-6)
