@@ -42,8 +42,8 @@ def wait_matched_twice(s: Script, timeout: float = 10.0) -> None:
 def test_recorder_mcap_roundtrip_equals_live_dataset(tmp_path: Path) -> None:
     root, mdir = tmp_path / "live", tmp_path / "mcap"
     params = [Parameter("root", value=str(root)), Parameter("fps", value=10), Parameter("image_height", value=H),
-              Parameter("image_width", value=W), Parameter("max_latency", value=0.5),
-              Parameter("align_delay", value=0.1), Parameter("mcap_dir", value=str(mdir))]
+              Parameter("image_width", value=W), Parameter("max_latency", value=1.0),
+              Parameter("align_delay", value=0.3), Parameter("mcap_dir", value=str(mdir))]  # slack for a busy CI
     n = 12
     with spinning(lambda ctx: RecorderNode(context=ctx, parameter_overrides=params)) as (node, _), \
             script_node() as s:
@@ -69,7 +69,7 @@ def test_recorder_mcap_roundtrip_equals_live_dataset(tmp_path: Path) -> None:
                           "/camera/wrist/color/image_raw": n, "/arm_controller/joint_trajectory": math.ceil(ticks / 25),
                           "/qvgm/task": 1, "/qvgm/policy/version": 2, "/qvgm/episode/status": 5}, counts
         cfg = RecordingConfig.from_metadata({m.name: m.metadata for m in reader.iter_metadata()}[METADATA_NAME])
-        assert cfg.joint_names == JOINT_NAMES and cfg.reference == "front" and cfg.delay == 0.1
+        assert cfg.joint_names == JOINT_NAMES and cfg.reference == "front" and cfg.delay == 0.3
         front, joints, statuses, chunks, sent_before_logged = [], [], [], [], []
         for _, ch, msg, dec in reader.iter_decoded_messages():
             if ch.topic == "/camera/front/color/image_raw":
