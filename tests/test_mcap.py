@@ -360,6 +360,33 @@ def test_refuses_non_mcap_and_cut_header(tmp_path: Path) -> None:
     assert not (tmp_path / "ds").exists()  # nothing written
 
 
+def test_config_without_metadata_and_incompatible_dataset(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from critic_trainer.cli import main
+
+    s = Session()
+    play_episode(s, 0, T0, 5)
+    path = tmp_path / "bare.mcap"
+    w = McapTopicWriter(path)  # no qvgm.recorder metadata (e.g. a file from `ros2 bag record -s mcap`)
+    for role, topic in TOPICS.items():
+        w.add_channel(topic, TYPES[role])
+    for log, role, payload, _ in s.ordered():
+        assert w.write(TOPICS[role], encode(TYPES[role], payload), int(round(log * 1e9)))
+    w.close()
+    with pytest.raises(McapConvertError, match="metadata"):
+        convert_mcap(path, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    cfg_json = config().to_metadata()["config"]
+    assert main(["mcap2dataset", str(path), str(tmp_path / "ds"), "--config", cfg_json]) == 0
+    assert [e["status"] for e in json.loads(capsys.readouterr().out)["episodes"]] == ["committed"]
+    other = RecordingConfig(**{**config().__dict__, "cameras": {"front": (H, 2 * W), "wrist": (H, W)}})
+    with pytest.raises(McapConvertError, match="dataset has"):
+        convert_mcap(path, tmp_path / "ds", other)  # appending needs the same cameras/fps/joints
+    r = ReplayReader(tmp_path / "ds", decode_images=False)
+    assert len(r.episodes) == 1  # unchanged
+    r.close()
+
+
 def child_writer(path: str) -> None:
     """Write messages forever; print each index once it is flushed to the file."""
     import time
