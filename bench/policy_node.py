@@ -7,13 +7,15 @@ FlowPolicy) + a listener node. Reported per rate:
                        p50 / p99: DDS hop + async scheduling + inference + trim/blend/safety + DDS hop
   inference_ms         backend.infer wall time on the worker thread, p50 / p99
   hot_reload           `--reloads` consecutive publishes into the store while the robot runs:
-                         (the publisher is a separate process at nice +10, standing in for the trainer's machine;
+                         (the publisher is a separate process at nice +10, standing in for the trainer's machine,
+                         and the graph keeps spinning while it publishes;
                          `control_publishing_without_reload` runs the same publisher load into a store the node
                          does not watch, so the machine's own contention can be told apart from reload cost)
                          publish_to_first_chunk_s (store commit returned -> first chunk from the new weights
                          published), missed_chunk_ticks (policy chunks later than one control step past their
                          schedule), sim_tick_gaps (sim control ticks more than 2 periods apart, with a no-reload
-                         baseline window of the same length: the machine's own jitter)
+                         baseline window of the same length: the machine's own jitter); counts are per window,
+                         with the 1-min load average at its end
   restart              the same upgrade done by restarting the node: publish, stop the in-process policy node,
                        start `policy_node` as a new process; publish -> first chunk received from it. ratio =
                        restart / hot reload (median).
@@ -29,10 +31,12 @@ import argparse
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +92,15 @@ class Publisher:
         self.proc.stdin.write(f"{seed}\n")
         self.proc.stdin.flush()
 
-    def result(self) -> tuple[str, float]:
+    def result(self, spin: Callable[[], None] | None = None, timeout: float = 60.0) -> tuple[str, float]:
+        """Wait for the publisher's answer, calling `spin()` meanwhile: the graph keeps running (blocking on the
+        pipe instead would stall the sim and the policy node for the whole publish and count as missed ticks)."""
         assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while spin is not None and not select.select([self.proc.stdout], [], [], 0)[0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("checkpoint publisher did not answer")
+            spin()
         version, t = self.proc.stdout.readline().split()
         return version, float(t)
 
@@ -118,6 +129,16 @@ def tick_gaps(times: list[float], t0: float, t1: float, period: float) -> dict[s
     gaps = np.diff(ts) if len(ts) > 1 else np.zeros(0)
     return {"ticks": int(len(ts)), "gaps_over_2_periods": int(np.sum(gaps > 2 * period)),
             "max_gap_ms": round(float(gaps.max()) * 1e3, 2) if len(gaps) else None}
+
+
+WINDOW_STATS = {"missed_chunk_ticks": "missed_ticks", "late_chunks": "late_chunks", "dropped_chunks": "dropped_chunks",
+                "stale_holds": "holds.stale_state", "swaps": "swaps"}
+
+
+def window_counts(node: Any, before: dict[str, int] | None = None) -> dict[str, int]:
+    """The policy node's counters (missed ticks, late/dropped chunks, stale holds, swaps), minus `before`."""
+    now = {k: int(node.stats[stat]) for k, stat in WINDOW_STATS.items()}
+    return {k: v - (before or {}).get(k, 0) for k, v in now.items()}
 
 
 def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -168,26 +189,25 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # separates the machine's load from the cost of hot reloading itself
         other = CheckpointStore(root / f"unwatched_{int(hz)}", keep_last=None)
         pub = Publisher(other.root, args.horizon, args.hidden)
-        missed0, holds0 = node.stats["missed_ticks"], node.stats["holds.stale_state"]
+        before = window_counts(node)
         t0 = time.monotonic()
         for i in range(args.reloads):
             pub.start(1000 + i)
-            pub.result()
+            pub.result(g.spin_once)
             g.spin_for(args.spacing + 0.3)
         out["control_publishing_without_reload"] = {
-            "missed_chunk_ticks": node.stats["missed_ticks"] - missed0,
-            "stale_holds": node.stats["holds.stale_state"] - holds0,
+            **window_counts(node, before), "load_avg_1min": round(os.getloadavg()[0], 2),
             "sim_tick_gaps": tick_gaps(simn.tick_times, t0, time.monotonic(), 1.0 / js_hz)}
         pub.close()
 
-        missed0, holds0 = node.stats["missed_ticks"], node.stats["holds.stale_state"]
+        before = window_counts(node)
         hot: list[float] = []
         pub = Publisher(store.root, args.horizon, args.hidden)
         t0 = time.monotonic()
         for _ in range(args.reloads):
             seed += 1
             pub.start(seed)
-            v, t_pub = pub.result()
+            v, t_pub = pub.result(g.spin_once)
             ok = g.spin_until(lambda v=v: v in node.published_versions, 30)
             if not ok:
                 raise RuntimeError(f"{v} never served: {node.backend.diagnostic_values()}")
@@ -197,10 +217,8 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         t1 = time.monotonic()
         out["hot_reload"] = {
             "reloads": args.reloads, "publish_to_first_chunk_s": {"p50": pct(hot, 50), "max": pct(hot, 100)},
-            "missed_chunk_ticks": node.stats["missed_ticks"] - missed0,
-            "dropped_chunks": node.stats["dropped_chunks"], "late_chunks": node.stats["late_chunks"],
-            "swaps": node.stats["swaps"], "refused": node.backend.reloader.counters["refused"],
-            "stale_holds": node.stats["holds.stale_state"] - holds0,
+            **window_counts(node, before), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "refused": node.backend.reloader.counters["refused"],
             "sim_tick_gaps": tick_gaps(simn.tick_times, t0, t1, 1.0 / js_hz)}
         out["obs_to_chunk_ms"] = {"p50": pct(latencies, 50, 1e3), "p99": pct(latencies, 99, 1e3),
                                   "n": len(latencies)}
@@ -222,7 +240,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for _ in range(args.restarts):
             seed += 1
             pub.start(seed)
-            v, t_pub = pub.result()
+            v, t_pub = pub.result(g.spin_once)
             n_rx = len(chunk_rx)
             proc = subprocess.Popen([sys.executable, "-c", "from qvgm_policy_node.policy_node import main; main()",
                                      "--ros-args", "--params-file", str(params_file)], cwd=str(REPO),
@@ -241,6 +259,8 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     proc.wait()
             g.spin_for(0.5)
         pub.close()
+        if not restarts:  # --restarts 0: hot reload only
+            return out
         med_hot, med_restart = float(np.median(hot)), float(np.median(restarts))
         out["restart"] = {"restarts": args.restarts, "publish_to_first_chunk_s": {"p50": round(med_restart, 3),
                                                                                    "max": pct(restarts, 100)},

@@ -177,8 +177,15 @@ class StoreFlowBackend:
     latest observation -- within `reload_budget_s`) and handed over by `poll_swap()`, which the node calls only
     at a chunk boundary and which never blocks. Until the first version is swapped in, `ready` is False and
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
-    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s, reload_nice
-    (niceness added to the loader thread so it yields the CPU to the control loop; default 10).
+    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
+    reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_nice (niceness added to the
+    loader thread; default 0: a niced loader thread that the OS deschedules while it holds the GIL stalls the
+    control thread -- measured, docs/results_reload30.md).
+
+    Keeping the control loop on time during a reload: the files are hashed once (load_policy reuses the manifest
+    the reloader verified), the dry run pre-warms the new model on the loader thread (its first inference and
+    lazy allocations happen there, `warm_thread` records where), and the swapped-out model is released on the
+    loader thread (HotReloader.retire), not at the chunk boundary.
     """
 
     name = "flow"
@@ -202,12 +209,14 @@ class StoreFlowBackend:
         self.version: str | None = None
         self.prompt: str | None = None
         self.last_dry_run_s: float | None = None
-        self.loader_nice = int(opts.get("reload_nice", 10))
+        self.loader_nice = int(opts.get("reload_nice", 0))
+        self.warm_thread: str | None = None  # thread that ran the dry run (pre-warm) of the last validated version
         self._niced: set[int] = set()
         self.reloader = HotReloader(self.store, self._load, self._validate,
                                     required_files=("config.json", "model.safetensors", "norm_stats.json"),
                                     watch=str(opts.get("reload_watch", "auto")),
-                                    poll_interval_s=float(opts.get("reload_poll_s", 0.5)))
+                                    poll_interval_s=float(opts.get("reload_poll_s", 0.5)),
+                                    yield_s=float(opts.get("reload_yield_s", 0.002)))
         self.reloader.start()
 
     # -- loader thread ----------------------------------------------------------------------------------
@@ -217,7 +226,8 @@ class StoreFlowBackend:
 
         self._lower_loader_priority()
         n = len(self.config.joint_names)
-        policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device)
+        policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device,
+                             verified_manifest=manifest)  # HotReloader verified every sha256 under its lease
         return FlowPolicyBackend(policy, list(self.config.joint_names), dt=self.config.dt,
                                  num_steps=self.num_steps, seed=self.seed)
 
@@ -246,7 +256,9 @@ class StoreFlowBackend:
                                   "set the node parameter `privileged: true` (sim only)")
         check_finite(backend.policy.state_dict())
         obs = self.observation_source() or synthetic_observation(backend.policy, len(self.config.joint_names))
+        # the untimed warm-up run is the pre-warm: first inference + lazy allocations happen here, not after the swap
         self.last_dry_run_s = timed_dry_run(lambda: backend.infer(obs).positions, self.budget_s)
+        self.warm_thread = threading.current_thread().name
 
     # -- control side -----------------------------------------------------------------------------------
     @property
@@ -258,8 +270,11 @@ class StoreFlowBackend:
         got = self.reloader.poll_swap()
         if got is None:
             return None
+        old = self.current
         self.current, self.version = got
         self.current.reset(self.prompt)
+        self.reloader.retire(old)  # freed on the loader thread; this (control) thread keeps no reference
+        del old
         return self.version
 
     def reset(self, prompt: str | None = None) -> None:
