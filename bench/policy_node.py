@@ -152,7 +152,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pol = {"backend": "flow", "checkpoint_store": str(store.root), "cameras": [], "num_steps": args.num_steps,
            "seed": 0, "chunk_dt": dt, "control_hz": hz, "poll_hz": max(50.0, 2 * hz),
            "async_start_fraction": args.start_fraction, "blend_steps": args.blend_steps, "reload_watch": "inotify",
-           "reload_budget_s": 1.0}
+           "reload_budget_s": 1.0, **args.param}
     js_receipt: dict[float, float] = {}
     chunk_rx: list[tuple[float, float]] = []  # (receipt monotonic, header stamp)
     latencies: list[float] = []
@@ -283,13 +283,17 @@ def main() -> None:
     ap.add_argument("--blend-steps", type=int, default=3)
     ap.add_argument("--window", type=float, default=5.0, help="baseline window (s)")
     ap.add_argument("--spacing", type=float, default=1.0, help="s between two reloads after the swap")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra policy_node parameter (JSON value), e.g. reload_pace_s=0; repeatable")
     args = ap.parse_args()
+    args.param = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.param)}
     torch.set_num_threads(int(os.environ.get("QVGM_BENCH_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_rate(hz, args, Path(tmp)) for hz in args.rates]
     print(json.dumps({"bench": "policy_node", "ros_domain_id": DOMAIN, "machine": platform.machine(),
                       "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "backbone": "state",
-                      "hidden": args.hidden, "num_steps": args.num_steps, "results": results}, indent=2))
+                      "hidden": args.hidden, "num_steps": args.num_steps, "policy_params": args.param,
+                      "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ ready, else None, and never blocks on a load. Loading happens on a background th
       -> validate_fn(model, manifest)              (config vs robot profile, finite weights, dry-run latency;
                                                     the dry run also pre-warms the model on this thread)
       -> offered by poll_swap()
-The loader thread pauses `yield_s` between stages, so the control thread gets the GIL at once rather than
-after the interpreter's switch interval; the swapped-out model is handed back with `retire()` and released
+The loader thread pauses `yield_s` between stages and then waits for `pace()` (e.g. the next chunk boundary),
+so the control thread gets the GIL at once rather than after the interpreter's switch interval and the heavy
+stages run in the control loop's idle gaps; the swapped-out model is handed back with `retire()` and released
 on the loader thread, never on the control thread (freeing a large model's tensors takes milliseconds).
 A refused version (any exception above) is recorded with its reason (`last_error`, counters, `history`) and
 never retried automatically; the model already serving keeps serving. No rclpy here: the node maps
@@ -168,6 +169,8 @@ class HotReloader(Generic[M]):
     parent (then the parent's parent...) without moving the store's CURRENT, so a node restarted on a bad
     CURRENT still gets the last good model; the refusal stays in last_error / refused_versions.
     yield_s: seconds the loader thread sleeps between its stages (verify, load, validate), releasing the GIL.
+    pace: called on the loader thread after that sleep; may block (bounded) until the control loop is idle, e.g.
+    until it has just published a chunk, so the next stage runs in the gap before the next inference.
     The caller owns the swapped-in model; it hands the old one to `retire()` after poll_swap() gave it a new one,
     so the old model is released on the loader thread. Do not lower the loader thread's OS priority (nice):
     a descheduled low-priority thread that holds the GIL stalls the control thread (priority inversion).
@@ -176,7 +179,8 @@ class HotReloader(Generic[M]):
     def __init__(self, store: CheckpointStore, load_fn: LoadFn, validate_fn: ValidateFn | None = None, *,
                  required_files: Iterable[str] = (), watch: str = "auto", poll_interval_s: float = 0.5,
                  backup_poll_s: float = 5.0, keep_previous: bool = False, startup_fallback: bool = True,
-                 history_len: int = 100, yield_s: float = 0.002) -> None:
+                 history_len: int = 100, yield_s: float = 0.002,
+                 pace: Callable[[], None] | None = None) -> None:
         if watch not in ("auto", "inotify", "poll"):
             raise ValueError(f"watch must be auto, inotify or poll, not {watch!r}")
         self.store = store
@@ -188,6 +192,7 @@ class HotReloader(Generic[M]):
         self.keep_previous = keep_previous
         self.startup_fallback = startup_fallback
         self.yield_s = max(0.0, float(yield_s))
+        self.pace = pace
         self._watch = watch
         self.watch_mode: str | None = None  # "inotify" or "poll" once started
         self._lock = threading.Lock()
@@ -488,9 +493,12 @@ class HotReloader(Generic[M]):
         log.info("checkpoint %s ready for swap (verify+load+validate %.3f s)", version, dt)
 
     def _pause(self) -> None:
-        """Between loader stages: sleep `yield_s` (releases the GIL, lets the control thread run first)."""
+        """Between loader stages: sleep `yield_s` (releases the GIL, lets the control thread run first), then
+        `pace()` (wait for the control loop's next idle gap)."""
         if self.yield_s > 0:
             time.sleep(self.yield_s)
+        if self.pace is not None:
+            self.pace()
 
     def _fall_back_from(self, version: str) -> None:
         """Nothing serves and `version` was refused: request its parent (manifest, else the previous pointer)."""

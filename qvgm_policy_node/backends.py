@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,9 +179,10 @@ class StoreFlowBackend:
     at a chunk boundary and which never blocks. Until the first version is swapped in, `ready` is False and
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
     names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
-    reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_nice (niceness added to the
-    loader thread; default 0: a niced loader thread that the OS deschedules while it holds the GIL stalls the
-    control thread -- measured, docs/results_reload30.md).
+    reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_pace_s (the loader waits at
+    most this long between stages for the next chunk boundary, `note_boundary()`; 0 disables), reload_nice
+    (niceness added to the loader thread; default 0: a niced loader thread that the OS deschedules while it
+    holds the GIL stalls the control thread -- measured, docs/results_reload30.md).
 
     Keeping the control loop on time during a reload: the files are hashed once (load_policy reuses the manifest
     the reloader verified), the dry run pre-warms the new model on the loader thread (its first inference and
@@ -210,13 +212,17 @@ class StoreFlowBackend:
         self.prompt: str | None = None
         self.last_dry_run_s: float | None = None
         self.loader_nice = int(opts.get("reload_nice", 0))
+        self.pace_s = float(opts.get("reload_pace_s", 0.25))
+        self._boundary = threading.Event()
+        self._last_boundary = -np.inf  # time.monotonic() of the last note_boundary()
+        self.paced = 0  # loader stages that waited for a chunk boundary
         self.warm_thread: str | None = None  # thread that ran the dry run (pre-warm) of the last validated version
         self._niced: set[int] = set()
         self.reloader = HotReloader(self.store, self._load, self._validate,
                                     required_files=("config.json", "model.safetensors", "norm_stats.json"),
                                     watch=str(opts.get("reload_watch", "auto")),
                                     poll_interval_s=float(opts.get("reload_poll_s", 0.5)),
-                                    yield_s=float(opts.get("reload_yield_s", 0.002)))
+                                    yield_s=float(opts.get("reload_yield_s", 0.002)), pace=self._wait_for_boundary)
         self.reloader.start()
 
     # -- loader thread ----------------------------------------------------------------------------------
@@ -242,6 +248,16 @@ class StoreFlowBackend:
             self._niced.add(tid)
         except (OSError, AttributeError):
             pass
+
+    def _wait_for_boundary(self) -> None:
+        """Loader thread, between stages: while a model serves and chunks are flowing, wait (at most `pace_s`)
+        for the control loop's next `note_boundary()`, so the next stage (module construction, the dry run) runs
+        in the idle gap after a chunk went out instead of competing with an inference for the GIL and CPU."""
+        if self.pace_s <= 0 or self.current is None or time.monotonic() - self._last_boundary > self.pace_s:
+            return  # nothing serves yet (start-up) or the robot is idle: load at once
+        self._boundary.clear()
+        if self._boundary.wait(self.pace_s):
+            self.paced += 1
 
     def _validate(self, backend: Any, manifest: dict[str, Any]) -> None:
         from qvgm.reload import ValidationError, check_finite, timed_dry_run
@@ -276,6 +292,11 @@ class StoreFlowBackend:
         self.reloader.retire(old)  # freed on the loader thread; this (control) thread keeps no reference
         del old
         return self.version
+
+    def note_boundary(self) -> None:
+        """Control side, after a chunk was published: the next inference is an interval away (wakes the loader)."""
+        self._last_boundary = time.monotonic()
+        self._boundary.set()
 
     def reset(self, prompt: str | None = None) -> None:
         self.prompt = prompt

@@ -200,3 +200,31 @@ def test_load_policy_with_a_verified_manifest(store: CheckpointStore) -> None:
     partial = {**manifest, "files": {k: h for k, h in manifest["files"].items() if k != "model.safetensors"}}
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_policy(store.path(v), verified_manifest=partial)
+
+
+def test_loader_stages_wait_for_chunk_boundaries_only_while_chunks_flow(store: CheckpointStore) -> None:
+    """While the control loop reports chunk boundaries the loader runs load and dry run right after one (bounded
+    by reload_pace_s); with no boundaries (robot idle, start-up) it loads without waiting."""
+    publish(store, 1)
+    backend = make_backend(store, reload_pace_s=0.5)
+    try:
+        v1 = store.current()
+        assert v1 is not None
+        swap_to(backend, v1)
+        assert backend.paced == 0  # start-up: nothing served, no wait
+        v2 = publish(store, 2)
+        deadline = time.monotonic() + 30
+        while backend.reloader.status()["pending"] != v2:  # a 20 Hz "control loop" publishing chunks
+            assert time.monotonic() < deadline, backend.reloader.status()
+            backend.note_boundary()
+            time.sleep(0.05)
+        assert backend.paced >= 2  # before load_fn and before the dry run (and before offering it)
+        swap_to(backend, v2)
+        paced = backend.paced
+        time.sleep(0.6)  # boundaries stop: the robot is idle
+        v3 = publish(store, 3)
+        t0 = time.monotonic()
+        swap_to(backend, v3)
+        assert backend.paced == paced and time.monotonic() - t0 < 20
+    finally:
+        backend.close()
