@@ -477,7 +477,7 @@ class HotReloader(Generic[M]):
                 self._fall_back_from(version)
             return
         dt = time.perf_counter() - t0
-        self._pause()
+        self._pause(pace=False)  # offered right away: the swap itself waits for the next chunk boundary
         with self._lock:
             self._loading = None
             self.last_load_s = dt
@@ -492,12 +492,12 @@ class HotReloader(Generic[M]):
             self.history.append(ReloadEvent(version, "ready", time.time(), "", dt))
         log.info("checkpoint %s ready for swap (verify+load+validate %.3f s)", version, dt)
 
-    def _pause(self) -> None:
+    def _pause(self, pace: bool = True) -> None:
         """Between loader stages: sleep `yield_s` (releases the GIL, lets the control thread run first), then
         `pace()` (wait for the control loop's next idle gap)."""
         if self.yield_s > 0:
             time.sleep(self.yield_s)
-        if self.pace is not None:
+        if pace and self.pace is not None:
             self.pace()
 
     def _fall_back_from(self, version: str) -> None:

@@ -180,7 +180,8 @@ class StoreFlowBackend:
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
     names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
     reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_pace_s (the loader waits at
-    most this long between stages for the next chunk boundary, `note_boundary()`; 0 disables), reload_nice
+    most min(this, 1.5 chunk intervals) before load and before the dry run for the next chunk boundary,
+    `note_boundary()`; 0 disables), reload_nice
     (niceness added to the loader thread; default 0: a niced loader thread that the OS deschedules while it
     holds the GIL stalls the control thread -- measured, docs/results_reload30.md).
 
@@ -212,7 +213,8 @@ class StoreFlowBackend:
         self.prompt: str | None = None
         self.last_dry_run_s: float | None = None
         self.loader_nice = int(opts.get("reload_nice", 0))
-        self.pace_s = float(opts.get("reload_pace_s", 0.25))
+        self.pace_s = float(opts.get("reload_pace_s", 1.0))
+        self._boundary_period: float | None = None  # s between chunk boundaries (smoothed)
         self._boundary = threading.Event()
         self._last_boundary = -np.inf  # time.monotonic() of the last note_boundary()
         self.paced = 0  # loader stages that waited for a chunk boundary
@@ -253,10 +255,11 @@ class StoreFlowBackend:
         """Loader thread, between stages: while a model serves and chunks are flowing, wait (at most `pace_s`)
         for the control loop's next `note_boundary()`, so the next stage (module construction, the dry run) runs
         in the idle gap after a chunk went out instead of competing with an inference for the GIL and CPU."""
-        if self.pace_s <= 0 or self.current is None or time.monotonic() - self._last_boundary > self.pace_s:
+        limit = self.pace_s if self._boundary_period is None else min(self.pace_s, 1.5 * self._boundary_period)
+        if limit <= 0 or self.current is None or time.monotonic() - self._last_boundary > limit:
             return  # nothing serves yet (start-up) or the robot is idle: load at once
         self._boundary.clear()
-        if self._boundary.wait(self.pace_s):
+        if self._boundary.wait(limit):
             self.paced += 1
 
     def _validate(self, backend: Any, manifest: dict[str, Any]) -> None:
@@ -295,7 +298,11 @@ class StoreFlowBackend:
 
     def note_boundary(self) -> None:
         """Control side, after a chunk was published: the next inference is an interval away (wakes the loader)."""
-        self._last_boundary = time.monotonic()
+        now = time.monotonic()
+        gap = now - self._last_boundary
+        if gap < 5.0:  # the period between chunks, smoothed; a pause (estop, new episode) is not a period
+            self._boundary_period = gap if self._boundary_period is None else 0.8 * self._boundary_period + 0.2 * gap
+        self._last_boundary = now
         self._boundary.set()
 
     def reset(self, prompt: str | None = None) -> None:

@@ -218,10 +218,10 @@ def test_loader_stages_wait_for_chunk_boundaries_only_while_chunks_flow(store: C
             assert time.monotonic() < deadline, backend.reloader.status()
             backend.note_boundary()
             time.sleep(0.05)
-        assert backend.paced >= 2  # before load_fn and before the dry run (and before offering it)
+        assert backend.paced >= 2  # before load_fn and before the dry run
         swap_to(backend, v2)
         paced = backend.paced
-        time.sleep(0.6)  # boundaries stop: the robot is idle
+        time.sleep(0.2)  # boundaries stop (robot idle): waits are capped at 1.5 boundary periods (0.075 s)
         v3 = publish(store, 3)
         t0 = time.monotonic()
         swap_to(backend, v3)
