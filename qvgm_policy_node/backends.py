@@ -180,8 +180,8 @@ class StoreFlowBackend:
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
     names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
     reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_pace_s (the loader waits at
-    most min(this, 1.5 chunk intervals) before load and before the dry run for the next chunk boundary,
-    `note_boundary()`; 0 disables), reload_nice
+    most min(this, 1.5 chunk intervals; default 0.25) before load and before the dry run for the next chunk
+    boundary, `note_boundary()`; 0 disables), reload_nice
     (niceness added to the loader thread; default 0: a niced loader thread that the OS deschedules while it
     holds the GIL stalls the control thread -- measured, docs/results_reload30.md).
 
@@ -213,7 +213,7 @@ class StoreFlowBackend:
         self.prompt: str | None = None
         self.last_dry_run_s: float | None = None
         self.loader_nice = int(opts.get("reload_nice", 0))
-        self.pace_s = float(opts.get("reload_pace_s", 1.0))
+        self.pace_s = float(opts.get("reload_pace_s", 0.25))
         self._boundary_period: float | None = None  # s between chunk boundaries (smoothed)
         self._boundary = threading.Event()
         self._last_boundary = -np.inf  # time.monotonic() of the last note_boundary()

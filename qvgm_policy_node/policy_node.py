@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "max_state_age": 0.25, "max_image_age": 0.5, "max_objects_age": 0.5, "expert_noise": 0.0,
     "expert_seed": -1, "checkpoint": "", "device": "cpu", "num_steps": 10, "seed": -1, "checkpoint_store": "",
     "privileged": False, "reload_budget_s": 0.5, "reload_watch": "auto", "reload_poll_s": 0.5,
-    "reload_nice": 0, "reload_yield_s": 0.002, "reload_pace_s": 1.0,
+    "reload_nice": 0, "reload_yield_s": 0.002, "reload_pace_s": 0.25,
     "async_start_fraction": 0.5, "blend_steps": 3, "late_margin": 0.0, "velocity_scale": 1.0, "urdf": "",
     "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2], "diagnostics_hz": 1.0,
 }
