@@ -180,7 +180,7 @@ class StoreFlowBackend:
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
     names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
     reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_pace_s (the loader waits at
-    most min(this, 1.5 chunk intervals; default 0.25) before load and before the dry run for the next chunk
+    most min(this, 2 chunk intervals; default 0.25) before load and before the dry run for the next chunk
     boundary, `note_boundary()`; 0 disables), reload_nice
     (niceness added to the loader thread; default 0: a niced loader thread that the OS deschedules while it
     holds the GIL stalls the control thread -- measured, docs/results_reload30.md).
@@ -255,7 +255,7 @@ class StoreFlowBackend:
         """Loader thread, between stages: while a model serves and chunks are flowing, wait (at most `pace_s`)
         for the control loop's next `note_boundary()`, so the next stage (module construction, the dry run) runs
         in the idle gap after a chunk went out instead of competing with an inference for the GIL and CPU."""
-        limit = self.pace_s if self._boundary_period is None else min(self.pace_s, 1.5 * self._boundary_period)
+        limit = self.pace_s if self._boundary_period is None else min(self.pace_s, 2.0 * self._boundary_period)
         if limit <= 0 or self.current is None or time.monotonic() - self._last_boundary > limit:
             return  # nothing serves yet (start-up) or the robot is idle: load at once
         self._boundary.clear()
@@ -319,6 +319,8 @@ class StoreFlowBackend:
     def diagnostic_values(self) -> dict[str, str]:
         values = {f"reload.{k}": v for k, v in self.reloader.diagnostic_values().items()}
         values["reload.last_dry_run_s"] = "" if self.last_dry_run_s is None else f"{self.last_dry_run_s:.4f}"
+        values["reload.paced_stages"] = str(self.paced)  # loader stages that waited for a chunk boundary
+        values["reload.released_models"] = str(self.reloader.released)  # old models freed on the loader thread
         return values
 
     def close(self) -> None:

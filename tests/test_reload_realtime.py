@@ -214,14 +214,16 @@ def test_loader_stages_wait_for_chunk_boundaries_only_while_chunks_flow(store: C
         assert backend.paced == 0  # start-up: nothing served, no wait
         v2 = publish(store, 2)
         deadline = time.monotonic() + 30
-        while backend.reloader.status()["pending"] != v2:  # a 20 Hz "control loop" publishing chunks
+        while backend.reloader.status()["pending"] != v2:  # a 10 Hz "control loop" publishing chunks
             assert time.monotonic() < deadline, backend.reloader.status()
             backend.note_boundary()
-            time.sleep(0.05)
-        assert backend.paced >= 2  # before load_fn and before the dry run
+            time.sleep(0.1)
+        # before load_fn and before the dry run; a stage whose wait timed out (a boundary more than 2 periods
+        # late on a loaded machine) goes ahead without counting
+        assert backend.paced >= 1
         swap_to(backend, v2)
         paced = backend.paced
-        time.sleep(0.2)  # boundaries stop (robot idle): waits are capped at 1.5 boundary periods (0.075 s)
+        time.sleep(0.5)  # boundaries stop (robot idle): waits are capped at 2 boundary periods (about 0.2 s)
         v3 = publish(store, 3)
         t0 = time.monotonic()
         swap_to(backend, v3)
