@@ -4,7 +4,7 @@ Records a few noisy push demos at the model's image size (or reads --dataset), p
 (decoded frames cached in memory, as critic_trainer.sft does), then times per config: the whole step, the vision
 tower (fwd+bwd), the prefix embedding (vision + projector + text embedding), the prefix LM layers and the rest
 (action expert, loss, optimizer). Also reports the prompt token lengths vs the budget and tokens per image.
-`pi05-small-v1` is the previous 22.5 M pi05-small (kept here only for the comparison). Usage::
+`pi05-small-v1` is the previous 22.5 M pi05-small (qvgm.policy.config, kept for the comparison). Usage::
 
     PYTHONPATH=. .venv/bin/python bench/sft_step_profile.py --configs pi05-small-v1,pi05-small --out prof.json
 """
@@ -29,11 +29,6 @@ from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import SFTConfig, batch_inputs, build_policy_for, encode_inputs, load_demo_data  # noqa: E402
 from qvgm.policy.flow import sample_flow_time  # noqa: E402
 
-# the pi05-small of bench/results/rl_token_pi05small.json and sft_success_pi05small_smoke.json (22.5 M params)
-PI05_SMALL_V1 = {"vision_width": 192, "vision_depth": 4, "vision_heads": 3, "vision_mlp": 768, "image_size": 64,
-                 "patch_size": 8, "width": 384, "depth": 6, "mlp": 1536, "heads": 4, "kv_heads": 1, "head_dim": 64,
-                 "expert_width": 256, "expert_mlp": 1024, "max_token_len": 64}
-
 
 def _best(fn, reps: int) -> float:
     """Median wall time (s) of `reps` calls after one warm-up call."""
@@ -47,9 +42,8 @@ def _best(fn, reps: int) -> float:
 
 
 def profile(name: str, data, batch: int, reps: int) -> dict:
-    over = dict(PI05_SMALL_V1) if name == "pi05-small-v1" else {}
     torch.manual_seed(0)
-    pol = build_policy_for(data, SFTConfig(datasets=["-"], config="pi05-small" if over else name, overrides=over))
+    pol = build_policy_for(data, SFTConfig(datasets=["-"], config=name))
     pol.train()
     t0 = time.perf_counter()
     inputs = encode_inputs(pol, data)

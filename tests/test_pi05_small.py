@@ -18,12 +18,6 @@ from qvgm.sim.tasks import TASKS, sample_layout
 
 torch.set_num_threads(1)  # 2 shared CPU cores
 
-# the previous pi05-small (bench/sft_step_profile.py PI05_SMALL_V1): patch 8, 64-token budget, 6 x 384 LM
-V1 = {"vision_width": 192, "vision_depth": 4, "vision_heads": 3, "vision_mlp": 768, "image_size": 64,
-      "patch_size": 8, "width": 384, "depth": 6, "mlp": 1536, "heads": 4, "kv_heads": 1, "head_dim": 64,
-      "expert_width": 256, "expert_mlp": 1024, "max_token_len": 64}
-
-
 def _sim_prompts(n: int = 30) -> list[str]:
     rng = np.random.default_rng(0)
     return [sample_layout(task, rng).prompt for task in TASKS for _ in range(n)]
@@ -53,7 +47,7 @@ def test_pi05_small_prefix_is_short_and_every_sim_prompt_fits_the_budget() -> No
 
 
 def test_previous_pi05_small_checkpoint_loads_by_its_own_config(tmp_path: Path) -> None:
-    cfg = get_config("pi05-small", **V1)
+    cfg = get_config("pi05-small-v1")
     prompts = _sim_prompts(3)
     torch.manual_seed(0)
     old = Pi05Policy(cfg, build_tokenizer(prompts), NormStats.identity(7, 7)).eval()

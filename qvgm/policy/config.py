@@ -96,9 +96,17 @@ def _pi05_small() -> Pi05Config:
                       expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=32)
 
 
+def _pi05_small_v1() -> Pi05Config:
+    """The previous pi05-small (22.5 M params; 7.8-26 s per SFT step on 2 shared cores), for comparisons only."""
+    return Pi05Config(vision_width=192, vision_depth=4, vision_heads=3, vision_mlp=768, image_size=64, patch_size=8,
+                      width=384, depth=6, mlp=1536, heads=4, kv_heads=1, head_dim=64, vocab_size=None,
+                      expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=64)
+
+
 CONFIGS = {
     "pi05": Pi05Config,
     "pi05-small": _pi05_small,
+    "pi05-small-v1": _pi05_small_v1,
     "pi05-tiny": _pi05_tiny,
     "state": StateConfig,
 }
