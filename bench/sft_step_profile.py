@@ -41,6 +41,17 @@ def _best(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _cpu(fn, reps: int) -> float:
+    """Median CPU time (s) of this process per call: with 1 torch thread it is the compute cost without the time
+    spent descheduled, so it compares configs fairly on a shared machine."""
+    ts = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        ts.append(time.process_time() - t0)
+    return statistics.median(ts)
+
+
 def profile(name: str, data, batch: int, reps: int) -> dict:
     torch.manual_seed(0)
     pol = build_policy_for(data, SFTConfig(datasets=["-"], config=name))
@@ -74,6 +85,7 @@ def profile(name: str, data, batch: int, reps: int) -> dict:
         m.encode_prefix(inp["images"], inp["image_masks"], inp["tokens"], inp["token_mask"]).prefix_out.sum().backward()
 
     t_step, t_vis, t_emb, t_pre_all = (_best(f, reps) for f in (step, vision, embed, prefix))
+    cpu_step = _cpu(step, reps)
     cfg = pol.config
     lens = inputs["token_mask"].sum(1)
     return {"config": name, "params_M": round(sum(p.numel() for p in pol.parameters()) / 1e6, 2),
@@ -83,7 +95,7 @@ def profile(name: str, data, batch: int, reps: int) -> dict:
             "prefix_tokens": len(cfg.camera_names) * (cfg.image_size // cfg.patch_size) ** 2 + cfg.max_token_len,
             "lm": f"{cfg.depth}x{cfg.width} mlp {cfg.mlp}", "vision": f"{cfg.vision_depth}x{cfg.vision_width}",
             "expert": f"{cfg.depth}x{cfg.expert_width} mlp {cfg.expert_mlp}", "batch": batch,
-            "preprocess_all_frames_s": round(t_pre, 2), "step_s": round(t_step, 3),
+            "preprocess_all_frames_s": round(t_pre, 2), "step_s": round(t_step, 3), "step_cpu_s": round(cpu_step, 3),
             "vision_tower_fwdbwd_s": round(t_vis, 3), "prefix_embed_fwdbwd_s": round(t_emb, 3),
             "prefix_lm_layers_fwdbwd_s": round(t_pre_all - t_emb, 3),
             "expert_loss_optimizer_s": round(t_step - t_pre_all, 3)}
