@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 "success_mean": k_all / n_all, "wilson95": wilson(k_all, n_all),
                                 "bootstrap95_over_seeds": bootstrap(rates), "per_seed": per_seed})
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
-           "lr": args.lr, "policy": policy_flags, "demo_noise_m": args.noise, "n_exec": args.n_exec,
+           "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
+           "n_exec": args.n_exec,
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
