@@ -7,6 +7,8 @@ torch.cuda.max_memory_allocated). Weights are random (latency does not depend on
 
     .venv/bin/python bench/policy_latency.py                       # pi05-tiny, pi05-small on CPU
     .venv/bin/python bench/policy_latency.py --configs pi05 --device cuda --dtype bfloat16
+    .venv/bin/python bench/policy_latency.py --configs pi05-small-v1,pi05-small  # previous vs current pi05-small
+`pi05-small-v1` is the previous 22.5 M pi05-small (qvgm.policy.config), for same-load comparisons.
 """
 
 from __future__ import annotations

@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="policy config override, e.g. delta_actions=true (repeatable)")
+    ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
+    ap.add_argument("--action-error", action="store_true",
+                    help="also report the mean |policy - noiseless expert| action error (rad / m) of each rollout")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep demos, checkpoints and SFT logs (scalars.jsonl) in this directory")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -84,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     policy_flags: dict = {}
     with tempfile.TemporaryDirectory(prefix="sft_bench_") as tmp:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep)
         for task in args.tasks:
             root = Path(tmp) / task
             demo = collect_demos(task, max(args.demos), root, noise=args.noise, seed=DEMO_SEED0,
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                     ck = str(Path(tmp) / f"ck-{task}-{n}-{s}")
                     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=ck,
                                     steps=args.steps, seed=s, batch_size=args.batch_size, lr=args.lr,
+                                    warmup=args.warmup,
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
@@ -106,11 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth") if k in cfg_d}
                     runs = [rollout(res["policy"], task, e, n_exec=args.n_exec, image_size=tuple(args.image_size),
-                                    noise_seed=e) for e in eval_seeds]
+                                    noise_seed=e, compare_expert=args.action_error) for e in eval_seeds]
                     k = sum(r["success"] for r in runs)
+                    errs = [r["action_error"] for r in runs if r["action_error"] is not None]
                     per_seed.append({"seed": s, "success": k, "episodes": len(runs), "rate": k / len(runs),
                                      "final_loss": round(res["final_loss"], 4), "train_s": round(t_train, 1),
-                                     "eval_s": round(time.perf_counter() - t0 - t_train, 1)})
+                                     "eval_s": round(time.perf_counter() - t0 - t_train, 1),
+                                     **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {})})
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 k_all = sum(p["success"] for p in per_seed)
                 n_all = sum(p["episodes"] for p in per_seed)
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 "success_mean": k_all / n_all, "wilson95": wilson(k_all, n_all),
                                 "bootstrap95_over_seeds": bootstrap(rates), "per_seed": per_seed})
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
-           "lr": args.lr, "policy": policy_flags, "demo_noise_m": args.noise, "n_exec": args.n_exec,
+           "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
+           "n_exec": args.n_exec,
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +61,40 @@ def _cosine(mod: torch.nn.Module, z: torch.Tensor, m: torch.Tensor, dev: torch.d
     return float(torch.cat(vals).mean())
 
 
-def train_rl_token(policy: FlowPolicyBase, observations: list[dict[str, Any]], episode: np.ndarray,
-                   steps: int = 1000, seed: int = 0, batch_size: int = 32, lr: float = 3e-4, dim: int = 256,
+def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str) -> float:
+    """Learning rate of optimizer step `step` (0-based): `constant`, or `cosine` = linear warm-up over
+    min(`warmup`, steps // 10) steps then cosine decay to 0.05 * lr at the last step."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r} (constant, cosine)")
+    warmup = min(warmup, steps // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def train_rl_token(policy: FlowPolicyBase, observations: list[dict[str, Any]] | None, episode: np.ndarray,
+                   steps: int = 2000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, dim: int = 256,
                    heads: int = 4, layers: int = 2, context_dropout: float = 0.3, val_frac: float = 0.2,
-                   log_every: int = 50) -> dict[str, Any]:
+                   log_every: int = 50, schedule: str = "cosine", warmup: int = 100,
+                   prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
     """Attach and train an RL token on `policy` (a pi05 policy, frozen here). observations: interface dicts,
-    episode [N] episode id per observation (held-out split). Returns a report with held-out cosine before/after
-    (teacher forced; `*_zrl_only`: every context token dropped, i.e. from z_rl alone), the final training loss
-    and the loss curve [(step, loss)]."""
-    if len(observations) != len(episode):
-        raise ValueError(f"{len(observations)} observations but {len(episode)} episode ids")
+    episode [N] episode id per observation (held-out split); `prefix` = precomputed (z, mask) from
+    `prefix_embeddings` instead of observations (to compare settings on one cache). Returns a report with held-out
+    cosine before/after (teacher forced; `*_zrl_only`: every context token dropped, i.e. from z_rl alone), the
+    final training loss and the loss curve [(step, loss)]. lr 1e-3 with the cosine schedule replaced 3e-4 constant
+    (bench/results/rl_token_pi05small_sweep.json)."""
+    n_obs = len(prefix[0]) if prefix is not None else len(observations or [])
+    if n_obs != len(episode):
+        raise ValueError(f"{n_obs} observations but {len(episode)} episode ids")
+    lr_at(0, steps, lr, warmup, schedule)  # unknown schedule -> ValueError before any work
     torch.manual_seed(seed)
     policy.eval()
     for p in policy.parameters():
         p.requires_grad_(False)
-    z, m = prefix_embeddings(policy, observations)
+    z, m = prefix if prefix is not None else prefix_embeddings(policy, observations or [])
     tr, va = split_by_episode(np.asarray(episode), val_frac)
     cfg = RLTokenConfig(width=z.shape[2], max_len=prefix_length(policy.config), dim=dim, heads=heads,
                         enc_layers=layers, dec_layers=layers, context_dropout=context_dropout)
@@ -91,6 +111,8 @@ def train_rl_token(policy: FlowPolicyBase, observations: list[dict[str, Any]], e
     curve = []
     loss_v = float("nan")
     for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup, schedule)
         rows = torch.from_numpy(tr[rng.integers(0, len(tr), size=batch_size)])
         loss = mod.loss(z[rows].float().to(dev), m[rows].to(dev), generator=gen)
         opt.zero_grad(set_to_none=True)
@@ -108,6 +130,7 @@ def train_rl_token(policy: FlowPolicyBase, observations: list[dict[str, Any]], e
     return {"heldout_cosine_untrained": before, "heldout_cosine": after, "heldout_cosine_zrl_only_untrained": before_rl,
             "heldout_cosine_zrl_only": after_rl, "final_loss": loss_v,
             "train_frames": int(len(tr)), "heldout_frames": int(len(va)), "steps": steps, "seed": seed,
+            "lr": lr, "schedule": schedule, "warmup": warmup, "batch_size": batch_size,
             "config": cfg.to_dict(), "loss_curve": curve}
 
 
@@ -118,7 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="lr schedule")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (cosine schedule)")
     p.add_argument("--dim", type=int, default=256, help="z_rl size")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2, help="encoder and decoder depth")
@@ -146,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"dataset state dim {data.state.shape[1]} != policy state_dim {policy.config.state_dim}")
     report = train_rl_token(policy, data.observations(range(len(data))), data.episode, steps=args.steps,
                             seed=args.seed, batch_size=args.batch_size, lr=args.lr, dim=args.dim, heads=args.heads,
-                            layers=args.layers, context_dropout=args.context_dropout, val_frac=args.val_frac)
+                            layers=args.layers, context_dropout=args.context_dropout, val_frac=args.val_frac,
+                            schedule=args.schedule, warmup=args.warmup)
     parent = policy.version
     summary = {"kind": "rl_token", "datasets": data.datasets, "parent_summary": policy.manifest.get("summary"),
                **{k: v for k, v in report.items() if k != "loss_curve"}}

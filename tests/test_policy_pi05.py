@@ -159,5 +159,5 @@ def test_real_size_pi05_shapes_on_meta_device() -> None:
 def test_small_and_tiny_sizes() -> None:
     n_small, _ = _count("pi05-small", vocab=600)
     n_tiny, _ = _count("pi05-tiny", vocab=300)
-    assert 20e6 <= n_small <= 40e6, n_small
+    assert 8e6 <= n_small <= 15e6, n_small  # sized for CPU pixel SFT (bench/results/pi05small_profile.json)
     assert n_tiny <= 3e6, n_tiny

@@ -92,3 +92,29 @@ def test_rl_token_training_on_sim_frames_saved_in_checkpoint(tmp_path: Path,
                  str(tmp_path / "rl2"), "--steps", "1"]) == 2
     assert "already has an RL token" in capsys.readouterr().err
     assert not (tmp_path / "rl2").exists()
+
+
+def test_lr_schedule_and_precomputed_prefix() -> None:
+    from critic_trainer.rl_token import lr_at, prefix_embeddings, train_rl_token
+    from qvgm.policy import NormStats, make_policy
+
+    assert lr_at(0, 1000, 1e-3, 100, "cosine") == pytest.approx(1e-5)  # linear warm-up
+    assert lr_at(99, 1000, 1e-3, 100, "cosine") == pytest.approx(1e-3)
+    assert lr_at(999, 1000, 1e-3, 100, "cosine") == pytest.approx(5e-5, rel=1e-2)  # cosine down to 5 %
+    assert lr_at(5, 20, 1e-3, 100, "cosine") == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 3 / 18)) * 0.95
+                                                              + 5e-5)  # warm-up capped at steps // 10
+    assert lr_at(500, 1000, 3e-4, 100, "constant") == 3e-4
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 10, 1e-3, 1, "linear")
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=["push the red cube"])
+    rng = np.random.default_rng(0)
+    obs = [{"images": {c: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for c in pol.config.camera_names},
+            "state": rng.uniform(-1, 1, 7).astype(np.float32), "prompt": "push the red cube"} for _ in range(12)]
+    prefix = prefix_embeddings(pol, obs)
+    episode = np.repeat(np.arange(4), 3)
+    with pytest.raises(ValueError, match="schedule"):
+        train_rl_token(pol, None, episode, prefix=prefix, steps=2, schedule="step")
+    rep = train_rl_token(pol, None, episode, prefix=prefix, steps=5, dim=32, heads=2, layers=1)
+    assert rep["schedule"] == "cosine" and rep["heldout_frames"] == 3 and np.isfinite(rep["heldout_cosine"])
+    assert pol.config.rl_token["dim"] == 32

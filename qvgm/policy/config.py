@@ -87,6 +87,17 @@ def _pi05_tiny() -> Pi05Config:
 
 
 def _pi05_small() -> Pi05Config:
+    """~10 M parameters, sized for few-shot pixel SFT on 2 CPU cores (bench/results/pi05small_profile.json):
+    64 px images in 16 px patches (16 tokens per camera), a 32-token prompt budget (the longest sim prompt with
+    the 7 state bins is 23 tokens), 4 layers of width 256. The 22.5 M predecessor (patch 8, 64-token budget,
+    6 x 384) cost ~10x more per SFT step; its checkpoints still load through their own config.json."""
+    return Pi05Config(vision_width=128, vision_depth=4, vision_heads=2, vision_mlp=512, image_size=64, patch_size=16,
+                      width=256, depth=4, mlp=1024, heads=4, kv_heads=1, head_dim=64, vocab_size=None,
+                      expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=32)
+
+
+def _pi05_small_v1() -> Pi05Config:
+    """The previous pi05-small (22.5 M params; 7.8-26 s per SFT step on 2 shared cores), for comparisons only."""
     return Pi05Config(vision_width=192, vision_depth=4, vision_heads=3, vision_mlp=768, image_size=64, patch_size=8,
                       width=384, depth=6, mlp=1536, heads=4, kv_heads=1, head_dim=64, vocab_size=None,
                       expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=64)
@@ -95,6 +106,7 @@ def _pi05_small() -> Pi05Config:
 CONFIGS = {
     "pi05": Pi05Config,
     "pi05-small": _pi05_small,
+    "pi05-small-v1": _pi05_small_v1,
     "pi05-tiny": _pi05_tiny,
     "state": StateConfig,
 }
