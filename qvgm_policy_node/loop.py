@@ -19,7 +19,8 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
 
 Ctrl-C (SIGINT) or SIGTERM stops at the next spin: the graph shuts down, the recorder aborts its open episode, the
 store only ever holds committed versions; WORK/loop_state.json records which stages finished.
-`--backbone pi05-small` trains the image policy instead (needs a GPU in practice: ~8 s per SFT step on 2 CPU cores).
+`--backbone pi05-small` trains the image policy instead (~1.2 s of CPU per SFT step at batch 32; pixel SFT does
+not yet learn push on 2 CPU cores, see docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/loop", help="work dir (demos, store, buffers, state); rerun resumes")
     p.add_argument("--task", default="push", choices=list(TASKS))
-    p.add_argument("--backbone", default="state", help="policy config: state (CPU) or pi05-small (needs a GPU)")
+    p.add_argument("--backbone", default="state", help="policy config: state (CPU) or pi05-small (slow on CPU)")
     p.add_argument("--demos", type=int, default=20, help="noisy expert demo episodes")
     p.add_argument("--demo-noise", type=float, default=0.01, help="expert noise std (m)")
     p.add_argument("--sft-steps", type=int, default=2000)
