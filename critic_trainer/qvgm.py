@@ -47,6 +47,7 @@ class QVGMConfig:
     grad_clip: float = 1.0
     project: bool = True  # safeguard: project ascent iterates to [-1, 1]
     keep_best: bool = True  # safeguard: keep the best iterate by Q (A_base if no step helps)
+    max_shift: float | None = None  # safeguard (trust region): RMS per-coordinate bound on A_Q - A_base, normalised
     gate: Literal["last_m", "smooth"] = "last_m"
     gate_last_m: int = 5  # last M of K steps (t_k <= M/K) get m_k = 1
     gate_power: float = 2.0  # smooth gate m_k = (1 - t_k)^p = tau_k^p: late, low-noise steps weigh most
@@ -83,9 +84,12 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[to
     """J ascent steps on Q from a_base [B, (S,) A] -> (A_Q like a_base, detached; Q gain [B, (S)] >= 0 if keep-best).
 
     A <- proj_[-1,1](A + alpha * clip(grad_A Q(A))); one critic forward per iterate serves both the keep-best
-    bookkeeping and the next gradient (J + 1 forwards, J backwards).
+    bookkeeping and the next gradient (J + 1 forwards, J backwards). With cfg.max_shift every iterate is then
+    pulled back toward a_base onto the trust region sqrt(mean_j (A_j - A_base_j)^2) <= max_shift (normalised
+    units, mean over the critic coordinates): the ascent stays near the reference policy's support.
     """
     a = a_base.detach()
+    origin = a
     best_a, best_q, q_base = a, None, None
     for j in range(cfg.ascent_steps + 1):
         last = j == cfg.ascent_steps
@@ -111,8 +115,23 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[to
         a = a + cfg.ascent_lr * grad
         if cfg.project:
             a = a.clamp(-1.0, 1.0)
+        if cfg.max_shift is not None:
+            a = trust_region(a, origin, cfg.max_shift)
     assert best_q is not None and q_base is not None
     return best_a.detach(), best_q - q_base
+
+
+def trust_region(a: torch.Tensor, origin: torch.Tensor, max_shift: float) -> torch.Tensor:
+    """Scale a - origin ([..., A]) down so that its RMS over the last dim is <= max_shift (normalised units).
+
+    A convex combination of a and origin: if both lie in [-1, 1] the result does too.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    d = a - origin
+    rms = d.pow(2).mean(-1, keepdim=True).sqrt()
+    scale = (max_shift / rms.clamp_min(1e-12)).clamp(max=1.0)
+    return origin + d * scale
 
 
 def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
