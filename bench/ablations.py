@@ -192,6 +192,75 @@ def target_diagnostic(pol, buf, critic: QEnsemble, feats, tr_held, cfg: P.Improv
             "one_step_max_err": float((est - a_q).abs().max())}
 
 
+def _continue(pol, env, obs, chunk: np.ndarray, n_exec: int, noise_seed: int) -> bool:
+    """Execute the first n_exec actions of `chunk` (robot units [H, real]) from the env's current state, then let
+    `pol` act (n_exec steps per chunk, sampling noise from torch seed `noise_seed`) until the episode ends."""
+    torch.manual_seed(noise_seed)
+    while True:
+        for a in chunk[:n_exec]:
+            obs, _, term, trunc, _ = env.step(a.astype(np.float32))
+            if term or trunc:
+                return bool(term)
+        o = {"images": {}, "state": obs["state"], "prompt": obs["prompt"], "privileged": obs["privileged"]}
+        chunk = pol.act([o])[0]
+
+
+def mc_target_check(pol, buf, critic: QEnsemble, feats, tr_held, cfg: P.ImproveConfig, task: str,
+                    rollout_seeds: list[int], n_states: int = 24, n_cont: int = 2,
+                    max_episode_steps: int | None = None) -> dict[str, Any]:
+    """Monte-Carlo check of the critic's ascent direction in the real sim (the sim replays bit-exactly).
+
+    For n_states held-out frames: replay the recorded episode (scene seed = its rollout seed) up to the frame,
+    then execute either the SFT policy's chunk A_base or the critic-improved A_Q (keep-best ascent on the
+    critic coordinates, cfg's alpha / J / safeguards; same sampling noise) for n_exec steps and continue with the
+    SFT policy (n_cont continuation noise seeds, shared by the pair). Success of the pair = an MC estimate of
+    Q(s, A_Q) vs Q(s, A_base) under the SFT continuation: if the critic's gradient is right, A_Q wins more often.
+    """
+    from qvgm.sim import TabletopEnv
+
+    rng = np.random.default_rng(5)
+    rows = rng.choice(len(tr_held), size=min(n_states, len(tr_held)), replace=False)
+    ep_ids = np.unique(buf.episode)
+    env = TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps)
+    res = {"a_base": 0, "a_q": 0, "q_wins": 0, "base_wins": 0, "pairs": 0}
+    try:
+        for r in rows:
+            i = int(tr_held.index[r])
+            e = buf.episode[i]
+            start = int(np.flatnonzero(buf.episode == e)[0])
+            seed = rollout_seeds[int(np.searchsorted(ep_ids, e))]
+            obs_i = buf.demo.observations([i])
+            with torch.no_grad():
+                inp = pol.preprocess(obs_i)
+                ctx = pol.encode(inp)
+                noise = torch.randn(1, pol.horizon, pol.action_dim, generator=torch.Generator().manual_seed(int(r)))
+                a_full = pol.sample(ctx, num_steps=cfg.num_steps, noise=noise)
+            a_c = critic_action(a_full, cfg.n_exec, pol.real_action_dim)
+            z = torch.as_tensor(np.asarray(feats["z_rl"][[i]]))
+            p = torch.as_tensor(np.asarray(feats["proprio"][[i]]))
+            a_q, _ = q_ascent(bind_critic(critic, z, p, how=cfg.aggregate, lcb_beta=cfg.lcb_beta), a_c, cfg.qvgm())
+            q_full = a_full.clone()
+            q_full[0, : cfg.n_exec, : pol.real_action_dim] = a_q.view(cfg.n_exec, pol.real_action_dim)
+            chunks = {"a_base": pol.postprocess(a_full)[0], "a_q": pol.postprocess(q_full)[0]}
+            for c in range(n_cont):
+                out = {}
+                for name, chunk in chunks.items():
+                    obs, _ = env.reset(seed=seed, options={"task": task})
+                    for a in buf.action[start:i]:
+                        obs, *_ = env.step(a.astype(np.float32))
+                    out[name] = _continue(pol, env, obs, chunk, cfg.n_exec, noise_seed=1000 * int(r) + c)
+                    res[name] += int(out[name])
+                res["q_wins"] += int(out["a_q"] and not out["a_base"])
+                res["base_wins"] += int(out["a_base"] and not out["a_q"])
+                res["pairs"] += 1
+    finally:
+        env.close()
+    n = res["pairs"]
+    res.update(states=len(rows), continuations=n_cont, rate_a_base=res["a_base"] / n, rate_a_q=res["a_q"] / n,
+               ci95_a_base=list(P.wilson_interval(res["a_base"], n)), ci95_a_q=list(P.wilson_interval(res["a_q"], n)))
+    return res
+
+
 def run_critic_mode(args, pol, buf, work: Path) -> dict[str, Any]:
     rows = {}
     for name, over in parse_variants(args.variants, {"default": {}}).items():
@@ -228,6 +297,11 @@ def run_qvgm_mode(args, pol, buf, work: Path) -> dict[str, Any]:
                                                    "actor_final", "early_stop")}}
         if args.diagnose and tr_held is not None:
             row["target_diagnostic"] = target_diagnostic(pol, buf, critic, feats, tr_held, cfg)
+            if args.mc_states > 0:
+                row["mc_target_check"] = mc_target_check(
+                    pol, buf, critic, feats, tr_held, cfg, args.task, [L.ROLL0 + k for k in range(args.rollouts)],
+                    n_states=args.mc_states, n_cont=args.mc_continuations, max_episode_steps=args.max_episode_steps)
+                print(json.dumps({"variant": name, "mc_target_check": row["mc_target_check"]}), flush=True)
         res["variants"][name] = row
         print(json.dumps({"variant": name, **{k: row[k] for k in ("success_rate", "ci95", "train_s")},
                           "q": [row["actor"]["q_policy_before"], row["actor"]["q_policy_after"]]}), flush=True)
@@ -251,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="NAME=JSON overrides (or a built-in NAME); default: every built-in variant of the mode")
     ap.add_argument("--tune-episodes", type=int, default=40)
     ap.add_argument("--diagnose", action="store_true", help="add the target sign/scale diagnostic (qvgm mode)")
+    ap.add_argument("--mc-states", type=int, default=0, help="--diagnose: held-out states of the sim MC check")
+    ap.add_argument("--mc-continuations", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None)

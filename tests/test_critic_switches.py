@@ -227,3 +227,8 @@ def test_ablation_bench_helpers(data):
     d = mod.target_diagnostic(pol, buf, critic, feats, tr_held, cfg)
     assert d["one_step_max_err"] < 1e-5  # sign and 1/t scale of h: the one-step estimate lands on A_Q
     assert d["q_gain_mean"] >= 0.0 and d["transitions"] == len(tr_held)
+    # the sim MC check runs paired episodes (A_base vs A_Q, same continuation noise) from replayed buffer frames
+    mc = mod.mc_target_check(pol, buf, critic, feats, tr_held, cfg, "push", list(range(8)), n_states=2, n_cont=1,
+                             max_episode_steps=30)
+    assert mc["pairs"] == 2 and mc["states"] == 2 and mc["q_wins"] + mc["base_wins"] <= 2
+    assert 0.0 <= mc["rate_a_q"] <= 1.0 and mc["ci95_a_q"][0] <= mc["rate_a_q"] <= mc["ci95_a_q"][1]
