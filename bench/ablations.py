@@ -59,8 +59,8 @@ QVGM_VARIANTS: dict[str, dict[str, Any]] = {
     "single-critic-head": {"ensemble": 1},
     "gate-smooth": {"gate": "smooth"},
     "gate-last-2": {"gate_last_m": 2},
-    "safeguarded": {"aggregate": "lcb", "lcb_beta": 1.0, "max_shift": 0.05, "actor_eval_every": 25,
-                    "actor_patience": 3},
+    "safeguarded": {"aggregate": "lcb", "lcb_beta": 1.0, "max_shift": 0.05, "trust_origin": "reference",
+                    "actor_eval_every": 25, "actor_patience": 3},
 }
 
 
@@ -275,9 +275,10 @@ def run_critic_mode(args, pol, buf, work: Path) -> dict[str, Any]:
 def run_qvgm_mode(args, pol, buf, work: Path) -> dict[str, Any]:
     tune = [L.TUNE0 + j for j in range(args.tune_episodes)]
     res: dict[str, Any] = {"mode": "qvgm", "tuning_seeds": f"{tune[0]}..{tune[-1]}", "variants": {}}
-    r = P.evaluate(pol, args.task, tune, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps)
-    res["sft"] = {k: r[k] for k in ("success_rate", "ci95", "successes", "episodes", "wall_s")}
-    print(json.dumps({"variant": "sft", **res["sft"]}), flush=True)
+    if not args.skip_sft:
+        r = P.evaluate(pol, args.task, tune, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps)
+        res["sft"] = {k: r[k] for k in ("success_rate", "ci95", "successes", "episodes", "wall_s")}
+        print(json.dumps({"variant": "sft", **res["sft"]}), flush=True)
     critics: dict[str, Any] = {}
     for name, over in parse_variants(args.variants, QVGM_VARIANTS).items():
         cfg = make_cfg(json.loads(args.base), {"holdout": args.holdout, "method": "qvgm", **over})
@@ -294,7 +295,7 @@ def run_qvgm_mode(args, pol, buf, work: Path) -> dict[str, Any]:
                "successes": ev["successes"], "episodes": ev["episodes"], "train_s": round(train_s, 1),
                "eval_s": ev["wall_s"], "critic_heldout": cinfo.get("heldout"),
                "actor": {k: ainfo.get(k) for k in ("q_policy_before", "q_policy_after", "action_shift",
-                                                   "actor_final", "early_stop")}}
+                                                   "action_shift_rms_critic", "actor_final", "early_stop")}}
         if args.diagnose and tr_held is not None:
             row["target_diagnostic"] = target_diagnostic(pol, buf, critic, feats, tr_held, cfg)
             if args.mc_states > 0:
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--variants", nargs="*", default=None,
                     help="NAME=JSON overrides (or a built-in NAME); default: every built-in variant of the mode")
     ap.add_argument("--tune-episodes", type=int, default=40)
+    ap.add_argument("--skip-sft", action="store_true", help="qvgm mode: do not evaluate the SFT policy itself")
     ap.add_argument("--diagnose", action="store_true", help="add the target sign/scale diagnostic (qvgm mode)")
     ap.add_argument("--mc-states", type=int, default=0, help="--diagnose: held-out states of the sim MC check")
     ap.add_argument("--mc-continuations", type=int, default=2)

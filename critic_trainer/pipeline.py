@@ -261,6 +261,7 @@ class ImproveConfig:
     keep_best: bool = True
     lcb_beta: float = 1.0  # aggregate "lcb" = mean - lcb_beta * std over the ensemble
     max_shift: float | None = None  # trust region: RMS bound on A_Q - A_base per critic coordinate (normalised)
+    trust_origin: str = "base"  # centre of the trust region: base (A_base per step) / reference (its own sample)
     actor_eval_every: int = 0  # > 0: every N actor steps measure the held-out LCB Q of the actor's own actions,
     actor_patience: int = 3  # keep the best actor by it and stop after `actor_patience` checks without a gain
     anchor_weight: float = 1.0
@@ -286,6 +287,8 @@ class ImproveConfig:
             raise ValueError(f"unknown critic features {self.critic_features!r} (rl-token / pooled)")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
+        if self.trust_origin not in ("base", "reference"):
+            raise ValueError(f"unknown trust origin {self.trust_origin!r} (base / reference)")
         if self.max_shift is not None and self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
         if self.actor_eval_every < 0 or self.actor_patience < 1:
@@ -294,7 +297,8 @@ class ImproveConfig:
     def qvgm(self) -> QVGMConfig:
         return QVGMConfig(n_exec=self.n_exec, num_steps=self.num_steps, ascent_steps=self.ascent_steps,
                           ascent_lr=self.ascent_lr, clip_grad=self.clip_grad, project=self.project,
-                          keep_best=self.keep_best, max_shift=self.max_shift, gate=self.gate,
+                          keep_best=self.keep_best, max_shift=self.max_shift, trust_origin=self.trust_origin,
+                          gate=self.gate,
                           gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
 
 
@@ -618,6 +622,8 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
         a_new = actor.sample(actor.encode(b_in), num_steps=cfg.num_steps, noise=eps)
         a_ref = reference.sample(reference.encode(b_in), num_steps=cfg.num_steps, noise=eps)
         summary["action_shift"] = float((a_new - a_ref)[..., : actor.real_action_dim].abs().mean())
+        d = critic_action(a_new - a_ref, cfg.n_exec, actor.real_action_dim)
+        summary["action_shift_rms_critic"] = float(d.pow(2).mean(-1).sqrt().mean())  # compare with max_shift
     if critic is not None and features is not None:
         summary["q_policy_after"] = policy_q(actor, inputs, critic, features, eval_rows, cfg)
         if log is not None:
@@ -896,6 +902,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lcb-beta", type=float, default=1.0, help="--aggregate lcb: mean - beta * std")
     p.add_argument("--max-shift", type=float, default=None,
                    help="trust region: RMS bound on A_Q - A_base per critic coordinate (normalised units)")
+    p.add_argument("--trust-origin", default="base", choices=["base", "reference"],
+                   help="--max-shift around A_base at each step or around the reference policy's own sample")
     p.add_argument("--critic-layer-norm", action="store_true", help="LayerNorm on the critic's hidden layers")
     p.add_argument("--critic-dropout", type=float, default=0.0)
     p.add_argument("--gamma", type=float, default=0.99, help="discount per control step")
@@ -938,7 +946,8 @@ def run(args: argparse.Namespace) -> int:
                         ascent_lr=args.ascent_lr, project=not args.no_projection, clip_grad=not args.no_clipping,
                         keep_best=not args.no_keep_best, bc_weight=args.bc_weight,
                         critic_features=args.critic_features, per_layer_injection=not args.no_per_layer_injection,
-                        lcb_beta=args.lcb_beta, max_shift=args.max_shift, critic_layer_norm=args.critic_layer_norm,
+                        lcb_beta=args.lcb_beta, max_shift=args.max_shift, trust_origin=args.trust_origin,
+                        critic_layer_norm=args.critic_layer_norm,
                         critic_dropout=args.critic_dropout, gamma=args.gamma, holdout=args.holdout,
                         actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience)
     policy = load_policy(args.policy)

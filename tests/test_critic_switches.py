@@ -232,3 +232,25 @@ def test_ablation_bench_helpers(data):
                              max_episode_steps=30)
     assert mc["pairs"] == 2 and mc["states"] == 2 and mc["q_wins"] + mc["base_wins"] <= 2
     assert 0.0 <= mc["rate_a_q"] <= 1.0 and mc["ci95_a_q"][0] <= mc["rate_a_q"] <= mc["ci95_a_q"][1]
+
+
+def test_trust_region_around_the_reference_sample(data):
+    """trust_origin="reference": the region is centred on the reference's own sample, so an A_base that already
+    drifted (a late-step gate compounds per-step shifts along the chain) is pulled back into it."""
+
+    class Linear:
+        def __call__(self, a):
+            return a.sum(-1)
+
+    origin = torch.zeros(3, 1, 6)
+    drifted = torch.full((3, 2, 6), 0.5)  # [B, M gated steps, A], far outside a 0.1 region
+    a_q, _ = q_ascent(Linear(), drifted, QVGMConfig(ascent_steps=2, ascent_lr=0.05, max_shift=0.1), origin=origin)
+    assert torch.all((a_q - origin).pow(2).mean(-1).sqrt() <= 0.1 + 1e-6)
+    pol, buf, feats = data["pol"], data["buf"], data["feats"]["rl-token"]
+    tr = P.buffer_transitions(pol, buf, 3, 0.99)
+    critic, _ = P.train_critic(pol, feats, tr, P.ImproveConfig(**SMALL))
+    a = _actor_params(pol, buf, feats, critic, max_shift=0.05, actor_lr=3e-3, actor_steps=3)
+    b = _actor_params(pol, buf, feats, critic, max_shift=0.05, actor_lr=3e-3, actor_steps=3, trust_origin="reference")
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="trust origin"):
+        P.ImproveConfig(trust_origin="data")
