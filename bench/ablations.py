@@ -218,8 +218,21 @@ def mc_target_check(pol, buf, critic: QEnsemble, feats, tr_held, cfg: P.ImproveC
     """
     from qvgm.sim import TabletopEnv
 
+    # states from the first half of each held-out episode, half of them from successful episodes: uniformly drawn
+    # frames come mostly from late in long failed episodes, where no continuation succeeds (0/24 pairs in a first
+    # run: no signal either way)
     rng = np.random.default_rng(5)
-    rows = rng.choice(len(tr_held), size=min(n_states, len(tr_held)), replace=False)
+    first = np.flatnonzero(np.r_[True, buf.episode[1:] != buf.episode[:-1]])
+    ep_start = first[np.searchsorted(buf.episode[first], buf.episode[tr_held.index])]
+    ep_len = np.bincount(np.searchsorted(np.unique(buf.episode), buf.episode))[
+        np.searchsorted(np.unique(buf.episode), buf.episode[tr_held.index])]
+    early = (tr_held.index - ep_start) < ep_len / 2
+    ok = buf.success[tr_held.index]
+    rows = []
+    for group in (np.flatnonzero(early & ok), np.flatnonzero(early & ~ok)):
+        k = min(len(group), n_states - len(rows) if len(rows) else (n_states + 1) // 2)
+        rows += rng.choice(group, size=k, replace=False).tolist() if k > 0 else []
+    rows = np.asarray(rows, dtype=np.int64)
     ep_ids = np.unique(buf.episode)
     env = TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps)
     res = {"a_base": 0, "a_q": 0, "q_wins": 0, "base_wins": 0, "pairs": 0}
