@@ -317,6 +317,8 @@ def run_qvgm_mode(args, pol, buf, work: Path) -> dict[str, Any]:
                     n_states=args.mc_states, n_cont=args.mc_continuations, max_episode_steps=args.max_episode_steps)
                 print(json.dumps({"variant": name, "mc_target_check": row["mc_target_check"]}), flush=True)
         res["variants"][name] = row
+        if args.out:  # a run stopped early keeps every finished variant
+            args.out.with_suffix(".partial.json").write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps({"variant": name, **{k: row[k] for k in ("success_rate", "ci95", "train_s")},
                           "q": [row["actor"]["q_policy_before"], row["actor"]["q_policy_after"]]}), flush=True)
     return res
