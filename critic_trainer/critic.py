@@ -76,6 +76,8 @@ class CriticConfig:
     proprio_proj_dim: int = 64
     per_layer_injection: bool = True  # concatenate A to the input of every hidden layer and the output layer
     activation: Literal["relu", "silu"] = "silu"
+    layer_norm: bool = False  # LayerNorm (no affine) on every hidden activation, before the nonlinearity
+    dropout: float = 0.0  # dropout on every hidden activation (training mode only)
 
     @property
     def action_dim(self) -> int:
@@ -105,6 +107,8 @@ class QEnsemble(nn.Module):
         self.hidden = nn.ModuleList(layers)
         self.out = BatchedLinear(n, prev + (a if cfg.per_layer_injection else 0), 1)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.SiLU()
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"critic dropout must be in [0, 1), got {cfg.dropout}")
 
     @property
     def num_q(self) -> int:
@@ -136,7 +140,12 @@ class QEnsemble(nn.Module):
         h = s
         for i, layer in enumerate(self.hidden):
             inject = self.cfg.per_layer_injection or i == 0
-            h = self.act(layer(torch.cat([h, a], dim=-1) if inject else h))
+            h = layer(torch.cat([h, a], dim=-1) if inject else h)
+            if self.cfg.layer_norm:
+                h = F.layer_norm(h, (h.shape[-1],))
+            h = self.act(h)
+            if self.cfg.dropout > 0.0:
+                h = F.dropout(h, self.cfg.dropout, self.training)
         q = self.out(torch.cat([h, a], dim=-1) if self.cfg.per_layer_injection else h).squeeze(-1)
         return q.reshape(n, b, -1) if multi else q
 

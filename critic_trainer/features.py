@@ -8,6 +8,12 @@ Arrays are plain .npy (no pickle: np.load(..., allow_pickle=False, mmap_mode="r"
 temporary directory and moved into place, so a crash never leaves a half-written cache under the real name.
 A different key (new encoder) makes the cache stale; a changed file makes it corrupt; `load_or_build` rebuilds
 in both cases.
+
+`critic_state_features` chooses WHAT the critic reads as z (the "RL token vs pooled features" ablation of
+METHOD.md §5): "rl-token" is the policy's own critic features (pi05: the trained RL token z_rl; `state`: the
+encoder embedding); "pooled" is a representation without the learned token (pi05: the mean of the VLM's
+final-layer prefix embeddings over valid tokens; `state`: the raw encoder input, normalised proprio +
+standardised privileged object state). The pipeline puts the resolved kind into the cache key.
 """
 
 from __future__ import annotations
@@ -18,10 +24,48 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import torch
 
 FORMAT = 1
+CriticFeatures = Literal["rl-token", "pooled"]
+CRITIC_FEATURES: tuple[str, ...] = ("rl-token", "pooled")
+
+
+def resolve_critic_features(policy: Any, kind: str) -> str:
+    """The feature kind actually used for `policy`: "rl-token", "pooled", or "pooled (no RL token)" for a pi05
+    checkpoint without a trained RL token asked for "rl-token" (its critic_features fall back to pooling)."""
+    if kind not in CRITIC_FEATURES:
+        raise ValueError(f"unknown critic features {kind!r} (rl-token / pooled)")
+    if kind == "rl-token" and hasattr(policy, "rl_token") and policy.rl_token is None:
+        return "pooled (no RL token)"
+    return kind
+
+
+def critic_state_features(policy: Any, context: Any, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Critic state features z [B, F] (float32) of one encoded batch.
+
+    policy: a FlowPolicy; context = policy.encode(inputs); kind: "rl-token" (policy.critic_features) or "pooled"
+    (pi05: masked mean of context.prefix_out [B, P, width] -> [B, width]; `state`: [normalised state [B, d] ||
+    privileged [B, k], standardised when the policy has privileged stats] -> [B, d + k]).
+    """
+    resolve_critic_features(policy, kind)
+    if kind == "rl-token":
+        return policy.critic_features(context).float()
+    if hasattr(context, "prefix_out"):  # pi05: mean-pooled final-layer prefix embeddings
+        m = context.prefix_mask.to(context.prefix_out.dtype)[..., None]
+        return ((context.prefix_out * m).sum(1) / m.sum(1).clamp_min(1.0)).float()
+    if "state" not in inputs:
+        raise ValueError("pooled critic features need inputs['state'] for a policy without a VLM prefix")
+    parts = [inputs["state"].float()]
+    if "privileged" in inputs and int(getattr(getattr(policy, "config", None), "privileged_dim", 0) or 0):
+        priv = inputs["privileged"].float()
+        if hasattr(policy, "priv_mean"):
+            priv = (priv - policy.priv_mean.float()) / policy.priv_std.float()
+        parts.append(priv)
+    return torch.cat(parts, dim=-1)
 
 
 class FeatureCacheError(ValueError):

@@ -4,6 +4,8 @@
                         filtered-bc|sft] [--critic-objective calql|cql|iql] [--ensemble N]
                         [--aggregate mean|min|lcb] [--gate last-M|smooth] [--no-projection] [--no-clipping]
                         [--no-keep-best] [--critic-steps N] [--actor-steps N] [--seed S]
+                        [--critic-features rl-token|pooled] [--no-per-layer-injection] [--lcb-beta B]
+                        [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P] ...
 
 Stages (each a public function, reused by bench/learning.py):
  1. `load_buffer`: every frame of the kept (non-discarded) episodes: observations (state, privileged state from
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 from critic_trainer.baselines import best_of_n, diffusion_ql_loss, q_distill_loss, q_guided_sample
 from critic_trainer.critic import CriticConfig, CriticTrainConfig, CriticTrainer, QEnsemble, critic_action
-from critic_trainer.features import FeatureCache
+from critic_trainer.features import CRITIC_FEATURES, FeatureCache, critic_state_features, resolve_critic_features
 from critic_trainer.fit import check_training_data, evaluate_critic, fit_critic
 from critic_trainer.qvgm import QVGMConfig, bind_critic, qvgm_update
 from critic_trainer.sft import DemoData, batch_inputs, encode_inputs
@@ -187,14 +189,17 @@ def checkpoint_key(policy: FlowPolicyBase) -> str:
 @torch.no_grad()
 def extract_features(policy: FlowPolicyBase, buf: BufferData, cache_dir: str | Path, n_exec: int,
                      num_ref: int = 4, num_steps: int = 10, seed: int = 0, batch: int = 512,
-                     progress: bool = False) -> tuple[FeatureCache, str | None]:
+                     progress: bool = False, features: str = "rl-token") -> tuple[FeatureCache, str | None]:
     """Run the frozen policy over every buffer frame once -> (FeatureCache, why it was (re)built or None).
 
-    Fields: z_rl float32 [T, F], proprio float32 [T, state_dim] (normalised), ref_actions float32
-    [T, num_ref, n_exec * real] (normalised critic actions of reference samples, noise seeded by `seed`).
+    Fields: z_rl float32 [T, F] (the critic state features of kind `features`, see
+    critic_trainer.features.critic_state_features), proprio float32 [T, state_dim] (normalised), ref_actions
+    float32 [T, num_ref, n_exec * real] (normalised critic actions of reference samples, noise seeded by `seed`).
+    The key holds the resolved feature kind: an "rl-token" and a "pooled" cache never collide.
     """
+    kind = resolve_critic_features(policy, features)
     key = json.dumps({"policy": checkpoint_key(policy), "buffer": buf.fingerprint(), "n_exec": n_exec,
-                      "num_ref": num_ref, "num_steps": num_steps, "seed": seed}, sort_keys=True)
+                      "num_ref": num_ref, "num_steps": num_steps, "seed": seed, "features": kind}, sort_keys=True)
 
     def build() -> dict[str, np.ndarray]:
         policy.eval()
@@ -205,7 +210,7 @@ def extract_features(policy: FlowPolicyBase, buf: BufferData, cache_dir: str | P
             inputs = policy.preprocess(buf.demo.observations(range(s, min(s + batch, len(buf)))))
             ctx = policy.encode(inputs)
             b = inputs["state"].shape[0]
-            z.append(policy.critic_features(ctx).float().cpu())
+            z.append(critic_state_features(policy, ctx, inputs, features).cpu())
             p.append(inputs["state"].float().cpu())
             samples = []
             for _ in range(num_ref):
@@ -236,8 +241,13 @@ class ImproveConfig:
     critic_steps: int = 2000
     critic_batch: int = 256
     critic_lr: float = 3e-4
-    reg_weight: float = 1.0
+    reg_weight: float = 0.1  # Cal-QL w: 0.1 ranks held-out outcomes far better than 1 on push (docs/results_critic.md)
     num_ref: int = 4
+    critic_features: str = "rl-token"  # rl-token (policy.critic_features) / pooled, see critic_trainer.features
+    per_layer_injection: bool = True  # A into every critic layer (False: first layer only)
+    critic_layer_norm: bool = False  # LayerNorm on the critic's hidden activations
+    critic_dropout: float = 0.0
+    holdout: float = 0.0  # fraction of episodes held out of critic training: critic evaluation + actor early stop
     # actor
     actor_steps: int = 300
     actor_batch: int = 64
@@ -249,6 +259,11 @@ class ImproveConfig:
     project: bool = True
     clip_grad: bool = True
     keep_best: bool = True
+    lcb_beta: float = 1.0  # aggregate "lcb" = mean - lcb_beta * std over the ensemble
+    max_shift: float | None = None  # trust region: RMS bound on A_Q - A_base per critic coordinate (normalised)
+    trust_origin: str = "base"  # centre of the trust region: base (A_base per step) / reference (its own sample)
+    actor_eval_every: int = 0  # > 0: every N actor steps measure the held-out LCB Q of the actor's own actions,
+    actor_patience: int = 3  # keep the best actor by it and stop after `actor_patience` checks without a gain
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     dql_eta: float = 1.0
@@ -268,12 +283,23 @@ class ImproveConfig:
             raise ValueError(f"unknown critic objective {self.critic_objective!r} (calql / cql / iql)")
         if self.ensemble < 1 or self.n_exec < 1 or self.num_steps < 1 or self.actor_steps < 0 or self.critic_steps < 0:
             raise ValueError("ensemble, n_exec, num_steps must be >= 1 and step counts >= 0")
+        if self.critic_features not in CRITIC_FEATURES:
+            raise ValueError(f"unknown critic features {self.critic_features!r} (rl-token / pooled)")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
+        if self.trust_origin not in ("base", "reference"):
+            raise ValueError(f"unknown trust origin {self.trust_origin!r} (base / reference)")
+        if self.max_shift is not None and self.max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+        if self.actor_eval_every < 0 or self.actor_patience < 1:
+            raise ValueError("actor_eval_every must be >= 0 and actor_patience >= 1")
 
     def qvgm(self) -> QVGMConfig:
         return QVGMConfig(n_exec=self.n_exec, num_steps=self.num_steps, ascent_steps=self.ascent_steps,
                           ascent_lr=self.ascent_lr, clip_grad=self.clip_grad, project=self.project,
-                          keep_best=self.keep_best, gate=self.gate, gate_last_m=self.gate_last_m,
-                          anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
+                          keep_best=self.keep_best, max_shift=self.max_shift, trust_origin=self.trust_origin,
+                          gate=self.gate,
+                          gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
 
 
 class ScalarLog:
@@ -313,12 +339,48 @@ class ScalarLog:
 def build_critic(policy: FlowPolicyBase, features: FeatureCache, cfg: ImproveConfig) -> QEnsemble:
     return QEnsemble(CriticConfig(feature_dim=features["z_rl"].shape[1], proprio_dim=features["proprio"].shape[1],
                                   n_exec=cfg.n_exec, real_action_dim=policy.real_action_dim, num_q=cfg.ensemble,
-                                  hidden=tuple(cfg.critic_hidden)))
+                                  hidden=tuple(cfg.critic_hidden), per_layer_injection=cfg.per_layer_injection,
+                                  layer_norm=cfg.critic_layer_norm, dropout=cfg.critic_dropout))
+
+
+def subset_transitions(tr: ChunkTransitions, keep: np.ndarray) -> ChunkTransitions:
+    """The transitions where the bool mask keep [M] is True (frame rows unchanged)."""
+    return ChunkTransitions(**{k: getattr(tr, k)[keep] for k in ("index", "next_index", "actions", "rewards", "done",
+                                                                  "n_steps", "mc_return")})
+
+
+def holdout_episodes(buf: BufferData, frac: float, seed: int = 0) -> np.ndarray:
+    """Episode ids held out (critic evaluation, actor early stopping): a seeded `frac` of the buffer's episodes,
+    at least one successful and one failed episode when frac > 0 and both exist (stratified by outcome)."""
+    if frac <= 0:
+        return np.zeros(0, dtype=buf.episode.dtype)
+    rng = np.random.default_rng(seed + 31)
+    out = []
+    ok = set(np.unique(buf.episode[buf.success]).tolist())
+    for group in ([e for e in np.unique(buf.episode) if e in ok], [e for e in np.unique(buf.episode) if e not in ok]):
+        if len(group) >= 2:
+            k = min(len(group) - 1, max(1, round(frac * len(group))))
+            out += rng.choice(group, size=k, replace=False).tolist()
+    return np.asarray(sorted(out), dtype=buf.episode.dtype)
+
+
+def split_transitions(buf: BufferData, tr: ChunkTransitions,
+                      held: np.ndarray) -> tuple[ChunkTransitions, ChunkTransitions | None]:
+    """(training transitions, held-out transitions or None) by the episode of each transition's first frame."""
+    if held.size == 0:
+        return tr, None
+    mask = np.isin(buf.episode[tr.index], held)
+    return subset_transitions(tr, ~mask), subset_transitions(tr, mask)
 
 
 def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: ChunkTransitions, cfg: ImproveConfig,
-                 log: ScalarLog | None = None, progress: bool = False) -> tuple[QEnsemble, dict[str, Any]]:
-    """Fit the critic ensemble on cached features; returns (critic in eval mode, {fit metrics, evaluation})."""
+                 log: ScalarLog | None = None, progress: bool = False,
+                 heldout: ChunkTransitions | None = None) -> tuple[QEnsemble, dict[str, Any]]:
+    """Fit the critic ensemble on cached features; returns (critic in eval mode, {fit metrics, evaluation}).
+
+    heldout: transitions of episodes the critic never trains on; their evaluation is reported as "heldout"
+    (MC-return correlation, calibration) next to "eval" on the training transitions.
+    """
     torch.manual_seed(cfg.seed)
     critic = build_critic(policy, features, cfg)
     check_training_data(critic, transitions)
@@ -341,9 +403,15 @@ def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: Ch
         bar.close()
     critic.eval().requires_grad_(False)
     ev = evaluate_critic(critic, features, transitions)
+    out: dict[str, Any] = {"final": last, "eval": ev, "features": cfg.critic_features}
     if log is not None:
         log.log("critic_eval", cfg.critic_steps, ev)
-    return critic, {"final": last, "eval": ev}
+    if heldout is not None and len(heldout):
+        out["heldout"] = evaluate_critic(critic, features, heldout)
+        out["heldout_transitions"] = len(heldout)
+        if log is not None:
+            log.log("critic_heldout", cfg.critic_steps, out["heldout"])
+    return critic, out
 
 
 def save_critic(critic: QEnsemble, directory: Path, extra: dict[str, Any] | None = None) -> None:
@@ -375,16 +443,29 @@ def _rows_z(features: FeatureCache, rows: np.ndarray) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def policy_q(policy: FlowPolicyBase, inputs: dict[str, torch.Tensor], critic: QEnsemble, features: FeatureCache,
-             rows: np.ndarray, cfg: ImproveConfig, seed: int = 1234) -> float:
-    """Mean ensemble-mean Q of the policy's own chunks at buffer frames `rows` (fixed noise: comparable)."""
+def policy_q_stats(policy: FlowPolicyBase, inputs: dict[str, torch.Tensor], critic: QEnsemble,
+                   features: FeatureCache, rows: np.ndarray, cfg: ImproveConfig, seed: int = 1234) -> dict[str, float]:
+    """Critic statistics of the policy's own chunks at buffer frames `rows` (fixed noise: comparable over calls).
+
+    Returns mean (ensemble-mean Q), lcb (mean of ensemble mean - cfg.lcb_beta * std), std (ensemble std).
+    """
+    was_training = policy.training
     policy.eval()
     gen = torch.Generator().manual_seed(seed)
     z, p = _rows_z(features, rows)
     ctx = policy.encode(batch_inputs(inputs, torch.as_tensor(rows), policy.device))
     eps = torch.randn(len(rows), policy.horizon, policy.action_dim, generator=gen)
     chunk = policy.sample(ctx, num_steps=cfg.num_steps, noise=eps)
-    return float(critic(z, p, critic_action(chunk, cfg.n_exec, policy.real_action_dim)).mean())
+    q = critic(z, p, critic_action(chunk, cfg.n_exec, policy.real_action_dim).cpu())  # [N, B]
+    std = q.std(0, correction=0)
+    policy.train(was_training)
+    return {"mean": float(q.mean()), "lcb": float((q.mean(0) - cfg.lcb_beta * std).mean()), "std": float(std.mean())}
+
+
+def policy_q(policy: FlowPolicyBase, inputs: dict[str, torch.Tensor], critic: QEnsemble, features: FeatureCache,
+             rows: np.ndarray, cfg: ImproveConfig, seed: int = 1234) -> float:
+    """Mean ensemble-mean Q of the policy's own chunks at buffer frames `rows` (fixed noise: comparable)."""
+    return policy_q_stats(policy, inputs, critic, features, rows, cfg, seed)["mean"]
 
 
 class DifferentiableSampler:
@@ -415,9 +496,15 @@ class DifferentiableSampler:
 
 def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, critic: QEnsemble | None,
                 features: FeatureCache | None, log: ScalarLog | None = None,
-                progress: bool = False) -> tuple[FlowPolicyBase, dict[str, Any]]:
+                progress: bool = False,
+                heldout_rows: np.ndarray | None = None) -> tuple[FlowPolicyBase, dict[str, Any]]:
     """Train a copy of `policy` by cfg.method (the input stays untouched, the reference is a frozen copy).
 
+    Early stopping (cfg.actor_eval_every > 0, critic methods): every N steps the LCB Q (ensemble mean -
+    lcb_beta * std) of the actor's own chunks is measured at held-out frames (`heldout_rows`, e.g. frames of
+    episodes the critic never saw; default: 256 seeded frames removed from the actor's training pool); the actor
+    with the best value (the input policy counts as step 0) is returned, and training stops after
+    cfg.actor_patience checks without a gain. Exploiting the critic raises its mean Q but not its LCB.
     Returns (actor in eval mode, summary). Raises FloatingPointError on a non-finite loss (nothing to publish).
     """
     torch.manual_seed(cfg.seed + 7)
@@ -442,6 +529,22 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
     summary: dict[str, Any] = {}
     if critic is not None and features is not None:
         summary["q_policy_before"] = policy_q(reference, inputs, critic, features, eval_rows, cfg)
+    stop_rows = None
+    if cfg.actor_eval_every > 0 and critic is not None and features is not None:
+        if heldout_rows is not None and len(heldout_rows):
+            stop_rows = np.random.default_rng(cfg.seed + 98).choice(
+                heldout_rows, size=min(256, len(heldout_rows)), replace=False)
+        else:
+            stop_rows = eval_rows
+        pool = np.setdiff1d(pool, stop_rows)
+        if pool.size == 0:
+            raise ValueError("early stopping left no frames to train the actor on")
+    best = None
+    if stop_rows is not None:
+        assert critic is not None and features is not None
+        s0 = policy_q_stats(reference, inputs, critic, features, stop_rows, cfg, seed=4321)
+        best = {"step": 0, "lcb": s0["lcb"], "state": copy.deepcopy(actor.state_dict()), "since": 0}
+        summary["early_stop"] = {"curve": [{"step": 0, **s0}], "heldout_frames": int(len(stop_rows))}
     history: list[dict[str, float]] = []
     bar = tqdm(range(cfg.actor_steps), desc=f"actor {cfg.method}", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -453,7 +556,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
             q_fn = None
             if critic is not None and features is not None:
                 z, p = _rows_z(features, rows)
-                q_fn = bind_critic(critic, z.to(dev), p.to(dev), how=cfg.aggregate)
+                q_fn = bind_critic(critic, z.to(dev), p.to(dev), how=cfg.aggregate, lcb_beta=cfg.lcb_beta)
             actor.train()
             if cfg.method == "qvgm":
                 assert q_fn is not None
@@ -488,8 +591,24 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                 if log is not None:
                     log.log(f"actor_{cfg.method}", step + 1, m)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
+            if best is not None and (step + 1) % cfg.actor_eval_every == 0:
+                assert critic is not None and features is not None and stop_rows is not None
+                st = policy_q_stats(actor, inputs, critic, features, stop_rows, cfg, seed=4321)
+                summary["early_stop"]["curve"].append({"step": step + 1, **st})
+                if log is not None:
+                    log.log("actor_heldout", step + 1, st)
+                if st["lcb"] > best["lcb"]:
+                    best = {"step": step + 1, "lcb": st["lcb"], "state": copy.deepcopy(actor.state_dict()), "since": 0}
+                else:
+                    best["since"] += 1
+                    if best["since"] >= cfg.actor_patience:
+                        break
     finally:
         bar.close()
+    if best is not None:
+        actor.load_state_dict(best["state"])
+        summary["early_stop"].update(best_step=best["step"], best_lcb=best["lcb"], steps_run=len(history),
+                                     stopped_early=len(history) < cfg.actor_steps)
     actor.eval().requires_grad_(False)
     summary["actor_wall_s"] = round(time.perf_counter() - t0, 2)
     if history:
@@ -503,6 +622,8 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
         a_new = actor.sample(actor.encode(b_in), num_steps=cfg.num_steps, noise=eps)
         a_ref = reference.sample(reference.encode(b_in), num_steps=cfg.num_steps, noise=eps)
         summary["action_shift"] = float((a_new - a_ref)[..., : actor.real_action_dim].abs().mean())
+        d = critic_action(a_new - a_ref, cfg.n_exec, actor.real_action_dim)
+        summary["action_shift_rms_critic"] = float(d.pow(2).mean(-1).sqrt().mean())  # compare with max_shift
     if critic is not None and features is not None:
         summary["q_policy_after"] = policy_q(actor, inputs, critic, features, eval_rows, cfg)
         if log is not None:
@@ -525,7 +646,7 @@ def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: P
                                "successful_episodes": int(len(np.unique(buf.episode[buf.success]))),
                                "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
     try:
-        features = None
+        features, heldout_rows = None, None
         if cfg.method in CRITIC_METHODS:
             check_outcomes(buf)
             tr = buffer_transitions(policy, buf, cfg.n_exec, cfg.gamma)
@@ -533,21 +654,37 @@ def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: P
             if cache_dir is None:
                 raise ValueError("a critic method needs a feature cache directory (work or cache_dir)")
             features, rebuilt = extract_features(policy, buf, cache_dir, cfg.n_exec, num_ref=cfg.num_ref,
-                                                 num_steps=cfg.num_steps, seed=cfg.seed, progress=progress)
-            summary["features"] = {"path": str(cache_dir), "rebuilt": rebuilt is not None, "key": features.key}
+                                                 num_steps=cfg.num_steps, seed=cfg.seed, progress=progress,
+                                                 features=cfg.critic_features)
+            summary["features"] = {"path": str(cache_dir), "rebuilt": rebuilt is not None, "key": features.key,
+                                   "kind": resolve_critic_features(policy, cfg.critic_features)}
             summary["transitions"] = len(tr)
+            held = holdout_episodes(buf, cfg.holdout, cfg.seed)
+            tr_fit, tr_held = split_transitions(buf, tr, held)
+            if held.size:
+                summary["heldout_episodes"] = held.tolist()
+                heldout_rows = np.flatnonzero(np.isin(buf.episode, held))
             if critic is None:
-                critic, cinfo = train_critic(policy, features, tr, cfg, log=log, progress=progress)
+                critic, cinfo = train_critic(policy, features, tr_fit, cfg, log=log, progress=progress,
+                                             heldout=tr_held)
                 summary["critic"] = cinfo
             else:
                 check_training_data(critic, tr)
                 summary["critic"] = {"reused": True, "eval": evaluate_critic(critic, features, tr)}
-        actor, ainfo = train_actor(policy, buf, cfg, critic, features, log=log, progress=progress)
+        actor, ainfo = train_actor(policy, buf, cfg, critic, features, log=log, progress=progress,
+                                   heldout_rows=heldout_rows)
         summary["actor"] = ainfo
     finally:
         log.close()
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return actor, critic, summary
+
+
+def _critic_meta(summary: dict[str, Any]) -> dict[str, Any]:
+    """critic.json extras: which state features the critic reads (test-time wrappers must compute the same)."""
+    cfg = summary.get("config") or {}
+    return {"features": cfg.get("critic_features", "rl-token"), "aggregate": cfg.get("aggregate", "mean"),
+            "lcb_beta": cfg.get("lcb_beta", 1.0)}
 
 
 def publish(actor: FlowPolicyBase, critic: QEnsemble | None, summary: dict[str, Any], init_dir: Path,
@@ -567,7 +704,7 @@ def publish(actor: FlowPolicyBase, critic: QEnsemble | None, summary: dict[str, 
         with atomic_directory(Path(out)) as tmp:
             write_policy_files(actor, tmp)
             if critic is not None:
-                save_critic(critic, tmp)
+                save_critic(critic, tmp, _critic_meta(summary))
             return write_manifest(tmp, version or f"{parent_manifest.get('version')}+{summary['method']}",
                                   parent_manifest.get("version"), summary)
     st = CheckpointStore(store)
@@ -578,7 +715,7 @@ def publish(actor: FlowPolicyBase, critic: QEnsemble | None, summary: dict[str, 
     with st.writing(parent=parent, summary=summary) as staged:
         write_policy_files(actor, staged.path)
         if critic is not None:
-            save_critic(critic, staged.path)
+            save_critic(critic, staged.path, _critic_meta(summary))
     return staged.manifest
 
 
@@ -587,9 +724,9 @@ class BestOfNPolicy:
     """Test-time best-of-N: sample n chunks from `policy`, execute the one with the highest aggregated Q."""
 
     def __init__(self, policy: FlowPolicyBase, critic: QEnsemble, n: int = 8, n_exec: int = 5,
-                 aggregate: str = "mean", num_steps: int = 10) -> None:
+                 aggregate: str = "mean", num_steps: int = 10, features: str = "rl-token") -> None:
         self.policy, self.critic, self.n, self.n_exec = policy, critic, n, n_exec
-        self.aggregate, self.num_steps = aggregate, num_steps
+        self.aggregate, self.num_steps, self.features = aggregate, num_steps, features
         self.horizon, self.action_dim, self.real_action_dim = policy.horizon, policy.action_dim, policy.real_action_dim
         self.version = f"{getattr(policy, 'version', '?')}+best-of-{n}"
 
@@ -598,7 +735,8 @@ class BestOfNPolicy:
         """Observations -> chunks in robot units [B, H, real]; noise optional [n, B, H, D]."""
         inputs = self.policy.preprocess(observations)
         ctx = self.policy.encode(inputs)
-        q_fn = bind_critic(self.critic, self.policy.critic_features(ctx), inputs["state"], how=self.aggregate)
+        q_fn = bind_critic(self.critic, critic_state_features(self.policy, ctx, inputs, self.features),
+                               inputs["state"], how=self.aggregate)
         chunk, _ = best_of_n(self.policy, ctx, q_fn, self.n, self.n_exec, self.num_steps, noise=noise)
         return self.policy.postprocess(chunk)
 
@@ -607,9 +745,9 @@ class QGuidedPolicy:
     """Test-time Q-gradient guidance on every sampling step; the policy's weights are unchanged."""
 
     def __init__(self, policy: FlowPolicyBase, critic: QEnsemble, scale: float = 0.5, n_exec: int = 5,
-                 aggregate: str = "mean", num_steps: int = 10) -> None:
+                 aggregate: str = "mean", num_steps: int = 10, features: str = "rl-token") -> None:
         self.policy, self.critic, self.scale, self.n_exec = policy, critic, scale, n_exec
-        self.aggregate, self.num_steps = aggregate, num_steps
+        self.aggregate, self.num_steps, self.features = aggregate, num_steps, features
         self.horizon, self.action_dim, self.real_action_dim = policy.horizon, policy.action_dim, policy.real_action_dim
         self.version = f"{getattr(policy, 'version', '?')}+qguided-{scale}"
 
@@ -618,7 +756,8 @@ class QGuidedPolicy:
         with torch.no_grad():
             inputs = self.policy.preprocess(observations)
             ctx = self.policy.encode(inputs)
-            q_fn = bind_critic(self.critic, self.policy.critic_features(ctx), inputs["state"], how=self.aggregate)
+            q_fn = bind_critic(self.critic, critic_state_features(self.policy, ctx, inputs, self.features),
+                               inputs["state"], how=self.aggregate)
         b = inputs["state"].shape[0]
         if noise is None:
             noise = torch.randn(b, self.horizon, self.action_dim, device=self.policy.device)
@@ -761,11 +900,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-projection", action="store_true")
     p.add_argument("--no-clipping", action="store_true")
     p.add_argument("--no-keep-best", action="store_true")
+    p.add_argument("--critic-features", default="rl-token", choices=list(CRITIC_FEATURES),
+                   help="critic state: the policy's RL token (state backbone: encoder embedding) or pooled features "
+                        "(pi05: mean of the prefix embeddings; state: raw normalised state + privileged)")
+    p.add_argument("--no-per-layer-injection", action="store_true", help="critic action into the first layer only")
+    p.add_argument("--lcb-beta", type=float, default=1.0, help="--aggregate lcb: mean - beta * std")
+    p.add_argument("--max-shift", type=float, default=None,
+                   help="trust region: RMS bound on A_Q - A_base per critic coordinate (normalised units)")
+    p.add_argument("--trust-origin", default="base", choices=["base", "reference"],
+                   help="--max-shift around A_base at each step or around the reference policy's own sample")
+    p.add_argument("--critic-layer-norm", action="store_true", help="LayerNorm on the critic's hidden layers")
+    p.add_argument("--critic-dropout", type=float, default=0.0)
+    p.add_argument("--gamma", type=float, default=0.99, help="discount per control step")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of episodes held out of critic training (critic evaluation, actor early stop)")
+    p.add_argument("--actor-eval-every", type=int, default=0,
+                   help="early stopping: every N actor steps, held-out LCB Q of the actor's actions (0: off)")
+    p.add_argument("--actor-patience", type=int, default=3)
     p.add_argument("--n-exec", type=int, default=5, help="executed steps per chunk (critic action length)")
     p.add_argument("--critic-steps", type=int, default=2000)
     p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--critic-batch", type=int, default=256)
-    p.add_argument("--reg-weight", type=float, default=1.0, help="w of the Cal-QL / CQL term")
+    p.add_argument("--reg-weight", type=float, default=0.1,
+                   help="w of the Cal-QL / CQL term (0.1: see docs/results_critic.md)")
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
     p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
@@ -793,7 +950,12 @@ def run(args: argparse.Namespace) -> int:
                         actor_steps=args.actor_steps, actor_lr=args.actor_lr,
                         gate=args.gate, gate_last_m=args.gate_m, ascent_steps=args.ascent_steps,
                         ascent_lr=args.ascent_lr, project=not args.no_projection, clip_grad=not args.no_clipping,
-                        keep_best=not args.no_keep_best, bc_weight=args.bc_weight)
+                        keep_best=not args.no_keep_best, bc_weight=args.bc_weight,
+                        critic_features=args.critic_features, per_layer_injection=not args.no_per_layer_injection,
+                        lcb_beta=args.lcb_beta, max_shift=args.max_shift, trust_origin=args.trust_origin,
+                        critic_layer_norm=args.critic_layer_norm,
+                        critic_dropout=args.critic_dropout, gamma=args.gamma, holdout=args.holdout,
+                        actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience)
     policy = load_policy(args.policy)
     backbone = policy.config.backbone
     buf = load_buffer(args.dataset, policy.horizon, with_images=backbone != "state")

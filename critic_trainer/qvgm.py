@@ -47,6 +47,12 @@ class QVGMConfig:
     grad_clip: float = 1.0
     project: bool = True  # safeguard: project ascent iterates to [-1, 1]
     keep_best: bool = True  # safeguard: keep the best iterate by Q (A_base if no step helps)
+    max_shift: float | None = None  # safeguard (trust region): RMS per-coordinate bound on A_Q - origin, normalised
+    # origin of the trust region: "base" = A_base at the actor's own x_k (per step); "reference" = the frozen
+    # reference policy's final sample from the SAME noise. With a late-step gate of M steps, per-step targets
+    # compound along the chain (each gated step starts from the already-shifted x_k), so the actor's output can
+    # drift up to ~M times max_shift from the reference; "reference" bounds the drift of the output itself.
+    trust_origin: Literal["base", "reference"] = "base"
     gate: Literal["last_m", "smooth"] = "last_m"
     gate_last_m: int = 5  # last M of K steps (t_k <= M/K) get m_k = 1
     gate_power: float = 2.0  # smooth gate m_k = (1 - t_k)^p = tau_k^p: late, low-noise steps weigh most
@@ -79,13 +85,22 @@ def bind_critic(critic: QEnsemble, z: torch.Tensor, p: torch.Tensor | None, how:
     return q_fn
 
 
-def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig,
+             origin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """J ascent steps on Q from a_base [B, (S,) A] -> (A_Q like a_base, detached; Q gain [B, (S)] >= 0 if keep-best).
 
     A <- proj_[-1,1](A + alpha * clip(grad_A Q(A))); one critic forward per iterate serves both the keep-best
-    bookkeeping and the next gradient (J + 1 forwards, J backwards).
+    bookkeeping and the next gradient (J + 1 forwards, J backwards). With cfg.max_shift every iterate is then
+    pulled back toward a_base onto the trust region sqrt(mean_j (A_j - A_base_j)^2) <= max_shift (normalised
+    units, mean over the critic coordinates): the ascent stays near the reference policy's support. `origin`
+    (broadcastable to a_base) replaces a_base as the centre of that region; the start is then projected into it
+    too, so even "no step helps" returns a point inside the region.
     """
     a = a_base.detach()
+    if origin is None:
+        origin = a
+    elif cfg.max_shift is not None:
+        a = trust_region(a, origin.detach(), cfg.max_shift)
     best_a, best_q, q_base = a, None, None
     for j in range(cfg.ascent_steps + 1):
         last = j == cfg.ascent_steps
@@ -111,8 +126,23 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig) -> tuple[to
         a = a + cfg.ascent_lr * grad
         if cfg.project:
             a = a.clamp(-1.0, 1.0)
+        if cfg.max_shift is not None:
+            a = trust_region(a, origin, cfg.max_shift)
     assert best_q is not None and q_base is not None
     return best_a.detach(), best_q - q_base
+
+
+def trust_region(a: torch.Tensor, origin: torch.Tensor, max_shift: float) -> torch.Tensor:
+    """Scale a - origin ([..., A]) down so that its RMS over the last dim is <= max_shift (normalised units).
+
+    A convex combination of a and origin: if both lie in [-1, 1] the result does too.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    d = a - origin
+    rms = d.pow(2).mean(-1, keepdim=True).sqrt()
+    scale = (max_shift / rms.clamp_min(1e-12)).clamp(max=1.0)
+    return origin + d * scale
 
 
 def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -139,9 +169,16 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     noise: optional [B, H, D] starting noise (t = 1). bc_inputs/bc_actions: optional buffer batch for the BC term.
     """
     n, r = cfg.n_exec, actor.real_action_dim
+    if cfg.trust_origin not in ("base", "reference"):
+        raise ValueError(f"unknown trust_origin {cfg.trust_origin!r} (base / reference)")
     # 1. roll out the current actor without gradient, keeping every (x_k, t_k)
     with torch.no_grad():
         _, path = actor.sample(actor_context, num_steps=cfg.num_steps, noise=noise, return_path=True)
+    origin = None
+    if cfg.max_shift is not None and cfg.trust_origin == "reference":
+        with torch.no_grad():  # the reference's own sample from the same noise (path.x[0]): the region's centre
+            origin = reference.sample(reference_context, num_steps=cfg.num_steps, noise=path.x[0])
+        origin = origin[:, :n, :r].flatten(1)
     xs, ts = path.x[:-1], path.t[:-1]  # K states at t_k = 1, ..., 1/K (t = 0 is the output, never evaluated)
     gate = gate_weights(ts, cfg)
     gate_list = gate.tolist()  # host copy for the branch below
@@ -156,7 +193,8 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     a_q, gain = a_base.clone(), torch.zeros(a_base.shape[:2], dtype=a_base.dtype, device=a_base.device)
     gated = [k for k in range(cfg.num_steps) if gate_list[k] > 0]
     if gated:
-        improved, g = q_ascent(q_fn, a_base[gated].transpose(0, 1), cfg)  # [B, M, n*r]
+        improved, g = q_ascent(q_fn, a_base[gated].transpose(0, 1), cfg,
+                               origin=None if origin is None else origin[:, None, :])  # [B, M, n*r]
         a_q[gated], gain[gated] = improved.transpose(0, 1), g.transpose(0, 1)
     # 4. residual velocity targets (openpi convention: t_k is the noise level, >= 1/K here)
     h = cfg.h_sign * residual_target(a_q, a_base, ts[:, None, None])  # [K, B, n*r]
