@@ -241,7 +241,7 @@ class ImproveConfig:
     critic_steps: int = 2000
     critic_batch: int = 256
     critic_lr: float = 3e-4
-    reg_weight: float = 0.1  # Cal-QL w: 0.1 ranks held-out outcomes far better than 1 on push (docs/results_critic.md)
+    reg_weight: float = 0.1  # Cal-QL w: 0.1 ranks held-out outcomes far better than 1 on push (docs/RESULTS.md, critic quality)
     num_ref: int = 4
     critic_features: str = "rl-token"  # rl-token (policy.critic_features) / pooled, see critic_trainer.features
     per_layer_injection: bool = True  # A into every critic layer (False: first layer only)
@@ -922,7 +922,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--critic-batch", type=int, default=256)
     p.add_argument("--reg-weight", type=float, default=0.1,
-                   help="w of the Cal-QL / CQL term (0.1: see docs/results_critic.md)")
+                   help="w of the Cal-QL / CQL term (0.1: see docs/RESULTS.md, critic quality)")
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
     p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")

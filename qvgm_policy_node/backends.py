@@ -183,7 +183,7 @@ class StoreFlowBackend:
     most min(this, 2 chunk intervals; default 0.25) before load and before the dry run for the next chunk
     boundary, `note_boundary()`; 0 disables), reload_nice
     (niceness added to the loader thread; default 0: a niced loader thread that the OS deschedules while it
-    holds the GIL stalls the control thread -- measured, docs/results_reload30.md).
+    holds the GIL stalls the control thread -- measured, docs/RESULTS.md).
 
     Keeping the control loop on time during a reload: the files are hashed once (load_policy reuses the manifest
     the reloader verified), the dry run pre-warms the new model on the loader thread (its first inference and
