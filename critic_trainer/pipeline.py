@@ -241,7 +241,7 @@ class ImproveConfig:
     critic_steps: int = 2000
     critic_batch: int = 256
     critic_lr: float = 3e-4
-    reg_weight: float = 0.1  # Cal-QL w: 0.1 ranks held-out outcomes far better than 1 on push (docs/RESULTS.md, critic quality)
+    reg_weight: float = 0.1  # Cal-QL w: 0.1 ranks held-out outcomes far better than 1 on push (docs/RESULTS.md)
     num_ref: int = 4
     critic_features: str = "rl-token"  # rl-token (policy.critic_features) / pooled, see critic_trainer.features
     per_layer_injection: bool = True  # A into every critic layer (False: first layer only)
