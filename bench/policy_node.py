@@ -104,10 +104,15 @@ class Publisher:
         version, t = self.proc.stdout.readline().split()
         return version, float(t)
 
-    def close(self) -> None:
+    def close(self, spin: Callable[[], None] | None = None, timeout: float = 30.0) -> None:
+        """Stop the publisher, calling `spin()` while it exits (a blocking wait stalled the graph for ~0.3 s
+        between windows and showed up as one stale-state hold in the next window)."""
         if self.proc.stdin is not None:
             self.proc.stdin.close()
-        self.proc.wait(30)
+        deadline = time.monotonic() + timeout
+        while spin is not None and self.proc.poll() is None and time.monotonic() < deadline:
+            spin()
+        self.proc.wait(max(0.0, deadline - time.monotonic()))
 
 
 def serve_publisher(root: str, horizon: int, hidden: int) -> None:
@@ -198,7 +203,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         out["control_publishing_without_reload"] = {
             **window_counts(node, before), "load_avg_1min": round(os.getloadavg()[0], 2),
             "sim_tick_gaps": tick_gaps(simn.tick_times, t0, time.monotonic(), 1.0 / js_hz)}
-        pub.close()
+        pub.close(g.spin_once)
 
         before = window_counts(node)
         hot: list[float] = []
@@ -258,7 +263,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     proc.kill()
                     proc.wait()
             g.spin_for(0.5)
-        pub.close()
+        pub.close(g.spin_once)
         if not restarts:  # --restarts 0: hot reload only
             return out
         med_hot, med_restart = float(np.median(hot)), float(np.median(restarts))
