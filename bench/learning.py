@@ -64,7 +64,8 @@ SFT_DEFAULTS: dict[str, dict[str, Any]] = {
     "stack": {"demos": 200, "demo_noise": 0.01, "sft_steps": 6000, "state_flags": _TABLETOP_FLAGS, "ema": 0.0,
               "success_only": True},
 }
-FALLBACK_SFT = {"demos": 20, "demo_noise": 0.01, "sft_steps": 3000, "state_flags": {}, "ema": 0.0}
+# any other task / --env-spec env: the benchmark's earlier defaults, no tabletop flags
+FALLBACK_SFT = {"demos": 5, "demo_noise": 0.01, "sft_steps": 1000, "state_flags": {}, "ema": 0.0}
 
 
 def parse_flags(items: list[str] | None) -> dict[str, Any] | None:
@@ -107,21 +108,64 @@ def demo_seeds(s: int, n: int) -> list[int]:
     return [DEMO0 + 1000 * s + k for k in range(n)]
 
 
-def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Path, st: dict[str, Any]):
-    """Record n noisy demos and SFT a `state` policy on them (steps, config flags and EMA from `st`, see
-    sft_settings); returns (policy, checkpoint dir, info)."""
+_GYM_ENVS: dict[tuple[str, Any], Any] = {}
+
+
+def gym_env(args: argparse.Namespace) -> dict[str, Any]:
+    """{"env": the --env-spec env (qvgm.envs.GymEnvAdapter, one per run)} or {} for the built-in TabletopEnv."""
+    if getattr(args, "env_spec", None) is None:
+        return {}
+    key = (str(args.env_spec), args.max_episode_steps)
+    if key not in _GYM_ENVS:
+        from qvgm.envs import load_env_spec
+
+        _GYM_ENVS[key] = load_env_spec(args.env_spec).make(max_episode_steps=args.max_episode_steps)
+    return {"env": _GYM_ENVS[key]}
+
+
+def spec_policy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The --env-spec's `policy` config overrides for SFT ({} for the built-in sim)."""
+    if getattr(args, "env_spec", None) is None:
+        return {}
+    from qvgm.envs import load_env_spec
+
+    return dict(load_env_spec(args.env_spec).policy)
+
+
+def record_demos(task: str, n_demos: int, noise: float, seed: int, root: Path,
+                 args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Demos for SFT -> (dataset dir, collection summary): the sim's noisy expert, the --env-spec expert, or the
+    first n_demos episodes of the --env-spec demo dataset (seeds unknown: [])."""
+    if getattr(args, "env_spec", None) is None:
+        return root, collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=False)
+    from critic_trainer.env_demos import collect_env_demos
+    from qvgm.envs import load_env_spec
+
+    spec = load_env_spec(args.env_spec)
+    if spec.dataset_path() is not None:
+        return spec.dataset_path(), {"seeds": [], "successes": None, "dataset": str(spec.dataset_path())}
+    return root, collect_env_demos(spec, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=False,
+                                   max_episode_steps=args.max_episode_steps)
+
+
+def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Path, args: argparse.Namespace,
+                     st: dict[str, Any]):
+    """Record n noisy demos and SFT a `state` policy on them (steps, config flags, EMA and success-only from `st`,
+    see sft_settings); returns (policy, checkpoint dir, info)."""
     t0 = time.perf_counter()
     root = work / f"demos-{task}-s{seed}-n{n_demos}-noise{noise}"
     ck = work / f"sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}{sft_tag(st)}"
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck), ck, {**json.loads(info_path.read_text()), "reused": True}
-    demo = collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=False)
-    data = load_demo_data([root], 10, with_images=False, success_only=st.get("success_only", False))
+    root, demo = record_demos(task, n_demos, noise, seed, root, args)
+    data = load_demo_data([root], 10, with_images=False, max_episodes=n_demos,
+                          success_only=st.get("success_only", False))
     cfg = SFTConfig(datasets=[str(root)], config="state", out=str(ck), steps=st["sft_steps"], seed=seed,
                     batch_size=64, lr=1e-3, checkpoint_every=st["sft_steps"], version=f"sft-{task}-s{seed}",
                     overrides=dict(st["state_flags"]), ema_decay=st["ema"],
                     success_only=st.get("success_only", False))
+    cfg.overrides.update(spec_policy_overrides(args))
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
             "sft_steps": st["sft_steps"], "state_flags": st["state_flags"], "ema": st["ema"],
@@ -138,8 +182,9 @@ def calibrate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         st = sft_settings(task, args)
         for n in st["demos"]:
             for noise in st["demo_noise"]:
-                pol, _, info = train_sft_policy(task, n, noise, 0, work, st)
-                r = P.evaluate(pol, task, tune, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps)
+                pol, _, info = train_sft_policy(task, n, noise, 0, work, args, st)
+                r = P.evaluate(pol, task, tune, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
+                               **gym_env(args))
                 rows.append({"task": task, "demos": n, "noise": noise, "sft": info, "tuning": r})
                 print(json.dumps({"task": task, "demos": n, "noise": noise, "rate": r["success_rate"],
                                   "ci95": r["ci95"], "sft_s": info["wall_s"], "eval_s": r["wall_s"]}), flush=True)
@@ -150,7 +195,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     """One training seed of one task: SFT, buffer, critic, every method, evaluation."""
     torch.manual_seed(s)
     st = sft_settings(task, args)
-    sft, sft_dir, sft_info = train_sft_policy(task, st["demos"][0], st["demo_noise"][0], s, work, st)
+    sft, sft_dir, sft_info = train_sft_policy(task, st["demos"][0], st["demo_noise"][0], s, work, args, st)
     roll_seeds = [ROLL0 + 1000 * s + k for k in range(args.rollouts)]
     assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))  # held out from training
     buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}"
@@ -158,7 +203,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
     else:
         roll = P.collect_rollouts(sft, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
-                                  max_episode_steps=args.max_episode_steps)
+                                  max_episode_steps=args.max_episode_steps, **gym_env(args))
         (buf_dir / "roll_info.json").write_text(json.dumps(roll))
     print(json.dumps({"task": task, "seed": s, "sft": sft_info, "rollouts": {k: v for k, v in roll.items()
                                                                              if k != "seeds"}}), flush=True)
@@ -196,7 +241,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                                        critic=critic if m in P.CRITIC_METHODS else None)
             train = summ["actor"]
         train_s = time.perf_counter() - t1
-        r = P.evaluate(actor, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps)
+        r = P.evaluate(actor, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
+                       **gym_env(args))
         out["methods"][m] = {"success_rate": r["success_rate"], "ci95": r["ci95"], "successes": r["successes"],
                              "episodes": r["episodes"], "train_s": round(train_s, 1), "eval_s": r["wall_s"],
                              "mean_steps": r["mean_steps"],
@@ -211,10 +257,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tier", default="state", choices=["state"], help="only `state` is implemented here")
     ap.add_argument("--tasks", nargs="+", default=["push"])
+    ap.add_argument("--env-spec", type=Path, default=None,
+                    help="env spec YAML/JSON of any Gymnasium env (docs/gym_envs.md) instead of --tasks")
     ap.add_argument("--demos", nargs="+", type=int, default=None,
                     help="N demos (several only with --calibrate; default: SFT_DEFAULTS per task)")
     ap.add_argument("--demo-noise", nargs="+", type=float, default=None,
-                    help="expert noise std (m) (default: SFT_DEFAULTS per task)")
+                    help="expert noise std (m; default: SFT_DEFAULTS per task, else 0.01); with --env-spec a fraction "
+                    "of the action half-range (default: the spec's demos.noise)")
     ap.add_argument("--sft-steps", type=int, default=None, help="default: SFT_DEFAULTS per task")
     ap.add_argument("--state-flags", nargs="*", default=None, metavar="KEY=VALUE",
                     help="StateConfig overrides, e.g. privileged_norm=1 (default: SFT_DEFAULTS per task; none: '')")
@@ -248,6 +297,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.env_spec is not None:
+        from qvgm.envs import load_env_spec
+
+        spec = load_env_spec(args.env_spec)
+        args.tasks = [spec.name]
+        args.demo_noise = args.demo_noise or [float(spec.demos.get("noise", 0.0))]
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="learning_bench_") as tmp:
@@ -275,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = {"mode": "diagnostic (tuning seeds)" if args.on_tuning_seeds else "benchmark",
                       "eval_seeds": f"{seed0}..{seed0 + args.eval_episodes - 1}",
                       "tasks": tasks}
+    while _GYM_ENVS:
+        _GYM_ENVS.popitem()[1].close()
     out = {"bench": "learning", "tier": args.tier, "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()},
            "seed_scheme": {"demos": f"{DEMO0} + 1000*s + k", "tuning": f"{TUNE0} + j",

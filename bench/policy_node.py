@@ -7,13 +7,15 @@ FlowPolicy) + a listener node. Reported per rate:
                        p50 / p99: DDS hop + async scheduling + inference + trim/blend/safety + DDS hop
   inference_ms         backend.infer wall time on the worker thread, p50 / p99
   hot_reload           `--reloads` consecutive publishes into the store while the robot runs:
-                         (the publisher is a separate process at nice +10, standing in for the trainer's machine;
+                         (the publisher is a separate process at nice +10, standing in for the trainer's machine,
+                         and the graph keeps spinning while it publishes;
                          `control_publishing_without_reload` runs the same publisher load into a store the node
                          does not watch, so the machine's own contention can be told apart from reload cost)
                          publish_to_first_chunk_s (store commit returned -> first chunk from the new weights
                          published), missed_chunk_ticks (policy chunks later than one control step past their
                          schedule), sim_tick_gaps (sim control ticks more than 2 periods apart, with a no-reload
-                         baseline window of the same length: the machine's own jitter)
+                         baseline window of the same length: the machine's own jitter); counts are per window,
+                         with the 1-min load average at its end
   restart              the same upgrade done by restarting the node: publish, stop the in-process policy node,
                        start `policy_node` as a new process; publish -> first chunk received from it. ratio =
                        restart / hot reload (median).
@@ -29,10 +31,12 @@ import argparse
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +92,15 @@ class Publisher:
         self.proc.stdin.write(f"{seed}\n")
         self.proc.stdin.flush()
 
-    def result(self) -> tuple[str, float]:
+    def result(self, spin: Callable[[], None] | None = None, timeout: float = 60.0) -> tuple[str, float]:
+        """Wait for the publisher's answer, calling `spin()` meanwhile: the graph keeps running (blocking on the
+        pipe instead would stall the sim and the policy node for the whole publish and count as missed ticks)."""
         assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while spin is not None and not select.select([self.proc.stdout], [], [], 0)[0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("checkpoint publisher did not answer")
+            spin()
         version, t = self.proc.stdout.readline().split()
         return version, float(t)
 
@@ -120,6 +131,16 @@ def tick_gaps(times: list[float], t0: float, t1: float, period: float) -> dict[s
             "max_gap_ms": round(float(gaps.max()) * 1e3, 2) if len(gaps) else None}
 
 
+WINDOW_STATS = {"missed_chunk_ticks": "missed_ticks", "late_chunks": "late_chunks", "dropped_chunks": "dropped_chunks",
+                "stale_holds": "holds.stale_state", "swaps": "swaps"}
+
+
+def window_counts(node: Any, before: dict[str, int] | None = None) -> dict[str, int]:
+    """The policy node's counters (missed ticks, late/dropped chunks, stale holds, swaps), minus `before`."""
+    now = {k: int(node.stats[stat]) for k, stat in WINDOW_STATS.items()}
+    return {k: v - (before or {}).get(k, 0) for k, v in now.items()}
+
+
 def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     store = CheckpointStore(root / f"store_{int(hz)}", keep_last=None)
     seed = 1
@@ -131,7 +152,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pol = {"backend": "flow", "checkpoint_store": str(store.root), "cameras": [], "num_steps": args.num_steps,
            "seed": 0, "chunk_dt": dt, "control_hz": hz, "poll_hz": max(50.0, 2 * hz),
            "async_start_fraction": args.start_fraction, "blend_steps": args.blend_steps, "reload_watch": "inotify",
-           "reload_budget_s": 1.0}
+           "reload_budget_s": 1.0, **args.param}
     js_receipt: dict[float, float] = {}
     chunk_rx: list[tuple[float, float]] = []  # (receipt monotonic, header stamp)
     latencies: list[float] = []
@@ -168,26 +189,25 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # separates the machine's load from the cost of hot reloading itself
         other = CheckpointStore(root / f"unwatched_{int(hz)}", keep_last=None)
         pub = Publisher(other.root, args.horizon, args.hidden)
-        missed0, holds0 = node.stats["missed_ticks"], node.stats["holds.stale_state"]
+        before = window_counts(node)
         t0 = time.monotonic()
         for i in range(args.reloads):
             pub.start(1000 + i)
-            pub.result()
+            pub.result(g.spin_once)
             g.spin_for(args.spacing + 0.3)
         out["control_publishing_without_reload"] = {
-            "missed_chunk_ticks": node.stats["missed_ticks"] - missed0,
-            "stale_holds": node.stats["holds.stale_state"] - holds0,
+            **window_counts(node, before), "load_avg_1min": round(os.getloadavg()[0], 2),
             "sim_tick_gaps": tick_gaps(simn.tick_times, t0, time.monotonic(), 1.0 / js_hz)}
         pub.close()
 
-        missed0, holds0 = node.stats["missed_ticks"], node.stats["holds.stale_state"]
+        before = window_counts(node)
         hot: list[float] = []
         pub = Publisher(store.root, args.horizon, args.hidden)
         t0 = time.monotonic()
         for _ in range(args.reloads):
             seed += 1
             pub.start(seed)
-            v, t_pub = pub.result()
+            v, t_pub = pub.result(g.spin_once)
             ok = g.spin_until(lambda v=v: v in node.published_versions, 30)
             if not ok:
                 raise RuntimeError(f"{v} never served: {node.backend.diagnostic_values()}")
@@ -197,10 +217,8 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         t1 = time.monotonic()
         out["hot_reload"] = {
             "reloads": args.reloads, "publish_to_first_chunk_s": {"p50": pct(hot, 50), "max": pct(hot, 100)},
-            "missed_chunk_ticks": node.stats["missed_ticks"] - missed0,
-            "dropped_chunks": node.stats["dropped_chunks"], "late_chunks": node.stats["late_chunks"],
-            "swaps": node.stats["swaps"], "refused": node.backend.reloader.counters["refused"],
-            "stale_holds": node.stats["holds.stale_state"] - holds0,
+            **window_counts(node, before), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "refused": node.backend.reloader.counters["refused"],
             "sim_tick_gaps": tick_gaps(simn.tick_times, t0, t1, 1.0 / js_hz)}
         out["obs_to_chunk_ms"] = {"p50": pct(latencies, 50, 1e3), "p99": pct(latencies, 99, 1e3),
                                   "n": len(latencies)}
@@ -222,7 +240,7 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for _ in range(args.restarts):
             seed += 1
             pub.start(seed)
-            v, t_pub = pub.result()
+            v, t_pub = pub.result(g.spin_once)
             n_rx = len(chunk_rx)
             proc = subprocess.Popen([sys.executable, "-c", "from qvgm_policy_node.policy_node import main; main()",
                                      "--ros-args", "--params-file", str(params_file)], cwd=str(REPO),
@@ -241,6 +259,8 @@ def run_rate(hz: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     proc.wait()
             g.spin_for(0.5)
         pub.close()
+        if not restarts:  # --restarts 0: hot reload only
+            return out
         med_hot, med_restart = float(np.median(hot)), float(np.median(restarts))
         out["restart"] = {"restarts": args.restarts, "publish_to_first_chunk_s": {"p50": round(med_restart, 3),
                                                                                    "max": pct(restarts, 100)},
@@ -263,13 +283,17 @@ def main() -> None:
     ap.add_argument("--blend-steps", type=int, default=3)
     ap.add_argument("--window", type=float, default=5.0, help="baseline window (s)")
     ap.add_argument("--spacing", type=float, default=1.0, help="s between two reloads after the swap")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra policy_node parameter (JSON value), e.g. reload_pace_s=0; repeatable")
     args = ap.parse_args()
+    args.param = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.param)}
     torch.set_num_threads(int(os.environ.get("QVGM_BENCH_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_rate(hz, args, Path(tmp)) for hz in args.rates]
     print(json.dumps({"bench": "policy_node", "ros_domain_id": DOMAIN, "machine": platform.machine(),
                       "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "backbone": "state",
-                      "hidden": args.hidden, "num_steps": args.num_steps, "results": results}, indent=2))
+                      "hidden": args.hidden, "num_steps": args.num_steps, "policy_params": args.param,
+                      "results": results}, indent=2))
 
 
 if __name__ == "__main__":

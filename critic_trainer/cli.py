@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sft": "critic_trainer.sft",
     "rl-token": "critic_trainer.rl_token",
     "qvgm": "critic_trainer.pipeline",
+    "mcap2dataset": "qvgm.data.mcap",
 }
 
 

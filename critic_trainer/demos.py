@@ -162,9 +162,12 @@ def profile_camera_settings(path: str | Path) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="sim task (pick_place, push, stack)")
+    p.add_argument("--task", default=None, help="sim task (pick_place, push, stack); or give --env-spec")
+    p.add_argument("--env-spec", default=None, type=Path, help="env spec YAML/JSON of any Gymnasium env (docs/"
+                   "gym_envs.md) instead of --task; --noise is then a fraction of the action half-range")
     p.add_argument("--episodes", type=int, required=True)
-    p.add_argument("--noise", type=float, default=0.01, help="expert noise std (m)")
+    p.add_argument("--noise", type=float, default=None, help="expert noise std (m; default 0.01); with --env-spec a "
+                   "fraction of the action half-range (default: the spec's demos.noise)")
     p.add_argument("--seed", type=int, default=0, help="episode k uses scene/expert seed SEED + k")
     p.add_argument("--out", required=True, type=Path, help="dataset directory (created)")
     p.add_argument("--profile", default=None, help="robot profile YAML: cameras, resolution and rate come from its "
@@ -178,11 +181,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.task is None) == (args.env_spec is None):
+        raise ValueError("give exactly one of --task (built-in sim) and --env-spec FILE (any Gymnasium env)")
+    if args.env_spec is not None:
+        from critic_trainer.env_demos import collect_env_demos
+
+        if args.profile or args.image_size or args.cameras or args.hz:
+            raise ValueError("--profile/--image-size/--cameras/--hz do not apply to --env-spec: cameras and rate "
+                             "come from the spec (observation.images, control_hz)")
+        print(json.dumps(collect_env_demos(args.env_spec, args.episodes, args.out, noise=args.noise, seed=args.seed,
+                                           append=args.append, render=not args.no_render)))
+        return 0
     prof = profile_camera_settings(args.profile) if args.profile else {}
     image_size = tuple(args.image_size or prof.get("image_size", (224, 224)))
     cameras = tuple(args.cameras or prof.get("cameras", ("front", "wrist")))
     hz = args.hz or prof.get("hz", 10)
-    summary = collect_demos(args.task, args.episodes, args.out, noise=args.noise, seed=args.seed,
+    noise = 0.01 if args.noise is None else args.noise
+    summary = collect_demos(args.task, args.episodes, args.out, noise=noise, seed=args.seed,
                             image_size=image_size, cameras=cameras, control_hz=hz, append=args.append,
                             render=not args.no_render)
     print(json.dumps(summary))

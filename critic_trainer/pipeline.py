@@ -709,17 +709,21 @@ def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, rende
 
 def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Path, n_exec: int = 5,
                      noise_seed: int = 0, progress: bool = False,
-                     max_episode_steps: int | None = None) -> dict[str, Any]:
+                     max_episode_steps: int | None = None, env: Any = None) -> dict[str, Any]:
     """Run `actor` on scene seeds and record every episode into a new state-only replay buffer at `out`
     (sparse reward, success label from the sim detector, privileged side files). Returns a summary.
-    max_episode_steps: time limit in control steps (default: the task's)."""
+    max_episode_steps: time limit in control steps (default: the task's). env: an env to run in instead of a
+    TabletopEnv built here (e.g. a qvgm.envs.GymEnvAdapter; the caller closes it)."""
     from critic_trainer.demos import write_privileged
     from qvgm.data import ReplayBuffer
     from qvgm.sim import TabletopEnv
 
-    env = TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps)
-    buf = ReplayBuffer.create(out, fps=int(env.control_hz), cameras={}, state_names=env.joint_names,
-                              action_names=env.joint_names)
+    own = env is None
+    if own:
+        env = TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps)
+    buf = ReplayBuffer.create(out, fps=int(env.control_hz), cameras={},
+                              state_names=getattr(env, "state_names", env.joint_names),
+                              action_names=getattr(env, "action_names", env.joint_names))
     t0 = time.perf_counter()
     succ, frames = 0, 0
     try:
@@ -736,7 +740,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
             frames += r["steps"]
     finally:
         buf.close()
-        env.close()
+        if own:
+            env.close()
     return {"episodes": len(list(seeds)), "successes": succ, "frames": frames, "seeds": [int(s) for s in seeds],
             "wall_s": round(time.perf_counter() - t0, 2)}
 

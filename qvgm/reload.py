@@ -8,8 +8,13 @@ ready, else None, and never blocks on a load. Loading happens on a background th
       -> lease the version (retention cannot delete it meanwhile)
       -> verify_checkpoint_dir: manifest present, every sha256 matches, no pickle-format file
       -> load_fn(path, manifest) -> model          (safetensors only; may move to GPU)
-      -> validate_fn(model, manifest)              (config vs robot profile, finite weights, dry-run latency)
+      -> validate_fn(model, manifest)              (config vs robot profile, finite weights, dry-run latency;
+                                                    the dry run also pre-warms the model on this thread)
       -> offered by poll_swap()
+The loader thread pauses `yield_s` between stages and then waits for `pace()` (e.g. the next chunk boundary),
+so the control thread gets the GIL at once rather than after the interpreter's switch interval and the heavy
+stages run in the control loop's idle gaps; the swapped-out model is handed back with `retire()` and released
+on the loader thread, never on the control thread (freeing a large model's tensors takes milliseconds).
 A refused version (any exception above) is recorded with its reason (`last_error`, counters, `history`) and
 never retried automatically; the model already serving keeps serving. No rclpy here: the node maps
 `request_reload` / `request_rollback` onto its std_srvs/Trigger services and `diagnostic_values()` onto
@@ -163,13 +168,19 @@ class HotReloader(Generic[M]):
     startup_fallback: while nothing serves yet (node start), a refused version makes the reloader try its
     parent (then the parent's parent...) without moving the store's CURRENT, so a node restarted on a bad
     CURRENT still gets the last good model; the refusal stays in last_error / refused_versions.
-    The caller owns the swapped-in model; it should drop the old one after poll_swap() hands it a new one.
+    yield_s: seconds the loader thread sleeps between its stages (verify, load, validate), releasing the GIL.
+    pace: called on the loader thread after that sleep; may block (bounded) until the control loop is idle, e.g.
+    until it has just published a chunk, so the next stage runs in the gap before the next inference.
+    The caller owns the swapped-in model; it hands the old one to `retire()` after poll_swap() gave it a new one,
+    so the old model is released on the loader thread. Do not lower the loader thread's OS priority (nice):
+    a descheduled low-priority thread that holds the GIL stalls the control thread (priority inversion).
     """
 
     def __init__(self, store: CheckpointStore, load_fn: LoadFn, validate_fn: ValidateFn | None = None, *,
                  required_files: Iterable[str] = (), watch: str = "auto", poll_interval_s: float = 0.5,
                  backup_poll_s: float = 5.0, keep_previous: bool = False, startup_fallback: bool = True,
-                 history_len: int = 100) -> None:
+                 history_len: int = 100, yield_s: float = 0.002,
+                 pace: Callable[[], None] | None = None) -> None:
         if watch not in ("auto", "inotify", "poll"):
             raise ValueError(f"watch must be auto, inotify or poll, not {watch!r}")
         self.store = store
@@ -180,6 +191,8 @@ class HotReloader(Generic[M]):
         self.backup_poll_s = backup_poll_s
         self.keep_previous = keep_previous
         self.startup_fallback = startup_fallback
+        self.yield_s = max(0.0, float(yield_s))
+        self.pace = pace
         self._watch = watch
         self.watch_mode: str | None = None  # "inotify" or "poll" once started
         self._lock = threading.Lock()
@@ -200,6 +213,8 @@ class HotReloader(Generic[M]):
         self.counters = {"loads": 0, "ready": 0, "refused": 0, "swaps": 0, "superseded": 0,
                          "rollbacks": 0, "watch_events": 0}
         self.history: deque[ReloadEvent] = deque(maxlen=history_len)
+        self._retired: deque[Any] = deque()  # swapped-out models the loader thread releases
+        self.released = 0  # retired models released so far
         self._threads: list[threading.Thread] = []
         self._inotify: _Inotify | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -264,6 +279,8 @@ class HotReloader(Generic[M]):
             model, version = self._pending
             self._pending = None
             if self.keep_previous and self._serving_model is not None and self.serving is not None:
+                if self._previous is not None:
+                    self._retired.append(self._previous[0])  # released on the loader thread
                 self._previous = (self._serving_model, self.serving)
             self._serving_model = model if self.keep_previous else None
             self.serving = version
@@ -282,6 +299,28 @@ class HotReloader(Generic[M]):
                 return got
             time.sleep(0.01)
         return None
+
+    def retire(self, model: Any) -> None:
+        """Hand over a swapped-out model: the loader thread releases it (drops the last reference there), so
+        freeing its tensors never runs on the control thread. Non-blocking; the caller must keep no reference."""
+        if model is None:
+            return
+        self._retired.append(model)  # deque.append is atomic: no lock on the control thread
+        if self._lock.acquire(blocking=False):  # else the worker holds it: it drains the deque before waiting
+            try:
+                self._cv.notify_all()
+            finally:
+                self._lock.release()
+
+    def _release_retired(self) -> None:
+        """Loader thread: drop every retired model (their memory is freed here)."""
+        while True:
+            try:
+                model = self._retired.popleft()
+            except IndexError:
+                return
+            del model
+            self.released += 1
 
     # ---- service handlers (return (success, message) like std_srvs/Trigger) -------------------------
     def request_reload(self) -> tuple[bool, str]:
@@ -343,6 +382,7 @@ class HotReloader(Generic[M]):
         if self._pending is not None and self._pending[1] != version:
             self.history.append(ReloadEvent(self._pending[1], "superseded", time.time(), f"{version} requested"))
             self.counters["superseded"] += 1
+            self._retired.append(self._pending[0])  # released on the loader thread, not the caller's
             self._pending = None  # never offer a version that is no longer wanted
         self._want = version
         self._want_gen += 1
@@ -383,11 +423,15 @@ class HotReloader(Generic[M]):
     def _worker_loop(self) -> None:
         done_gen = 0
         while True:
+            self._release_retired()
             with self._cv:
-                while not self._stop.is_set() and self._want_gen == done_gen:
-                    self._cv.wait()
+                while not self._stop.is_set() and self._want_gen == done_gen and not self._retired:
+                    self._cv.wait(timeout=1.0)  # timeout: a retire() that could not notify is picked up anyway
                 if self._stop.is_set():
+                    self._release_retired()
                     return
+                if self._retired:
+                    continue  # release them outside the lock, then look again
                 version, gen, force = self._want, self._want_gen, self._force
                 self._force = False
                 done_gen = gen
@@ -412,9 +456,11 @@ class HotReloader(Generic[M]):
                 stage = "load"
                 with self._lock:
                     self.counters["loads"] += 1
+                self._pause()
                 model = self.load_fn(lease.path, manifest)
             stage = "validate"
             if self.validate_fn is not None:
+                self._pause()
                 self.validate_fn(model, manifest)
         except Exception as e:
             dt = time.perf_counter() - t0
@@ -431,6 +477,7 @@ class HotReloader(Generic[M]):
                 self._fall_back_from(version)
             return
         dt = time.perf_counter() - t0
+        self._pause(pace=False)  # offered right away: the swap itself waits for the next chunk boundary
         with self._lock:
             self._loading = None
             self.last_load_s = dt
@@ -438,11 +485,20 @@ class HotReloader(Generic[M]):
             if self._want_gen != gen and self._want != version:
                 self.counters["superseded"] += 1  # a newer request arrived meanwhile: the worker loads that
                 self.history.append(ReloadEvent(version, "superseded", time.time(), "", dt))
+                self._retired.append(model)
                 return
             self._pending = (model, version)
             self.counters["ready"] += 1
             self.history.append(ReloadEvent(version, "ready", time.time(), "", dt))
         log.info("checkpoint %s ready for swap (verify+load+validate %.3f s)", version, dt)
+
+    def _pause(self, pace: bool = True) -> None:
+        """Between loader stages: sleep `yield_s` (releases the GIL, lets the control thread run first), then
+        `pace()` (wait for the control loop's next idle gap)."""
+        if self.yield_s > 0:
+            time.sleep(self.yield_s)
+        if pace and self.pace is not None:
+            self.pace()
 
     def _fall_back_from(self, version: str) -> None:
         """Nothing serves and `version` was refused: request its parent (manifest, else the previous pointer)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,8 +178,17 @@ class StoreFlowBackend:
     latest observation -- within `reload_budget_s`) and handed over by `poll_swap()`, which the node calls only
     at a chunk boundary and which never blocks. Until the first version is swapped in, `ready` is False and
     `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
-    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s, reload_nice
-    (niceness added to the loader thread so it yields the CPU to the control loop; default 10).
+    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
+    reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_pace_s (the loader waits at
+    most min(this, 2 chunk intervals; default 0.25) before load and before the dry run for the next chunk
+    boundary, `note_boundary()`; 0 disables), reload_nice
+    (niceness added to the loader thread; default 0: a niced loader thread that the OS deschedules while it
+    holds the GIL stalls the control thread -- measured, docs/results_reload30.md).
+
+    Keeping the control loop on time during a reload: the files are hashed once (load_policy reuses the manifest
+    the reloader verified), the dry run pre-warms the new model on the loader thread (its first inference and
+    lazy allocations happen there, `warm_thread` records where), and the swapped-out model is released on the
+    loader thread (HotReloader.retire), not at the chunk boundary.
     """
 
     name = "flow"
@@ -202,12 +212,19 @@ class StoreFlowBackend:
         self.version: str | None = None
         self.prompt: str | None = None
         self.last_dry_run_s: float | None = None
-        self.loader_nice = int(opts.get("reload_nice", 10))
+        self.loader_nice = int(opts.get("reload_nice", 0))
+        self.pace_s = float(opts.get("reload_pace_s", 0.25))
+        self._boundary_period: float | None = None  # s between chunk boundaries (smoothed)
+        self._boundary = threading.Event()
+        self._last_boundary = -np.inf  # time.monotonic() of the last note_boundary()
+        self.paced = 0  # loader stages that waited for a chunk boundary
+        self.warm_thread: str | None = None  # thread that ran the dry run (pre-warm) of the last validated version
         self._niced: set[int] = set()
         self.reloader = HotReloader(self.store, self._load, self._validate,
                                     required_files=("config.json", "model.safetensors", "norm_stats.json"),
                                     watch=str(opts.get("reload_watch", "auto")),
-                                    poll_interval_s=float(opts.get("reload_poll_s", 0.5)))
+                                    poll_interval_s=float(opts.get("reload_poll_s", 0.5)),
+                                    yield_s=float(opts.get("reload_yield_s", 0.002)), pace=self._wait_for_boundary)
         self.reloader.start()
 
     # -- loader thread ----------------------------------------------------------------------------------
@@ -217,7 +234,8 @@ class StoreFlowBackend:
 
         self._lower_loader_priority()
         n = len(self.config.joint_names)
-        policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device)
+        policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device,
+                             verified_manifest=manifest)  # HotReloader verified every sha256 under its lease
         return FlowPolicyBackend(policy, list(self.config.joint_names), dt=self.config.dt,
                                  num_steps=self.num_steps, seed=self.seed)
 
@@ -233,6 +251,17 @@ class StoreFlowBackend:
         except (OSError, AttributeError):
             pass
 
+    def _wait_for_boundary(self) -> None:
+        """Loader thread, between stages: while a model serves and chunks are flowing, wait (at most `pace_s`)
+        for the control loop's next `note_boundary()`, so the next stage (module construction, the dry run) runs
+        in the idle gap after a chunk went out instead of competing with an inference for the GIL and CPU."""
+        limit = self.pace_s if self._boundary_period is None else min(self.pace_s, 2.0 * self._boundary_period)
+        if limit <= 0 or self.current is None or time.monotonic() - self._last_boundary > limit:
+            return  # nothing serves yet (start-up) or the robot is idle: load at once
+        self._boundary.clear()
+        if self._boundary.wait(limit):
+            self.paced += 1
+
     def _validate(self, backend: Any, manifest: dict[str, Any]) -> None:
         from qvgm.reload import ValidationError, check_finite, timed_dry_run
 
@@ -246,7 +275,9 @@ class StoreFlowBackend:
                                   "set the node parameter `privileged: true` (sim only)")
         check_finite(backend.policy.state_dict())
         obs = self.observation_source() or synthetic_observation(backend.policy, len(self.config.joint_names))
+        # the untimed warm-up run is the pre-warm: first inference + lazy allocations happen here, not after the swap
         self.last_dry_run_s = timed_dry_run(lambda: backend.infer(obs).positions, self.budget_s)
+        self.warm_thread = threading.current_thread().name
 
     # -- control side -----------------------------------------------------------------------------------
     @property
@@ -258,9 +289,21 @@ class StoreFlowBackend:
         got = self.reloader.poll_swap()
         if got is None:
             return None
+        old = self.current
         self.current, self.version = got
         self.current.reset(self.prompt)
+        self.reloader.retire(old)  # freed on the loader thread; this (control) thread keeps no reference
+        del old
         return self.version
+
+    def note_boundary(self) -> None:
+        """Control side, after a chunk was published: the next inference is an interval away (wakes the loader)."""
+        now = time.monotonic()
+        gap = now - self._last_boundary
+        if gap < 5.0:  # the period between chunks, smoothed; a pause (estop, new episode) is not a period
+            self._boundary_period = gap if self._boundary_period is None else 0.8 * self._boundary_period + 0.2 * gap
+        self._last_boundary = now
+        self._boundary.set()
 
     def reset(self, prompt: str | None = None) -> None:
         self.prompt = prompt
@@ -276,6 +319,8 @@ class StoreFlowBackend:
     def diagnostic_values(self) -> dict[str, str]:
         values = {f"reload.{k}": v for k, v in self.reloader.diagnostic_values().items()}
         values["reload.last_dry_run_s"] = "" if self.last_dry_run_s is None else f"{self.last_dry_run_s:.4f}"
+        values["reload.paced_stages"] = str(self.paced)  # loader stages that waited for a chunk boundary
+        values["reload.released_models"] = str(self.reloader.released)  # old models freed on the loader thread
         return values
 
     def close(self) -> None:

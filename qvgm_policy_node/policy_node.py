@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "max_state_age": 0.25, "max_image_age": 0.5, "max_objects_age": 0.5, "expert_noise": 0.0,
     "expert_seed": -1, "checkpoint": "", "device": "cpu", "num_steps": 10, "seed": -1, "checkpoint_store": "",
     "privileged": False, "reload_budget_s": 0.5, "reload_watch": "auto", "reload_poll_s": 0.5,
+    "reload_nice": 0, "reload_yield_s": 0.002, "reload_pace_s": 0.25,
     "async_start_fraction": 0.5, "blend_steps": 3, "late_margin": 0.0, "velocity_scale": 1.0, "urdf": "",
     "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2], "diagnostics_hz": 1.0,
 }
@@ -104,7 +105,8 @@ class PolicyNode(Node):
                    "seed": int(p["seed"]), "checkpoint_store": str(p["checkpoint_store"]),
                    "cameras": list(self.cameras), "privileged": bool(p["privileged"]),
                    "reload_budget_s": float(p["reload_budget_s"]), "reload_watch": str(p["reload_watch"]),
-                   "reload_poll_s": float(p["reload_poll_s"])}
+                   "reload_poll_s": float(p["reload_poll_s"]), "reload_nice": int(p["reload_nice"]),
+                   "reload_yield_s": float(p["reload_yield_s"]), "reload_pace_s": float(p["reload_pace_s"])}
         self.chunk_dt = float(p["chunk_dt"])
         self.backend = entry.factory(BackendConfig(self.joint_names, int(p["horizon"]), self.chunk_dt, options))
         self.needs_objects = bool(getattr(self.backend, "needs_objects", entry.needs_objects))
@@ -479,6 +481,9 @@ class PolicyNode(Node):
         self.chunk_ages.append(now - safe.stamp)
         self._note_published(ActionChunk(positions=safe.positions, dt=safe.dt, joint_names=list(chunk.joint_names),
                                          stamp=safe.stamp, version=chunk.version))
+        boundary = getattr(self.backend, "note_boundary", None)
+        if boundary is not None:  # a hot-reloading backend runs its next loader stage in the gap that follows
+            boundary()
 
     def _filter(self, chunk: Chunk, current: np.ndarray) -> tuple[Chunk, bool]:
         """Every point through the safety layer, starting at `current` [n]: finite positions are clamped into the

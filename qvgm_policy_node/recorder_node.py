@@ -5,6 +5,9 @@ Subscribes: /camera/<cam>/color/image_raw (sensor_msgs/Image rgb8, sensor-data Q
 transient-local), /qvgm/policy/version (String, transient-local: tags the chunks received after it),
 /qvgm/episode/status (String JSON from episode_manager, transient-local).
 Publishes: /recorder_node/episodes (String JSON per finished/refused episode), /diagnostics.
+Debugging option: `mcap_dir` (default "" = off) also writes every subscribed topic's raw messages (CDR, from
+`raw=True` subscriptions) to `<mcap_dir>/session-<UTC time>-<pid>.mcap`, one file per node run, with ros2msg
+schemas and the recorder config as metadata (qvgm.data.mcap; `python -m qvgm.data.mcap` converts it to episodes).
 Alignment, frame checks and the writer thread live in qvgm.recording.EpisodeRecorder; this node only converts
 messages (stamps in seconds of the node clock, positions in robot units) and never blocks in a callback.
 """
@@ -12,9 +15,11 @@ messages (stamps in seconds of the node clock, positions in robot units) and nev
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -23,7 +28,9 @@ from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
 from qvgm.data import ReplayBuffer
+from qvgm.data.mcap import METADATA_NAME, McapTopicWriter, RecordingConfig
 from qvgm.recording import EpisodeRecorder, QualityConfig
+from qvgm.rosmsg import image_array, joint_vector, stamp_seconds, trajectory_arrays
 from qvgm_policy_node import topics
 from qvgm_policy_node.params import declare, spin_main
 
@@ -40,23 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "poll_hz": 50.0, "image_queue_depth": 30, "image_reliability": "best_effort",
     "trajectory_topic": topics.TRAJECTORY,
     "codec": "libx264", "crf": 20,
+    "mcap_dir": "", "mcap_compression": "lz4",
 }
-
-
-def stamp_seconds(stamp: Any) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
-def image_array(msg: Image) -> np.ndarray:
-    """sensor_msgs/Image rgb8 (or bgr8) -> uint8[H, W, 3] RGB (read-only view for rgb8); ValueError otherwise."""
-    if msg.encoding not in ("rgb8", "bgr8"):
-        raise ValueError(f"encoding {msg.encoding!r} (need rgb8)")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if step < 3 * w or len(msg.data) < h * step:
-        raise ValueError(f"data {len(msg.data)} bytes too short for {h}x{w} step {step}")
-    a = np.frombuffer(msg.data, np.uint8, count=h * step).reshape(h, step)[:, :3 * w].reshape(h, w, 3)
-    # a zero-copy view of the message buffer (rclpy never reuses a delivered message); bgr8 is converted
-    return np.ascontiguousarray(a[..., ::-1]) if msg.encoding == "bgr8" else a
 
 
 class RecorderNode(Node):
@@ -93,14 +85,40 @@ class RecorderNode(Node):
         rel = ReliabilityPolicy.RELIABLE if p["image_reliability"] == "reliable" else ReliabilityPolicy.BEST_EFFORT
         image_qos = QoSProfile(depth=int(p["image_queue_depth"]), reliability=rel,
                                durability=qos_profile_sensor_data.durability)
-        for cam in self.core.cameras:
-            self.create_subscription(Image, topics.camera_image(cam),
-                                     lambda m, c=cam: self._on_image(c, m), image_qos)
-        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joint_state, 50)
-        self.create_subscription(JointTrajectory, str(p["trajectory_topic"]), self._on_trajectory, 10)
-        self.create_subscription(String, topics.TASK, lambda m: self.core.set_task(m.data), LATCHED)
-        self.create_subscription(String, VERSION_TOPIC, lambda m: self.core.set_version(m.data), LATCHED)
-        self.create_subscription(String, STATUS_TOPIC, self._on_status, STATUS_QOS)
+        # (role, topic, type, callback, qos) of every subscription; the MCAP option records the same topics raw
+        subs: list[tuple[str, str, Any, Any, Any]] = [
+            (f"image/{cam}", topics.camera_image(cam), Image, lambda m, c=cam: self._on_image(c, m), image_qos)
+            for cam in self.core.cameras]
+        subs += [("joint_states", topics.JOINT_STATES, JointState, self._on_joint_state, 50),
+                 ("trajectory", str(p["trajectory_topic"]), JointTrajectory, self._on_trajectory, 10),
+                 ("task", topics.TASK, String, lambda m: self.core.set_task(m.data), LATCHED),
+                 ("version", VERSION_TOPIC, String, lambda m: self.core.set_version(m.data), LATCHED),
+                 ("status", STATUS_TOPIC, String, self._on_status, STATUS_QOS)]
+        for _, topic, typ, cb, qos in subs:
+            self.create_subscription(typ, topic, cb, qos)
+        self.mcap: McapTopicWriter | None = None
+        if p["mcap_dir"]:
+            rec_cfg = RecordingConfig(topics={role: topic for role, topic, *_ in subs}, cameras=dict(self.core.sizes),
+                                      reference=str(p["reference_camera"]), fps=int(p["fps"]),
+                                      joint_names=self.joint_names, quality=cfg, delay=float(p["align_delay"]),
+                                      default_task=str(p["default_task"]))
+            t = time.time()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t * 1e3) % 1000:03d}Z"
+            name = f"session-{stamp}-{os.getpid()}.mcap"
+            try:
+                self.mcap = McapTopicWriter(Path(str(p["mcap_dir"])) / name, {METADATA_NAME: rec_cfg.to_metadata()},
+                                            compression=str(p["mcap_compression"]))
+                for _, topic, typ, _, _ in subs:
+                    self.mcap.add_channel(topic, f"{typ.__module__.split('.')[0]}/msg/{typ.__name__}")
+            except BaseException:
+                if self.mcap is not None:
+                    self.mcap.close()
+                self.core.close()
+                raise
+            for _, topic, typ, _, qos in subs:
+                self.create_subscription(typ, topic, lambda data, info, t=topic: self._on_raw(t, data, info), qos,
+                                         raw=True)
+            self.get_logger().info(f"recording raw topics to {self.mcap.path}")
         self.pub_episodes = self.create_publisher(String, "~/episodes", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
         self.create_timer(1.0 / float(p["poll_hz"]), self._poll)
@@ -112,6 +130,14 @@ class RecorderNode(Node):
     def _bad(self, what: str, detail: str) -> None:
         self.bad[what] = self.bad.get(what, 0) + 1
         self.get_logger().warning(f"ignored bad {what} message: {detail}", throttle_duration_sec=2.0)
+
+    def _on_raw(self, topic: str, data: bytes, info: Any) -> None:
+        """A raw (CDR) message for the MCAP file: queued, never written here."""
+        try:
+            self.mcap.write(topic, data, self.get_clock().now().nanoseconds,  # type: ignore[union-attr]
+                            int(info.get("source_timestamp") or 0) if isinstance(info, dict) else None)
+        except Exception as exc:
+            self._bad(f"mcap/{topic}", str(exc))
 
     def _on_image(self, cam: str, msg: Image) -> None:
         self.received[cam] = self.received.get(cam, 0) + 1
@@ -126,10 +152,7 @@ class RecorderNode(Node):
 
     def _on_joint_state(self, msg: JointState) -> None:
         try:
-            idx = {n: i for i, n in enumerate(msg.name)}
-            q = np.array([msg.position[idx[n]] for n in self.joint_names], dtype=np.float64)
-            if not np.all(np.isfinite(q)):
-                raise ValueError("non-finite position")
+            q = joint_vector(msg, self.joint_names)
             self.core.add_state(stamp_seconds(msg.header.stamp) or self.now(), q)
         except (KeyError, IndexError) as exc:
             self._bad("joint_states", f"missing joint {exc}")
@@ -138,13 +161,7 @@ class RecorderNode(Node):
 
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         try:
-            idx = {n: i for i, n in enumerate(msg.joint_names)}
-            cols = [idx[n] for n in self.joint_names]
-            if not msg.points:
-                raise ValueError("no points")
-            pos = np.array([[p.positions[c] for c in cols] for p in msg.points], dtype=np.float64)
-            times = np.array([stamp_seconds(p.time_from_start) for p in msg.points])
-            stamp = stamp_seconds(msg.header.stamp)
+            stamp, times, pos = trajectory_arrays(msg, self.joint_names)
             self.core.add_chunk(stamp if stamp > 0 else self.now(), times, pos)
         except (KeyError, IndexError) as exc:
             self._bad("trajectory", f"joint {exc} missing")
@@ -178,6 +195,11 @@ class RecorderNode(Node):
                 **{f"received.{k}": v for k, v in self.received.items()},
                 "queue": self.core.pending(), "frames_queued": self.core.frames_queued,
                 "episodes": len(self.core.results), "errors": len(self.core.errors)}
+        if self.mcap is not None:
+            vals.update({"mcap.path": str(self.mcap.path), "mcap.written": sum(self.mcap.written.values()),
+                         "mcap.dropped": sum(self.mcap.dropped.values()), "mcap.failed": self.mcap.failed or ""})
+            if self.mcap.failed or self.mcap.dropped:
+                level = DiagnosticStatus.WARN
         st = DiagnosticStatus(level=level, name="qvgm: recorder_node", message="recording" if self.core.episode
                               is not None else "idle", values=[KeyValue(key=k, value=str(v)) for k, v in vals.items()])
         arr = DiagnosticArray(status=[st])
@@ -188,7 +210,11 @@ class RecorderNode(Node):
         try:
             self.core.close()
         finally:
-            super().destroy_node()
+            try:
+                if self.mcap is not None:
+                    self.mcap.close()
+            finally:
+                super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:

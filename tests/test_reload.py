@@ -287,8 +287,10 @@ def test_control_loop_never_waits_for_a_load(store: CheckpointStore) -> None:
         assert new is not None and new[0].cfg["hidden"] == 512
         assert during_load >= 20  # ticks really ran while the load was in progress
         gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-        assert max(durations) < 0.1, max(durations)  # no tick waited for the 1 s load
-        assert max(gaps) < 0.25, max(gaps)
+        # No tick waited for the 1 s load. The bounds are loose on purpose (a shared 2-core CI machine at load 10
+        # stalls threads for ~100 ms); timing targets live in bench/reload.py, this only proves "never waits".
+        assert max(durations) < 0.5, max(durations)
+        assert max(gaps) < 0.8, max(gaps)
 
 
 def test_rollback_and_reload_services(store: CheckpointStore) -> None:

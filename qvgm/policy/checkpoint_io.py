@@ -116,12 +116,21 @@ def load_state_checked(policy: torch.nn.Module, tensors: Mapping[str, torch.Tens
 
 
 def load_policy(directory: str | Path, expect: Mapping[str, Any] | None = None,
-                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FlowPolicyBase:
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                verified_manifest: Mapping[str, Any] | None = None) -> FlowPolicyBase:
     """Verify (sha256 manifest) and load a checkpoint directory; returns the policy in eval mode on `device`
     (built there directly, no CPU copy) with `.version` and `.manifest` set; `dtype` e.g. torch.bfloat16 casts
-    the weights after loading. Any problem -> CheckpointError with a message naming it."""
+    the weights after loading. Any problem -> CheckpointError with a message naming it.
+    verified_manifest: the manifest the caller has just checked with verify_checkpoint_dir on this directory
+    (e.g. HotReloader, under a store lease): the files are not hashed a second time."""
     directory = Path(directory)
-    manifest = verify_checkpoint_dir(directory, required=(CONFIG, WEIGHTS, NORM_STATS))
+    if verified_manifest is not None:
+        manifest = dict(verified_manifest)
+        missing = [f for f in (CONFIG, WEIGHTS, NORM_STATS) if f not in manifest.get("files", {})]
+        if missing:
+            raise CheckpointError(f"{directory}: required files {missing} missing from the manifest")
+    else:
+        manifest = verify_checkpoint_dir(directory, required=(CONFIG, WEIGHTS, NORM_STATS))
     try:
         meta = json.loads((directory / CONFIG).read_text())
         if meta.get("format") != CONFIG_FORMAT:
