@@ -37,7 +37,7 @@ def test_default_is_backed_by_a_tuning_seed_calibration_in_band(task: str) -> No
     chosen = cal["chosen"]
     assert (chosen["n"], chosen["noise"], chosen["steps"], chosen["flags"], chosen["ema"], chosen["success_only"]) == (
         d["demos"], d["demo_noise"], d["sft_steps"], d["state_flags"], d["ema"], d.get("success_only", False))
-    keys = ("n", "noise", "steps", "flags", "ema", "success_only")
+    keys = ("n", "noise", "steps", "flags", "ema", "success_only", "seed")
     row = [r for r in cal["rows"] if all(r.get(k, 0.0 if k == "ema" else None) == chosen[k] for k in keys)]
     assert row, "the chosen setting must be one of the measured rows"
     assert row[0]["eps"] >= 30 and 0.40 <= row[0]["rate"] <= 0.75
