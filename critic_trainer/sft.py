@@ -198,12 +198,17 @@ class SFTConfig:
     version: str | None = None
     work_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # policy config overrides (e.g. horizon)
+    # EMA of the weights (0 = off): after every step ema <- ema_decay * ema + (1 - ema_decay) * weights, and the
+    # checkpoint holds the EMA weights. Warm-started: the effective decay is min(ema_decay, (1 + k) / (10 + k)).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @property
     def work(self) -> Path:
@@ -214,7 +219,34 @@ class SFTConfig:
         d = dataclasses.asdict(self)
         for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version"):
             d.pop(k)
+        if not d["ema_decay"]:  # keys of runs saved before EMA existed stay valid
+            d.pop("ema_decay")
         return d
+
+
+class WeightEMA:
+    """Exponential moving average of a module's floating-point parameters and buffers (a detached copy)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        """shadow <- d * shadow + (1 - d) * current, d = min(decay, (1 + n) / (10 + n)) after n updates."""
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        """Load the averaged weights into `module` (in place)."""
+        sd = module.state_dict()
+        for k, v in self.shadow.items():
+            sd[k].copy_(v)
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -264,7 +296,7 @@ def batch_inputs(inputs: dict[str, torch.Tensor], rows: torch.Tensor, device: to
 # ---------------------------------------------------------------------------------------------------- state io
 def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, step: int,
                       rng: np.random.Generator, gen: torch.Generator, cfg: SFTConfig, fingerprint: str,
-                      last_loss: float) -> None:
+                      last_loss: float, ema: WeightEMA | None = None) -> None:
     """Atomically replace WORK/train_state with the state after `step` optimizer steps."""
     tmp = work / f".{STATE_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -276,9 +308,12 @@ def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
     for pid, st in sd["state"].items():
         for name, val in st.items():
             tensors[f"opt/{pid}/{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    if ema is not None:
+        tensors.update({f"ema/{k}": v.detach().cpu().contiguous() for k, v in ema.shadow.items()})
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "numpy_rng": rng.bit_generator.state, "param_groups": sd["param_groups"],
-            "training_key": cfg.training_key(), "data_fingerprint": fingerprint, "last_loss": last_loss}
+            "training_key": cfg.training_key(), "data_fingerprint": fingerprint, "last_loss": last_loss,
+            "ema_updates": ema.updates if ema is not None else 0}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -293,7 +328,7 @@ def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
 
 
 def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, rng: np.random.Generator,
-                      gen: torch.Generator, cfg: SFTConfig, fingerprint: str) -> int:
+                      gen: torch.Generator, cfg: SFTConfig, fingerprint: str, ema: WeightEMA | None = None) -> int:
     """Restore a saved training state; returns the step to continue from. Mismatches -> ValueError.
     Falls back to the previous state when a crash struck between the two renames of `_save_train_state`."""
     d = work / STATE_DIR
@@ -316,6 +351,10 @@ def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     gen.set_state(tensors["rng/torch_generator"])
     rng.bit_generator.state = meta["numpy_rng"]
+    if ema is not None:
+        for k in ema.shadow:
+            ema.shadow[k].copy_(tensors[f"ema/{k}"])
+        ema.updates = int(meta.get("ema_updates", 0))
     return int(meta["step"])
 
 
@@ -383,8 +422,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     work = cfg.work
     start = 0
+    ema = WeightEMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if resume and any((work / n / "state.json").exists() for n in (STATE_DIR, f".{STATE_DIR}.old")):
-        start = _load_train_state(work, policy, opt, rng, gen, cfg, fingerprint)
+        start = _load_train_state(work, policy, opt, rng, gen, cfg, fingerprint, ema)
     log = ScalarLog(work, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
@@ -409,23 +449,27 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update(policy)
             loss_v = float(loss.item())
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 log.log(done, loss=loss_v, lr=lr, wall_s=round(time.perf_counter() - t0, 3))
                 bar.set_postfix(loss=f"{loss_v:.4f}")
             if done % cfg.checkpoint_every == 0 or done == end:
-                _save_train_state(work, policy, opt, done, rng, gen, cfg, fingerprint, loss_v)
+                _save_train_state(work, policy, opt, done, rng, gen, cfg, fingerprint, loss_v, ema)
     finally:
         bar.close()
         log.close()
     if end < cfg.steps:
         return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work)}
     policy.eval()
+    if ema is not None:
+        ema.copy_to(policy)
     summary = {"kind": "sft", "config": cfg.config, "datasets": data.datasets, "frames": len(data),
                "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v,
-               "success_only": cfg.success_only, "data_sha256": fingerprint}
+               "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "data_sha256": fingerprint}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
     return {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}

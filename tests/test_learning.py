@@ -36,7 +36,8 @@ def test_benchmark_mode_json(tmp_path):
     assert not evals & set(seed["rollouts"]["seeds"]) and not evals & set(seed["sft"]["demo_seeds"])
     assert seed["rollouts"]["episodes"] == 2 and res["seed_scheme"]["eval"] == "900000 + j"
     # the fixed rollout buffer is a real replay buffer on disk
-    assert (tmp_path / "w" / "buffer-sft-push-s0-n1-noise0.01-steps5-r2" / "meta" / "info.json").exists()
+    tag = bench().sft_tag(res["tasks"]["push"]["sft_settings"])  # the calibrated per-task config flags / EMA
+    assert (tmp_path / "w" / f"buffer-sft-push-s0-n1-noise0.01-steps5{tag}-r2" / "meta" / "info.json").exists()
     # a rerun on the same --work reuses the SFT checkpoint and the buffer (same seeds and settings)
     again = bench().main([*TOY, "--rollouts", "2", "--eval-episodes", "3", "--methods", "sft", "--work",
                           str(tmp_path / "w")])
