@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--success-only", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
                     metavar="0|1", help="SFT on successful demos only (default: SFT_DEFAULTS per task)")
     ap.add_argument("--train-seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="training seeds first..first+N-1 (split one benchmark over processes; pool the JSONs)")
     ap.add_argument("--rollouts", type=int, default=60, help="SFT rollout episodes in the fixed buffer")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--critic-steps", type=int, default=3000)
     ap.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     ap.add_argument("--critic-batch", type=int, default=256)
-    ap.add_argument("--reg-weight", type=float, default=1.0, help="w of the Cal-QL term")
+    ap.add_argument("--reg-weight", type=float, default=P.ImproveConfig.reg_weight, help="w of the Cal-QL term")
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)
@@ -318,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_seeds = [seed0 + j for j in range(args.eval_episodes)]
             tasks = {}
             for task in args.tasks:
-                seeds = [run_seed(task, s, args, work, eval_seeds) for s in range(args.train_seeds)]
+                train_seeds = range(args.first_seed, args.first_seed + args.train_seeds)
+                seeds = [run_seed(task, s, args, work, eval_seeds) for s in train_seeds]
                 summary = {}
                 for m in args.methods:
                     k = sum(r["methods"][m]["successes"] for r in seeds)
