@@ -49,7 +49,7 @@ ALL_METHODS = ("sft", "qvgm", "qdistill", "dql", "filtered-bc", "best-of-n", "q-
 
 # Per-task SFT defaults of the `state` tier: chosen on TUNING seeds 200000+ only (never evaluation seeds 900000+ nor
 # bench/sft_success.py's held-out 100000+) so that SFT lands inside the 40-75 % band the benchmark needs. Source:
-# bench/results/learning_state_calibration_<task>.json, docs/results_sft_calibration.md. demos: N expert episodes;
+# bench/results/learning_state_calibration_<task>.json, docs/RESULTS.md. demos: N expert episodes;
 # demo_noise: expert noise std (m); state_flags: StateConfig overrides; ema: SFT weight-EMA decay (0 = off);
 # success_only: SFT on the demos the sim labels successful only (the noisy expert fails some stack episodes).
 # Tuning-seed success of each default (30 episodes per SFT seed, pooled over SFT seeds 0-2 / 0-1, same demos):
