@@ -11,8 +11,8 @@ Pipeline for a chunk coming back from the inference worker (qvgm_policy_node/pol
     finite_difference_velocities   velocities for cubic interpolation (JTC-style)
 `AsyncSchedule` says when the next inference should start: when `start_fraction` of the current chunk is left.
 
-Real-time-chunking-style conditioning (inpainting the committed prefix during denoising) is NOT supported:
-FlowPolicy.sample has no hook for a guided prefix, so the node blends instead.
+Real-time-chunking-style conditioning (inpainting the committed prefix during denoising) lives in the sampler,
+qvgm.policy.prefix.sample_with_prefix (policy node parameter boundary_mode=inpaint); blending still applies after.
 """
 
 from __future__ import annotations

@@ -310,11 +310,12 @@ class StoreFlowBackend:
         if self.current is not None:
             self.current.reset(prompt)
 
-    def infer(self, observation: Observation) -> ActionChunk:
+    def infer(self, observation: Observation, **prefix: Any) -> ActionChunk:
+        """The serving FlowPolicyBackend's chunk; `prefix` keywords (prefix, prefix_len, weights) pass through."""
         backend = self.current
         if backend is None:
             raise NoPolicyError("no validated checkpoint serving yet")
-        return backend.infer(observation)
+        return backend.infer(observation, **prefix)
 
     def diagnostic_values(self) -> dict[str, str]:
         values = {f"reload.{k}": v for k, v in self.reloader.diagnostic_values().items()}

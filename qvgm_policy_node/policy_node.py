@@ -18,8 +18,12 @@ measured with and without the blend. The outgoing chunk goes through qvgm.safety
 max step per chunk_dt from the previous setpoint) and carries finite-difference velocities (cubic
 interpolation). With `checkpoint_store` the node serves the store's current version and hot-reloads new ones
 (backends.StoreFlowBackend, qvgm.reload.HotReloader); the swap happens only at a chunk boundary (no inference
-in flight), services ~/reload and ~/rollback (std_srvs/Trigger). Real-time-chunking prefix conditioning is not
-supported (blending only).
+in flight), services ~/reload and ~/rollback (std_srvs/Trigger).
+`boundary_mode`: `blend` (default) = cross-fade only; `inpaint` = real-time-chunking-style conditioning: the next
+inference receives the committed prefix (the published chunk sampled at the new chunk's point times, the first
+`inpaint_steps` points, robot units) and inpaints it while denoising (qvgm.policy.prefix.sample_with_prefix;
+`inpaint_weights` `hard`, or `exp` = also a decaying soft pull toward the rest of the published chunk);
+blending still applies after.
 
 All backends: /qvgm/estop (std_msgs/Bool) true -> one hold trajectory at the measured position, then nothing
 until false; /qvgm/policy/enable (std_msgs/Bool, transient-local) false -> muted, nothing published (in-flight
@@ -72,7 +76,8 @@ DEFAULTS: dict[str, Any] = {
     "expert_seed": -1, "checkpoint": "", "device": "cpu", "num_steps": 10, "seed": -1, "checkpoint_store": "",
     "privileged": False, "reload_budget_s": 0.5, "reload_watch": "auto", "reload_poll_s": 0.5,
     "reload_nice": 0, "reload_yield_s": 0.002, "reload_pace_s": 0.25,
-    "async_start_fraction": 0.5, "blend_steps": 3, "late_margin": 0.0, "velocity_scale": 1.0, "urdf": "",
+    "async_start_fraction": 0.5, "blend_steps": 3, "boundary_mode": "blend", "inpaint_steps": 3,
+    "inpaint_weights": "hard", "late_margin": 0.0, "velocity_scale": 1.0, "urdf": "",
     "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2], "diagnostics_hz": 1.0,
 }
 ESTOP_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
@@ -132,6 +137,14 @@ class PolicyNode(Node):
         # learned path state
         self.schedule = AsyncSchedule(float(p["async_start_fraction"]))
         self.blend_steps = int(p["blend_steps"])
+        self.boundary_mode = str(p["boundary_mode"])
+        self.inpaint_steps = int(p["inpaint_steps"])
+        self.inpaint_weights = str(p["inpaint_weights"])
+        if self.boundary_mode not in ("blend", "inpaint"):
+            raise ValueError(f"boundary_mode must be 'blend' or 'inpaint', got {self.boundary_mode!r}")
+        if self.inpaint_weights not in ("hard", "exp") or self.inpaint_steps < 0:
+            raise ValueError(f"inpaint_weights must be 'hard' or 'exp' (got {self.inpaint_weights!r}) and "
+                             f"inpaint_steps >= 0 (got {self.inpaint_steps})")
         self.late_margin = float(p["late_margin"])
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
         self._future: Future | None = None
@@ -413,13 +426,30 @@ class PolicyNode(Node):
             return
         self._last_start_stamp = float(obs["stamp"])
         self._future_epoch = self._epoch
-        self._future = self._pool.submit(self._infer_timed, self.backend, obs)
+        kwargs = self.committed_prefix(float(obs["stamp"]), horizon) if self.boundary_mode == "inpaint" else {}
+        self._future = self._pool.submit(self._infer_timed, self.backend, obs, kwargs)
         self._future.add_done_callback(lambda _f: self._chunk_ready.trigger())
 
+    def committed_prefix(self, stamp: float, horizon: int) -> dict[str, Any]:
+        """Inpainting keywords for the backend's infer: the published chunk sampled at the new chunk's point times
+        stamp + k * chunk_dt (s, robot clock) while they lie inside it, as prefix float64[P, n] (rad / m);
+        hard: P <= inpaint_steps; exp: P <= horizon, prefix_len = min(inpaint_steps, P). {} without a chunk."""
+        prev = self._prev
+        if prev is None or self.inpaint_steps == 0:
+            return {}
+        times = stamp + np.arange(horizon) * self.chunk_dt
+        inside = int(np.sum(times <= prev.end_time + 1e-9))
+        p = min(inside, self.inpaint_steps) if self.inpaint_weights == "hard" else inside
+        if p == 0:
+            return {}
+        prefix = np.stack([prev.sample(float(t)) for t in times[:p]])
+        return {"prefix": prefix, "prefix_len": min(p, self.inpaint_steps), "weights": self.inpaint_weights}
+
     @staticmethod
-    def _infer_timed(backend: Any, obs: Observation) -> tuple[ActionChunk, float, np.ndarray]:
+    def _infer_timed(backend: Any, obs: Observation,
+                     kwargs: dict[str, Any] | None = None) -> tuple[ActionChunk, float, np.ndarray]:
         t0 = time.perf_counter()
-        chunk = backend.infer(obs)
+        chunk = backend.infer(obs, **(kwargs or {}))
         return chunk, time.perf_counter() - t0, np.asarray(obs["state"], dtype=np.float64)
 
     def _finish(self, future: Future, epoch: int) -> None:

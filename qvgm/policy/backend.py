@@ -7,6 +7,7 @@ import torch
 
 from qvgm.policy.flow import FlowPolicyBase
 from qvgm.policy.interface import ActionChunk, Observation
+from qvgm.policy.prefix import sample_with_prefix
 
 
 class NonFiniteActionError(RuntimeError):
@@ -36,7 +37,12 @@ class FlowPolicyBackend:
         self.prompt = prompt
 
     @torch.no_grad()
-    def infer(self, observation: Observation) -> ActionChunk:
+    def infer(self, observation: Observation, prefix: np.ndarray | None = None, prefix_len: int | None = None,
+              weights: str = "hard") -> ActionChunk:
+        """Observation -> chunk (robot units). With `prefix` float[P, real_action_dim] (robot units, rad / m; step
+        k meant for the observation stamp + k * dt, P <= horizon) the chunk is inpainted on it
+        (qvgm.policy.prefix.sample_with_prefix): the first `prefix_len` (default P) steps are held hard, and with
+        weights="exp" the remaining P - prefix_len steps are pulled with a decaying soft mask."""
         obs = dict(observation)
         if not obs.get("prompt"):
             obs["prompt"] = self.prompt or ""
@@ -44,7 +50,17 @@ class FlowPolicyBackend:
         noise = None
         if self._gen is not None:
             noise = torch.randn(1, p.horizon, p.action_dim, generator=self._gen).to(p.device)
-        positions = p.act([obs], num_steps=self.num_steps, noise=noise)[0]
+        if prefix is None:
+            positions = p.act([obs], num_steps=self.num_steps, noise=noise)[0]
+        else:
+            pre = np.asarray(prefix, dtype=np.float64)
+            if pre.ndim != 2 or pre.shape[0] > p.horizon:
+                raise ValueError(f"prefix shape {pre.shape}, expected [P <= {p.horizon}, {p.real_action_dim}]")
+            d = pre.shape[0] if prefix_len is None else int(prefix_len)
+            pre_n = p.processor.normalize_actions(pre)[None].to(p.device)  # [1, P, D] normalised, padded
+            ctx = p.encode(p.preprocess([obs]))
+            positions = p.postprocess(sample_with_prefix(p, ctx, pre_n, d, num_steps=self.num_steps, noise=noise,
+                                                         weights=weights))[0]
         if not np.isfinite(positions).all():
             raise NonFiniteActionError(f"policy {p.version} produced non-finite actions")
         return ActionChunk(positions=positions, dt=self.dt, joint_names=self.joint_names,
