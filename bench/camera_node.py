@@ -44,23 +44,7 @@ apply_loopback_env(keep_existing_domain=True)
 
 # Fast DDS profile for the "shm16" transport: shared memory only (nothing can leave the host), 16 MB segments
 # so a 640x480 rgb8 image (921,600 B) + its depth fit without fragmenting through a small default segment.
-FASTDDS_SHM_XML = """<?xml version="1.0" encoding="UTF-8" ?>
-<profiles xmlns="http://www.eprosima.com">
-  <transport_descriptors>
-    <transport_descriptor>
-      <transport_id>shm_16mb</transport_id>
-      <type>SHM</type>
-      <segment_size>16777216</segment_size>
-    </transport_descriptor>
-  </transport_descriptors>
-  <participant profile_name="shm_only" is_default_profile="true">
-    <rtps>
-      <userTransports><transport_id>shm_16mb</transport_id></userTransports>
-      <useBuiltinTransports>false</useBuiltinTransports>
-    </rtps>
-  </participant>
-</profiles>
-"""
+FASTDDS_SHM_XML = (Path(__file__).resolve().parents[1] / "config" / "fastdds_shm.xml").read_text()
 
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
