@@ -112,6 +112,13 @@ def test_cli_qvgm_out_dir_end_to_end(data, tmp_path):
                                                      strict=True))
     lines = [json.loads(x) for x in (Path(str(out) + ".work") / "scalars.jsonl").read_text().splitlines()]
     assert {ln["stage"] for ln in lines} >= {"critic", "critic_eval", "actor_qvgm", "actor_eval"}
+    # the same scalars as TensorBoard events (tensorboard is a pinned dependency)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(Path(str(out) + ".work") / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert any(t.startswith("critic/") for t in tags) and any(t.startswith("actor_qvgm/") for t in tags), tags
 
 
 def test_cli_publishes_into_store_with_parent(data, tmp_path):

@@ -64,6 +64,11 @@ def test_sft_state_beats_untrained_policy(demos: dict[str, Path], tmp_path: Path
     assert loss_trained < 0.35 * loss_untrained, (loss_trained, loss_untrained)
     assert abs(res["final_loss"] - json.loads((tmp_path / "ck.work" / "scalars.jsonl").read_text().splitlines()[-1])
                ["loss"]) < 1e-9
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "ck.work" / "tb"))
+    ea.Reload()
+    assert abs(ea.Scalars("sft/loss")[-1].value - res["final_loss"]) < 1e-5  # TensorBoard events, same scalars
     # closed loop in the sim on held-out scenes: the trained policy tracks the expert far better
     # (mean |a - a_expert| in rad/m over the executed steps; measured ~0.22 trained vs ~0.57 untrained)
     seeds = (500, 501, 502)
