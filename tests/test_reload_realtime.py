@@ -6,10 +6,12 @@ pre-warm / dry run fails (non-finite output, over the latency budget) is refused
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,20 @@ def make_backend(store: CheckpointStore, **options: Any) -> StoreFlowBackend:
     return backend
 
 
+@contextlib.contextmanager
+def serving_first_version(store: CheckpointStore, **options: Any) -> Iterator[tuple[StoreFlowBackend, str]]:
+    """Publish version 1, start a backend on the store and swap it in; yields (backend, v1), closes the backend."""
+    publish(store, 1)
+    backend = make_backend(store, **options)
+    try:
+        v1 = store.current()
+        assert v1 is not None
+        swap_to(backend, v1)
+        yield backend, v1
+    finally:
+        backend.close()
+
+
 def swap_to(backend: StoreFlowBackend, version: str, timeout: float = 30.0) -> float:
     """Call poll_swap() like the control loop does until `version` serves; returns the swap time (monotonic)."""
     deadline = time.monotonic() + timeout
@@ -90,12 +106,7 @@ def store(tmp_path: Path) -> CheckpointStore:
 
 
 def test_old_model_is_released_on_the_loader_thread(store: CheckpointStore) -> None:
-    publish(store, 1)
-    backend = make_backend(store)
-    try:
-        v1 = store.current()
-        assert v1 is not None
-        swap_to(backend, v1)
+    with serving_first_version(store) as (backend, v1):
         freed: list[str] = []
         weakref.finalize(backend.current.policy, lambda: freed.append(threading.current_thread().name))
         v2 = publish(store, 2)
@@ -105,8 +116,6 @@ def test_old_model_is_released_on_the_loader_thread(store: CheckpointStore) -> N
         assert backend.reloader.released == 1
         chunk = backend.infer(observation())
         assert chunk.version == v2 and chunk.positions.shape == (10, 7) and np.isfinite(chunk.positions).all()
-    finally:
-        backend.close()
 
 
 def test_new_model_is_prewarmed_on_the_loader_thread_before_the_swap(store: CheckpointStore) -> None:
@@ -139,12 +148,7 @@ def test_new_model_is_prewarmed_on_the_loader_thread_before_the_swap(store: Chec
 
 @pytest.mark.parametrize("case", ["non_finite_output", "over_budget"])
 def test_failing_prewarm_refuses_the_version_and_keeps_the_old_weights(store: CheckpointStore, case: str) -> None:
-    publish(store, 1)
-    backend = make_backend(store)
-    try:
-        v1 = store.current()
-        assert v1 is not None
-        swap_to(backend, v1)
+    with serving_first_version(store) as (backend, v1):
         before = backend.infer(observation())
         if case == "over_budget":
             backend.budget_s = 1e-7  # no real inference is that fast
@@ -163,8 +167,6 @@ def test_failing_prewarm_refuses_the_version_and_keeps_the_old_weights(store: Ch
         after = backend.infer(observation())
         assert backend.version == v1 and after.version == v1 and np.isfinite(after.positions).all()
         assert before.positions.shape == after.positions.shape
-    finally:
-        backend.close()
 
 
 def test_each_file_is_hashed_once_per_reload(store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,12 +207,7 @@ def test_load_policy_with_a_verified_manifest(store: CheckpointStore) -> None:
 def test_loader_stages_wait_for_chunk_boundaries_only_while_chunks_flow(store: CheckpointStore) -> None:
     """While the control loop reports chunk boundaries the loader runs load and dry run right after one (bounded
     by reload_pace_s); with no boundaries (robot idle, start-up) it loads without waiting."""
-    publish(store, 1)
-    backend = make_backend(store, reload_pace_s=0.5)
-    try:
-        v1 = store.current()
-        assert v1 is not None
-        swap_to(backend, v1)
+    with serving_first_version(store, reload_pace_s=0.5) as (backend, v1):
         assert backend.paced == 0  # start-up: nothing served, no wait
         v2 = publish(store, 2)
         deadline = time.monotonic() + 30
@@ -228,5 +225,3 @@ def test_loader_stages_wait_for_chunk_boundaries_only_while_chunks_flow(store: C
         t0 = time.monotonic()
         swap_to(backend, v3)
         assert backend.paced == paced and time.monotonic() - t0 < 20
-    finally:
-        backend.close()
