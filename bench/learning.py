@@ -12,8 +12,9 @@ Per task and training seed s:
                all demo / rollout / tuning seeds, checked).
 `--calibrate` instead trains SFT for each --demos value and evaluates it on TUNING seeds (TUNE0 + j) only, to pick
 N and the expert noise so SFT lands at 40-75 % success without looking at evaluation seeds.
-SFT settings (N demos, demo noise, SFT steps, `state` config flags, weight EMA) default per task to SFT_DEFAULTS,
-the calibrated table below; --demos / --demo-noise / --sft-steps / --state-flags / --ema override it.
+SFT settings (N demos, demo noise, SFT steps, `state` config flags, weight EMA) default per task to the
+calibrated table critic_trainer/recipes.py (SFT_DEFAULTS here);
+--demos / --demo-noise / --sft-steps / --state-flags / --ema override it.
 Output: one JSON (stdout + --out): per task, per method, success rate, 95 % Wilson CI (episodes pooled over
 training seeds), per-seed rates, wall time (training + evaluation), plus all seeds and settings. Usage::
 
@@ -41,32 +42,16 @@ import torch  # noqa: E402
 
 from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
+from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES  # noqa: E402
 from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E402
 from qvgm.policy import load_policy  # noqa: E402
 
 DEMO0, TUNE0, ROLL0, EVAL0 = 0, 200_000, 300_000, 900_000
 ALL_METHODS = ("sft", "qvgm", "qdistill", "dql", "filtered-bc", "best-of-n", "q-guided")
 
-# Per-task SFT defaults of the `state` tier: chosen on TUNING seeds 200000+ only (never evaluation seeds 900000+ nor
-# bench/sft_success.py's held-out 100000+) so that SFT lands inside the 40-75 % band the benchmark needs. Source:
-# bench/results/learning_state_calibration_<task>.json, docs/RESULTS.md. demos: N expert episodes;
-# demo_noise: expert noise std (m); state_flags: StateConfig overrides; ema: SFT weight-EMA decay (0 = off);
-# success_only: SFT on the demos the sim labels successful only (the noisy expert fails some stack episodes).
-# Tuning-seed success of each default (30 episodes per SFT seed, pooled over SFT seeds 0-2 / 0-1, same demos):
-# push 45/90 = 50 %, pick_place 33/60 = 55 %, stack 34/60 = 57 % (seed 0 alone: 40 %, 67 %, 63 %).
-# The three StateConfig flags stay opt-in in the config (they assume the tabletop arm: FK of joints 1-6, actions =
-# joint targets), so the benchmark turns them on here.
-_TABLETOP_FLAGS = {"delta_actions": True, "privileged_norm": True, "tool_features": True}
-SFT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "push": {"demos": 100, "demo_noise": 0.01, "sft_steps": 6000, "state_flags": _TABLETOP_FLAGS, "ema": 0.0,
-             "success_only": False},
-    "pick_place": {"demos": 75, "demo_noise": 0.01, "sft_steps": 3000, "state_flags": _TABLETOP_FLAGS, "ema": 0.0,
-                   "success_only": False},
-    "stack": {"demos": 200, "demo_noise": 0.01, "sft_steps": 6000, "state_flags": _TABLETOP_FLAGS, "ema": 0.0,
-              "success_only": True},
-}
-# any other task / --env-spec env: the benchmark's earlier defaults, no tabletop flags
-FALLBACK_SFT = {"demos": 5, "demo_noise": 0.01, "sft_steps": 1000, "state_flags": {}, "ema": 0.0}
+# Per-task SFT defaults: critic_trainer.recipes (the same table the loop uses; chosen on tuning seeds only).
+SFT_DEFAULTS = SFT_RECIPES
+FALLBACK_SFT = FALLBACK_RECIPE
 
 
 def parse_flags(items: list[str] | None) -> dict[str, Any] | None:
