@@ -26,9 +26,11 @@ training seeds), per-seed rates, wall time (training + evaluation), plus all see
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +179,19 @@ def calibrate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"mode": "calibrate", "tuning_seeds": f"{TUNE0}..{TUNE0 + args.tune_episodes - 1}", "rows": rows}
 
 
+CRITIC_KEYS = ("n_exec", "num_steps", "gamma", "seed", "critic_objective", "ensemble", "critic_hidden", "critic_steps",
+               "critic_batch", "critic_lr", "reg_weight", "num_ref", "critic_features", "per_layer_injection",
+               "critic_layer_norm", "critic_dropout", "holdout")
+
+
+def critic_dir(work: Path, task: str, s: int, sft_dir: Path, buf_dir: Path, cfg: P.ImproveConfig) -> Path:
+    """WORK/critic-<task>-s<seed>-<hash>: the trained critic of one seed, keyed by its SFT policy, its buffer and
+    every critic setting, so a resumed --work (e.g. re-running only some methods) reuses it."""
+    key = {"sft": sft_dir.name, "buffer": buf_dir.name, **{k: getattr(cfg, k) for k in CRITIC_KEYS}}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    return work / f"critic-{task}-s{s}-{h}"
+
+
 def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds: list[int]) -> dict[str, Any]:
     """One training seed of one task: SFT, buffer, critic, every method, evaluation."""
     torch.manual_seed(s)
@@ -208,8 +223,20 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         tr = P.buffer_transitions(sft, buf, args.n_exec, base.gamma)
         feats, _ = P.extract_features(sft, buf, work / f"features-{task}-s{s}", args.n_exec, num_ref=base.num_ref,
                                       seed=s)
-        critic, cinfo = P.train_critic(sft, feats, tr, base)
-        out["critic"] = {**cinfo, "wall_s": round(time.perf_counter() - t0, 1), "transitions": len(tr)}
+        cdir = critic_dir(work, task, s, sft_dir, buf_dir, base)
+        if (cdir / "critic_info.json").exists():  # resumed --work: the same critic settings on the same buffer
+            critic, _ = P.load_critic(cdir)
+            out["critic"] = {**json.loads((cdir / "critic_info.json").read_text()), "reused": True}
+        else:
+            critic, cinfo = P.train_critic(sft, feats, tr, base)
+            out["critic"] = {**cinfo, "wall_s": round(time.perf_counter() - t0, 1), "transitions": len(tr)}
+            tmp = cdir.with_name(cdir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            P.save_critic(critic, tmp)
+            (tmp / "critic_info.json").write_text(json.dumps(out["critic"], default=float))
+            shutil.rmtree(cdir, ignore_errors=True)
+            os.replace(tmp, cdir)
         print(json.dumps({"task": task, "seed": s, "critic": out["critic"]["eval"]}), flush=True)
     for m in args.methods:
         t1 = time.perf_counter()

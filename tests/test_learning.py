@@ -57,3 +57,23 @@ def test_calibrate_mode_uses_tuning_seeds(tmp_path):
     res = bench().main([*TOY, "--calibrate", "--tune-episodes", "2", "--work", str(tmp_path / "w")])
     row = res["rows"][0]
     assert row["demos"] == 1 and row["tuning"]["seeds"] == [200_000, 200_001] and row["tuning"]["episodes"] == 2
+
+
+def test_critic_cache_key_follows_every_critic_setting(tmp_path):
+    b = bench()
+    from critic_trainer.pipeline import ImproveConfig
+
+    base = ImproveConfig(seed=0, critic_steps=3000)
+    d = b.critic_dir(tmp_path, "push", 0, tmp_path / "sft-a", tmp_path / "buf-a", base)
+    assert d == b.critic_dir(tmp_path, "push", 0, tmp_path / "sft-a", tmp_path / "buf-a", ImproveConfig(seed=0,
+                                                                                                        critic_steps=3000))
+    # actor settings do not retrain the critic; critic settings, the SFT policy and the buffer do
+    assert d == b.critic_dir(tmp_path, "push", 0, tmp_path / "sft-a", tmp_path / "buf-a",
+                             ImproveConfig(seed=0, critic_steps=3000, actor_steps=7, method="dql"))
+    others = [b.critic_dir(tmp_path, "push", 0, tmp_path / "sft-b", tmp_path / "buf-a", base),
+              b.critic_dir(tmp_path, "push", 0, tmp_path / "sft-a", tmp_path / "buf-b", base)]
+    others += [b.critic_dir(tmp_path, "push", 0, tmp_path / "sft-a", tmp_path / "buf-a",
+                            ImproveConfig(**{**base.__dict__, k: v}))
+               for k, v in [("critic_steps", 10), ("reg_weight", 1.0), ("critic_hidden", (64,)), ("seed", 1),
+                            ("critic_features", "pooled"), ("ensemble", 4), ("critic_objective", "iql")]]
+    assert len({d, *others}) == len(others) + 1
