@@ -52,6 +52,7 @@ from critic_trainer.critic import CriticConfig, CriticTrainConfig, CriticTrainer
 from critic_trainer.features import CRITIC_FEATURES, FeatureCache, critic_state_features, resolve_critic_features
 from critic_trainer.fit import check_training_data, evaluate_critic, fit_critic
 from critic_trainer.qvgm import QVGMConfig, bind_critic, qvgm_update
+from critic_trainer.scalars import ScalarLog
 from critic_trainer.sft import DemoData, batch_inputs, encode_inputs
 from critic_trainer.transitions import ChunkTransitions, chunk_transitions
 from qvgm.data import DatasetError, ReplayReader
@@ -300,39 +301,6 @@ class ImproveConfig:
                           keep_best=self.keep_best, max_shift=self.max_shift, trust_origin=self.trust_origin,
                           gate=self.gate,
                           gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
-
-
-class ScalarLog:
-    """scalars.jsonl ({"step", "tag": value...} per line) and TensorBoard events when `tensorboard` imports."""
-
-    def __init__(self, work: Path | None) -> None:
-        self.f = self.tb = None
-        if work is None:
-            return
-        work.mkdir(parents=True, exist_ok=True)
-        self.path = work / "scalars.jsonl"
-        self.f = open(self.path, "w")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(work / "tb"))
-        except ImportError:
-            self.tb = None
-
-    def log(self, stage: str, step: int, scalars: dict[str, Any]) -> None:
-        vals = {k: float(v) for k, v in scalars.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        if self.f is not None:
-            self.f.write(json.dumps({"stage": stage, "step": step, **vals}) + "\n")
-            self.f.flush()
-        if self.tb is not None:
-            for k, v in vals.items():
-                self.tb.add_scalar(f"{stage}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 # ---------------------------------------------------------------------------------------------------- critic

@@ -14,7 +14,7 @@ noise/flow times (a torch.Generator); same seed + data + thread count -> identic
 Resume: every `checkpoint_every` steps the training state is written atomically to WORK/train_state/
 (model.safetensors; optimizer.safetensors = Adam moments + torch RNG state; state.json = step, numpy RNG,
 config, data fingerprint). `--resume` continues from it and ends bit-identical to an uninterrupted run.
-Logs: WORK/scalars.jsonl ({"step", "loss", "lr", "wall_s"} per line), and TensorBoard event files in
+Logs: WORK/scalars.jsonl ({"stage": "sft", "step", "loss", "lr", "wall_s"} per line), and TensorBoard event files in
 WORK/tb when the optional `tensorboard` package is importable. WORK defaults to OUT + ".work".
 """
 
@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from critic_trainer.scalars import ScalarLog
 from qvgm.data import DatasetError, ReplayReader
 from qvgm.policy import NormStats, make_policy, save_policy
 from qvgm.policy.flow import FlowPolicyBase, sample_flow_time
@@ -358,37 +359,6 @@ def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
     return int(meta["step"])
 
 
-class ScalarLog:
-    """JSONL scalar log (always) + TensorBoard SummaryWriter when `tensorboard` is importable."""
-
-    def __init__(self, work: Path, resume_step: int) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        self.path = work / "scalars.jsonl"
-        if self.path.exists():  # drop lines past the resume point (they will be re-logged identically)
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
-        self.f = open(self.path, "a")
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(work / "tb"), purge_step=resume_step + 1)
-        except ImportError:
-            pass
-
-    def log(self, step: int, **scalars: float) -> None:
-        self.f.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"sft/{k}", v, step)
-
-    def close(self) -> None:
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ---------------------------------------------------------------------------------------------------- training
 def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False, stop_after: int | None = None,
               progress: bool = True) -> dict[str, Any]:
@@ -454,7 +424,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             loss_v = float(loss.item())
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
-                log.log(done, loss=loss_v, lr=lr, wall_s=round(time.perf_counter() - t0, 3))
+                log.log("sft", done, {"loss": loss_v, "lr": lr, "wall_s": round(time.perf_counter() - t0, 3)})
                 bar.set_postfix(loss=f"{loss_v:.4f}")
             if done % cfg.checkpoint_every == 0 or done == end:
                 _save_train_state(work, policy, opt, done, rng, gen, cfg, fingerprint, loss_v, ema)
