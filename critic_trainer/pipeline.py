@@ -901,6 +901,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default=None, help="version string for --out (default INIT+METHOD)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--watch", action="store_true",
+                   help="keep improving: a round now and after every --watch-min-episodes new labelled episodes, each "
+                        "from the store's current version, published into --store (critic_trainer/watch.py)")
+    p.add_argument("--watch-min-episodes", type=int, default=10)
+    p.add_argument("--watch-poll", type=float, default=10.0, help="seconds between buffer checks")
+    p.add_argument("--watch-rounds", type=int, default=0, help="exit after N published rounds (0: until stopped)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -924,6 +930,19 @@ def run(args: argparse.Namespace) -> int:
                         critic_layer_norm=args.critic_layer_norm,
                         critic_dropout=args.critic_dropout, gamma=args.gamma, holdout=args.holdout,
                         actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience)
+    if args.watch:
+        from critic_trainer.watch import watch
+
+        if args.store is None:
+            raise ValueError("--watch publishes into a checkpoint store: give --store STORE")
+        if args.watch_min_episodes < 1 or args.watch_poll <= 0:
+            raise ValueError("--watch-min-episodes must be >= 1 and --watch-poll > 0")
+        rounds = watch(Path(args.dataset), Path(args.store), Path(args.policy), cfg,
+                       Path(args.work_dir) if args.work_dir else Path(args.store) / "work",
+                       min_new=args.watch_min_episodes, poll_s=args.watch_poll, rounds=args.watch_rounds,
+                       progress=not args.no_progress, log=lambda m: print(m, flush=True))
+        print(json.dumps({"watch_rounds": rounds}))
+        return 0
     policy = load_policy(args.policy)
     backbone = policy.config.backbone
     buf = load_buffer(args.dataset, policy.horizon, with_images=backbone != "state")
