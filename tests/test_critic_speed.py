@@ -217,3 +217,18 @@ def test_shape_errors_are_clear():
         critic.q_from_state(s, torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match="batch"):
         critic.q_from_state(s, torch.randn(2, 6))
+
+
+def test_dropout_critic_train_and_eval():
+    """Dropout masks are drawn once per layer over all B*S rows (same distribution as before, other draws)."""
+    torch.manual_seed(0)
+    cfg = small_cfg(dropout=0.3)
+    critic = QEnsemble(cfg).double()
+    g = torch.Generator().manual_seed(5)
+    z, p = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    a = torch.rand(4, 6, cfg.action_dim, generator=g, dtype=torch.float64) * 2 - 1
+    params = dict(critic.named_parameters())
+    q_ref = reference_q(params, cfg, reference_state(params, cfg, z, p), a)  # no dropout: the eval-mode function
+    q_train = critic(z, p, a)
+    assert torch.isfinite(q_train).all() and not torch.allclose(q_train, q_ref)
+    torch.testing.assert_close(critic.eval()(z, p, a), q_ref, rtol=0, atol=1e-10)
