@@ -16,11 +16,13 @@ Per policy config (`state`, `pi05-small`; randomly initialised, the cost does no
   dql_over_qvgm          ratio of the medians (the headline: > 1 means Q-VGM is cheaper); dql_over_qvgm_s{S} likewise
   peak_rss_mb_*          process peak RSS after each phase (ru_maxrss; monotone, so phases run cheapest first)
   load_avg_*             the 1-min load average before / after each phase (the machine is shared)
+  phases (--phases)      median seconds of an actor update's pieces: prefix encode with / without grad, one no-grad
+                         velocity, encode + 1 or 4 graph-holding velocities forward + backward
 Medians over --reps timed repetitions after --warmup untimed ones, Q-VGM (all variants) and DQL repetitions
 interleaved (same machine load for the ratio); torch threads --threads. --parts critic skips the actor updates.
 
     .venv/bin/python bench/trainer_speed.py [--configs state pi05-small] [--actor-batch 32] [--critic-batch 256]
-        [--critic-threads 1 2] [--critic-before REV] [--steps-per-sample 2] [--parts critic actor]
+        [--critic-threads 1 2] [--critic-before REV] [--steps-per-sample 2] [--parts critic actor] [--phases]
 """
 
 from __future__ import annotations
@@ -117,6 +119,33 @@ def critic_speed(mods: dict[str, Any], feature_dim: int, proprio_dim: int, args:
     return out
 
 
+def actor_phases(actor: Any, reference: Any, inputs: dict[str, torch.Tensor], args: argparse.Namespace
+                 ) -> dict[str, float]:
+    """Median seconds of the pieces an actor update is made of (where the fixed cost of Q-VGM sits)."""
+    b = inputs["state"].shape[0]
+    x = torch.randn(b, actor.horizon, actor.action_dim)
+    t = torch.full((b,), 0.5)
+    with torch.no_grad():
+        ref_ctx = reference.encode(inputs)
+
+    def no_grad(fn: Any) -> Any:
+        return lambda: torch.no_grad()(fn)()
+
+    def encode_velocities(k: int) -> None:
+        ctx = actor.encode(inputs)
+        sum(actor.velocity(x, t, ctx).pow(2).mean() for _ in range(k)).backward()
+        actor.zero_grad(set_to_none=True)
+
+    pieces = {"encode_no_grad_s": no_grad(lambda: reference.encode(inputs)),
+              "velocity_no_grad_s": no_grad(lambda: reference.velocity(x, t, ref_ctx)),
+              "encode_with_grad_forward_s": lambda: actor.encode(inputs),
+              "encode_plus_1_velocity_forward_backward_s": lambda: encode_velocities(1),
+              "encode_plus_4_velocities_forward_backward_s": lambda: encode_velocities(4)}
+    out = {k: round(statistics.median(timed(fn, 1, max(args.reps // 2, 1))), 4) for k, fn in pieces.items()}
+    out["load_avg_1min_end"] = load()
+    return out
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -165,12 +194,13 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"config": name, "params": params, "actor_batch": args.actor_batch,
                            "critic_batch": args.critic_batch, "critic_hidden": list(args.critic_hidden),
                            "critic_feature_dim": int(z.shape[-1])}
-    mods = {"now": sys.modules[CriticTrainer.__module__]}
-    if args.critic_before:
-        mods["before"] = critic_module_at(args.critic_before)
-    out["critic"] = critic_speed(mods, int(z.shape[-1]), int(p.shape[-1]), args)
-    if args.critic_before:
-        out["critic_before_rev"] = args.critic_before
+    if "critic" in args.parts:
+        mods = {"now": sys.modules[CriticTrainer.__module__]}
+        if args.critic_before:
+            mods["before"] = critic_module_at(args.critic_before)
+        out["critic"] = critic_speed(mods, int(z.shape[-1]), int(p.shape[-1]), args)
+        if args.critic_before:
+            out["critic_before_rev"] = args.critic_before
     critic = QEnsemble(CriticConfig(feature_dim=z.shape[-1], proprio_dim=p.shape[-1], n_exec=N_EXEC,
                                     real_action_dim=REAL, num_q=2, hidden=tuple(args.critic_hidden)))
     trainer = CriticTrainer(critic, CriticTrainConfig(reg_weight=0.1))
@@ -222,6 +252,8 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         dql_t += timed(dql_step, 0, 1)
     rss_dql = rss_mb()
     med = statistics.median
+    if args.phases:
+        out["phases"] = actor_phases(actor, reference, inputs, args)
     out.update({"qvgm_update_s": round(med(qvgm_t), 4), "qvgm_updates_per_s": round(1.0 / med(qvgm_t), 2),
                 "dql_update_s": round(med(dql_t), 4), "dql_updates_per_s": round(1.0 / med(dql_t), 2),
                 "dql_over_qvgm": round(med(dql_t) / med(qvgm_t), 2)})
@@ -247,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--critic-before", default=None, help="git revision whose critic.py to time interleaved")
     ap.add_argument("--steps-per-sample", type=int, nargs="*", default=[2],
                     help="Q-VGM steps_per_sample values timed besides all K")
+    ap.add_argument("--phases", action="store_true", help="also time the pieces of an actor update")
     ap.add_argument("--parts", nargs="+", default=["critic", "actor"], choices=["critic", "actor"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

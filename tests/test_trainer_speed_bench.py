@@ -28,7 +28,7 @@ def test_trainer_speed_bench_state(tmp_path: Path) -> None:
     before = ["--critic-before", "HEAD"] if _git_head() else []  # the critic as committed, loaded from git
     try:
         out = mod.main(["--configs", "state", "--reps", "2", "--warmup", "0", "--critic-batch", "32",
-                        "--actor-batch", "4", "--critic-threads", "1", "--steps-per-sample", "2", *before,
+                        "--actor-batch", "4", "--critic-threads", "1", "--steps-per-sample", "2", "--phases", *before,
                         "--out", str(tmp_path / "speed.json")])
     finally:
         torch.set_num_threads(n)
@@ -37,6 +37,7 @@ def test_trainer_speed_bench_state(tmp_path: Path) -> None:
     for key in ("critic_updates_per_s", "qvgm_update_s", "dql_update_s", "dql_over_qvgm", "qvgm_s2_update_s",
                 "dql_over_qvgm_s2", "qvgm_over_qvgm_s2", "load_avg_1min_before_actor"):
         assert math.isfinite(r[key]) and r[key] > 0, key
+    assert all(v > 0 for v in r["phases"].values())
     row = r["critic"]["threads_1"]
     assert row["now_updates_per_s"] > 0 and "load_avg_1min_start" in row
     if before:
