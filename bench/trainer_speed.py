@@ -2,29 +2,43 @@
 
 Per policy config (`state`, `pi05-small`; randomly initialised, the cost does not depend on the weights):
   critic_updates_per_s   one CriticTrainer.update (Cal-QL, ensemble of 2, per-layer injection, batch
-                         --critic-batch) on cached features (training never touches images)
+                         --critic-batch, 10 uniform + 4 reference + 4 next-reference samples per state) on cached
+                         features (training never touches images), with --threads
+  critic                 the same per thread count in --critic-threads: updates/s of this tree's critic and, with
+                         --critic-before REV, of critic_trainer/critic.py at git revision REV (loaded from git, same
+                         batch, repetitions interleaved), the speed-up, and the 1-min load average around each
   qvgm_update_s          one Q-VGM actor update (critic_trainer.qvgm.qvgm_update): encode + K=10 no-grad rollout +
                          K reference velocities + J=4 batched ascent steps + K graph-holding actor velocities
+  qvgm_s{S}_update_s     the same with steps_per_sample S (--steps-per-sample): S drawn steps per sample in the
+                         gated and in the anchor-only set (2 + 2 velocity evaluations per sample for S = 2)
   dql_update_s           one Diffusion-QL update at the same batch and K: backprop through all K Euler steps + BC
                          (critic_trainer.baselines.diffusion_ql_loss through pipeline.DifferentiableSampler)
-  dql_over_qvgm          ratio of the medians (the headline: > 1 means Q-VGM is cheaper)
+  dql_over_qvgm          ratio of the medians (the headline: > 1 means Q-VGM is cheaper); dql_over_qvgm_s{S} likewise
   peak_rss_mb_*          process peak RSS after each phase (ru_maxrss; monotone, so phases run cheapest first)
-Medians over --reps timed repetitions after --warmup untimed ones, Q-VGM and DQL repetitions interleaved (same
-machine load for the ratio); torch threads --threads.
+  load_avg_*             the 1-min load average before / after each phase (the machine is shared)
+  phases (--phases)      median seconds of an actor update's pieces: prefix encode with / without grad, one no-grad
+                         velocity, encode + 1 or 4 graph-holding velocities forward + backward
+Medians over --reps timed repetitions after --warmup untimed ones, Q-VGM (all variants) and DQL repetitions
+interleaved (same machine load for the ratio); torch threads --threads. --parts critic skips the actor updates.
 
     .venv/bin/python bench/trainer_speed.py [--configs state pi05-small] [--actor-batch 32] [--critic-batch 256]
+        [--critic-threads 1 2] [--critic-before REV] [--steps-per-sample 2] [--parts critic actor] [--phases]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import importlib.util
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +58,92 @@ from qvgm.policy.processor import NormStats  # noqa: E402
 
 PROMPT = "push the red cube to the green target"
 N_EXEC, REAL, PRIV = 5, 7, 21
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def critic_module_at(rev: str) -> Any:
+    """critic_trainer/critic.py as of git revision `rev`, imported under another name (the 'before' critic)."""
+    root = Path(__file__).resolve().parents[1]
+    text = subprocess.run(["git", "show", f"{rev}:critic_trainer/critic.py"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(text)
+    spec = importlib.util.spec_from_file_location(f"critic_before_{rev}", f.name)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    os.unlink(f.name)
+    return mod
+
+
+def critic_speed(mods: dict[str, Any], feature_dim: int, proprio_dim: int, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """Critic updates/s per implementation (module with QEnsemble etc.) and thread count, interleaved per rep."""
+    cb, a = args.critic_batch, N_EXEC * REAL
+    g = torch.Generator().manual_seed(1)
+    t = {k: torch.randn(cb, d, generator=g) for k, d in (("z", feature_dim), ("p", proprio_dim),
+                                                          ("z_next", feature_dim), ("p_next", proprio_dim))}
+    fields = dict(actions=torch.rand(cb, a, generator=g) * 2 - 1, rewards=torch.zeros(cb, N_EXEC),
+                  done=torch.zeros(cb), mc_return=torch.rand(cb, generator=g),
+                  ref_actions=torch.rand(cb, 4, a, generator=g) * 2 - 1,
+                  ref_next_actions=torch.rand(cb, 4, a, generator=g) * 2 - 1, **t)
+    trainers = {}
+    for name, m in mods.items():
+        torch.manual_seed(0)  # the same initial weights for every implementation
+        critic = m.QEnsemble(m.CriticConfig(feature_dim=feature_dim, proprio_dim=proprio_dim, n_exec=N_EXEC,
+                                            real_action_dim=REAL, num_q=2, hidden=tuple(args.critic_hidden)))
+        trainers[name] = (m.CriticTrainer(critic, m.CriticTrainConfig(reg_weight=0.1)), m.CriticBatch(**fields))
+    out: dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    for nt in args.critic_threads:
+        torch.set_num_threads(nt)
+        row: dict[str, Any] = {"load_avg_1min_start": load()}
+        times: dict[str, list[float]] = {k: [] for k in trainers}
+        for tr, batch in trainers.values():
+            timed(lambda tr=tr, batch=batch: tr.update(batch), args.warmup, 0)
+        for _ in range(args.reps * 5):
+            for name, (tr, batch) in trainers.items():
+                times[name] += timed(lambda tr=tr, batch=batch: tr.update(batch), 0, 1)
+        for name, ts in times.items():
+            row[f"{name}_update_s"] = round(statistics.median(ts), 4)
+            row[f"{name}_updates_per_s"] = round(1.0 / statistics.median(ts), 2)
+        if "before" in times:
+            row["speedup"] = round(statistics.median(times["before"]) / statistics.median(times["now"]), 2)
+        row["load_avg_1min_end"] = load()
+        out[f"threads_{nt}"] = row
+    torch.set_num_threads(threads)
+    return out
+
+
+def actor_phases(actor: Any, reference: Any, inputs: dict[str, torch.Tensor], args: argparse.Namespace
+                 ) -> dict[str, float]:
+    """Median seconds of the pieces an actor update is made of (where the fixed cost of Q-VGM sits)."""
+    b = inputs["state"].shape[0]
+    x = torch.randn(b, actor.horizon, actor.action_dim)
+    t = torch.full((b,), 0.5)
+    with torch.no_grad():
+        ref_ctx = reference.encode(inputs)
+
+    def no_grad(fn: Any) -> Any:
+        return lambda: torch.no_grad()(fn)()
+
+    def encode_velocities(k: int) -> None:
+        ctx = actor.encode(inputs)
+        sum(actor.velocity(x, t, ctx).pow(2).mean() for _ in range(k)).backward()
+        actor.zero_grad(set_to_none=True)
+
+    pieces = {"encode_no_grad_s": no_grad(lambda: reference.encode(inputs)),
+              "velocity_no_grad_s": no_grad(lambda: reference.velocity(x, t, ref_ctx)),
+              "encode_with_grad_forward_s": lambda: actor.encode(inputs),
+              "encode_plus_1_velocity_forward_backward_s": lambda: encode_velocities(1),
+              "encode_plus_4_velocities_forward_backward_s": lambda: encode_velocities(4)}
+    out = {k: round(statistics.median(timed(fn, 1, max(args.reps // 2, 1))), 4) for k, fn in pieces.items()}
+    out["load_avg_1min_end"] = load()
+    return out
 
 
 def rss_mb() -> float:
@@ -91,6 +191,16 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ctx = reference.encode(inputs)
         z = critic_state_features(reference, ctx, inputs, "rl-token" if name == "state" else "pooled")
     p = inputs["state"].float()
+    out: dict[str, Any] = {"config": name, "params": params, "actor_batch": args.actor_batch,
+                           "critic_batch": args.critic_batch, "critic_hidden": list(args.critic_hidden),
+                           "critic_feature_dim": int(z.shape[-1])}
+    if "critic" in args.parts:
+        mods = {"now": sys.modules[CriticTrainer.__module__]}
+        if args.critic_before:
+            mods["before"] = critic_module_at(args.critic_before)
+        out["critic"] = critic_speed(mods, int(z.shape[-1]), int(p.shape[-1]), args)
+        if args.critic_before:
+            out["critic_before_rev"] = args.critic_before
     critic = QEnsemble(CriticConfig(feature_dim=z.shape[-1], proprio_dim=p.shape[-1], n_exec=N_EXEC,
                                     real_action_dim=REAL, num_q=2, hidden=tuple(args.critic_hidden)))
     trainer = CriticTrainer(critic, CriticTrainConfig(reg_weight=0.1))
@@ -102,8 +212,13 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
                         p_next=torch.randn(cb, p.shape[-1], generator=g), mc_return=torch.rand(cb, generator=g),
                         ref_actions=torch.rand(cb, 4, a, generator=g) * 2 - 1,
                         ref_next_actions=torch.rand(cb, 4, a, generator=g) * 2 - 1)
+    out["load_avg_1min_before_critic"] = load()
     critic_t = timed(lambda: trainer.update(batch), args.warmup, args.reps * 5)
-    rss_critic = rss_mb()
+    out["critic_updates_per_s"] = round(1.0 / statistics.median(critic_t), 1)
+    out["load_avg_1min_after_critic"] = load()
+    out["peak_rss_mb_after_critic"] = round(rss_mb())
+    if "actor" not in args.parts:
+        return out
 
     q_fn = bind_critic(critic, z, p)
     opt = torch.optim.AdamW(actor.parameters(), lr=1e-5)
@@ -111,8 +226,10 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     chunks = torch.rand(args.actor_batch, actor.horizon, actor.action_dim, generator=g) * 2 - 1
     chunks[..., REAL:] = 0.0
 
-    def qvgm_step() -> None:
-        qvgm_update(actor, reference, opt, inputs, q_fn, qcfg)
+    def qvgm_step(cfg: QVGMConfig = qcfg) -> None:
+        qvgm_update(actor, reference, opt, inputs, q_fn, cfg)
+
+    sampled = {s: dataclasses.replace(qcfg, steps_per_sample=s) for s in args.steps_per_sample}
 
     def dql_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -122,23 +239,31 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
         opt.step()
 
-    # Q-VGM first (peak RSS is monotone), then the two interleaved so both see the same machine load
+    # Q-VGM first (peak RSS is monotone), then all interleaved so every variant sees the same machine load
+    out["load_avg_1min_before_actor"] = load()
     qvgm_t = timed(qvgm_step, args.warmup, 1)
     rss_qvgm = rss_mb()
+    sampled_t = {s: timed(lambda c=c: qvgm_step(c), args.warmup, 1) for s, c in sampled.items()}
     dql_t = timed(dql_step, args.warmup, 1)
     for _ in range(args.reps - 1):
         qvgm_t += timed(qvgm_step, 0, 1)
+        for s, c in sampled.items():
+            sampled_t[s] += timed(lambda c=c: qvgm_step(c), 0, 1)
         dql_t += timed(dql_step, 0, 1)
     rss_dql = rss_mb()
     med = statistics.median
-    return {"config": name, "params": params, "actor_batch": args.actor_batch, "critic_batch": cb,
-            "critic_hidden": list(args.critic_hidden), "critic_feature_dim": int(z.shape[-1]),
-            "critic_updates_per_s": round(1.0 / med(critic_t), 1),
-            "qvgm_update_s": round(med(qvgm_t), 4), "qvgm_updates_per_s": round(1.0 / med(qvgm_t), 2),
-            "dql_update_s": round(med(dql_t), 4), "dql_updates_per_s": round(1.0 / med(dql_t), 2),
-            "dql_over_qvgm": round(med(dql_t) / med(qvgm_t), 2),
-            "peak_rss_mb_after_critic": round(rss_critic), "peak_rss_mb_after_qvgm": round(rss_qvgm),
-            "peak_rss_mb_after_dql": round(rss_dql)}
+    if args.phases:
+        out["phases"] = actor_phases(actor, reference, inputs, args)
+    out.update({"qvgm_update_s": round(med(qvgm_t), 4), "qvgm_updates_per_s": round(1.0 / med(qvgm_t), 2),
+                "dql_update_s": round(med(dql_t), 4), "dql_updates_per_s": round(1.0 / med(dql_t), 2),
+                "dql_over_qvgm": round(med(dql_t) / med(qvgm_t), 2)})
+    for s, ts in sampled_t.items():
+        out[f"qvgm_s{s}_update_s"] = round(med(ts), 4)
+        out[f"dql_over_qvgm_s{s}"] = round(med(dql_t) / med(ts), 2)
+        out[f"qvgm_over_qvgm_s{s}"] = round(med(qvgm_t) / med(ts), 2)
+    out.update({"load_avg_1min_after_actor": load(), "peak_rss_mb_after_qvgm": round(rss_qvgm),
+                "peak_rss_mb_after_dql": round(rss_dql)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -150,6 +275,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--critic-threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--critic-before", default=None, help="git revision whose critic.py to time interleaved")
+    ap.add_argument("--steps-per-sample", type=int, nargs="*", default=[2],
+                    help="Q-VGM steps_per_sample values timed besides all K")
+    ap.add_argument("--phases", action="store_true", help="also time the pieces of an actor update")
+    ap.add_argument("--parts", nargs="+", default=["critic", "actor"], choices=["critic", "actor"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -125,29 +125,58 @@ class QEnsemble(nn.Module):
         s = F.layer_norm(zs, (self.state_dim,))
         return s * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
 
+    def _injects(self) -> list[bool]:
+        """Per layer (hidden..., out): whether the action A is part of its input (appended after the state part)."""
+        per = self.cfg.per_layer_injection and self.cfg.action_dim > 0
+        return [per or (i == 0 and self.cfg.action_dim > 0) for i in range(len(self.hidden))] + [per]
+
     def q_from_state(self, s: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """s [N, B, state_dim] (from encode_state), actions [B, A] or [B, S, A] -> Q [N, B] or [N, B, S]."""
+        """s [N, B, state_dim] (from encode_state), actions [B, A] or [B, S, A] -> Q [N, B] or [N, B, S].
+
+        Every layer's weight is [N, in, out] with the injected action's rows LAST ([W_x; W_a], the checkpoint
+        layout), so layer(cat[x, A]) = x W_x + A W_a + b. Computed that way, without the concatenation: the
+        action parts of all injected layers and all members in one matmul over the B*S actions, and the state
+        part of the first layer once per state (B rows), broadcast over its S actions. Same function as the
+        concatenated form (tests/test_critic_speed.py checks it against that formulation in float64).
+        """
         n, b, ds = s.shape
-        if actions.shape[0] != b or actions.shape[-1] != self.cfg.action_dim:
-            raise ValueError(f"actions {tuple(actions.shape)} do not match batch {b} x action_dim "
-                             f"{self.cfg.action_dim}")
+        adim = self.cfg.action_dim
+        if actions.shape[0] != b or actions.shape[-1] != adim:
+            raise ValueError(f"actions {tuple(actions.shape)} do not match batch {b} x action_dim {adim}")
         multi = actions.dim() == 3
-        if multi:
-            ns = actions.shape[1]
-            s = s.unsqueeze(2).expand(n, b, ns, ds).reshape(n, b * ns, ds)
-            actions = actions.reshape(b * ns, -1)
-        a = actions.unsqueeze(0).expand(n, -1, -1)
+        ns = actions.shape[1] if multi else 1
+        m = b * ns
+        layers = [*self.hidden, self.out]
+        injects = self._injects()
+        pa: list[torch.Tensor | None] = [None] * len(layers)
+        if any(injects):
+            idx = [i for i, inj in enumerate(injects) if inj]
+            widths = [layers[i].weight.shape[-1] for i in idx]
+            w_a = torch.cat([layers[i].weight[:, -adim:] for i in idx], dim=-1)  # [N, A, sum(out)]
+            b_a = torch.cat([layers[i].bias for i in idx], dim=-1)  # [N, sum(out)]
+            proj = torch.baddbmm(b_a.unsqueeze(1), actions.reshape(1, m, adim).expand(n, m, adim), w_a)
+            for i, part in zip(idx, proj.split(widths, dim=-1), strict=True):
+                pa[i] = part  # [N, M, out_i]: A W_a + b of layer i
         h = s
-        for i, layer in enumerate(self.hidden):
-            inject = self.cfg.per_layer_injection or i == 0
-            h = layer(torch.cat([h, a], dim=-1) if inject else h)
+        for i, layer in enumerate(layers):
+            w = layer.weight[:, :-adim] if injects[i] else layer.weight  # W_x: the rows of the non-action input
+            if i == 0:
+                hs = torch.bmm(h, w)  # [N, B, out]: the state part, once per state
+                if pa[0] is not None:
+                    h = (pa[0].view(n, b, ns, -1) + hs.unsqueeze(2)).view(n, m, -1)
+                else:
+                    h = (hs + layer.bias.unsqueeze(1)).unsqueeze(2).expand(n, b, ns, -1).reshape(n, m, -1)
+            else:
+                h = torch.baddbmm(pa[i] if pa[i] is not None else layer.bias.unsqueeze(1), h, w)
+            if i == len(layers) - 1:
+                break
             if self.cfg.layer_norm:
                 h = F.layer_norm(h, (h.shape[-1],))
             h = self.act(h)
             if self.cfg.dropout > 0.0:
                 h = F.dropout(h, self.cfg.dropout, self.training)
-        q = self.out(torch.cat([h, a], dim=-1) if self.cfg.per_layer_injection else h).squeeze(-1)
-        return q.reshape(n, b, -1) if multi else q
+        q = h.squeeze(-1)  # [N, M]
+        return q.view(n, b, ns) if multi else q
 
     def forward(self, z: torch.Tensor, p: torch.Tensor | None, actions: torch.Tensor) -> torch.Tensor:
         """Q [N, B] (or [N, B, S]) for features z [B, F], proprio p [B, P], critic actions [B, (S,) A]."""
@@ -274,9 +303,9 @@ class CriticTrainer:
         cfg = self.cfg
         b = batch.actions.shape[0]
         s = self.critic.encode_state(batch.z, batch.p)
-        q_data = self.critic.q_from_state(s, batch.actions)  # [N, B]
         metrics: dict[str, float] = {}
         if cfg.objective == "iql":
+            q_data = self.critic.q_from_state(s, batch.actions)  # [N, B]
             assert self.value is not None
             with torch.no_grad():
                 q_t = self.target(batch.z, batch.p, batch.actions).min(0).values  # [B]
@@ -293,12 +322,14 @@ class CriticTrainer:
             with torch.no_grad():
                 next_q = self.target(batch.z_next, batch.p_next, batch.ref_next_actions[:, 0]).min(0).values
                 y = td_target(batch.rewards, batch.done, next_q, cfg.gamma, batch.n_steps)
-            td = ((q_data - y[None]) ** 2).mean(-1).sum()
             unif = torch.rand(b, cfg.num_uniform, batch.actions.shape[-1], dtype=batch.actions.dtype,
                               device=batch.actions.device) * 2.0 - 1.0
-            q_unif = self.critic.q_from_state(s, unif)
-            q_ref = self.critic.q_from_state(s, batch.ref_actions)
-            q_ref_next = self.critic.q_from_state(s, batch.ref_next_actions)
+            # one critic pass for the data action and every regulariser sample: [B, 1 + U + R + R', A]
+            sizes = [1, cfg.num_uniform, batch.ref_actions.shape[1], batch.ref_next_actions.shape[1]]
+            acts = torch.cat([batch.actions.unsqueeze(1), unif, batch.ref_actions, batch.ref_next_actions], dim=1)
+            q_data, q_unif, q_ref, q_ref_next = self.critic.q_from_state(s, acts).split(sizes, dim=-1)
+            q_data = q_data.squeeze(-1)  # [N, B]
+            td = ((q_data - y[None]) ** 2).mean(-1).sum()
             reg = calql_regulariser(q_data, q_unif, q_ref, q_ref_next, batch.mc_return,
                                     calibrate=cfg.objective == "calql").mean(-1).sum()
             loss = td + cfg.reg_weight * reg

@@ -267,6 +267,7 @@ class ImproveConfig:
     actor_patience: int = 3  # keep the best actor by it and stop after `actor_patience` checks without a gain
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
+    steps_per_sample: int | None = None  # Q-VGM: None = all K steps; S = S drawn steps per sample (unbiased)
     dql_eta: float = 1.0
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
@@ -294,13 +295,16 @@ class ImproveConfig:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
         if self.actor_eval_every < 0 or self.actor_patience < 1:
             raise ValueError("actor_eval_every must be >= 0 and actor_patience >= 1")
+        if self.steps_per_sample is not None and self.steps_per_sample < 1:
+            raise ValueError(f"steps_per_sample must be >= 1 (or None for all K), got {self.steps_per_sample}")
 
     def qvgm(self) -> QVGMConfig:
         return QVGMConfig(n_exec=self.n_exec, num_steps=self.num_steps, ascent_steps=self.ascent_steps,
                           ascent_lr=self.ascent_lr, clip_grad=self.clip_grad, project=self.project,
                           keep_best=self.keep_best, max_shift=self.max_shift, trust_origin=self.trust_origin,
                           gate=self.gate,
-                          gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
+                          gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight,
+                          steps_per_sample=self.steps_per_sample)
 
 
 # ---------------------------------------------------------------------------------------------------- critic
@@ -896,6 +900,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
     p.add_argument("--ascent-steps", type=int, default=4, help="J")
     p.add_argument("--bc-weight", type=float, default=0.0)
+    p.add_argument("--steps-per-sample", type=int, default=None,
+                   help="Q-VGM: evaluate the loss at S drawn flow steps per sample (gated and anchor-only sets "
+                        "each), an unbiased estimate; default all K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="feature cache + logs (default OUT.work or STORE/work)")
     p.add_argument("--version", default=None, help="version string for --out (default INIT+METHOD)")
@@ -929,7 +936,8 @@ def run(args: argparse.Namespace) -> int:
                         lcb_beta=args.lcb_beta, max_shift=args.max_shift, trust_origin=args.trust_origin,
                         critic_layer_norm=args.critic_layer_norm,
                         critic_dropout=args.critic_dropout, gamma=args.gamma, holdout=args.holdout,
-                        actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience)
+                        actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience,
+                        steps_per_sample=args.steps_per_sample)
     if args.watch:
         from critic_trainer.watch import watch
 

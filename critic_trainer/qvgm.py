@@ -16,6 +16,11 @@ One update, for a batch of observations (context) and a critic bound to their st
                               + sum_k || v_theta - v_base ||^2 on every other coordinate )
           + bc_weight * flow-matching loss on buffer actions (optional).
 Each term k of the loss holds exactly one actor velocity evaluation in its autograd graph.
+
+Opt-in `steps_per_sample` S (QVGMConfig): an unbiased estimate of the same loss from S randomly drawn steps
+per sample in the gated set and S in the anchor-only set instead of all K, so the graph-holding actor
+velocities and the frozen reference's velocities drop from K to min(S, |gated|) + min(S, K - |gated|) per
+update (the rollout stays K no-grad steps). See `sampled_steps`.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class QVGMConfig:
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     h_sign: float = 1.0  # diagnostic only: -1 reproduces the sign bug of METHOD.md (tests prove they catch it)
+    # None: every step k = 0..K-1 (exact). S >= 1: per sample, S steps drawn from the gated set and S from the
+    # anchor-only set (each capped at its size), reweighted: an unbiased estimate of the same loss (sampled_steps)
+    steps_per_sample: int | None = None
 
 
 def gate_weights(t: torch.Tensor, cfg: QVGMConfig) -> torch.Tensor:
@@ -145,6 +153,34 @@ def trust_region(a: torch.Tensor, origin: torch.Tensor, max_shift: float) -> tor
     return origin + d * scale
 
 
+def sampled_steps(gate: torch.Tensor, b: int, steps_per_sample: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Draw the flow steps each sample's loss is evaluated at -> (steps [B, J] long, weights [J], J_gated).
+
+    gate [K] (gate_weights, t_k = 1 - k/K): the gated set G = {k: m_k > 0}, the anchor-only set U = {k: m_k = 0}.
+    Per sample b, independently: s_G = min(S, |G|) distinct steps uniformly from G (columns 0..s_G-1) and
+    s_U = min(S, |U|) from U (the rest), with weights |G|/s_G and |U|/s_U. Why unbiased: the full loss of a
+    sample is sum_k l_k; each k in G is drawn with probability s_G/|G| (likewise for U), so
+    E[|G|/s_G sum_{drawn k in G} l_k + |U|/s_U sum_{drawn k in U} l_k] = sum_k l_k, and since the gradient is
+    linear the same holds for it. Every l_k depends only on (x_k, t_k) of the no-grad rollout, which is drawn
+    before the steps, and its own ascent target, so evaluating fewer steps changes no term. With S >= |G| and
+    S >= |U| every step is drawn once with weight 1 (the exact loss, in another order).
+    """
+    if steps_per_sample < 1:
+        raise ValueError(f"steps_per_sample must be >= 1, got {steps_per_sample}")
+    cols, weights = [], []
+    for members in (torch.nonzero(gate > 0).flatten(), torch.nonzero(gate <= 0).flatten()):
+        n = members.numel()
+        if n == 0:
+            continue
+        s = min(steps_per_sample, n)
+        pick = torch.rand(b, n, generator=generator).argsort(dim=-1)[:, :s]  # s distinct per row, uniform
+        cols.append(members.to(pick.device)[pick])
+        weights += [n / s] * s
+    n_gated = cols[0].shape[1] if bool((gate > 0).any()) else 0
+    return torch.cat(cols, dim=1), torch.tensor(weights, dtype=gate.dtype), n_gated
+
+
 def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     """h = -(A_Q - A_base) / t (openpi: t = noise level > 0), so x_t - t * (v_base + h) = A_Q.
 
@@ -183,6 +219,11 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     gate = gate_weights(ts, cfg)
     gate_list = gate.tolist()  # host copy for the branch below
     b = xs.shape[1]
+    n_gated = sum(m > 0 for m in gate_list)
+    if cfg.steps_per_sample is not None and cfg.steps_per_sample < max(n_gated, cfg.num_steps - n_gated):
+        step_losses, info = _sampled_terms(actor, reference, actor_context, reference_context, q_fn, cfg, xs, ts,
+                                           gate, origin, backward_each_step)
+        return _finish(actor, step_losses, info, cfg, bc_inputs, bc_actions, backward_each_step)
 
     # 2. reference one-step clean estimates A_base = x_k - t_k v_base(x_k, t_k) at every step
     with torch.no_grad():
@@ -217,11 +258,67 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
             term = term.detach()
         step_losses.append(term)
         dv_norms.append(dv.detach().flatten(1).norm(dim=-1).mean())
+    info: dict[str, Any] = {"ascent_gain": gain.mean(1).tolist(), "dv_norm": torch.stack(dv_norms).tolist(),
+                            "h_norm": h.norm(dim=-1).mean(1).tolist(), "gate": gate_list}
+    return _finish(actor, step_losses, info, cfg, bc_inputs, bc_actions, backward_each_step)
+
+
+def _sampled_terms(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, reference_context: Any,
+                   q_fn: QFunction, cfg: QVGMConfig, xs: torch.Tensor, ts: torch.Tensor, gate: torch.Tensor,
+                   origin: torch.Tensor | None, backward_each_step: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The loss terms at cfg.steps_per_sample drawn steps per sample (sampled_steps), one term per column j.
+
+    xs [K, B, H, D], ts [K] the no-grad rollout (openpi: t_k = noise level); column j evaluates sample b at
+    step k = steps[b, j] and flow time t_k (a per-sample t [B]): one reference and one graph-holding actor
+    velocity per column, the ascent batched over the gated columns. Term j = w_j * mean_b(l_{k_bj, b}).
+    """
+    n, r = cfg.n_exec, actor.real_action_dim
+    b = xs.shape[1]
+    steps, weights, n_gated = sampled_steps(gate, b, cfg.steps_per_sample)
+    steps = steps.to(xs.device)
+    rows = torch.arange(b, device=xs.device)
+    x_sel = xs[steps, rows[:, None]]  # [B, J, H, D]
+    t_sel = ts[steps]  # [B, J]
+    m_sel = gate.to(xs.device)[steps]  # [B, J]
+    with torch.no_grad():
+        v_base = torch.stack([reference.velocity(x_sel[:, j], t_sel[:, j], reference_context)
+                              for j in range(steps.shape[1])], dim=1)  # [B, J, H, D]
+        a_base = (x_sel[:, :n_gated] - t_sel[:, :n_gated, None, None] * v_base[:, :n_gated])[:, :, :n, :r]
+        a_base = a_base.flatten(2)  # [B, J_gated, n*r]
+    gain = a_base.new_zeros(b, 0)
+    h = a_base.new_zeros(b, 0, n * r)
+    if n_gated:
+        a_q, gain = q_ascent(q_fn, a_base, cfg, origin=None if origin is None else origin[:, None, :])
+        h = cfg.h_sign * residual_target(a_q, a_base, t_sel[:, :n_gated, None])  # [B, J_gated, n*r]
+    mask = torch.ones_like(xs[0, 0])  # [H, D], 0 on the critic's coordinates
+    mask[:n, :r] = 0.0
+    step_losses, dv_norms = [], []
+    for j in range(steps.shape[1]):
+        v_theta = actor.velocity(x_sel[:, j], t_sel[:, j], actor_context)  # the only graph-holding evaluation
+        dv = v_theta - v_base[:, j]
+        dv_c = dv[:, :n, :r].flatten(1)
+        m_j = m_sel[:, j]
+        per_sample = cfg.anchor_weight * ((1.0 - m_j) * (dv_c**2).sum(-1) + ((dv**2) * mask).flatten(1).sum(-1))
+        if j < n_gated:
+            per_sample = per_sample + m_j * ((dv_c - h[:, j].detach()) ** 2).sum(-1)
+        term = float(weights[j]) * per_sample.mean()
+        if backward_each_step:
+            term.backward(retain_graph=True)
+            term = term.detach()
+        step_losses.append(term)
+        dv_norms.append(dv.detach().flatten(1).norm(dim=-1).mean())
+    info: dict[str, Any] = {"ascent_gain": gain.mean(0).tolist(), "dv_norm": torch.stack(dv_norms).tolist(),
+                            "h_norm": h.norm(dim=-1).mean(0).tolist(), "gate": gate.tolist(),
+                            "steps": steps.tolist(), "step_weights": weights.tolist()}
+    return step_losses, info
+
+
+def _finish(actor: FlowPolicy, step_losses: list[torch.Tensor], info: dict[str, Any], cfg: QVGMConfig,
+            bc_inputs: dict[str, torch.Tensor] | None, bc_actions: torch.Tensor | None,
+            backward_each_step: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Sum the per-step terms, add the optional BC flow loss, fill info["loss"] / ["step_losses"]."""
     loss = torch.stack(step_losses).sum()
-    info: dict[str, Any] = {"step_losses": [] if backward_each_step else step_losses,
-                            "ascent_gain": gain.mean(1).tolist(),
-                            "dv_norm": torch.stack(dv_norms).tolist(), "h_norm": h.norm(dim=-1).mean(1).tolist(),
-                            "gate": gate_list}
+    info["step_losses"] = [] if backward_each_step else step_losses
     if cfg.bc_weight > 0:
         if bc_inputs is None or bc_actions is None:
             raise ValueError("bc_weight > 0 needs bc_inputs and bc_actions")

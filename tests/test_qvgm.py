@@ -7,6 +7,7 @@ critic is an analytic module Q(A) = -||A - A*||^2, so the right direction of imp
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -256,3 +257,144 @@ def test_backward_each_step_gives_the_same_gradients(sft_policy):
     for g0, g1 in zip(grads[0][0], grads[1][0], strict=True):
         torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-7)
     assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# steps_per_sample: the loss at S drawn flow steps per sample, an unbiased estimate of the all-K loss
+# ------------------------------------------------------------------------------------------------------------------
+def _loss_at(actor, reference, inputs, noise, cfg, seed):
+    ctx = actor.encode(inputs)
+    with torch.no_grad():
+        ref_ctx = reference.encode(inputs)
+    torch.manual_seed(seed)
+    return qvgm_loss(actor, reference, ctx, ref_ctx, TargetQ(torch.full((N_EXEC * R,), 0.6)), cfg, noise=noise)
+
+
+def _perturbed(policy: ToyFlowPolicy) -> ToyFlowPolicy:
+    """An actor that differs from the reference (so both the match and the anchor terms are non-zero)."""
+    actor = copy.deepcopy(policy).requires_grad_(True)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(9)
+        for p in actor.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return actor
+
+
+def test_sampled_steps_draws_distinct_steps_per_stratum():
+    from critic_trainer.qvgm import sampled_steps
+
+    t = torch.linspace(1.0, 0.1, 10)
+    gate = gate_weights(t, QVGMConfig(gate_last_m=5))
+    steps, w, n_gated = sampled_steps(gate, 64, 2, generator=torch.Generator().manual_seed(0))
+    assert steps.shape == (64, 4) and n_gated == 2 and w.tolist() == [2.5, 2.5, 2.5, 2.5]
+    assert (steps[:, :2] >= 5).all() and (steps[:, 2:] < 5).all()  # gated = the last 5, anchor-only = the first 5
+    assert (steps[:, 0] != steps[:, 1]).all() and (steps[:, 2] != steps[:, 3]).all()
+    assert len({tuple(r) for r in steps[:, :2].sort(-1).values.tolist()}) > 5  # varies per sample
+    full, w_full, _ = sampled_steps(gate, 3, 10)
+    assert sorted(full[0].tolist()) == list(range(10)) and (w_full == 1).all()
+    smooth = gate_weights(t, QVGMConfig(gate="smooth"))  # t_0 = 1 has m = 0: |G| = 9, |U| = 1
+    s, w, n_gated = sampled_steps(smooth, 5, 3)
+    assert n_gated == 3 and w.tolist() == [3.0, 3.0, 3.0, 1.0] and (s[:, 3] == 0).all()
+    with pytest.raises(ValueError):
+        sampled_steps(gate, 4, 0)
+
+
+@pytest.mark.parametrize("gate", ["last_m", "smooth"])
+def test_steps_per_sample_k_is_exact_and_s_below_k_is_unbiased(sft_policy, gate):
+    actor = _perturbed(sft_policy)
+    inputs = {"state": torch.randn(8, OBS, generator=torch.Generator().manual_seed(3))}
+    noise = torch.randn(8, H, D, generator=torch.Generator().manual_seed(4))
+    base = QVGMConfig(n_exec=N_EXEC, num_steps=10, gate=gate)
+    exact, info = _loss_at(actor, sft_policy, inputs, noise, base, 0)
+    full, info_full = _loss_at(actor, sft_policy, inputs, noise, replace(base, steps_per_sample=10), 0)
+    assert torch.equal(exact, full) and "steps" not in info_full  # S = K: the same computation, bit for bit
+    (g_exact,) = torch.autograd.grad(exact, actor.net[-1].weight)
+    cfg = replace(base, steps_per_sample=2)
+    losses, grads = [], []
+    for seed in range(300):
+        loss, info = _loss_at(actor, sft_policy, inputs, noise, cfg, seed)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, actor.net[-1].weight)[0])
+    losses, grads = torch.stack(losses), torch.stack(grads)
+    assert losses.std() > 1e-3 * losses.mean()  # the draws differ: it is an estimate, not the exact loss
+    assert len(info["step_losses"]) == (4 if gate == "last_m" else 3)
+    se = losses.std() / len(losses) ** 0.5
+    assert abs(losses.mean() - exact.detach()) < 4 * se, (losses.mean().item(), exact.item(), se.item())
+    # the gradient estimate is unbiased too: its mean is within 4 standard errors elementwise (bar a few)
+    z = (grads.mean(0) - g_exact) / (grads.std(0) / len(grads) ** 0.5 + 1e-12)
+    assert (z.abs() < 4).float().mean() > 0.97, z.abs().max()
+    rel = (grads.mean(0) - g_exact).norm() / g_exact.norm()
+    assert rel < 0.1, rel
+
+
+def test_no_backprop_through_the_chain_with_sampled_steps(sft_policy):
+    actor = copy.deepcopy(sft_policy).requires_grad_(True)
+    calls = []
+    hook = actor.net.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    inputs = {"state": torch.randn(8, OBS)}
+    ctx = actor.encode(inputs)
+    with torch.no_grad():
+        ref_ctx = sft_policy.encode(inputs)
+    cfg = QVGMConfig(n_exec=N_EXEC, num_steps=10, steps_per_sample=2)
+    loss, info = qvgm_loss(actor, sft_policy, ctx, ref_ctx, TargetQ(torch.full((N_EXEC * R,), 0.5)), cfg)
+    hook.remove()
+    # K rollout calls without grad, then 2 gated + 2 anchor-only calls with grad (one per loss term)
+    assert calls.count(False) == 10 and calls.count(True) == 4
+    w_out = actor.net[-1].weight
+    assert len(info["step_losses"]) == 4
+    for term in info["step_losses"]:
+        assert count_param_uses(term, w_out) == 1
+    assert count_param_uses(loss, w_out) == 4
+    loss.backward()
+    assert all(p.grad is None for p in sft_policy.parameters())
+    assert all(p.grad is not None for p in actor.parameters())
+
+
+def test_sampled_steps_backward_each_step_gives_the_same_gradients(sft_policy):
+    grads = []
+    for each in (False, True):
+        actor = _perturbed(sft_policy)
+        opt = torch.optim.SGD(actor.parameters(), lr=0.0)
+        torch.manual_seed(5)
+        qvgm_update(actor, sft_policy, opt, {"state": torch.randn(6, OBS)}, TargetQ(torch.zeros(N_EXEC * R)),
+                    QVGMConfig(n_exec=N_EXEC, steps_per_sample=3), backward_each_step=each, max_grad_norm=None)
+        grads.append([p.grad.clone() for p in actor.parameters()])
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_sign_with_two_steps_per_sample(sft_policy):
+    a_star = torch.full((N_EXEC * R,), 0.8)
+
+    def dist(chunks: torch.Tensor) -> float:
+        return (critic_action(chunks, N_EXEC, R) - a_star).norm(dim=-1).mean().item()
+
+    d_base = dist(eval_samples(sft_policy))
+    out = {}
+    for sign in (1.0, -1.0):
+        torch.manual_seed(1)
+        actor = copy.deepcopy(sft_policy).requires_grad_(True)
+        opt = torch.optim.Adam(actor.parameters(), 1e-3)
+        cfg = QVGMConfig(n_exec=N_EXEC, h_sign=sign, steps_per_sample=2)
+        for _ in range(100):
+            info = qvgm_update(actor, sft_policy, opt, {"state": torch.randn(32, OBS)}, TargetQ(a_star), cfg)
+        assert all(g >= 0 for g in info["ascent_gain"])
+        out[sign] = dist(eval_samples(actor))
+    assert out[1.0] < 0.8 * d_base, (d_base, out)
+    assert out[-1.0] > 1.15 * d_base, (d_base, out)
+
+
+def test_steps_per_sample_config_and_cli():
+    import argparse
+
+    from critic_trainer.pipeline import ImproveConfig, add_arguments
+
+    assert ImproveConfig().qvgm().steps_per_sample is None
+    assert ImproveConfig(steps_per_sample=2).qvgm().steps_per_sample == 2
+    with pytest.raises(ValueError, match="steps_per_sample"):
+        ImproveConfig(steps_per_sample=0)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    req = ["--policy", "x", "--dataset", "y", "--out", "z"]
+    assert p.parse_args([*req, "--steps-per-sample", "3"]).steps_per_sample == 3
+    assert p.parse_args(req).steps_per_sample is None
