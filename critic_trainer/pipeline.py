@@ -38,7 +38,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +266,12 @@ class ImproveConfig:
     actor_patience: int = 3  # keep the best actor by it and stop after `actor_patience` checks without a gain
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
-    dql_eta: float = 1.0
+    # same-backbone baselines (values chosen on tuning seeds only: docs/results_baselines.md)
+    dql_eta: float = 1.0  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
+    dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside [-1, 1] (with project)
+    distill_max_shift: float | None = 0.1  # Q-distillation trust region: RMS bound of target - reference sample
+    distill_ascent_steps: int | None = None  # Q-distillation ascent steps J (None: ascent_steps)
+    distill_bc_weight: float = 0.0  # Q-distillation: weight of a BC flow loss on buffer chunks
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -291,6 +296,13 @@ class ImproveConfig:
             raise ValueError(f"unknown trust origin {self.trust_origin!r} (base / reference)")
         if self.max_shift is not None and self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+        if self.dql_eta < 0 or self.distill_bc_weight < 0 or self.dql_box_weight < 0:
+            raise ValueError(f"dql_eta, dql_box_weight and distill_bc_weight must be >= 0, got {self.dql_eta}, "
+                             f"{self.dql_box_weight}, {self.distill_bc_weight}")
+        if self.distill_max_shift is not None and self.distill_max_shift < 0:
+            raise ValueError(f"distill_max_shift must be >= 0, got {self.distill_max_shift}")
+        if self.distill_ascent_steps is not None and self.distill_ascent_steps < 0:
+            raise ValueError(f"distill_ascent_steps must be >= 0, got {self.distill_ascent_steps}")
         if self.actor_eval_every < 0 or self.actor_patience < 1:
             raise ValueError("actor_eval_every must be >= 0 and actor_patience >= 1")
 
@@ -300,6 +312,11 @@ class ImproveConfig:
                           keep_best=self.keep_best, max_shift=self.max_shift, trust_origin=self.trust_origin,
                           gate=self.gate,
                           gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight)
+
+    def distill(self) -> QVGMConfig:
+        """The ascent settings of Q-distillation: Q-VGM's, with its own trust region and number of steps."""
+        steps = self.ascent_steps if self.distill_ascent_steps is None else self.distill_ascent_steps
+        return replace(self.qvgm(), max_shift=self.distill_max_shift, ascent_steps=steps)
 
 
 class ScalarLog:
@@ -569,12 +586,15 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                 opt.zero_grad(set_to_none=True)
                 if cfg.method == "qdistill":
                     assert q_fn is not None
-                    loss, m = q_distill_loss(actor, b_in, q_fn, qcfg)
+                    loss, m = q_distill_loss(actor, b_in, q_fn, cfg.distill(), reference=reference,
+                                             bc_actions=chunks[trows].to(dev), bc_mask=valid[trows].to(dev),
+                                             bc_weight=cfg.distill_bc_weight)
                 elif cfg.method == "dql":
                     assert q_fn is not None
                     loss, m = diffusion_ql_loss(DifferentiableSampler(actor), b_in, q_fn, cfg.n_exec,
                                                 num_steps=cfg.num_steps, eta=cfg.dql_eta,
-                                                bc_actions=chunks[trows].to(dev))
+                                                bc_actions=chunks[trows].to(dev), bc_mask=valid[trows].to(dev),
+                                                project=cfg.project, box_weight=cfg.dql_box_weight)
                 else:  # filtered-bc / sft: flow matching on buffer chunks
                     loss = actor.flow_loss(b_in, chunks[trows].to(dev), action_mask=valid[trows].to(dev))
                     m = {"loss": loss.item()}
@@ -928,11 +948,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
     p.add_argument("--ascent-steps", type=int, default=4, help="J")
     p.add_argument("--bc-weight", type=float, default=0.0)
+    add_baseline_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="feature cache + logs (default OUT.work or STORE/work)")
     p.add_argument("--version", default=None, help="version string for --out (default INIT+METHOD)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
+    """--dql-eta, --dql-box-weight, --distill-max-shift, --distill-ascent-steps, --distill-bc-weight (defaults:
+    ImproveConfig's)."""
+    d = ImproveConfig()
+    p.add_argument("--dql-eta", type=float, default=d.dql_eta,
+                   help="Diffusion-QL alpha: weight of -Q/mean|Q| next to the BC flow loss")
+    p.add_argument("--dql-box-weight", type=float, default=d.dql_box_weight,
+                   help="Diffusion-QL: weight of the pull-back of sample coordinates outside [-1, 1]")
+    p.add_argument("--distill-max-shift", type=lambda v: None if v.lower() == "none" else float(v),
+                   default=d.distill_max_shift, metavar="S|none",
+                   help="Q-distillation trust region: RMS bound of the target from the reference's sample")
+    p.add_argument("--distill-ascent-steps", type=int, default=d.distill_ascent_steps,
+                   help="Q-distillation ascent steps (default: --ascent-steps)")
+    p.add_argument("--distill-bc-weight", type=float, default=d.distill_bc_weight,
+                   help="Q-distillation: weight of a BC flow loss on buffer chunks")
+
+
+def baseline_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ImproveConfig fields set by add_baseline_arguments."""
+    return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "distill_max_shift", "distill_ascent_steps",
+                                          "distill_bc_weight")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -955,7 +999,8 @@ def run(args: argparse.Namespace) -> int:
                         lcb_beta=args.lcb_beta, max_shift=args.max_shift, trust_origin=args.trust_origin,
                         critic_layer_norm=args.critic_layer_norm,
                         critic_dropout=args.critic_dropout, gamma=args.gamma, holdout=args.holdout,
-                        actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience)
+                        actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience,
+                        **baseline_settings(args))
     policy = load_policy(args.policy)
     backbone = policy.config.backbone
     buf = load_buffer(args.dataset, policy.horizon, with_images=backbone != "state")
