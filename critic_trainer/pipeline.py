@@ -5,7 +5,9 @@
                         [--aggregate mean|min|lcb] [--gate last-M|smooth] [--no-projection] [--no-clipping]
                         [--no-keep-best] [--critic-steps N] [--actor-steps N] [--seed S]
                         [--critic-features rl-token|pooled] [--no-per-layer-injection] [--lcb-beta B]
-                        [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P] ...
+                        [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P]
+                        [--dql-eta A] [--dql-box-weight W] [--distill-max-shift S|none] [--distill-ascent-steps J]
+                        [--distill-bc-weight W] ...
 
 Stages (each a public function, reused by bench/learning.py):
  1. `load_buffer`: every frame of the kept (non-discarded) episodes: observations (state, privileged state from
@@ -18,8 +20,9 @@ Stages (each a public function, reused by bench/learning.py):
     settings, so a new checkpoint (or buffer) rebuilds it.
  3. `fit_critic` (critic_trainer.fit) on chunk transitions (n_exec steps, gamma per control step).
  4. Actor update by `--method`, actor init = the input policy, reference = a frozen copy:
-    qvgm (METHOD.md §4), qdistill (flow matching onto critic-improved terminal chunks), dql (backprop through all
-    K denoising steps + BC), filtered-bc (flow matching on successful episodes), sft (flow matching on all).
+    qvgm (METHOD.md §4), qdistill (flow matching onto critic-improved terminal chunks: Q-VGM's ascent, projection
+    and a trust region around the reference's sample), dql (BC + eta * -Q/mean|Q| of the box-clamped sample,
+    backprop through all K denoising steps), filtered-bc (flow matching on successful episodes), sft (all frames).
  5. The new checkpoint (save_policy or CheckpointStore.writing) with parent = the input version, a training
     summary in its manifest, and the critic (critic.safetensors + critic.json) for the test-time baselines
     (`BestOfNPolicy`, `QGuidedPolicy`). A non-finite loss stops training and publishes nothing.

@@ -137,3 +137,21 @@ def test_dql_normalises_q_and_reports_the_box(policy):
         grads.append(torch.cat([p.grad.flatten() for p in actor.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert 0.0 < info["outside_box"] <= 1.0 and info["box_loss"] > 0  # noise * 2: samples leave the box
+
+
+def test_baseline_settings_are_named_and_validated():
+    import argparse
+
+    from critic_trainer import pipeline as P
+
+    ap = argparse.ArgumentParser()
+    P.add_arguments(ap)
+    args = ap.parse_args(["--dataset", "d", "--policy", "p", "--dql-eta", "0.3", "--distill-max-shift", "none",
+                          "--distill-ascent-steps", "8"])
+    cfg = P.ImproveConfig(method="qdistill", **P.baseline_settings(args))
+    assert cfg.dql_eta == 0.3 and cfg.distill_max_shift is None and cfg.distill().ascent_steps == 8
+    d = P.ImproveConfig()
+    assert d.distill().max_shift == d.distill_max_shift and d.qvgm().max_shift == d.max_shift  # Q-VGM's own
+    for bad in ({"dql_eta": -1.0}, {"distill_max_shift": -0.1}, {"dql_box_weight": -1.0}):
+        with pytest.raises(ValueError):
+            P.ImproveConfig(**bad)
