@@ -85,14 +85,16 @@ def distill_targets(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QF
     """Critic-improved terminal chunks for Q-distillation -> (target [B, H, D], Q gain [B] >= 0, centre [B, n*r]).
 
     1. A_0 = the current actor's own sample (no grad) from noise [B, H, D] (t = 1; drawn if None).
-    2. Its critic coordinates (first n_exec steps x real dims), projected to [-1, 1] when cfg.project, are improved
-       by Q-VGM's own keep-best ascent (critic_trainer.qvgm.q_ascent: cfg.ascent_steps J, ascent_lr, gradient
-       clipping, projection, keep-best, trust region cfg.max_shift). With a frozen `reference` the trust region
-       is centred on the reference policy's sample from the SAME noise (projected to [-1, 1]), so repeated
-       distillation cannot compound: the target stays within max_shift (RMS over the critic coordinates,
-       normalised units) of the reference's output however far the actor has moved, and the target's other
-       coordinates are the reference's sample. Without a reference everything is centred on the actor's own
-       sample (a per-update bound only). `centre` is the region's centre (critic coordinates, flattened).
+    2. Its critic coordinates (first n_exec steps x real dims) are improved by Q-VGM's own keep-best ascent
+       (critic_trainer.qvgm.q_ascent, unchanged: cfg.ascent_steps J, ascent_lr, gradient clipping, every step
+       projected to [-1, 1], keep-best, trust region cfg.max_shift). With a frozen `reference` the trust region
+       is centred on the reference policy's sample from the SAME noise, so repeated distillation cannot compound:
+       the target stays within max_shift (RMS over the critic coordinates, normalised units) of the reference's
+       output however far the actor has moved, and the target's other coordinates are the reference's sample.
+       Without a reference everything is centred on the actor's own sample (a per-update bound only).
+       As in Q-VGM the start itself is not clamped: buffer actions lie outside [-1, 1] on 10-40 % of the
+       coordinates on pick_place (quantile stats of the demos), and keep-best keeps such a start when every
+       projected step lowers Q. `centre` is the region's centre (critic coordinates, flattened).
     """
     n, r = cfg.n_exec, actor.real_action_dim
     with torch.no_grad():
@@ -101,8 +103,6 @@ def distill_targets(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QF
                                                                  noise=path.x[0])  # the same starting noise
     start = critic_action(chunk, n, r)
     centre = critic_action(base, n, r)
-    if cfg.project:
-        start, centre = start.clamp(-1.0, 1.0), centre.clamp(-1.0, 1.0)
     a_q, gain = q_ascent(q_fn, start, cfg, origin=centre if reference is not None else None)
     target = base.detach().clone()
     target[:, :n, :r] = a_q.reshape(-1, n, r)
@@ -139,16 +139,19 @@ def q_distill_loss(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QFu
 def diffusion_ql_loss(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QFunction, n_exec: int,
                       num_steps: int = 10, eta: float = 1.0, bc_actions: torch.Tensor | None = None,
                       bc_mask: torch.Tensor | None = None, project: bool = True, box_weight: float = 10.0,
-                      noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      box: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion-QL (Wang et al. 2023): BC flow loss + eta * (-Q(s, a_pi)) / mean|Q|, backprop through all K steps.
 
     a_pi is the actor's own K-step Euler sample (openpi: noise [B, H, D] at t = 1 -> t = 0; `actor.sample` must
     keep the graph, see pipeline.DifferentiableSampler), its critic coordinates projected (clamped) to the action
-    box [-1, 1] when `project`: the paper clips its samples to the action range, and a critic queried outside the
-    data's box extrapolates without bound (the unprojected version drove Q to 1e10 on pick_place). The clamp
-    hides an overshoot from the critic but does not undo it (its gradient is 0 outside), and the paper's sampler
-    cannot overshoot at all; so with `project` the part of the sample outside the box is also pulled back:
-    + box_weight * mean_b sum_j relu(|a_j| - 1)^2 (0 inside the box: there the loss is exactly the paper's).
+    box when `project`: the paper clips its samples to the action range, and a critic queried outside the data's
+    box extrapolates without bound (the unprojected version drove Q to 1e10 on pick_place). box = (lo, hi), each
+    broadcastable to [B, n_exec * real] (normalised units; default [-1, 1]; the pipeline passes the buffer's own
+    per-dimension range, since 10-40 % of pick_place's buffer actions lie outside [-1, 1]). The clamp hides an
+    overshoot from the critic but does not undo it (its gradient is 0 outside), and the paper's sampler cannot
+    overshoot at all; so with `project` the part of the sample outside the box is also pulled back:
+    + box_weight * mean_b sum_j dist(a_j, [lo_j, hi_j])^2 (0 inside the box: there the loss is exactly the paper's).
     mean|Q| is the batch's, detached: the paper's normalisation that makes eta (the paper's alpha) independent of
     the reward scale. bc_actions [B, H, D] normalised buffer chunks for the BC flow-matching term with valid steps
     bc_mask [B, H] (skipped if bc_actions is None). Gradient clipping is the caller's (the optimiser step).
@@ -156,9 +159,10 @@ def diffusion_ql_loss(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: 
     context = actor.encode(inputs)
     chunk = actor.sample(context, num_steps=num_steps, noise=noise)  # gradient flows through the whole chain
     a = critic_action(chunk, n_exec, actor.real_action_dim)
-    outside = (a.abs() - 1.0).clamp_min(0.0)  # [B, n_exec * real], distance of each coordinate to the box
+    lo, hi = (-torch.ones_like(a), torch.ones_like(a)) if box is None else (box[0].to(a), box[1].to(a))
+    outside = (lo - a).clamp_min(0.0) + (a - hi).clamp_min(0.0)  # [B, n_exec * real], distance to the box
     if project:
-        a = a.clamp(-1.0, 1.0)
+        a = torch.minimum(torch.maximum(a, lo), hi)
     q = q_fn(a)
     q_loss = -q.mean() / q.detach().abs().mean().clamp_min(1e-6)
     loss = eta * q_loss

@@ -271,7 +271,8 @@ class ImproveConfig:
     bc_weight: float = 0.0
     # same-backbone baselines (values chosen on tuning seeds only: docs/results_baselines.md)
     dql_eta: float = 1.0  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
-    dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside [-1, 1] (with project)
+    dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside the box (with project)
+    dql_box: str = "data"  # Diffusion-QL action box: "data" = per-dim range of the buffer's actions, "unit" = [-1, 1]
     distill_max_shift: float | None = 0.1  # Q-distillation trust region: RMS bound of target - reference sample
     distill_ascent_steps: int | None = None  # Q-distillation ascent steps J (None: ascent_steps)
     distill_bc_weight: float = 0.0  # Q-distillation: weight of a BC flow loss on buffer chunks
@@ -299,6 +300,8 @@ class ImproveConfig:
             raise ValueError(f"unknown trust origin {self.trust_origin!r} (base / reference)")
         if self.max_shift is not None and self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+        if self.dql_box not in ("data", "unit"):
+            raise ValueError(f"unknown dql_box {self.dql_box!r} (data / unit)")
         if self.dql_eta < 0 or self.distill_bc_weight < 0 or self.dql_box_weight < 0:
             raise ValueError(f"dql_eta, dql_box_weight and distill_bc_weight must be >= 0, got {self.dql_eta}, "
                              f"{self.dql_box_weight}, {self.distill_bc_weight}")
@@ -514,6 +517,18 @@ class DifferentiableSampler:
         return x
 
 
+def action_box(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffusion-QL's action box (lo, hi), each [n_exec * real] normalised: cfg.dql_box "data" = per action dim
+    the min / max of the buffer's executed actions (the region the critic was trained on), "unit" = [-1, 1]."""
+    r = policy.real_action_dim
+    if cfg.dql_box == "unit":
+        return -torch.ones(cfg.n_exec * r), torch.ones(cfg.n_exec * r)
+    a = torch.as_tensor(normalised_actions(policy, buf.action), dtype=torch.float32)
+    lo, hi = a.min(0).values.minimum(torch.full((r,), -1.0)), a.max(0).values.maximum(torch.ones(r))
+    dev = policy.device
+    return lo.repeat(cfg.n_exec).to(dev), hi.repeat(cfg.n_exec).to(dev)
+
+
 def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, critic: QEnsemble | None,
                 features: FeatureCache | None, log: ScalarLog | None = None,
                 progress: bool = False,
@@ -544,6 +559,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
     if cfg.method in CRITIC_METHODS and (critic is None or features is None):
         raise ValueError(f"method {cfg.method} needs a critic")
     qcfg = cfg.qvgm()
+    box = action_box(actor, buf, cfg) if cfg.method == "dql" else None
     opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
     eval_rows = np.random.default_rng(cfg.seed + 99).choice(len(buf), size=min(256, len(buf)), replace=False)
     summary: dict[str, Any] = {}
@@ -597,7 +613,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                     loss, m = diffusion_ql_loss(DifferentiableSampler(actor), b_in, q_fn, cfg.n_exec,
                                                 num_steps=cfg.num_steps, eta=cfg.dql_eta,
                                                 bc_actions=chunks[trows].to(dev), bc_mask=valid[trows].to(dev),
-                                                project=cfg.project, box_weight=cfg.dql_box_weight)
+                                                project=cfg.project, box_weight=cfg.dql_box_weight, box=box)
                 else:  # filtered-bc / sft: flow matching on buffer chunks
                     loss = actor.flow_loss(b_in, chunks[trows].to(dev), action_mask=valid[trows].to(dev))
                     m = {"loss": loss.item()}
@@ -967,6 +983,8 @@ def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
                    help="Diffusion-QL alpha: weight of -Q/mean|Q| next to the BC flow loss")
     p.add_argument("--dql-box-weight", type=float, default=d.dql_box_weight,
                    help="Diffusion-QL: weight of the pull-back of sample coordinates outside [-1, 1]")
+    p.add_argument("--dql-box", default=d.dql_box, choices=["data", "unit"],
+                   help="Diffusion-QL action box: the buffer's per-dim action range (data) or [-1, 1] (unit)")
     p.add_argument("--distill-max-shift", type=lambda v: None if v.lower() == "none" else float(v),
                    default=d.distill_max_shift, metavar="S|none",
                    help="Q-distillation trust region: RMS bound of the target from the reference's sample")
@@ -978,8 +996,8 @@ def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
 
 def baseline_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ImproveConfig fields set by add_baseline_arguments."""
-    return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "distill_max_shift", "distill_ascent_steps",
-                                          "distill_bc_weight")}
+    return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "dql_box", "distill_max_shift",
+                                          "distill_ascent_steps", "distill_bc_weight")}
 
 
 def run(args: argparse.Namespace) -> int:
