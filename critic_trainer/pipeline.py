@@ -270,10 +270,10 @@ class ImproveConfig:
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     # same-backbone baselines (values chosen on tuning seeds only: docs/results_baselines.md)
-    dql_eta: float = 0.005  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
+    dql_eta: float = 0.001  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
     dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside the box (with project)
     dql_box: str = "data"  # Diffusion-QL action box: "data" = per-dim range of the buffer's actions, "unit" = [-1, 1]
-    distill_max_shift: float | None = 0.02  # Q-distillation trust region: RMS bound of target - reference sample
+    distill_max_shift: float | None = 0.01  # Q-distillation trust region: RMS bound of target - reference sample
     distill_ascent_steps: int | None = None  # Q-distillation ascent steps J (None: ascent_steps)
     distill_bc_weight: float = 0.0  # Q-distillation: weight of a BC flow loss on buffer chunks
     log_every: int = 10
