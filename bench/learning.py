@@ -214,7 +214,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                            reg_weight=args.reg_weight,
                            actor_steps=args.actor_steps,
                            actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
-                           aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m)
+                           aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m,
+                           **P.baseline_settings(args))
     out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
     t0 = time.perf_counter()
     critic = None
@@ -260,7 +261,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                              "episodes": r["episodes"], "train_s": round(train_s, 1), "eval_s": r["wall_s"],
                              "mean_steps": r["mean_steps"],
                              "train": {k: v for k, v in train.items() if k in ("q_policy_before", "q_policy_after",
-                                                                               "action_shift", "actor_final")}}
+                                                                               "action_shift", "actor_final",
+                                                                               "action_shift_rms_critic")}}
         print(json.dumps({"task": task, "seed": s, "method": m, **{k: out["methods"][m][k] for k in
                           ("success_rate", "ci95", "train_s", "eval_s")}}), flush=True)
     return out
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gate-m", type=int, default=5)
     ap.add_argument("--aggregate", default="mean", choices=["mean", "min", "lcb"])
     ap.add_argument("--bc-weight", type=float, default=0.0)
+    P.add_baseline_arguments(ap)  # --dql-eta, --distill-max-shift, --distill-ascent-steps, --distill-bc-weight
     ap.add_argument("--best-of", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=0.5)
     ap.add_argument("--calibrate", action="store_true", help="SFT success on tuning seeds for each --demos")

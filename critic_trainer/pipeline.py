@@ -5,7 +5,9 @@
                         [--aggregate mean|min|lcb] [--gate last-M|smooth] [--no-projection] [--no-clipping]
                         [--no-keep-best] [--critic-steps N] [--actor-steps N] [--seed S]
                         [--critic-features rl-token|pooled] [--no-per-layer-injection] [--lcb-beta B]
-                        [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P] ...
+                        [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P]
+                        [--dql-eta A] [--dql-box-weight W] [--distill-max-shift S|none] [--distill-ascent-steps J]
+                        [--distill-bc-weight W] ...
 
 Stages (each a public function, reused by bench/learning.py):
  1. `load_buffer`: every frame of the kept (non-discarded) episodes: observations (state, privileged state from
@@ -18,8 +20,9 @@ Stages (each a public function, reused by bench/learning.py):
     settings, so a new checkpoint (or buffer) rebuilds it.
  3. `fit_critic` (critic_trainer.fit) on chunk transitions (n_exec steps, gamma per control step).
  4. Actor update by `--method`, actor init = the input policy, reference = a frozen copy:
-    qvgm (METHOD.md §4), qdistill (flow matching onto critic-improved terminal chunks), dql (backprop through all
-    K denoising steps + BC), filtered-bc (flow matching on successful episodes), sft (flow matching on all).
+    qvgm (METHOD.md §4), qdistill (flow matching onto critic-improved terminal chunks: Q-VGM's ascent, projection
+    and a trust region around the reference's sample), dql (BC + eta * -Q/mean|Q| of the box-clamped sample,
+    backprop through all K denoising steps), filtered-bc (flow matching on successful episodes), sft (all frames).
  5. The new checkpoint (save_policy or CheckpointStore.writing) with parent = the input version, a training
     summary in its manifest, and the critic (critic.safetensors + critic.json) for the test-time baselines
     (`BestOfNPolicy`, `QGuidedPolicy`). A non-finite loss stops training and publishes nothing.
@@ -38,7 +41,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +271,13 @@ class ImproveConfig:
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     steps_per_sample: int | None = None  # Q-VGM: None = all K steps; S = S drawn steps per sample (unbiased)
-    dql_eta: float = 1.0
+    # same-backbone baselines (values chosen on tuning seeds only: docs/results_baselines.md)
+    dql_eta: float = 0.001  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
+    dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside the box (with project)
+    dql_box: str = "data"  # Diffusion-QL action box: "data" = per-dim range of the buffer's actions, "unit" = [-1, 1]
+    distill_max_shift: float | None = 0.01  # Q-distillation trust region: RMS bound of target - reference sample
+    distill_ascent_steps: int | None = None  # Q-distillation ascent steps J (None: ascent_steps)
+    distill_bc_weight: float = 0.0  # Q-distillation: weight of a BC flow loss on buffer chunks
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -293,6 +302,15 @@ class ImproveConfig:
             raise ValueError(f"unknown trust origin {self.trust_origin!r} (base / reference)")
         if self.max_shift is not None and self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+        if self.dql_box not in ("data", "unit"):
+            raise ValueError(f"unknown dql_box {self.dql_box!r} (data / unit)")
+        if self.dql_eta < 0 or self.distill_bc_weight < 0 or self.dql_box_weight < 0:
+            raise ValueError(f"dql_eta, dql_box_weight and distill_bc_weight must be >= 0, got {self.dql_eta}, "
+                             f"{self.dql_box_weight}, {self.distill_bc_weight}")
+        if self.distill_max_shift is not None and self.distill_max_shift < 0:
+            raise ValueError(f"distill_max_shift must be >= 0, got {self.distill_max_shift}")
+        if self.distill_ascent_steps is not None and self.distill_ascent_steps < 0:
+            raise ValueError(f"distill_ascent_steps must be >= 0, got {self.distill_ascent_steps}")
         if self.actor_eval_every < 0 or self.actor_patience < 1:
             raise ValueError("actor_eval_every must be >= 0 and actor_patience >= 1")
         if self.steps_per_sample is not None and self.steps_per_sample < 1:
@@ -305,6 +323,11 @@ class ImproveConfig:
                           gate=self.gate,
                           gate_last_m=self.gate_last_m, anchor_weight=self.anchor_weight, bc_weight=self.bc_weight,
                           steps_per_sample=self.steps_per_sample)
+
+    def distill(self) -> QVGMConfig:
+        """The ascent settings of Q-distillation: Q-VGM's, with its own trust region and number of steps."""
+        steps = self.ascent_steps if self.distill_ascent_steps is None else self.distill_ascent_steps
+        return replace(self.qvgm(), max_shift=self.distill_max_shift, ascent_steps=steps)
 
 
 # ---------------------------------------------------------------------------------------------------- critic
@@ -466,6 +489,18 @@ class DifferentiableSampler:
         return x
 
 
+def action_box(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffusion-QL's action box (lo, hi), each [n_exec * real] normalised: cfg.dql_box "data" = per action dim
+    the min / max of the buffer's executed actions (the region the critic was trained on), "unit" = [-1, 1]."""
+    r = policy.real_action_dim
+    if cfg.dql_box == "unit":
+        return -torch.ones(cfg.n_exec * r), torch.ones(cfg.n_exec * r)
+    a = torch.as_tensor(normalised_actions(policy, buf.action), dtype=torch.float32)
+    lo, hi = a.min(0).values.minimum(torch.full((r,), -1.0)), a.max(0).values.maximum(torch.ones(r))
+    dev = policy.device
+    return lo.repeat(cfg.n_exec).to(dev), hi.repeat(cfg.n_exec).to(dev)
+
+
 def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, critic: QEnsemble | None,
                 features: FeatureCache | None, log: ScalarLog | None = None,
                 progress: bool = False,
@@ -496,6 +531,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
     if cfg.method in CRITIC_METHODS and (critic is None or features is None):
         raise ValueError(f"method {cfg.method} needs a critic")
     qcfg = cfg.qvgm()
+    box = action_box(actor, buf, cfg) if cfg.method == "dql" else None
     opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
     eval_rows = np.random.default_rng(cfg.seed + 99).choice(len(buf), size=min(256, len(buf)), replace=False)
     summary: dict[str, Any] = {}
@@ -541,12 +577,15 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                 opt.zero_grad(set_to_none=True)
                 if cfg.method == "qdistill":
                     assert q_fn is not None
-                    loss, m = q_distill_loss(actor, b_in, q_fn, qcfg)
+                    loss, m = q_distill_loss(actor, b_in, q_fn, cfg.distill(), reference=reference,
+                                             bc_actions=chunks[trows].to(dev), bc_mask=valid[trows].to(dev),
+                                             bc_weight=cfg.distill_bc_weight)
                 elif cfg.method == "dql":
                     assert q_fn is not None
                     loss, m = diffusion_ql_loss(DifferentiableSampler(actor), b_in, q_fn, cfg.n_exec,
                                                 num_steps=cfg.num_steps, eta=cfg.dql_eta,
-                                                bc_actions=chunks[trows].to(dev))
+                                                bc_actions=chunks[trows].to(dev), bc_mask=valid[trows].to(dev),
+                                                project=cfg.project, box_weight=cfg.dql_box_weight, box=box)
                 else:  # filtered-bc / sft: flow matching on buffer chunks
                     loss = actor.flow_loss(b_in, chunks[trows].to(dev), action_mask=valid[trows].to(dev))
                     m = {"loss": loss.item()}
@@ -903,6 +942,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-sample", type=int, default=None,
                    help="Q-VGM: evaluate the loss at S drawn flow steps per sample (gated and anchor-only sets "
                         "each), an unbiased estimate; default all K")
+    add_baseline_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="feature cache + logs (default OUT.work or STORE/work)")
     p.add_argument("--version", default=None, help="version string for --out (default INIT+METHOD)")
@@ -914,6 +954,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch-min-episodes", type=int, default=10)
     p.add_argument("--watch-poll", type=float, default=10.0, help="seconds between buffer checks")
     p.add_argument("--watch-rounds", type=int, default=0, help="exit after N published rounds (0: until stopped)")
+
+
+def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
+    """--dql-eta, --dql-box-weight, --distill-max-shift, --distill-ascent-steps, --distill-bc-weight (defaults:
+    ImproveConfig's)."""
+    d = ImproveConfig()
+    p.add_argument("--dql-eta", type=float, default=d.dql_eta,
+                   help="Diffusion-QL alpha: weight of -Q/mean|Q| next to the BC flow loss")
+    p.add_argument("--dql-box-weight", type=float, default=d.dql_box_weight,
+                   help="Diffusion-QL: weight of the pull-back of sample coordinates outside [-1, 1]")
+    p.add_argument("--dql-box", default=d.dql_box, choices=["data", "unit"],
+                   help="Diffusion-QL action box: the buffer's per-dim action range (data) or [-1, 1] (unit)")
+    p.add_argument("--distill-max-shift", type=lambda v: None if v.lower() == "none" else float(v),
+                   default=d.distill_max_shift, metavar="S|none",
+                   help="Q-distillation trust region: RMS bound of the target from the reference's sample")
+    p.add_argument("--distill-ascent-steps", type=int, default=d.distill_ascent_steps,
+                   help="Q-distillation ascent steps (default: --ascent-steps)")
+    p.add_argument("--distill-bc-weight", type=float, default=d.distill_bc_weight,
+                   help="Q-distillation: weight of a BC flow loss on buffer chunks")
+
+
+def baseline_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ImproveConfig fields set by add_baseline_arguments."""
+    return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "dql_box", "distill_max_shift",
+                                          "distill_ascent_steps", "distill_bc_weight")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -937,7 +1002,7 @@ def run(args: argparse.Namespace) -> int:
                         critic_layer_norm=args.critic_layer_norm,
                         critic_dropout=args.critic_dropout, gamma=args.gamma, holdout=args.holdout,
                         actor_eval_every=args.actor_eval_every, actor_patience=args.actor_patience,
-                        steps_per_sample=args.steps_per_sample)
+                        steps_per_sample=args.steps_per_sample, **baseline_settings(args))
     if args.watch:
         from critic_trainer.watch import watch
 
