@@ -596,15 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-lr", type=float, default=1e-3)
     g = p.add_argument_group("rounds")
     g.add_argument("--rounds", type=int, default=2)
-    g.add_argument("--rollouts", type=int, default=30, help="policy rollouts collected through ROS per round")
-    g.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes through ROS per round "
+    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/results_loop.md): episodes run in real
+    # time (a failure lasts the whole 25 s, a success ~5 s), the critic costs ~0.2 s per update, the actor ~0.25 s
+    g.add_argument("--rollouts", type=int, default=15, help="policy rollouts collected through ROS per round")
+    g.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes through ROS per round "
                    "(round 0 = SFT included)")
     g.add_argument("--episode-time", type=float, default=max(TIME_LIMIT_S.values()), help="robot s per episode")
     g.add_argument("--real-time-factor", type=float, default=1.0,
                    help="robot time per wall second in the sim; only 1 is accepted for now (see main)")
     g.add_argument("--image-size", type=int, default=64, help="camera images (px, square, even) recorded")
     g = p.add_argument_group("Q-VGM (default: bench/learning.py's settings)")
-    g.add_argument("--critic-steps", type=int, default=1500)
+    g.add_argument("--critic-steps", type=int, default=800, help="critic updates per round (the benchmark: 3000)")
     g.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     g.add_argument("--critic-batch", type=int, default=256)
     g.add_argument("--reg-weight", type=float, default=0.1, help="Cal-QL regulariser weight w")
@@ -614,9 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ascent-lr", type=float, default=0.05)
     g.add_argument("--gate-m", type=int, default=5, help="Q-VGM gate: the last M of K denoising steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch intra-op threads of the offline stages (SFT, Q-VGM; the ROS graph is idle then); "
-                   "the ROS stages run with 1")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the offline stages (SFT, Q-VGM; the ROS graph is idle then); the "
+                   "ROS stages run with 1. 2 only pays on an idle machine: with other jobs on the 2 cores an SFT "
+                   "step took 0.4-1.1 s with 2 threads vs 0.07-0.15 s with 1 (docs/results_loop.md)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars in SFT / Q-VGM (stage lines stay)")
     return p
 

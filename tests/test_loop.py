@@ -152,6 +152,8 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         loop.main(["--work", str(tmp_path), "--rollouts", "0"])
     with pytest.raises(SystemExit):
         loop.main(["--work", str(tmp_path), "--image-size", "63"])
+    with pytest.raises(SystemExit):  # the recorder keeps only ~1/factor of each episode at other factors
+        loop.main(["--work", str(tmp_path), "--real-time-factor", "2"])
     assert not (tmp_path / "demos").exists()
 
 
