@@ -15,9 +15,10 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
                       of the demos for round 1); privileged object poses (/qvgm/sim/objects, stamp-matched to the
                       recorded frames) are written as the buffer's side files (the `state` backbone needs them)
             improve   critic_trainer.pipeline.improve (Q-VGM) on that buffer -> publish (parent = serving version)
-            reload    the RUNNING policy node hot-reloads it (/qvgm/policy/version must report the new version)
-            eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version;
-                      only episodes whose every frame was served by that version count
+            reload    the RUNNING policy node hot-reloads it (/qvgm/policy/version must report the new version
+                      before the first evaluation episode starts, so every round runs the same scene seeds)
+            eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version on
+                      scene seeds seed + EVAL_SEED + k; only episodes whose every frame that version served count
   Q-VGM settings follow bench/learning.py (critic 256x256, Cal-QL w 0.1, batch 256; actor 300 steps, lr 1e-4,
   batch 64, ascent lr 0.05, gate = last 5 of K = 10 steps).
   A table (round 0 = SFT, then each round: serving version, success rate, 95 % Wilson CI, change vs round 0,
@@ -27,6 +28,8 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
 
 Ctrl-C (SIGINT) or SIGTERM stops at the next spin: the graph shuts down, the recorder aborts its open episode, the
 store only ever holds committed versions; WORK/loop_state.json records which stages finished.
+The sim runs in real time (--real-time-factor 1 only: sim_node stamps robot time, episode_manager and the recorder
+window episodes on their node clocks, so at other factors the recorder would keep ~1/factor of every episode).
 `--backbone pi05-small` trains the image policy instead (~1.2 s of CPU per SFT step at batch 32; pixel SFT does
 not yet learn push on 2 CPU cores, see docs/RESULTS.md).
 """
