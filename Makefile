@@ -8,16 +8,18 @@ export PYOPENGL_PLATFORM ?= egl
 ROS_ENV = ROS_DOMAIN_ID=$$($(PY) -m qvgm_policy_node.ros_env)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo loop test test-all lint colcon bench clean
+.PHONY: setup demo loop expert-demo test test-all lint colcon bench clean
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
-	$(ROS_ENV) $(PY) -m qvgm_policy_node.demo $(DEMO_ARGS)
-
-# The learn-from-experience loop (issue 7, first version): demos -> SFT -> ROS rollouts -> Q-VGM -> hot reload -> eval.
-loop: setup
+# The learn-from-experience loop (issue 7): demos -> SFT -> round 0 eval -> [ROS rollouts -> Q-VGM -> hot reload of the
+# running policy node -> eval] x 2; WORK=runs/loop (summary.json, loop.png); rerun resumes. `make loop` is the same.
+demo loop: setup
 	$(ROS_ENV) $(PY) -m qvgm_policy_node.loop $(LOOP_ARGS)
+
+# The scripted expert driving the simulated tabletop through the ROS topics (per-episode success).
+expert-demo: setup
+	$(ROS_ENV) $(PY) -m qvgm_policy_node.demo $(DEMO_ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .

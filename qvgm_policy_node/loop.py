@@ -3,7 +3,11 @@
 Stages (each resumable; a finished stage is skipped when the same work dir is run again):
   demos   noisy scripted-expert demos (critic_trainer.demos.collect_demos) -> WORK/demos
   sft     SFT of the `state` backbone (critic_trainer.sft.train_sft) -> WORK/sft_v0, published as v0 into the
-          CheckpointStore WORK/store (made current)
+          CheckpointStore WORK/store (made current). Demos, demo noise, SFT steps, StateConfig flags, EMA and
+          successful-demos-only come from the task's recipe (critic_trainer.recipes.sft_recipe, the table the
+          learning benchmark uses; SFT batch 64, lr 1e-3 as there); every CLI value given overrides it.
+  round 0 the SFT policy v0 evaluated through ROS on the held-out evaluation seeds BEFORE any improvement
+          (WORK/rounds/r0/eval): the baseline every later round is compared with
   rounds  R times, with ONE in-process sim graph (sim_node + policy_node backend `flow` serving the store's current
           version with hot reload + privileged object state):
             collect   E rollouts through ROS (episode_manager sim mode, auto start/label; recorder_node) appended to
@@ -11,14 +15,21 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
                       of the demos for round 1); privileged object poses (/qvgm/sim/objects, stamp-matched to the
                       recorded frames) are written as the buffer's side files (the `state` backbone needs them)
             improve   critic_trainer.pipeline.improve (Q-VGM) on that buffer -> publish (parent = serving version)
-            reload    the RUNNING policy node hot-reloads it (/qvgm/policy/version must report the new version)
-            eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version;
-                      only episodes whose every frame was served by that version count
-  A table (round, serving version, success rate, 95 % Wilson CI, episodes), WORK/summary.json and WORK/loop.png
-  (when matplotlib is installed) close the run. Progress lines: `[loop +ELAPSEDs] stage i/n ...`.
+            reload    the RUNNING policy node hot-reloads it (/qvgm/policy/version must report the new version
+                      before the first evaluation episode starts, so every round runs the same scene seeds)
+            eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version on
+                      scene seeds seed + EVAL_SEED + k; only episodes whose every frame that version served count
+  Q-VGM settings follow bench/learning.py (critic 256x256, Cal-QL w 0.1, batch 256; actor 300 steps, lr 1e-4,
+  batch 64, ascent lr 0.05, gate = last 5 of K = 10 steps).
+  A table (round 0 = SFT, then each round: serving version, success rate, 95 % Wilson CI, change vs round 0,
+  episodes), WORK/summary.json (rows, per-stage wall times, control-loop health of every ROS stage, critic
+  quality and actor Q before/after per round) and WORK/loop.png close the run. Progress lines:
+  `[loop +ELAPSEDs] stage i/n ...` with an ETA inside each ROS stage.
 
 Ctrl-C (SIGINT) or SIGTERM stops at the next spin: the graph shuts down, the recorder aborts its open episode, the
 store only ever holds committed versions; WORK/loop_state.json records which stages finished.
+The sim runs in real time (--real-time-factor 1 only: sim_node stamps robot time, episode_manager and the recorder
+window episodes on their node clocks, so at other factors the recorder would keep ~1/factor of every episode).
 `--backbone pi05-small` trains the image policy instead (~1.2 s of CPU per SFT step at batch 32; pixel SFT does
 not yet learn push on 2 CPU cores, see docs/RESULTS.md).
 """
@@ -30,12 +41,14 @@ from qvgm_policy_node.ros_env import apply_loopback_env
 apply_loopback_env(keep_existing_domain=True)  # before rclpy: DDS discovery on loopback, per-run domain
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -76,6 +89,24 @@ class LoopState:
         return self.data["rounds"].setdefault(str(r), {})
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch intra-op threads = n inside the block (the offline stages; the ROS stages run with 1), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A float for a progress line ('n/a' for None / NaN)."""
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{float(x):.{digits}f}"
+
+
 # ------------------------------------------------------------------------------------------------- offline stages
 def stage_demos(args: argparse.Namespace, work: Path, log: Progress) -> Path:
     """Noisy expert demos with the recorder's camera layout (so rollouts append to a copy of them)."""
@@ -86,9 +117,11 @@ def stage_demos(args: argparse.Namespace, work: Path, log: Progress) -> Path:
         log("demos", f"present in {out}, skipped")
         return out
     shutil.rmtree(out, ignore_errors=True)
-    log("demos", f"{args.demos} noisy expert episodes of {args.task} -> {out}")
+    log("demos", f"{args.demos} noisy expert episodes of {args.task} (noise {args.demo_noise} m) -> {out}")
+    t0 = time.monotonic()
     s = collect_demos(args.task, args.demos, out, noise=args.demo_noise, seed=args.seed,
                       image_size=(args.image_size, args.image_size), cameras=(CAMERA,), control_hz=10)
+    s["stage_wall_s"] = round(time.monotonic() - t0, 1)
     (work / "demos.done").write_text(json.dumps(s))
     log("demos", f"{s['successes']}/{s['episodes']} successful, {s['frames']} frames, {s['wall_s']:.0f}s")
     return out
@@ -106,12 +139,16 @@ def stage_sft(args: argparse.Namespace, work: Path, demos: Path, state: LoopStat
     out = work / "sft_v0"
     if not (out / "manifest.json").exists():
         shutil.rmtree(out, ignore_errors=True)
-        log("sft", f"{args.sft_steps} steps of `{args.backbone}` on {demos}")
+        log("sft", f"{args.sft_steps} steps of `{args.backbone}` on {demos} (batch {args.sft_batch}, lr {args.sft_lr}, "
+            f"overrides {args.sft_overrides}, ema {args.ema}, successful demos only: {args.success_only})")
+        t0 = time.monotonic()
         cfg = SFTConfig(datasets=[str(demos)], config=args.backbone, out=str(out), steps=args.sft_steps,
-                        seed=args.seed, work_dir=str(work / "sft_v0.work"), **({"overrides": args.sft_overrides}
-                                                                                if args.sft_overrides else {}))
-        res = train_sft(cfg, resume=True, progress=not args.no_progress)
-        log("sft", f"final flow loss {res['final_loss']:.4f}")
+                        seed=args.seed, work_dir=str(work / "sft_v0.work"), batch_size=args.sft_batch, lr=args.sft_lr,
+                        ema_decay=args.ema, success_only=args.success_only, overrides=dict(args.sft_overrides))
+        with torch_threads(args.threads):
+            res = train_sft(cfg, resume=True, progress=not args.no_progress)
+        state.data.setdefault("timing", {})["sft"] = round(time.monotonic() - t0, 1)
+        log("sft", f"final flow loss {res['final_loss']:.4f}, {state.data['timing']['sft']:.0f}s")
     v0 = store.publish_dir(out, summary={"kind": "sft", "source": str(out)}, make_current=True)
     state.data["v0"] = v0
     state.save()
@@ -119,11 +156,23 @@ def stage_sft(args: argparse.Namespace, work: Path, demos: Path, state: LoopStat
     return v0
 
 
-def stage_improve(args: argparse.Namespace, work: Path, buffer: Path, serving: str, log: Progress) -> str:
-    """Q-VGM on `buffer` starting from store version `serving`; publishes (and makes current) the new version."""
+def improve_config(args: argparse.Namespace) -> Any:
+    """The loop's ImproveConfig: Q-VGM with bench/learning.py's settings (CLI values override)."""
+    from critic_trainer.pipeline import ImproveConfig
+
+    return ImproveConfig(method="qvgm", critic_steps=args.critic_steps, critic_hidden=tuple(args.critic_hidden),
+                         critic_batch=args.critic_batch, reg_weight=args.reg_weight, actor_steps=args.actor_steps,
+                         actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
+                         gate_last_m=args.gate_m, seed=args.seed)
+
+
+def stage_improve(args: argparse.Namespace, work: Path, buffer: Path, serving: str,
+                  log: Progress) -> tuple[str, dict[str, Any]]:
+    """Q-VGM on `buffer` starting from store version `serving`; publishes (and makes current) the new version.
+    Returns (new version, {wall times s, critic quality on the buffer, actor Q before/after})."""
     import torch
 
-    from critic_trainer.pipeline import ImproveConfig, improve, load_buffer, publish
+    from critic_trainer.pipeline import improve, load_buffer, publish
     from qvgm.checkpoints import CheckpointStore
     from qvgm.policy import load_policy
 
@@ -131,22 +180,32 @@ def stage_improve(args: argparse.Namespace, work: Path, buffer: Path, serving: s
     init = store.path(serving)
     policy = load_policy(init)
     buf = load_buffer(buffer, policy.horizon, with_images=policy.config.backbone != "state")
-    cfg = ImproveConfig(method="qvgm", critic_steps=args.critic_steps, actor_steps=args.actor_steps,
-                        critic_hidden=tuple(args.critic_hidden), seed=args.seed)
+    cfg = improve_config(args)
     rwork = buffer.parent / "improve.work"
     shutil.rmtree(rwork, ignore_errors=True)
     log("improve", f"Q-VGM from {serving} on {len(buf)} frames ({len(np.unique(buf.episode))} episodes, "
         f"critic {cfg.critic_steps} steps, actor {cfg.actor_steps} steps)")
-    with torch.inference_mode(False):
+    t0 = time.monotonic()
+    with torch.inference_mode(False), torch_threads(args.threads):
         actor, critic, summary = improve(policy, buf, cfg, work=rwork, progress=not args.no_progress)
     manifest = publish(actor, critic, summary, init, store=work / "store")
     new = str(manifest["version"])
     if store.current() != new:  # publish makes the new version current; be explicit about what serves next
         store.set_current(new)
     act = summary.get("actor", {})
-    log("improve", f"published {new} (parent {manifest.get('parent')}), Q before {act.get('q_policy_before')} "
-        f"after {act.get('q_policy_after')}")
-    return new
+    ev = summary.get("critic", {}).get("eval", {})
+    wall = time.monotonic() - t0
+    info = {"wall_s": round(wall, 1), "actor_s": act.get("actor_wall_s"),
+            "critic_s": round(float(summary["wall_s"]) - float(act.get("actor_wall_s") or 0.0), 1),
+            "frames": summary.get("frames"), "episodes": summary.get("episodes"),
+            "successful_episodes": summary.get("successful_episodes"), "transitions": summary.get("transitions"),
+            "critic_mc_corr": ev.get("mc_corr"), "critic_mc_mae": ev.get("mc_mae"),
+            "q_policy_before": act.get("q_policy_before"), "q_policy_after": act.get("q_policy_after"),
+            "action_shift": act.get("action_shift")}
+    log("improve", f"published {new} (parent {manifest.get('parent')}) in {wall:.0f}s (features + critic "
+        f"{info['critic_s']}s, actor {info['actor_s']}s); critic MC corr {fmt(info['critic_mc_corr'])}, "
+        f"Q of the policy's chunks before {fmt(info['q_policy_before'])} after {fmt(info['q_policy_after'])}")
+    return new, info
 
 
 # ------------------------------------------------------------------------------------------------- the ROS graph
@@ -170,16 +229,19 @@ class SimLoop:
 
     def __enter__(self) -> SimLoop:
         from rclpy.qos import DurabilityPolicy, QoSProfile
-        from std_msgs.msg import String
+        from std_msgs.msg import Bool, String
         from visualization_msgs.msg import MarkerArray
 
         from qvgm_policy_node import topics
+        from qvgm_policy_node.episode_manager import ENABLE_TOPIC
 
         self.graph.__enter__()
         node = self.graph.node("loop_driver")
         node.create_subscription(String, topics.POLICY_VERSION, lambda m: self.versions.append(m.data),
                                  QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         node.create_subscription(MarkerArray, topics.OBJECTS, self._on_objects, 50)
+        self.enable_pub = node.create_publisher(Bool, ENABLE_TOPIC,
+                                                QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -198,6 +260,35 @@ class SimLoop:
     @property
     def policy(self) -> Any:
         return self.graph.nodes["policy_node"]
+
+    def health(self) -> dict[str, Any]:
+        """Cumulative control-loop counters of the running graph (policy node stats and skips, sim ticks)."""
+        pol, sim = self.policy, self.graph.nodes["sim_node"]
+        c = {f"policy.{k}": int(v) for k, v in pol.stats.items()}
+        c.update({f"policy.skipped.{k}": int(v) for k, v in pol.skipped.items()})
+        c["policy.published_chunks"] = int(pol.published)
+        c["sim.ticks"] = int(sim.ticks)
+        c["sim.accepted_trajectories"] = int(sim.accepted)
+        c.update({f"sim.rejected.{k}": int(v) for k, v in sim.rejected.items()})
+        return c
+
+    def health_report(self, before: dict[str, Any], wall0: float, infos: list[dict[str, Any]]) -> dict[str, Any]:
+        """What changed in health() since `before` (started at time.monotonic() = wall0), plus the robot time the
+        recorded episodes cover vs the wall time (effective real-time factor, resets included) and the sim_node's
+        control-tick interval percentiles (ms, wall clock; nominal 1000 / joint_state_hz)."""
+        after = self.health()
+        delta = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+        wall = time.monotonic() - wall0
+        ticks = np.asarray([t for t in self.graph.nodes["sim_node"].tick_times if t >= wall0])
+        gaps = np.diff(ticks) * 1e3 if len(ticks) > 2 else np.zeros(1)
+        robot_s = sum(int(i["frames"]) for i in infos) / 10.0  # recorder fps 10
+        return {"wall_s": round(wall, 1), "robot_s": round(robot_s, 1),
+                "effective_rtf": round(robot_s / wall, 2) if wall > 0 else None,
+                "tick_ms_p50": round(float(np.percentile(gaps, 50)), 1),
+                "tick_ms_p99": round(float(np.percentile(gaps, 99)), 1), "tick_ms_max": round(float(gaps.max()), 1),
+                "missed_ticks": delta.get("policy.missed_ticks", 0), "late_chunks": delta.get("policy.late_chunks", 0),
+                "dropped_chunks": delta.get("policy.dropped_chunks", 0),
+                "holds": sum(v for k, v in delta.items() if k.startswith("policy.holds")), "counters": delta}
 
     def episodes(self, root: Path, n: int, stage: str, seed: int, accept: Any = None) -> list[dict[str, Any]]:
         """Run episodes (episode_manager sim mode, auto start/label) recorded into `root` until `n` committed
@@ -295,10 +386,23 @@ class SimLoop:
             write_privileged(root, int(info["index"]), vec[j])
 
     def wait_serving(self, version: str, timeout: float = 60.0) -> None:
-        """Spin until the running policy node has swapped to `version` (its chunks carry it once enabled)."""
-        backend = self.policy.backend
-        ok = self.graph.spin_until(lambda: getattr(getattr(backend, "current", None), "version", None) == version
-                                   or self.policy.version == version, timeout)
+        """Spin until the running policy node has published a chunk of `version` (so the recorder tags the next
+        episode's frames with it from the first one). Between episodes the node is muted and swaps only at a chunk
+        boundary, so if that has not happened within 2 s it is enabled (/qvgm/policy/enable) until it does, then
+        muted again: the robot moves outside any episode, and the next episode's reset puts the scene back."""
+        from std_msgs.msg import Bool
+
+        def serving() -> bool:  # a chunk of `version` went out (and /qvgm/policy/version, which tags frames, says so)
+            return self.policy.version == version
+
+        if self.graph.spin_until(serving, 2.0):
+            return
+        self.enable_pub.publish(Bool(data=True))
+        try:
+            ok = self.graph.spin_until(serving, timeout)
+        finally:
+            self.enable_pub.publish(Bool(data=False))
+            self.graph.spin_until(lambda: not self.policy.enabled, 2.0)
         if not ok:
             raise TimeoutError(f"the policy node did not load {version} in {timeout}s")
 
@@ -306,7 +410,6 @@ class SimLoop:
 # ------------------------------------------------------------------------------------------------- main
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     """Every stage; returns the summary dict (also written to WORK/summary.json)."""
-    from critic_trainer.pipeline import wilson_interval
     from qvgm.checkpoints import CheckpointStore
 
     log = Progress()
@@ -316,32 +419,49 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     demos = stage_demos(args, work, log)
     v0 = stage_sft(args, work, demos, state, log)
     store = CheckpointStore(work / "store", keep_last=None)
-    if all(state.round(r).get("evaluated") for r in range(1, args.rounds + 1)):
+    if all(state.round(r).get("evaluated") for r in range(0, args.rounds + 1)):
         log("rounds", f"all {args.rounds} rounds finished, skipped")
         return write_summary(args, work, state, log)
     with SimLoop(args, work, log) as sim:
-        log("graph", f"up: ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID')}, nodes {sorted(sim.graph.nodes)}")
+        log("graph", f"up: ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID')}, nodes {sorted(sim.graph.nodes)}, "
+            f"real_time_factor {args.real_time_factor}")
+        r0 = state.round(0)
+        if not r0.get("evaluated"):  # the baseline: v0 on the same held-out seeds every round is evaluated on
+            previous = store.current()
+            if previous != v0:  # a work dir whose rounds ran before round 0 existed: serve v0 for this stage
+                store.set_current(v0)
+            evaluate_round(args, sim, state, 0, v0, v0, log)
+            if previous is not None and previous != v0:
+                store.set_current(previous)
         prev_buffer = demos
         for r in range(1, args.rounds + 1):
             rs = state.round(r)
             rdir = work / "rounds" / f"r{r}"
             buffer = rdir / "buffer"
             serving = rs.get("from") or store.current() or v0
+            timing = rs.setdefault("timing", {})
             if not rs.get("collected"):
                 shutil.rmtree(rdir, ignore_errors=True)
                 rdir.mkdir(parents=True)
                 shutil.copytree(prev_buffer, buffer)
                 log("collect", f"round {r}/{args.rounds}: {args.rollouts} rollouts of {serving} -> {buffer}")
                 sim.objects.clear()
+                t0, before = time.monotonic(), sim.health()
                 infos = sim.episodes(buffer, args.rollouts, "collect", seed=args.seed + 10_000 * r)
                 sim.write_privileged(buffer, infos)
+                rs["collect_health"] = sim.health_report(before, t0, infos)
+                timing["collect"] = rs["collect_health"]["wall_s"]
                 rs.update(collected=True, rollouts=[{k: v for k, v in i.items() if k != "stamps"} for i in infos],
                           **{"from": serving})
                 state.save()
+                k = sum(bool(i["success"]) for i in infos)
+                log("collect", f"round {r}: {k}/{len(infos)} rollouts successful, {health_line(rs['collect_health'])}")
             else:
                 log("collect", f"round {r}: rollouts present, skipped")
             if not rs.get("improved"):
-                rs["version"] = stage_improve(args, work, buffer, serving, log)
+                rs["version"], rs["improve"] = stage_improve(args, work, buffer, serving, log)
+                timing.update(improve=rs["improve"]["wall_s"], critic=rs["improve"]["critic_s"],
+                              actor=rs["improve"]["actor_s"])
                 rs["improved"] = True
                 state.save()
             new = rs["version"]
@@ -349,61 +469,115 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
                 store.set_current(new)
             if not rs.get("evaluated"):
                 log("reload", f"waiting for the running policy node to serve {new}")
-                shutil.rmtree(rdir / "eval", ignore_errors=True)
-                n_before = len(sim.versions)
-                infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
-                                     accept=lambda i, v=new: i["versions"] == [v])
-                if new not in sim.versions[n_before:] and sim.policy.version != new:
-                    raise RuntimeError(f"/qvgm/policy/version never reported {new}")
-                k = sum(i["success"] for i in infos)
-                lo, hi = wilson_interval(k, len(infos))
-                rs.update(evaluated=True, serving=new, successes=k, episodes=len(infos), ci=[lo, hi],
-                          eval=[{kk: vv for kk, vv in i.items() if kk != "stamps"} for i in infos],
-                          version_messages=sim.versions[n_before:])
-                state.save()
-                log("eval", f"round {r}: {new} {k}/{len(infos)} = {k / len(infos):.0%} [{lo:.0%}, {hi:.0%}]")
+                evaluate_round(args, sim, state, r, new, serving, log)
             prev_buffer = buffer
     return write_summary(args, work, state, log)
 
 
-def write_summary(args: argparse.Namespace, work: Path, state: LoopState, log: Progress) -> dict[str, Any]:
-    rows = []
-    for r in range(1, args.rounds + 1):
+def health_line(h: dict[str, Any]) -> str:
+    return (f"robot {h['robot_s']:.0f}s in {h['wall_s']:.0f}s wall (effective RTF {h['effective_rtf']}), sim tick "
+            f"p99 {h['tick_ms_p99']} ms, missed ticks {h['missed_ticks']}, late chunks {h['late_chunks']}, "
+            f"dropped {h['dropped_chunks']}, holds {h['holds']}")
+
+
+def evaluate_round(args: argparse.Namespace, sim: SimLoop, state: LoopState, r: int, version: str, parent: str,
+                   log: Progress) -> None:
+    """args.eval_episodes episodes served by `version` (only episodes whose every frame it served count) on the
+    held-out scene seeds seed + EVAL_SEED + k, recorded into WORK/rounds/rR/eval; results into state round r."""
+    from critic_trainer.pipeline import wilson_interval
+
+    rs = state.round(r)
+    rdir = Path(args.work) / "rounds" / f"r{r}"
+    shutil.rmtree(rdir / "eval", ignore_errors=True)
+    rdir.mkdir(parents=True, exist_ok=True)
+    log("eval", f"round {r}: {args.eval_episodes} episodes of {version} on held-out seeds "
+        f"{args.seed + EVAL_SEED}.. through ROS")
+    n_before = len(sim.versions)
+    t0, before = time.monotonic(), sim.health()
+    sim.wait_serving(version)  # loaded before the first episode starts: every seed's episode can count
+    infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
+                         accept=lambda i, v=version: i["versions"] == [v])
+    if version not in sim.versions[n_before:] and sim.policy.version != version:
+        raise RuntimeError(f"/qvgm/policy/version never reported {version}")
+    k = sum(bool(i["success"]) for i in infos)
+    lo, hi = wilson_interval(k, len(infos))
+    health = sim.health_report(before, t0, infos)
+    rs.setdefault("timing", {})["eval"] = health["wall_s"]
+    rs.update(evaluated=True, serving=version, successes=k, episodes=len(infos), ci=[lo, hi], eval_health=health,
+              eval=[{kk: vv for kk, vv in i.items() if kk != "stamps"} for i in infos],
+              version_messages=sim.versions[n_before:], **({} if r else {"from": parent}))
+    state.save()
+    log("eval", f"round {r}: {version} {k}/{len(infos)} = {k / len(infos):.0%} [{lo:.0%}, {hi:.0%}]; "
+        f"{health_line(health)}")
+
+
+def summary_rows(args: argparse.Namespace, state: LoopState) -> list[dict[str, Any]]:
+    """One row per evaluated round (0 = the SFT policy), with the change vs round 0 when it was evaluated."""
+    rows: list[dict[str, Any]] = []
+    for r in range(0, args.rounds + 1):
         rs = state.data["rounds"].get(str(r), {})
-        if rs.get("evaluated"):
-            rows.append({"round": r, "serving": rs["serving"], "parent": rs["from"], "successes": rs["successes"],
-                         "episodes": rs["episodes"], "success_rate": rs["successes"] / max(1, rs["episodes"]),
-                         "ci95": rs["ci"], "rollouts": len(rs.get("rollouts", [])),
-                         "rollout_successes": sum(bool(i["success"]) for i in rs.get("rollouts", []))})
-    print(f"{'round':>5}  {'serving version':<20} {'success':>8}  {'95% CI':<15} {'episodes':>8}  "
-          "rollouts of the parent (successful/total)")
+        if not rs.get("evaluated"):
+            continue
+        rows.append({"round": r, "serving": rs["serving"], "parent": rs.get("from"), "successes": rs["successes"],
+                     "episodes": rs["episodes"], "success_rate": rs["successes"] / max(1, rs["episodes"]),
+                     "ci95": rs["ci"], "rollouts": len(rs.get("rollouts", [])),
+                     "rollout_successes": sum(bool(i["success"]) for i in rs.get("rollouts", [])),
+                     "timing_s": rs.get("timing", {}), "improve": rs.get("improve"),
+                     "collect_health": rs.get("collect_health"), "eval_health": rs.get("eval_health")})
+    base = next((row for row in rows if row["round"] == 0), None)
+    for row in rows:
+        row["delta_vs_round0"] = None if base is None else round(row["success_rate"] - base["success_rate"], 4)
+    return rows
+
+
+def write_summary(args: argparse.Namespace, work: Path, state: LoopState, log: Progress) -> dict[str, Any]:
+    """Print the table; write WORK/summary.json and WORK/loop.png (success rate per round with 95 % CIs)."""
+    rows = summary_rows(args, state)
+    print(f"{'round':>5}  {'serving version':<26} {'success':>8}  {'95% CI':<12} {'vs r0':>6} {'episodes':>8}  "
+          "rollouts collected with the parent (successful/total)")
     for row in rows:
         lo, hi = row["ci95"]
-        print(f"{row['round']:>5}  {row['serving']:<20} {row['success_rate']:>8.0%}  [{lo:4.0%}, {hi:4.0%}]"
-              f"{'':3} {row['episodes']:>8}  {row['rollout_successes']}/{row['rollouts']} ({row['parent']})")
+        d = row["delta_vs_round0"]
+        delta = "" if d is None or row["round"] == 0 else f"{d * 100:+.0f}"
+        what = "(SFT v0, before any improvement)" if row["round"] == 0 else \
+            f"{row['rollout_successes']}/{row['rollouts']} ({row['parent']})"
+        print(f"{row['round']:>5}  {row['serving']:<26} {row['success_rate']:>8.0%}  [{lo:4.0%}, {hi:4.0%}] "
+              f"{delta:>6} {row['episodes']:>8}  {what}")
+    demos_done = work / "demos.done"
+    timing = {"demos": json.loads(demos_done.read_text()).get("stage_wall_s") if demos_done.exists() else None,
+              **state.data.get("timing", {}),
+              "rounds": {str(row["round"]): row["timing_s"] for row in rows}}
     summary = {"task": args.task, "backbone": args.backbone, "v0": state.data.get("v0"), "rounds": rows,
-               "args": {k: v for k, v in vars(args).items() if k != "func"}}
+               "timing_s": timing, "args": {k: v for k, v in vars(args).items() if k != "func"}}
     (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        xs = [row["round"] for row in rows]
-        ys = [row["success_rate"] for row in rows]
-        err = [[y - row["ci95"][0] for y, row in zip(ys, rows, strict=True)],
-               [row["ci95"][1] - y for y, row in zip(ys, rows, strict=True)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4)
-        ax.set(xlabel="round", ylabel="success rate (95% Wilson CI)", ylim=(0, 1), title=f"qvgm loop: {args.task}")
-        fig.tight_layout()
-        fig.savefig(work / "loop.png", dpi=100)
-        plt.close(fig)
-        log("summary", f"wrote {work / 'summary.json'} and {work / 'loop.png'}")
-    except ImportError:
-        log("summary", f"wrote {work / 'summary.json'} (matplotlib not installed: no PNG plot)")
+    write_plot(work / "loop.png", rows, args.task)
+    log("summary", f"wrote {work / 'summary.json'} and {work / 'loop.png'}")
     return summary
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]], task: str) -> None:
+    """Success rate per round (round 0 = SFT) with 95 % Wilson error bars -> PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [row["round"] for row in rows]
+    ys = [row["success_rate"] for row in rows]
+    err = [[y - row["ci95"][0] for y, row in zip(ys, rows, strict=True)],
+           [row["ci95"][1] - y for y, row in zip(ys, rows, strict=True)]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4)
+    for x, y, row in zip(xs, ys, rows, strict=True):
+        ax.annotate(f"{row['successes']}/{row['episodes']}", (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xticks(xs, [("0 (SFT)" if x == 0 else str(x)) for x in xs])
+    ax.set(xlabel="round", ylabel="success rate (95% Wilson CI)", ylim=(0, 1), title=f"qvgm loop: {task}")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,24 +586,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/loop", help="work dir (demos, store, buffers, state); rerun resumes")
-    p.add_argument("--task", default="push", choices=list(TASKS))
+    p.add_argument("--task", default="pick_place", choices=list(TASKS))
     p.add_argument("--backbone", default="state", help="policy config: state (CPU) or pi05-small (slow on CPU)")
-    p.add_argument("--demos", type=int, default=20, help="noisy expert demo episodes")
-    p.add_argument("--demo-noise", type=float, default=0.01, help="expert noise std (m)")
-    p.add_argument("--sft-steps", type=int, default=2000)
-    p.add_argument("--rollouts", type=int, default=10, help="policy rollouts collected through ROS per round")
-    p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes through ROS per round")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--critic-steps", type=int, default=2000)
-    p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
-    p.add_argument("--actor-steps", type=int, default=300)
-    p.add_argument("--episode-time", type=float, default=max(TIME_LIMIT_S.values()), help="robot s per episode")
-    p.add_argument("--real-time-factor", type=float, default=1.0)
-    p.add_argument("--image-size", type=int, default=64, help="camera images (px, square, even) recorded")
+    g = p.add_argument_group("SFT (default: the task's recipe, critic_trainer.recipes.sft_recipe)")
+    g.add_argument("--demos", type=int, default=None, help="noisy expert demo episodes")
+    g.add_argument("--demo-noise", type=float, default=None, help="expert noise std (m)")
+    g.add_argument("--sft-steps", type=int, default=None)
+    g.add_argument("--ema", type=float, default=None, help="SFT weight-EMA decay (0 = off)")
+    g.add_argument("--success-only", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
+                   metavar="0|1", help="SFT on the successful demos only")
+    g.add_argument("--sft-batch", type=int, default=64)
+    g.add_argument("--sft-lr", type=float, default=1e-3)
+    g = p.add_argument_group("rounds")
+    g.add_argument("--rounds", type=int, default=2)
+    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/results_loop.md): episodes run in real
+    # time (a failure lasts the whole 25 s, a success ~5 s), the critic costs ~0.2 s per update, the actor ~0.25 s
+    g.add_argument("--rollouts", type=int, default=15, help="policy rollouts collected through ROS per round")
+    g.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes through ROS per round "
+                   "(round 0 = SFT included)")
+    g.add_argument("--episode-time", type=float, default=max(TIME_LIMIT_S.values()), help="robot s per episode")
+    g.add_argument("--real-time-factor", type=float, default=1.0,
+                   help="robot time per wall second in the sim; only 1 is accepted for now (see main)")
+    g.add_argument("--image-size", type=int, default=64, help="camera images (px, square, even) recorded")
+    g = p.add_argument_group("Q-VGM (default: bench/learning.py's settings)")
+    g.add_argument("--critic-steps", type=int, default=800, help="critic updates per round (the benchmark: 3000)")
+    g.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
+    g.add_argument("--critic-batch", type=int, default=256)
+    g.add_argument("--reg-weight", type=float, default=0.1, help="Cal-QL regulariser weight w")
+    g.add_argument("--actor-steps", type=int, default=300)
+    g.add_argument("--actor-lr", type=float, default=1e-4)
+    g.add_argument("--actor-batch", type=int, default=64)
+    g.add_argument("--ascent-lr", type=float, default=0.05)
+    g.add_argument("--gate-m", type=int, default=5, help="Q-VGM gate: the last M of K denoising steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the offline stages (SFT, Q-VGM; the ROS graph is idle then); the "
+                   "ROS stages run with 1. 2 only pays on an idle machine: with other jobs on the 2 cores an SFT "
+                   "step took 0.4-1.1 s with 2 threads vs 0.07-0.15 s with 1 (docs/results_loop.md)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars in SFT / Q-VGM (stage lines stay)")
     return p
+
+
+def resolve_recipe(args: argparse.Namespace) -> None:
+    """Fill the SFT settings not given on the command line from the task's recipe (critic_trainer.recipes); the
+    StateConfig flags apply to the `state` backbone only (args.sft_overrides)."""
+    from critic_trainer.recipes import sft_recipe
+
+    r = sft_recipe(args.task)
+    for key in ("demos", "demo_noise", "sft_steps", "ema", "success_only"):
+        if getattr(args, key) is None:
+            setattr(args, key, r[key])
+    args.sft_overrides = dict(r["state_flags"]) if args.backbone == "state" else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,10 +644,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = build_parser()
     args = p.parse_args(argv)
-    args.sft_overrides = {}
-    if min(args.demos, args.sft_steps, args.rollouts, args.eval_episodes, args.rounds) < 1 or args.image_size % 2:
+    resolve_recipe(args)
+    if min(args.demos, args.sft_steps, args.rollouts, args.eval_episodes, args.rounds, args.threads) < 1 \
+            or args.image_size % 2:
         p.error("sizes must be >= 1 and --image-size even")
-    torch.set_num_threads(args.threads)
+    if not args.episode_time > 0:
+        p.error("--episode-time must be > 0")
+    if args.real_time_factor != 1.0:
+        # sim_node stamps its messages with robot time (epoch + sim time): at any other factor they drift away from
+        # the node clocks on which episode_manager times the episode window and the recorder keeps the frames
+        # inside it (stamps <= t_end), so the recorder would keep only ~1/factor of every episode
+        p.error("--real-time-factor must be 1: at other factors the recorder drops the frames whose robot-time "
+                "stamps run outside the episode window on the node clock (needs /clock + use_sim_time)")
+    torch.set_num_threads(1)  # the ROS stages (policy inference beside the sim); offline stages use --threads
 
     def interrupt(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -53,6 +53,56 @@ def check_round(work: Path, r: int, parent: str, demos: int, rollouts_before: in
     return new
 
 
+def check_round0(work: Path, v0: str) -> None:
+    """Round 0 evaluated the SFT policy v0 itself (before any improvement) on the held-out seeds, through ROS."""
+    r0 = json.loads((work / loop.STATE_FILE).read_text())["rounds"]["0"]
+    assert r0["evaluated"] and r0["serving"] == v0 and r0["episodes"] == 2
+    assert len(r0["eval"]) == 2 and all(e["versions"] == [v0] for e in r0["eval"])
+    assert [e["seed"] for e in r0["eval"]][0] == loop.EVAL_SEED  # the held-out seeds every round uses (seed 0)
+    rd = ReplayReader(work / "rounds" / "r0" / "eval", decode_images=False, include_discarded=True)
+    try:
+        assert {str(v) for v in rd.policy_version} == {v0}
+    finally:
+        rd.close()
+
+
+def check_png(path: Path) -> None:
+    """A real PNG image (signature, IHDR with a plausible size)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert 200 <= w <= 2000 and 200 <= h <= 2000
+
+
+def test_plot_is_a_png_with_one_point_per_round(tmp_path) -> None:
+    rows = [{"round": r, "success_rate": k / 10, "ci95": [max(0.0, k / 10 - 0.2), min(1.0, k / 10 + 0.2)],
+             "successes": k, "episodes": 10} for r, k in enumerate((5, 6, 8))]
+    loop.write_plot(tmp_path / "loop.png", rows, "pick_place")
+    check_png(tmp_path / "loop.png")
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_recipe_defaults_and_cli_overrides() -> None:
+    """The loop's SFT settings are the task's recipe (the learning benchmark's table) unless given on the CLI."""
+    from critic_trainer.recipes import sft_recipe
+
+    args = loop.build_parser().parse_args([])
+    loop.resolve_recipe(args)
+    r = sft_recipe("pick_place")
+    assert args.task == "pick_place"
+    assert (args.demos, args.demo_noise, args.sft_steps, args.ema, args.success_only) == \
+        (r["demos"], r["demo_noise"], r["sft_steps"], r["ema"], r["success_only"])
+    assert args.sft_overrides == r["state_flags"] and args.sft_batch == 64 and args.sft_lr == 1e-3
+    cfg = loop.improve_config(args)
+    assert (cfg.critic_hidden, cfg.reg_weight, cfg.actor_steps, cfg.actor_lr, cfg.actor_batch, cfg.ascent_lr,
+            cfg.gate_last_m, cfg.critic_batch) == ((256, 256), 0.1, 300, 1e-4, 64, 0.05, 5, 256)
+    args = loop.build_parser().parse_args(["--task", "stack", "--demos", "7", "--sft-steps", "11",
+                                           "--success-only", "0", "--backbone", "pi05-small"])
+    loop.resolve_recipe(args)
+    assert (args.demos, args.sft_steps, args.success_only) == (7, 11, False)
+    assert args.demo_noise == sft_recipe("stack")["demo_noise"] and args.sft_overrides == {}  # flags: state only
+
+
 def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
     work = tmp_path / "loop"
     t0 = time.monotonic()
@@ -61,13 +111,26 @@ def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
     for stage in ("demos:", "sft:", "collect 2/2", "improve:", "reload:", "eval 2/2", "summary:"):
         assert stage in out, (stage, out)
     v0 = json.loads((work / loop.STATE_FILE).read_text())["v0"]
+    check_round0(work, v0)
     v1 = check_round(work, 1, v0, demos=3, rollouts_before=0, rollouts=2)
     summary = json.loads((work / "summary.json").read_text())
-    row = summary["rounds"][0]
-    assert summary["v0"] == v0 and row["serving"] == v1 and row["episodes"] == 2
-    lo, hi = row["ci95"]
-    assert 0.0 <= lo <= row["success_rate"] <= hi <= 1.0
-    assert f"{v1}" in out.split("serving version")[1]  # the table
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    row0, row = summary["rounds"]
+    assert summary["v0"] == v0 and row0["serving"] == v0 and row["serving"] == v1 and row["episodes"] == 2
+    for r in (row0, row):
+        lo, hi = r["ci95"]
+        assert 0.0 <= lo <= r["success_rate"] <= hi <= 1.0
+    assert row0["delta_vs_round0"] == 0.0
+    assert row["delta_vs_round0"] == pytest.approx(row["success_rate"] - row0["success_rate"])
+    table = out.split("serving version")[1]
+    assert v0 in table.split("\n")[1] and "SFT" in table.split("\n")[1] and v1 in table.split("\n")[2]
+    # per-stage wall times, control-loop health of the ROS stages, critic quality / actor Q of the round
+    t = summary["timing_s"]
+    assert t["demos"] > 0 and t["sft"] > 0 and t["rounds"]["0"]["eval"] > 0
+    assert all(t["rounds"]["1"][k] > 0 for k in ("collect", "critic", "actor", "eval"))
+    assert row["collect_health"]["robot_s"] > 0 and row["eval_health"]["missed_ticks"] >= 0
+    assert set(row["improve"]) >= {"critic_mc_corr", "q_policy_before", "q_policy_after"}
+    check_png(work / "loop.png")
     first = time.monotonic() - t0
     demos_stamp = (work / "demos.done").stat().st_mtime_ns
     sft_stamp = (work / "sft_v0" / "manifest.json").stat().st_mtime_ns
@@ -89,6 +152,8 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         loop.main(["--work", str(tmp_path), "--rollouts", "0"])
     with pytest.raises(SystemExit):
         loop.main(["--work", str(tmp_path), "--image-size", "63"])
+    with pytest.raises(SystemExit):  # the recorder keeps only ~1/factor of each episode at other factors
+        loop.main(["--work", str(tmp_path), "--real-time-factor", "2"])
     assert not (tmp_path / "demos").exists()
 
 
@@ -114,7 +179,9 @@ def test_sigint_stops_cleanly_and_the_rerun_finishes_two_rounds(tmp_path) -> Non
     assert v0 is not None and len(store.versions()) == 1
     store.verify(v0)
     assert loop.main(["--work", str(work), "--rounds", "2", *TINY]) == 0
+    check_round0(work, v0)
     v1 = check_round(work, 1, v0, demos=3, rollouts_before=0, rollouts=2, last=False)
     check_round(work, 2, v1, demos=3, rollouts_before=2, rollouts=2)
     summary = json.loads((work / "summary.json").read_text())
-    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    check_png(work / "loop.png")
