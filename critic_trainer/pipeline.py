@@ -271,7 +271,7 @@ class ImproveConfig:
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     steps_per_sample: int | None = None  # Q-VGM: None = all K steps; S = S drawn steps per sample (unbiased)
-    # same-backbone baselines (values chosen on tuning seeds only: docs/results_baselines.md)
+    # same-backbone baselines (values chosen on tuning seeds only: docs/RESULTS.md, baselines section)
     dql_eta: float = 0.001  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
     dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside the box (with project)
     dql_box: str = "data"  # Diffusion-QL action box: "data" = per-dim range of the buffer's actions, "unit" = [-1, 1]

@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-lr", type=float, default=1e-3)
     g = p.add_argument_group("rounds")
     g.add_argument("--rounds", type=int, default=2)
-    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/results_loop.md): episodes run in real
+    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/RESULTS.md, loop): episodes run in real
     # time (a failure lasts the whole 25 s, a success ~5 s), the critic costs ~0.2 s per update, the actor ~0.25 s
     g.add_argument("--rollouts", type=int, default=15, help="policy rollouts collected through ROS per round")
     g.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes through ROS per round "
@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads of the offline stages (SFT, Q-VGM; the ROS graph is idle then); the "
                    "ROS stages run with 1. 2 only pays on an idle machine: with other jobs on the 2 cores an SFT "
-                   "step took 0.4-1.1 s with 2 threads vs 0.07-0.15 s with 1 (docs/results_loop.md)")
+                   "step took 0.4-1.1 s with 2 threads vs 0.07-0.15 s with 1 (docs/RESULTS.md, loop section)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars in SFT / Q-VGM (stage lines stay)")
     return p
 

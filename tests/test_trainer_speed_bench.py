@@ -1,5 +1,5 @@
 """bench/trainer_speed.py runs and reports every figure (the speeds themselves are in docs/RESULTS.md and
-docs/results_speed.md)."""
+docs/RESULTS.md, trainer speed section)."""
 
 from __future__ import annotations
 
