@@ -18,12 +18,7 @@ OBS, H, D, R, N_EXEC = 6, 4, 4, 3, 2
 A_STAR = 1.5  # every critic coordinate's optimum, outside [-1, 1]: the box's best point is the corner +1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def q_fn(a: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,7 @@ from critic_trainer.critic import (
 )
 from critic_trainer.pipeline import CRITIC_CONFIG, CRITIC_WEIGHTS, load_critic
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_q(params: dict[str, torch.Tensor], cfg: CriticConfig, s: torch.Tensor,

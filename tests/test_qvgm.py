@@ -27,12 +27,7 @@ from critic_trainer.toy import ToyFlowPolicy, fit_toy_policy
 OBS, H, D, R, N_EXEC = 6, 4, 4, 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TargetQ(torch.nn.Module):

@@ -16,12 +16,7 @@ OBS, H, D, R, N_EXEC = 6, 4, 4, 3, 2
 A_STAR = torch.full((N_EXEC * R,), 0.8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def q_fn(a: torch.Tensor) -> torch.Tensor:
