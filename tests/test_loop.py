@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,10 @@ def check_round(work: Path, r: int, parent: str, demos: int, rollouts_before: in
     assert got.count("expert") > 0 and parent in got  # demos + the rollouts of the serving parent
     data = load_buffer(buf, horizon=10)
     assert data.demo.privileged is not None and len(data) == len(data.demo.privileged)
+    rollout = data.rollout_frames()  # the critic's rollout emphasis: every frame of the policy's episodes, no demo
+    assert rollout.any() and not rollout.all()
+    assert set(np.unique(data.episode[rollout]).tolist()) == set(np.unique(data.episode[data.version != "expert"]))
+    assert set(data.version[~rollout].tolist()) == {"expert"}
     store = CheckpointStore(work / "store")
     new = state["version"]
     info = {v.version: v for v in store.versions()}
@@ -152,8 +157,8 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         loop.main(["--work", str(tmp_path), "--rollouts", "0"])
     with pytest.raises(SystemExit):
         loop.main(["--work", str(tmp_path), "--image-size", "63"])
-    with pytest.raises(SystemExit):  # the recorder keeps only ~1/factor of each episode at other factors
-        loop.main(["--work", str(tmp_path), "--real-time-factor", "2"])
+    with pytest.raises(SystemExit):  # sim seconds per wall second must be positive (any factor > 0 runs on sim time)
+        loop.main(["--work", str(tmp_path), "--real-time-factor", "0"])
     assert not (tmp_path / "demos").exists()
 
 
