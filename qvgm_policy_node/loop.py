@@ -535,6 +535,12 @@ def health_line(h: dict[str, Any]) -> str:
             f"dropped {h['dropped_chunks']}, holds {h['holds']}")
 
 
+def served_only(info: dict[str, Any], version: str) -> bool:
+    """True when every frame of the episode that had an action was served by `version` (frames tagged "" precede the
+    episode's first chunk: the recorder's "no_action" frames, the arm holding its reset pose)."""
+    return set(info["versions"]) - {""} == {version}
+
+
 def evaluate_round(args: argparse.Namespace, sim: SimLoop, state: LoopState, r: int, version: str, parent: str,
                    log: Progress) -> None:
     """args.eval_episodes episodes served by `version` (only episodes whose every frame it served count) on the
@@ -551,7 +557,7 @@ def evaluate_round(args: argparse.Namespace, sim: SimLoop, state: LoopState, r: 
     t0, before = time.monotonic(), sim.health()
     sim.wait_serving(version)  # loaded before the first episode starts: every seed's episode can count
     infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
-                         accept=lambda i, v=version: i["versions"] == [v])
+                         accept=lambda i, v=version: served_only(i, v))
     if version not in sim.versions[n_before:] and sim.policy.version != version:
         raise RuntimeError(f"/qvgm/policy/version never reported {version}")
     k = sum(bool(i["success"]) for i in infos)

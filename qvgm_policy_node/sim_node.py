@@ -110,6 +110,7 @@ class SimNode(Node):
         self.lockstep_timeout_s = float(p["lockstep_timeout_s"])
         if self.lockstep_s < 0 or not self.lockstep_timeout_s > 0:
             raise ValueError("lockstep_s must be >= 0 and lockstep_timeout_s > 0")
+        self._state_stamp = -1.0  # env.time of the last published joint state
         self._lock_until: float | None = None  # sim time (env.time) the sim may not pass while waiting for a chunk
         self._lock_wall = 0.0  # time.monotonic() of the chunk that set it
         self.lockstep_waits = 0  # ticks at which the sim waited for the controller
@@ -278,10 +279,13 @@ class SimNode(Node):
         self.traj.prune(float(self.env.time))
         self.ticks += 1
         self._publish_clock()
-        self._publish_state()
+        if self._state_stamp != float(self.env.time):
+            self._publish_state()
 
     def _camera_instant(self) -> None:
-        """At (or just past) a camera time: images, object poses and the success flag, stamped with env.time."""
+        """At (or just past) a camera time: joint state, images, object poses and the success flag, all stamped with
+        env.time (so every image has the joint state of its instant)."""
+        self._publish_state()
         self._next_camera += self.camera_period * max(1, int(np.ceil(
             (float(self.env.time) - self._next_camera + 1e-9) / self.camera_period)))
         self._publish_cameras()
@@ -291,6 +295,7 @@ class SimNode(Node):
 
     # -- publishing ------------------------------------------------------------------------------------------
     def _publish_state(self) -> None:
+        self._state_stamp = float(self.env.time)
         q, v, e = self.env.joint_state()
         msg = JointState()
         msg.header.stamp = to_time_msg(self.sim_to_ros(float(self.env.time)))
