@@ -98,6 +98,11 @@ def test_recipe_defaults_and_cli_overrides() -> None:
     assert (args.demos, args.demo_noise, args.sft_steps, args.ema, args.success_only) == \
         (r["demos"], r["demo_noise"], r["sft_steps"], r["ema"], r["success_only"])
     assert args.sft_overrides == r["state_flags"] and args.sft_batch == 64 and args.sft_lr == 1e-3
+    # the loop's own sizes: sim time at 2x real time, 20 + 20 episodes per round, 1500 critic updates, uniform batches
+    assert (args.real_time_factor, args.rollouts, args.eval_episodes, args.critic_steps) == (2.0, 20, 20, 1500)
+    assert loop.improve_config(args).critic_rollout_fraction == 0.0
+    assert loop.improve_config(loop.build_parser().parse_args(
+        ["--critic-rollout-fraction", "0.5"])).critic_rollout_fraction == 0.5
     cfg = loop.improve_config(args)
     assert (cfg.critic_hidden, cfg.reg_weight, cfg.actor_steps, cfg.actor_lr, cfg.actor_batch, cfg.ascent_lr,
             cfg.gate_last_m, cfg.critic_batch) == ((256, 256), 0.1, 300, 1e-4, 64, 0.05, 5, 256)
@@ -159,6 +164,8 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         loop.main(["--work", str(tmp_path), "--image-size", "63"])
     with pytest.raises(SystemExit):  # sim seconds per wall second must be positive (any factor > 0 runs on sim time)
         loop.main(["--work", str(tmp_path), "--real-time-factor", "0"])
+    with pytest.raises(SystemExit):  # a batch cannot be all rollouts (nor a negative share)
+        loop.main(["--work", str(tmp_path), "--critic-rollout-fraction", "1"])
     assert not (tmp_path / "demos").exists()
 
 
