@@ -32,19 +32,41 @@ def check_training_data(critic: QEnsemble, transitions: ChunkTransitions) -> Non
                          "successful and failed episodes")
 
 
+def batch_sampler(n: int, batch_size: int, rng: np.random.Generator, emphasis: np.ndarray | None = None,
+                  fraction: float = 0.0) -> Callable[[], np.ndarray]:
+    """Row sampler for critic batches over n transitions: uniform with replacement, or, with a bool mask
+    `emphasis` [n] and 0 < fraction < 1, exactly round(fraction * B) rows per batch drawn uniformly from the
+    emphasised transitions (e.g. the policy's own rollouts, where the outcome information is) and the rest from
+    the others. Falls back to uniform when either group is empty. B = min(batch_size, n)."""
+    b = min(batch_size, n)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the emphasised fraction of a critic batch must be in [0, 1), got {fraction}")
+    if emphasis is not None and len(emphasis) != n:
+        raise ValueError(f"emphasis mask has {len(emphasis)} entries for {n} transitions")
+    if emphasis is None or fraction <= 0.0 or emphasis.all() or not emphasis.any():
+        return lambda: rng.integers(0, n, size=b)
+    hot, cold = np.flatnonzero(emphasis), np.flatnonzero(~emphasis)
+    k = min(b, max(1, int(round(fraction * b))))
+    return lambda: np.concatenate([hot[rng.integers(0, len(hot), size=k)],
+                                   cold[rng.integers(0, len(cold), size=b - k)]])
+
+
 def fit_critic(trainer: CriticTrainer, features: Mapping[str, np.ndarray], transitions: ChunkTransitions,
                steps: int, batch_size: int = 256, seed: int = 0, device: str | None = None,
-               log: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Run `steps` critic updates on uniformly sampled transitions; returns the per-step metrics.
+               log: Callable[[int, dict[str, float]], None] | None = None, emphasis: np.ndarray | None = None,
+               emphasis_fraction: float = 0.0) -> list[dict[str, float]]:
+    """Run `steps` critic updates on sampled transitions (batch_sampler: uniform, or `emphasis_fraction` of every
+    batch from the transitions where the bool mask `emphasis` [M] is True); returns the per-step metrics.
 
     Raises FloatingPointError (from CriticTrainer.update) on a non-finite loss or gradient: the critic is left
     as it was before that step.
     """
     check_training_data(trainer.critic, transitions)
     rng = np.random.default_rng(seed)
+    sample = batch_sampler(len(transitions), batch_size, rng, emphasis, emphasis_fraction)
     history = []
     for step in range(steps):
-        rows = rng.integers(0, len(transitions), size=min(batch_size, len(transitions)))
+        rows = sample()
         metrics = trainer.update(critic_batch(features, transitions, rows, device=device))
         history.append(metrics)
         if log is not None:

@@ -65,6 +65,7 @@ from qvgm.policy.flow import FlowPolicyBase
 HELP = "improve a policy offline from a replay buffer: critic + Q-VGM (or a same-backbone baseline)"
 METHODS = ("qvgm", "qdistill", "dql", "filtered-bc", "sft")
 CRITIC_METHODS = ("qvgm", "qdistill", "dql")
+DEMO_VERSION = "expert"  # policy_version of scripted-expert demo frames (critic_trainer.demos)
 CRITIC_WEIGHTS, CRITIC_CONFIG = "critic.safetensors", "critic.json"
 
 
@@ -75,7 +76,8 @@ class BufferData:
 
     demo: observations + H-step action chunks (robot units) for flow matching (see critic_trainer.sft.DemoData);
     action [T, real] executed actions (robot units); reward [T] next.reward; done [T] next.done;
-    episode [T] buffer episode_index; success [T] bool label of the frame's episode (False when unlabelled).
+    episode [T] buffer episode_index; success [T] bool label of the frame's episode (False when unlabelled);
+    version [T] str policy_version of each frame ("expert" = scripted demo), None when not read.
     """
 
     demo: DemoData
@@ -85,6 +87,16 @@ class BufferData:
     episode: np.ndarray
     success: np.ndarray
     path: str
+    version: np.ndarray | None = None
+
+    def rollout_frames(self) -> np.ndarray:
+        """bool [T]: frames of policy rollouts, i.e. of episodes with any frame not from the scripted expert
+        (version != "expert"); all False when the versions were not read."""
+        if self.version is None:
+            return np.zeros(len(self.action), dtype=bool)
+        not_expert = self.version != DEMO_VERSION
+        eps = np.unique(self.episode[not_expert])
+        return np.isin(self.episode, eps)
 
     def __len__(self) -> int:
         return len(self.action)
@@ -132,7 +144,8 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
                         episode=r.episode_index[g_all].copy(), datasets=[str(dataset)], fps=r.fps)
         return BufferData(demo=demo, action=r.action[g_all].astype(np.float32),
                           reward=r.reward[g_all].astype(np.float32), done=r.done[g_all].copy(),
-                          episode=r.episode_index[g_all].copy(), success=np.concatenate(succ), path=str(dataset))
+                          episode=r.episode_index[g_all].copy(), success=np.concatenate(succ), path=str(dataset),
+                          version=np.asarray([str(v) for v in np.asarray(r.policy_version)[g_all]]))
     finally:
         r.close()
 
@@ -252,6 +265,9 @@ class ImproveConfig:
     per_layer_injection: bool = True  # A into every critic layer (False: first layer only)
     critic_layer_norm: bool = False  # LayerNorm on the critic's hidden activations
     critic_dropout: float = 0.0
+    # share of every critic batch drawn from the policy's own rollouts (the buffer's non-expert episodes, where
+    # the failures are) when the buffer also holds scripted demos; 0 = uniform over all transitions
+    critic_rollout_fraction: float = 0.0
     holdout: float = 0.0  # fraction of episodes held out of critic training: critic evaluation + actor early stop
     # actor
     actor_steps: int = 300
@@ -371,11 +387,15 @@ def split_transitions(buf: BufferData, tr: ChunkTransitions,
 
 def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: ChunkTransitions, cfg: ImproveConfig,
                  log: ScalarLog | None = None, progress: bool = False,
-                 heldout: ChunkTransitions | None = None) -> tuple[QEnsemble, dict[str, Any]]:
+                 heldout: ChunkTransitions | None = None,
+                 rollouts: np.ndarray | None = None) -> tuple[QEnsemble, dict[str, Any]]:
     """Fit the critic ensemble on cached features; returns (critic in eval mode, {fit metrics, evaluation}).
 
     heldout: transitions of episodes the critic never trains on; their evaluation is reported as "heldout"
     (MC-return correlation, calibration) next to "eval" on the training transitions.
+    rollouts: bool [M] per training transition, True for the policy's own rollouts: cfg.critic_rollout_fraction of
+    every batch is drawn from them (critic_trainer.fit.batch_sampler), and the critic is also evaluated on them
+    alone ("eval_rollouts", when they hold both outcomes).
     """
     torch.manual_seed(cfg.seed)
     dev = policy.device  # the critic trains where the policy lives; batches are gathered on the CPU, then moved
@@ -395,12 +415,17 @@ def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: Ch
 
     try:
         fit_critic(trainer, features, transitions, cfg.critic_steps, batch_size=cfg.critic_batch, seed=cfg.seed,
-                   device=dev, log=on_step)
+                   device=dev, log=on_step, emphasis=rollouts, emphasis_fraction=cfg.critic_rollout_fraction)
     finally:
         bar.close()
     critic.eval().requires_grad_(False)
     ev = evaluate_critic(critic, features, transitions, device=dev)
     out: dict[str, Any] = {"final": last, "eval": ev, "features": cfg.critic_features}
+    if rollouts is not None and rollouts.any():
+        ro = subset_transitions(transitions, rollouts)
+        out["rollout_transitions"] = int(rollouts.sum())
+        if float(np.ptp(ro.mc_return)) > 0:  # both outcomes among the rollouts: a correlation means something
+            out["eval_rollouts"] = evaluate_critic(critic, features, ro, device=dev)
     if log is not None:
         log.log("critic_eval", cfg.critic_steps, ev)
     if heldout is not None and len(heldout):
@@ -681,7 +706,7 @@ def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: P
                 heldout_rows = np.flatnonzero(np.isin(buf.episode, held))
             if critic is None:
                 critic, cinfo = train_critic(policy, features, tr_fit, cfg, log=log, progress=progress,
-                                             heldout=tr_held)
+                                             heldout=tr_held, rollouts=buf.rollout_frames()[tr_fit.index])
                 summary["critic"] = cinfo
             else:
                 critic = critic.to(policy.device)

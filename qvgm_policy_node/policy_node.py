@@ -31,6 +31,9 @@ results discarded); /qvgm/policy/version (std_msgs/String, transient-local) = ve
 published on change. For the learned backend a stale or frozen joint state (stamp not advancing for
 max_state_age) also publishes one hold trajectory. Holds have header.stamp 0 (= "now" for JTC and the sim)
 and a single point at time_from_start 0.
+Receipt times, max ages and the robot-clock estimate are measured on time.monotonic(), or with use_sim_time=True on
+the node clock (= /clock, sim seconds): a sim running faster or slower than real time, or pausing, is then never
+"stale" (and a sim that stops publishing /clock freezes this node's notion of age too: the sim is the watchdog).
 """
 
 from __future__ import annotations
@@ -126,9 +129,10 @@ class PolicyNode(Node):
         self.published_versions: list[str] = []  # version of every published chunk (tests, benches)
         self.publish_log: deque[tuple[float, float, str]] = deque(maxlen=10_000)  # (wall, obs stamp, version)
 
-        # latest values: (value, ros stamp s, receipt time.monotonic())
+        # latest values: (value, ros stamp s, receipt time on self._now())
+        self._sim_time = bool(self.get_parameter("use_sim_time").value)
         self._state: tuple[np.ndarray, float, float] | None = None
-        self._state_changed = time.monotonic()  # receipt time of the last joint state whose stamp advanced
+        self._state_changed = self._now()  # receipt time of the last joint state whose stamp advanced
         self._images: dict[str, tuple[np.ndarray, float, float]] = {}
         self._objects: tuple[dict[str, np.ndarray], str, float] | None = None
         self._prompt: str | None = None
@@ -221,7 +225,7 @@ class PolicyNode(Node):
             self.skipped["bad_joint_state"] += 1
             self.get_logger().warning(f"ignoring joint state: {exc!r}", throttle_duration_sec=5.0)
             return
-        stamp, now = from_time_msg(msg.header.stamp), time.monotonic()
+        stamp, now = from_time_msg(msg.header.stamp), self._now()
         if self._state is None or stamp != self._state[1]:
             self._state_changed = now
         self._state = (q, stamp, now)
@@ -233,7 +237,7 @@ class PolicyNode(Node):
             self.skipped["bad_image"] += 1
             self.get_logger().warning(f"ignoring image from {cam}: {exc}", throttle_duration_sec=5.0)
             return
-        self._images[cam] = (img, from_time_msg(msg.header.stamp), time.monotonic())
+        self._images[cam] = (img, from_time_msg(msg.header.stamp), self._now())
 
     def _on_task(self, msg: String) -> None:
         self._prompt = msg.data
@@ -307,12 +311,12 @@ class PolicyNode(Node):
                 continue
             p, o = m.pose.position, m.pose.orientation
             objects[m.ns] = np.array([p.x, p.y, p.z, o.w, o.x, o.y, o.z], dtype=np.float64)
-        self._objects = (objects, task, time.monotonic())
+        self._objects = (objects, task, self._now())
 
     # -- control tick ------------------------------------------------------------------------------------
     def observation(self) -> tuple[Observation | None, str]:
         """The current observation dict, or (None, reason) when a stream is missing or stale."""
-        now = time.monotonic()
+        now = self._now()
         if self._prompt is None:
             return None, "no_prompt"
         if self._state is None:
@@ -355,7 +359,13 @@ class PolicyNode(Node):
         """Estimated robot-clock time (s): the latest joint-state stamp plus the wall time since its receipt."""
         if self._state is None:
             return None
-        return self._state[1] + (time.monotonic() - self._state[2])
+        return self._state[1] + (self._now() - self._state[2])
+
+    def _now(self) -> float:
+        """Receipt/age clock (s): time.monotonic(), or the node clock (sim time) when use_sim_time is set."""
+        if self._sim_time:
+            return self.get_clock().now().nanoseconds * 1e-9
+        return time.monotonic()
 
     def _tick(self) -> None:
         if self.learned:

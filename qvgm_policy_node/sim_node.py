@@ -4,11 +4,20 @@ A timer steps physics in real time (sim time advances with wall time times `real
 JointTrajectory chunks with JTC semantics (qvgm.trajectory) through the shared safety layer (qvgm.safety), and
 publishes /joint_states, camera images + camera_info (sensor-data QoS), success, prompt, privileged object
 poses and /diagnostics. ROS stamps are sim time mapped to ROS time: stamp = epoch + env.time, with the epoch
-fixed at start-up/reset so that stamps track the node clock. A trajectory's header.stamp is read back through
-the same map (zero stamp = now); chunks stamped before the last reset are dropped. Cameras are captured at the
-tick's sim time and rendered on a worker thread (RenderWorker), so slow (software) rendering lowers the camera
-rate instead of delaying control ticks. The node never dies on a message: bad input is rejected, logged, counted
-in /diagnostics, and the arm holds.
+fixed at start-up/reset so that stamps track the node clock. With `publish_clock` the node is the graph's clock
+source instead: it publishes the robot time (epoch + env.time, monotonic across resets) on /clock
+(rosgraph_msgs/Clock) after every tick, so nodes with use_sim_time=True time everything (timers, timeouts,
+staleness, episode windows) in sim seconds and any real_time_factor keeps stamps and node clocks consistent;
+its own timers then run on the steady clock (they drive the sim, they cannot wait for it). A trajectory's
+header.stamp is read back through the same map (zero stamp = now); chunks stamped before the last reset are
+dropped. Cameras are captured at the tick's sim time and rendered on a worker thread (RenderWorker), so slow
+(software) rendering lowers the camera rate instead of delaying control ticks. The node never dies on a message:
+bad input is rejected, logged, counted in /diagnostics, and the arm holds.
+`lockstep_s` > 0 (sim-time graphs, e.g. the learning loop): the sim never runs more than lockstep_s sim seconds past
+the stamp of the latest multi-point trajectory; it waits (sim time pauses, counted as `lockstep_waits` ticks) for
+the next chunk instead, so a controller slowed by a busy CPU costs wall time, not control quality. It waits at most
+`lockstep_timeout_s` wall seconds after the last chunk (a muted or stopped controller), then runs free until the
+next chunk; a reset also releases it.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from typing import Any
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
@@ -43,8 +54,11 @@ DEFAULTS: dict[str, Any] = {
     "task": "pick_place", "seed": 0, "cameras": ["front", "wrist"], "image_width": 224, "image_height": 224,
     "control_hz": 10.0, "physics_hz": 500.0, "joint_state_hz": 50.0, "camera_hz": 10.0,
     "real_time_factor": 1.0, "velocity_scale": 1.0, "urdf": "", "diagnostics_hz": 1.0, "render_thread": True,
-    "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2],
+    "workspace_min": [-0.9, -0.9, 0.0], "workspace_max": [0.9, 0.9, 1.2], "publish_clock": False,
+    "lockstep_s": 0.0, "lockstep_timeout_s": 1.0,
 }
+CLOCK_TOPIC = "/clock"
+CLOCK_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)  # what rclpy's TimeSource subscribes with
 
 
 def to_time_msg(seconds: float) -> TimeMsg:
@@ -89,6 +103,17 @@ class SimNode(Node):
         self.tick_times: list[float] = []  # wall time (time.monotonic) of every control tick, for benches
         self.camera_period = 1.0 / float(p["camera_hz"])
         self.success = False
+        self.publish_clock = bool(p["publish_clock"])
+        self.pub_clock = self.create_publisher(ClockMsg, CLOCK_TOPIC, CLOCK_QOS) if self.publish_clock else None
+        self._epoch = time.time()  # robot time of env.time 0 (s); with publish_clock: the /clock value at start
+        self.lockstep_s = float(p["lockstep_s"])
+        self.lockstep_timeout_s = float(p["lockstep_timeout_s"])
+        if self.lockstep_s < 0 or not self.lockstep_timeout_s > 0:
+            raise ValueError("lockstep_s must be >= 0 and lockstep_timeout_s > 0")
+        self._state_stamp = -1.0  # env.time of the last published joint state
+        self._lock_until: float | None = None  # sim time (env.time) the sim may not pass while waiting for a chunk
+        self._lock_wall = 0.0  # time.monotonic() of the chunk that set it
+        self.lockstep_waits = 0  # ticks at which the sim waited for the controller
 
         self.pub_js = self.create_publisher(JointState, topics.JOINT_STATES, 10)
         self.pub_img = {c: self.create_publisher(Image, topics.camera_image(c), qos_profile_sensor_data)
@@ -107,28 +132,46 @@ class SimNode(Node):
             self._render_worker = RenderWorker(self.cameras, self.env.image_size, self._send_images,
                                                self.get_logger())
         self._reset_env(int(p["seed"]), str(p["task"]))
-        self.create_timer(1.0 / float(p["joint_state_hz"]), self._tick)
-        self.create_timer(1.0 / float(p["diagnostics_hz"]), self._publish_diagnostics)
+        # the clock source cannot time itself on /clock (nor on a sim-time node clock): steady wall timers then
+        timer_clock = Clock(clock_type=ClockType.STEADY_TIME) if self.publish_clock or self._uses_sim_time() else None
+        self.create_timer(1.0 / float(p["joint_state_hz"]), self._tick, clock=timer_clock)
+        self.create_timer(1.0 / float(p["diagnostics_hz"]), self._publish_diagnostics, clock=timer_clock)
 
     # -- time ------------------------------------------------------------------------------------------------
+    def _uses_sim_time(self) -> bool:
+        return bool(self.get_parameter("use_sim_time").value)
+
     def _ros_now(self) -> float:
+        """Now on the robot clock (s): the node clock, or with publish_clock the robot time itself."""
+        if self.publish_clock:
+            return self.sim_to_ros(float(self.env.time))
         return self.get_clock().now().nanoseconds * 1e-9
+
+    def _publish_clock(self) -> None:
+        if self.pub_clock is not None:
+            msg = ClockMsg()
+            msg.clock = to_time_msg(self.sim_to_ros(float(self.env.time)))
+            self.pub_clock.publish(msg)
 
     def sim_to_ros(self, sim_t: float) -> float:
         return self._epoch + sim_t
 
     def _reset_env(self, seed: int, task: str) -> str:
+        # with publish_clock the robot clock goes on from where it was (+ one physics step, so that every stamp
+        # before the reset is strictly older than the reset); otherwise it is the node clock
+        now = self._ros_now() + (float(self.env.physics_dt) if self.publish_clock else 0.0)
         self.env.reset(seed=seed, options={"task": task})
         q, _, _ = self.env.joint_state()
         self._cmd = np.asarray(q, dtype=np.float64).copy()
         self.traj.hold(self._cmd)
         self.env.set_joint_targets(self._cmd)
-        now = self._ros_now()
         self._reset_stamp = now
         self._epoch = now - float(self.env.time)
         self._wall0, self._sim0 = time.monotonic(), float(self.env.time)
-        self._next_camera = float(self.env.time)
+        self._lock_until = None
+        self._next_camera = float(self.env.time) + self.camera_period  # the reset publishes the frame at t
         self.success = False
+        self._publish_clock()
         self.pub_success.publish(Bool(data=False))  # marks the reset in the success stream
         self.pub_task.publish(String(data=self.env.prompt))
         self._publish_state()
@@ -185,6 +228,9 @@ class SimNode(Node):
             return
         self.traj.set_trajectory(traj)
         self.accepted += 1
+        if self.lockstep_s > 0 and len(traj.positions) > 1:  # a chunk (not a hold): wait for the next one from here
+            self._lock_until = start + self.lockstep_s
+            self._lock_wall = time.monotonic()
 
     def _tick(self) -> None:
         try:
@@ -205,6 +251,15 @@ class SimNode(Node):
         if n > max_n:  # fell behind (loaded CPU): sim time slows down instead of spiralling
             n = max_n
             self._wall0, self._sim0 = wall, float(self.env.time) + n * dt
+        if self._lock_until is not None:
+            if wall - self._lock_wall > self.lockstep_timeout_s:
+                self._lock_until = None  # no chunk for a while: the controller is muted or gone, run free
+            else:
+                room = int(np.floor((self._lock_until - float(self.env.time)) / dt + 1e-9))
+                if n > room:  # the controller is behind: wait for its next chunk (sim time pauses, no catch-up)
+                    n = max(0, room)
+                    self._wall0, self._sim0 = wall, float(self.env.time) + n * dt
+                    self.lockstep_waits += 1
         if n <= 0:
             return
         t_end = float(self.env.time) + n * dt
@@ -212,20 +267,35 @@ class SimNode(Node):
         verdict = self.safety.filter(self._cmd, setpoint, dt=n * dt, obs_age=0.0)
         self._cmd = verdict.command
         self.env.set_joint_targets(self._cmd)
-        self.env.step_physics(n)
+        while n > 0:  # a camera instant inside this tick splits the physics there: frames land on the camera grid
+            k = n
+            to_camera = int(np.ceil((self._next_camera - float(self.env.time)) / dt - 1e-9))
+            if 0 < to_camera < n:
+                k = to_camera
+            self.env.step_physics(k)
+            n -= k
+            if float(self.env.time) + 1e-9 >= self._next_camera:
+                self._camera_instant()
         self.traj.prune(float(self.env.time))
         self.ticks += 1
+        self._publish_clock()
+        if self._state_stamp != float(self.env.time):
+            self._publish_state()
+
+    def _camera_instant(self) -> None:
+        """At (or just past) a camera time: joint state, images, object poses and the success flag, all stamped with
+        env.time (so every image has the joint state of its instant)."""
         self._publish_state()
-        if float(self.env.time) + 1e-9 >= self._next_camera:
-            self._next_camera += self.camera_period * max(1, int(np.ceil(
-                (float(self.env.time) - self._next_camera + 1e-9) / self.camera_period)))
-            self._publish_cameras()
-            self._publish_objects()
-            self.success = bool(self.env.is_success())
-            self.pub_success.publish(Bool(data=self.success))
+        self._next_camera += self.camera_period * max(1, int(np.ceil(
+            (float(self.env.time) - self._next_camera + 1e-9) / self.camera_period)))
+        self._publish_cameras()
+        self._publish_objects()
+        self.success = bool(self.env.is_success())
+        self.pub_success.publish(Bool(data=self.success))
 
     # -- publishing ------------------------------------------------------------------------------------------
     def _publish_state(self) -> None:
+        self._state_stamp = float(self.env.time)
         q, v, e = self.env.joint_state()
         msg = JointState()
         msg.header.stamp = to_time_msg(self.sim_to_ros(float(self.env.time)))
@@ -297,6 +367,7 @@ class SimNode(Node):
         status.message = f"{sum(self.rejected.values())} rejected trajectories"
         values = {"accepted_trajectories": self.accepted, "rejected_trajectories": sum(self.rejected.values()),
                   "ticks": self.ticks, "sim_time": round(float(self.env.time), 4), "task": self.env.task,
+                  "lockstep_waits": self.lockstep_waits,
                   "success": self.success}
         if self._render_worker is not None:
             values["camera_frames_rendered"] = self._render_worker.rendered

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,12 +44,16 @@ def check_round(work: Path, r: int, parent: str, demos: int, rollouts_before: in
     assert got.count("expert") > 0 and parent in got  # demos + the rollouts of the serving parent
     data = load_buffer(buf, horizon=10)
     assert data.demo.privileged is not None and len(data) == len(data.demo.privileged)
+    rollout = data.rollout_frames()  # the critic's rollout emphasis: every frame of the policy's episodes, no demo
+    assert rollout.any() and not rollout.all()
+    assert set(np.unique(data.episode[rollout]).tolist()) == set(np.unique(data.episode[data.version != "expert"]))
+    assert set(data.version[~rollout].tolist()) == {"expert"}
     store = CheckpointStore(work / "store")
     new = state["version"]
     info = {v.version: v for v in store.versions()}
     assert info[new].parent == parent and (store.current() == new or not last)
     assert state["from"] == parent and state["serving"] == new
-    assert len(state["eval"]) == 2 and all(e["versions"] == [new] for e in state["eval"])
+    assert len(state["eval"]) == 2 and all(loop.served_only(e, new) for e in state["eval"])
     assert new in state["version_messages"]  # /qvgm/policy/version reported the hot-reloaded version
     return new
 
@@ -57,11 +62,11 @@ def check_round0(work: Path, v0: str) -> None:
     """Round 0 evaluated the SFT policy v0 itself (before any improvement) on the held-out seeds, through ROS."""
     r0 = json.loads((work / loop.STATE_FILE).read_text())["rounds"]["0"]
     assert r0["evaluated"] and r0["serving"] == v0 and r0["episodes"] == 2
-    assert len(r0["eval"]) == 2 and all(e["versions"] == [v0] for e in r0["eval"])
+    assert len(r0["eval"]) == 2 and all(loop.served_only(e, v0) for e in r0["eval"])
     assert [e["seed"] for e in r0["eval"]][0] == loop.EVAL_SEED  # the held-out seeds every round uses (seed 0)
     rd = ReplayReader(work / "rounds" / "r0" / "eval", decode_images=False, include_discarded=True)
     try:
-        assert {str(v) for v in rd.policy_version} == {v0}
+        assert {str(v) for v in rd.policy_version} - {""} == {v0}
     finally:
         rd.close()
 
@@ -93,6 +98,11 @@ def test_recipe_defaults_and_cli_overrides() -> None:
     assert (args.demos, args.demo_noise, args.sft_steps, args.ema, args.success_only) == \
         (r["demos"], r["demo_noise"], r["sft_steps"], r["ema"], r["success_only"])
     assert args.sft_overrides == r["state_flags"] and args.sft_batch == 64 and args.sft_lr == 1e-3
+    # the loop's own sizes: sim time at 2x real time, 20 + 20 episodes per round, 1500 critic updates, uniform batches
+    assert (args.real_time_factor, args.rollouts, args.eval_episodes, args.critic_steps) == (2.0, 20, 20, 1500)
+    assert loop.improve_config(args).critic_rollout_fraction == 0.0
+    assert loop.improve_config(loop.build_parser().parse_args(
+        ["--critic-rollout-fraction", "0.5"])).critic_rollout_fraction == 0.5
     cfg = loop.improve_config(args)
     assert (cfg.critic_hidden, cfg.reg_weight, cfg.actor_steps, cfg.actor_lr, cfg.actor_batch, cfg.ascent_lr,
             cfg.gate_last_m, cfg.critic_batch) == ((256, 256), 0.1, 300, 1e-4, 64, 0.05, 5, 256)
@@ -152,8 +162,10 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         loop.main(["--work", str(tmp_path), "--rollouts", "0"])
     with pytest.raises(SystemExit):
         loop.main(["--work", str(tmp_path), "--image-size", "63"])
-    with pytest.raises(SystemExit):  # the recorder keeps only ~1/factor of each episode at other factors
-        loop.main(["--work", str(tmp_path), "--real-time-factor", "2"])
+    with pytest.raises(SystemExit):  # sim seconds per wall second must be positive (any factor > 0 runs on sim time)
+        loop.main(["--work", str(tmp_path), "--real-time-factor", "0"])
+    with pytest.raises(SystemExit):  # a batch cannot be all rollouts (nor a negative share)
+        loop.main(["--work", str(tmp_path), "--critic-rollout-fraction", "1"])
     assert not (tmp_path / "demos").exists()
 
 
