@@ -8,7 +8,7 @@ Per task and training seed s:
   4. critic:   one Cal-QL ensemble on features of the frozen SFT policy (critic_trainer.pipeline);
   5. methods:  qvgm, qdistill, dql, filtered-bc trained from the SFT weights on that buffer and critic; sft (the
                SFT policy itself); best-of-n and q-guided (test-time wrappers around SFT + critic); qvgm-nocritic
-               (Q-VGM's control: no ascent, so the critic cannot contribute; see METHOD_OVERRIDES);
+               and qvgm-shuffled (Q-VGM's controls: no ascent / a critic bound to other states; METHOD_OVERRIDES);
   6. eval:     E episodes on scene seeds EVAL0 + j (the same for every method and training seed; disjoint from
                all demo / rollout / tuning seeds, checked).
 `--calibrate` instead trains SFT for each --demos value and evaluates it on TUNING seeds (TUNE0 + j) only, to pick
@@ -50,11 +50,15 @@ from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E40
 from qvgm.policy import load_policy  # noqa: E402
 
 DEMO0, TUNE0, ROLL0, EVAL0 = 0, 200_000, 300_000, 900_000
-ALL_METHODS = ("sft", "qvgm", "qvgm-nocritic", "qdistill", "dql", "filtered-bc", "best-of-n", "q-guided")
-# Q-VGM's no-critic control: the same update with J = 0 ascent steps, so A_Q = A_base and the target residual h = 0:
-# the actor only re-distils the frozen reference (+ anchor) on its own rollouts. Any gap between qvgm and this
-# control is the critic's contribution.
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"qvgm-nocritic": {"method": "qvgm", "ascent_steps": 0}}
+ALL_METHODS = ("sft", "qvgm", "qvgm-nocritic", "qvgm-shuffled", "qdistill", "dql", "filtered-bc", "best-of-n",
+               "q-guided")
+# Q-VGM's controls. qvgm-nocritic: the same update with J = 0 ascent steps, so A_Q = A_base and the target residual
+# h = 0: the actor only re-distils the frozen reference (+ anchor) on its own rollouts (with bc_weight 0 the loss and
+# its gradient are exactly 0 at the reference: the control IS the SFT policy). qvgm-shuffled: the critic bound to
+# other frames' states (permuted within each batch): targets move as far as Q-VGM's, in directions that carry no
+# information about the state. A gap between qvgm and these controls is the critic's contribution.
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"qvgm-nocritic": {"method": "qvgm", "ascent_steps": 0},
+                                               "qvgm-shuffled": {"method": "qvgm", "shuffle_critic_states": True}}
 
 # Per-task SFT defaults: critic_trainer.recipes (the same table the loop uses; chosen on tuning seeds only).
 SFT_DEFAULTS = SFT_RECIPES
@@ -224,7 +228,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
     t0 = time.perf_counter()
     critic = None
-    if any(m in P.CRITIC_METHODS or m in ("qvgm-nocritic", "best-of-n", "q-guided") for m in args.methods):
+    if any(m in P.CRITIC_METHODS or m in (*METHOD_OVERRIDES, "best-of-n", "q-guided") for m in args.methods):
         P.check_outcomes(buf)
         tr = P.buffer_transitions(sft, buf, args.n_exec, base.gamma)
         feats, _ = P.extract_features(sft, buf, work / f"features-{task}-s{s}", args.n_exec, num_ref=base.num_ref,

@@ -276,6 +276,10 @@ class ImproveConfig:
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     steps_per_sample: int | None = None  # Q-VGM: None = all K steps; S = S drawn steps per sample (unbiased)
+    # control (critic methods): bind the critic to OTHER frames' states (a random permutation within each actor
+    # batch), so the ascent follows a gradient of the real critic's scale and action structure that says nothing
+    # about this state. With ascent_steps = 0 (the no-critic control) these two controls bracket the critic's part.
+    shuffle_critic_states: bool = False
     # same-backbone baselines (values chosen on tuning seeds only: docs/RESULTS.md, baselines section)
     dql_eta: float = 0.001  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
     dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside the box (with project)
@@ -563,6 +567,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
         best = {"step": 0, "lcb": s0["lcb"], "state": copy.deepcopy(actor.state_dict()), "since": 0}
         summary["early_stop"] = {"curve": [{"step": 0, **s0}], "heldout_frames": int(len(stop_rows))}
     history: list[dict[str, float]] = []
+    shuffle_rng = np.random.default_rng(cfg.seed + 13)  # own stream: the batches are the same with or without it
     bar = tqdm(range(cfg.actor_steps), desc=f"actor {cfg.method}", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -573,6 +578,9 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
             q_fn = None
             if critic is not None and features is not None:
                 z, p = _rows_z(features, rows)
+                if cfg.shuffle_critic_states:
+                    perm = torch.as_tensor(shuffle_rng.permutation(len(rows)))
+                    z, p = z[perm], p[perm]
                 q_fn = bind_critic(critic, z.to(dev), p.to(dev), how=cfg.aggregate, lcb_beta=cfg.lcb_beta)
             actor.train()
             if cfg.method == "qvgm":

@@ -184,6 +184,13 @@ def test_pipeline_no_critic_control_leaves_the_policy_unchanged(pipe, tmp_path):
     assert s_ctrl["actor"]["action_shift"] == 0.0
     assert s_full["actor"]["action_shift"] > 0.0
     assert s_full["config"]["action_box"] == "data"
+    # the shuffled-state control: the same batches and critic, states permuted -> other targets, other weights
+    a_shuf, _, s_shuf = P.improve(pol, buf, P.ImproveConfig(**kw, shuffle_critic_states=True), work=tmp_path / "shuf",
+                                  critic=critic)
+    a_full, _, _ = P.improve(pol, buf, P.ImproveConfig(**kw), work=tmp_path / "full2", critic=critic)
+    assert s_shuf["actor"]["action_shift"] > 0.0 and s_shuf["config"]["shuffle_critic_states"]
+    w_s, w_f = a_shuf.state_dict(), a_full.state_dict()
+    assert any(not torch.equal(w_s[k], w_f[k]) for k in w_f)
 
 
 def test_bench_declares_the_no_critic_control():
@@ -193,7 +200,9 @@ def test_bench_declares_the_no_critic_control():
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert "qvgm-nocritic" in mod.ALL_METHODS
+    assert {"qvgm-nocritic", "qvgm-shuffled"} <= set(mod.ALL_METHODS)
     cfg = P.ImproveConfig(**{**P.ImproveConfig().__dict__, **mod.METHOD_OVERRIDES["qvgm-nocritic"]})
-    assert cfg.method == "qvgm" and cfg.qvgm().ascent_steps == 0
+    assert cfg.method == "qvgm" and cfg.qvgm().ascent_steps == 0 and not cfg.shuffle_critic_states
+    cfg = P.ImproveConfig(**{**P.ImproveConfig().__dict__, **mod.METHOD_OVERRIDES["qvgm-shuffled"]})
+    assert cfg.method == "qvgm" and cfg.shuffle_critic_states and cfg.qvgm().ascent_steps > 0
     assert np.isfinite(cfg.ascent_lr)
