@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)
-    ap.add_argument("--ascent-lr", type=float, default=0.05)
+    ap.add_argument("--ascent-lr", type=float, default=P.ImproveConfig.ascent_lr, help="Q-VGM ascent step alpha")
     ap.add_argument("--gate-m", type=int, default=5)
     ap.add_argument("--max-shift", type=float, default=P.ImproveConfig.max_shift,
                     help="Q-VGM trust region: RMS bound of A_Q from its origin per critic coordinate (normalised)")

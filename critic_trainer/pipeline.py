@@ -7,8 +7,7 @@
                         [--critic-features rl-token|pooled] [--no-per-layer-injection] [--lcb-beta B]
                         [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P]
                         [--action-box data|unit] [--dql-eta A] [--dql-box-weight W] [--distill-max-shift S|none]
-                        [--distill-ascent-steps J]
-                        [--distill-bc-weight W] ...
+                        [--distill-ascent-steps J] [--distill-ascent-lr A|none] [--distill-bc-weight W] ...
 
 Stages (each a public function, reused by bench/learning.py):
  1. `load_buffer`: every frame of the kept (non-discarded) episodes: observations (state, privileged state from
@@ -261,7 +260,8 @@ class ImproveConfig:
     gate: str = "last_m"
     gate_last_m: int = 5
     ascent_steps: int = 4
-    ascent_lr: float = 0.05
+    # alpha: 0.02 chosen on tuning seeds (docs/results_qbox.md; METHOD.md's 0.05 and 0.1 exploit the critic more)
+    ascent_lr: float = 0.02
     project: bool = True  # project ascent iterates (Q-VGM, Q-distillation) / DQL samples onto the action box
     # the ONE action box of Q-VGM's and Q-distillation's ascent projection and of Diffusion-QL's sample clamp:
     # "data" = per action dim the range of the buffer's executed actions (and at least [-1, 1]), "unit" = [-1, 1]
@@ -286,6 +286,7 @@ class ImproveConfig:
     dql_box: str | None = None  # deprecated alias of action_box (given: it sets action_box)
     distill_max_shift: float | None = 0.01  # Q-distillation trust region: RMS bound of target - reference sample
     distill_ascent_steps: int | None = None  # Q-distillation ascent steps J (None: ascent_steps)
+    distill_ascent_lr: float | None = 0.05  # Q-distillation ascent step alpha, as tuned (None: ascent_lr)
     distill_bc_weight: float = 0.0  # Q-distillation: weight of a BC flow loss on buffer chunks
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
@@ -320,6 +321,9 @@ class ImproveConfig:
                              f"{self.dql_box_weight}, {self.distill_bc_weight}")
         if self.distill_max_shift is not None and self.distill_max_shift < 0:
             raise ValueError(f"distill_max_shift must be >= 0, got {self.distill_max_shift}")
+        if self.ascent_lr < 0 or (self.distill_ascent_lr is not None and self.distill_ascent_lr < 0):
+            raise ValueError(f"ascent_lr and distill_ascent_lr must be >= 0, got {self.ascent_lr}, "
+                             f"{self.distill_ascent_lr}")
         if self.distill_ascent_steps is not None and self.distill_ascent_steps < 0:
             raise ValueError(f"distill_ascent_steps must be >= 0, got {self.distill_ascent_steps}")
         if self.actor_eval_every < 0 or self.actor_patience < 1:
@@ -338,7 +342,8 @@ class ImproveConfig:
     def distill(self) -> QVGMConfig:
         """The ascent settings of Q-distillation: Q-VGM's, with its own trust region and number of steps."""
         steps = self.ascent_steps if self.distill_ascent_steps is None else self.distill_ascent_steps
-        return replace(self.qvgm(), max_shift=self.distill_max_shift, ascent_steps=steps)
+        lr = self.ascent_lr if self.distill_ascent_lr is None else self.distill_ascent_lr
+        return replace(self.qvgm(), max_shift=self.distill_max_shift, ascent_steps=steps, ascent_lr=lr)
 
 
 # ---------------------------------------------------------------------------------------------------- critic
@@ -953,7 +958,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="w of the Cal-QL / CQL term (0.1: see docs/RESULTS.md, critic quality)")
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
-    p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
+    p.add_argument("--ascent-lr", type=float, default=ImproveConfig.ascent_lr,
+                   help="Q-VGM ascent step alpha, normalised units (chosen on tuning seeds: docs/results_qbox.md)")
     p.add_argument("--ascent-steps", type=int, default=4, help="J")
     p.add_argument("--bc-weight", type=float, default=0.0)
     p.add_argument("--steps-per-sample", type=int, default=None,
@@ -989,6 +995,9 @@ def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
                    help="Q-distillation trust region: RMS bound of the target from the reference's sample")
     p.add_argument("--distill-ascent-steps", type=int, default=d.distill_ascent_steps,
                    help="Q-distillation ascent steps (default: --ascent-steps)")
+    p.add_argument("--distill-ascent-lr", type=lambda v: None if v.lower() == "none" else float(v),
+                   default=d.distill_ascent_lr, metavar="A|none",
+                   help="Q-distillation ascent step alpha (none: --ascent-lr)")
     p.add_argument("--distill-bc-weight", type=float, default=d.distill_bc_weight,
                    help="Q-distillation: weight of a BC flow loss on buffer chunks")
 
@@ -996,7 +1005,7 @@ def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
 def baseline_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ImproveConfig fields set by add_baseline_arguments."""
     return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "action_box", "distill_max_shift",
-                                          "distill_ascent_steps", "distill_bc_weight")}
+                                          "distill_ascent_steps", "distill_ascent_lr", "distill_bc_weight")}
 
 
 def run(args: argparse.Namespace) -> int:

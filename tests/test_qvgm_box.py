@@ -162,6 +162,12 @@ def test_action_box_setting_is_shared_and_dql_box_is_an_alias(pipe):
     lo_u, hi_u = P.action_box(pol, buf, P.ImproveConfig(n_exec=3, action_box="unit"))
     assert torch.all(lo_u == -1) and torch.all(hi_u == 1)
     assert P.ImproveConfig(dql_box="unit").action_box == "unit"  # deprecated alias
+    # chosen defaults (docs/results_qbox.md): data box, alpha 0.02; Q-distillation keeps its tuned alpha 0.05
+    d = P.ImproveConfig()
+    assert (d.action_box, d.qvgm().ascent_lr, d.distill().ascent_lr) == ("data", 0.02, 0.05)
+    assert P.ImproveConfig(distill_ascent_lr=None).distill().ascent_lr == 0.02
+    with pytest.raises(ValueError, match="ascent_lr"):
+        P.ImproveConfig(ascent_lr=-0.1)
     with pytest.raises(ValueError, match="action_box"):
         P.ImproveConfig(action_box="huge")
     import argparse
@@ -170,6 +176,7 @@ def test_action_box_setting_is_shared_and_dql_box_is_an_alias(pipe):
     P.add_baseline_arguments(ap)
     assert P.baseline_settings(ap.parse_args(["--dql-box", "unit"]))["action_box"] == "unit"
     assert P.baseline_settings(ap.parse_args([]))["action_box"] == P.ImproveConfig().action_box
+    assert P.baseline_settings(ap.parse_args(["--distill-ascent-lr", "none"]))["distill_ascent_lr"] is None
 
 
 def test_pipeline_no_critic_control_leaves_the_policy_unchanged(pipe, tmp_path):
