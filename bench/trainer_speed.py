@@ -1,4 +1,4 @@
-"""critic_trainer update speed on CPU (issue 5 "Measured"): prints JSON.
+"""critic_trainer update speed on CPU or a CUDA GPU (issue 5 "Measured"): prints JSON.
 
 Per policy config (`state`, `pi05-small`; randomly initialised, the cost does not depend on the weights):
   critic_updates_per_s   one CriticTrainer.update (Cal-QL, ensemble of 2, per-layer injection, batch
@@ -14,12 +14,19 @@ Per policy config (`state`, `pi05-small`; randomly initialised, the cost does no
   dql_update_s           one Diffusion-QL update at the same batch and K: backprop through all K Euler steps + BC
                          (critic_trainer.baselines.diffusion_ql_loss through pipeline.DifferentiableSampler)
   dql_over_qvgm          ratio of the medians (the headline: > 1 means Q-VGM is cheaper); dql_over_qvgm_s{S} likewise
+  sft_update_s           one supervised flow-matching step (what SFT does) at the same batch, for scale
+  peak_mem_mb_*          CUDA only: torch.cuda.max_memory_allocated per method (reset before each)
   peak_rss_mb_*          process peak RSS after each phase (ru_maxrss; monotone, so phases run cheapest first)
   load_avg_*             the 1-min load average before / after each phase (the machine is shared)
   phases (--phases)      median seconds of an actor update's pieces: prefix encode with / without grad, one no-grad
                          velocity, encode + 1 or 4 graph-holding velocities forward + backward
 Medians over --reps timed repetitions after --warmup untimed ones, Q-VGM (all variants) and DQL repetitions
 interleaved (same machine load for the ratio); torch threads --threads. --parts critic skips the actor updates.
+--device cuda runs everything on the GPU (timings synchronise the device); --amp bf16 wraps the actor updates in
+bf16 autocast (fp32 master weights and Adam state, the usual mixed-precision training). A method that runs out of
+GPU memory is reported as "oom" instead of a time.
+
+    .venv/bin/python bench/trainer_speed.py --configs pi05 --device cuda --amp bf16 --actor-batch 8 --parts actor
 
     .venv/bin/python bench/trainer_speed.py [--configs state pi05-small] [--actor-batch 32] [--critic-batch 256]
         [--critic-threads 1 2] [--critic-before REV] [--steps-per-sample 2] [--parts critic actor] [--phases]
@@ -28,6 +35,7 @@ interleaved (same machine load for the ratio); torch threads --threads. --parts 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -53,6 +61,7 @@ from critic_trainer.critic import CriticBatch, CriticConfig, CriticTrainConfig, 
 from critic_trainer.features import critic_state_features  # noqa: E402
 from critic_trainer.pipeline import DifferentiableSampler  # noqa: E402
 from critic_trainer.qvgm import QVGMConfig, bind_critic, qvgm_update  # noqa: E402
+from qvgm.devices import resolve_device  # noqa: E402
 from qvgm.policy.factory import make_policy  # noqa: E402
 from qvgm.policy.processor import NormStats  # noqa: E402
 
@@ -123,8 +132,8 @@ def actor_phases(actor: Any, reference: Any, inputs: dict[str, torch.Tensor], ar
                  ) -> dict[str, float]:
     """Median seconds of the pieces an actor update is made of (where the fixed cost of Q-VGM sits)."""
     b = inputs["state"].shape[0]
-    x = torch.randn(b, actor.horizon, actor.action_dim)
-    t = torch.full((b,), 0.5)
+    x = torch.randn(b, actor.horizon, actor.action_dim, device=DEVICE)
+    t = torch.full((b,), 0.5, device=DEVICE)
     with torch.no_grad():
         ref_ctx = reference.encode(inputs)
 
@@ -150,13 +159,23 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+DEVICE = torch.device("cpu")  # set by main (--device)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn: Any, warmup: int, reps: int) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -182,7 +201,8 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         overrides["privileged_dim"] = PRIV
     else:
         overrides["camera_names"] = ["front", "wrist"]
-    policy = make_policy(name, NormStats.identity(REAL, REAL), tasks=[PROMPT], **overrides)
+    with DEVICE:  # built in place (a real-size pi05 is 3.3 B parameters)
+        policy = make_policy(name, NormStats.identity(REAL, REAL), tasks=[PROMPT], **overrides)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     actor = policy.train()
     params = sum(p.numel() for p in actor.parameters())
@@ -191,7 +211,8 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ctx = reference.encode(inputs)
         z = critic_state_features(reference, ctx, inputs, "rl-token" if name == "state" else "pooled")
     p = inputs["state"].float()
-    out: dict[str, Any] = {"config": name, "params": params, "actor_batch": args.actor_batch,
+    out: dict[str, Any] = {"config": name, "device": str(DEVICE), "amp": args.amp, "params": params,
+                           "actor_batch": args.actor_batch,
                            "critic_batch": args.critic_batch, "critic_hidden": list(args.critic_hidden),
                            "critic_feature_dim": int(z.shape[-1])}
     if "critic" in args.parts:
@@ -202,7 +223,7 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.critic_before:
             out["critic_before_rev"] = args.critic_before
     critic = QEnsemble(CriticConfig(feature_dim=z.shape[-1], proprio_dim=p.shape[-1], n_exec=N_EXEC,
-                                    real_action_dim=REAL, num_q=2, hidden=tuple(args.critic_hidden)))
+                                    real_action_dim=REAL, num_q=2, hidden=tuple(args.critic_hidden))).to(DEVICE)
     trainer = CriticTrainer(critic, CriticTrainConfig(reg_weight=0.1))
     cb, a = args.critic_batch, N_EXEC * REAL
     g = torch.Generator().manual_seed(1)
@@ -212,6 +233,8 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
                         p_next=torch.randn(cb, p.shape[-1], generator=g), mc_return=torch.rand(cb, generator=g),
                         ref_actions=torch.rand(cb, 4, a, generator=g) * 2 - 1,
                         ref_next_actions=torch.rand(cb, 4, a, generator=g) * 2 - 1)
+    batch = CriticBatch(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name).to(DEVICE)
+                           for f in dataclasses.fields(batch)})
     out["load_avg_1min_before_critic"] = load()
     critic_t = timed(lambda: trainer.update(batch), args.warmup, args.reps * 5)
     out["critic_updates_per_s"] = round(1.0 / statistics.median(critic_t), 1)
@@ -220,47 +243,90 @@ def bench_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if "actor" not in args.parts:
         return out
 
-    q_fn = bind_critic(critic, z, p)
+    q_fn = bind_critic(critic, z.to(DEVICE), p.to(DEVICE))
     opt = torch.optim.AdamW(actor.parameters(), lr=1e-5)
     qcfg = QVGMConfig(n_exec=N_EXEC, num_steps=10)
     chunks = torch.rand(args.actor_batch, actor.horizon, actor.action_dim, generator=g) * 2 - 1
     chunks[..., REAL:] = 0.0
+    chunks = chunks.to(DEVICE)
+
+    def amp() -> Any:
+        if args.amp == "bf16":
+            return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def qvgm_step(cfg: QVGMConfig = qcfg) -> None:
-        qvgm_update(actor, reference, opt, inputs, q_fn, cfg)
+        with amp():
+            qvgm_update(actor, reference, opt, inputs, q_fn, cfg)
 
     sampled = {s: dataclasses.replace(qcfg, steps_per_sample=s) for s in args.steps_per_sample}
 
     def dql_step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss, _ = diffusion_ql_loss(DifferentiableSampler(actor), inputs, q_fn, N_EXEC, num_steps=10,
-                                    bc_actions=chunks)
+        with amp():
+            loss, _ = diffusion_ql_loss(DifferentiableSampler(actor), inputs, q_fn, N_EXEC, num_steps=10,
+                                        bc_actions=chunks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
         opt.step()
 
+    def sft_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = actor.flow_loss(inputs, chunks)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
+        opt.step()
+
+    steps: dict[str, Any] = {"qvgm": qvgm_step}
+    steps.update({f"qvgm_s{s}": (lambda c=c: qvgm_step(c)) for s, c in sampled.items()})
+    steps.update({"dql": dql_step, "sft": sft_step})
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    failed: dict[str, str] = {}
+
+    def attempt(key: str, warmup: int) -> None:
+        """Time one repetition of `key`; a CUDA out-of-memory marks it failed (reported, not raised)."""
+        if key in failed:
+            return
+        try:
+            times[key] += timed(steps[key], warmup, 1)
+        except torch.OutOfMemoryError:
+            failed[key] = "oom"
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
     # Q-VGM first (peak RSS is monotone), then all interleaved so every variant sees the same machine load
     out["load_avg_1min_before_actor"] = load()
-    qvgm_t = timed(qvgm_step, args.warmup, 1)
-    rss_qvgm = rss_mb()
-    sampled_t = {s: timed(lambda c=c: qvgm_step(c), args.warmup, 1) for s, c in sampled.items()}
-    dql_t = timed(dql_step, args.warmup, 1)
+    for key in steps:
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+        attempt(key, args.warmup)
+        if DEVICE.type == "cuda" and key not in failed:
+            out[f"peak_mem_mb_{key}"] = round(torch.cuda.max_memory_allocated(DEVICE) / 2**20)
+        if key == "qvgm":
+            rss_qvgm = rss_mb()
     for _ in range(args.reps - 1):
-        qvgm_t += timed(qvgm_step, 0, 1)
-        for s, c in sampled.items():
-            sampled_t[s] += timed(lambda c=c: qvgm_step(c), 0, 1)
-        dql_t += timed(dql_step, 0, 1)
+        for key in steps:
+            attempt(key, 0)
     rss_dql = rss_mb()
+    if failed:
+        out["failed"] = failed
     med = statistics.median
+
+    def m(key: str) -> float:
+        return med(times[key]) if times[key] else float("nan")
+
+    sampled_t = {s: times[f"qvgm_s{s}"] for s in sampled}
     if args.phases:
         out["phases"] = actor_phases(actor, reference, inputs, args)
-    out.update({"qvgm_update_s": round(med(qvgm_t), 4), "qvgm_updates_per_s": round(1.0 / med(qvgm_t), 2),
-                "dql_update_s": round(med(dql_t), 4), "dql_updates_per_s": round(1.0 / med(dql_t), 2),
-                "dql_over_qvgm": round(med(dql_t) / med(qvgm_t), 2)})
-    for s, ts in sampled_t.items():
-        out[f"qvgm_s{s}_update_s"] = round(med(ts), 4)
-        out[f"dql_over_qvgm_s{s}"] = round(med(dql_t) / med(ts), 2)
-        out[f"qvgm_over_qvgm_s{s}"] = round(med(qvgm_t) / med(ts), 2)
+    out.update({"qvgm_update_s": round(m("qvgm"), 4), "qvgm_updates_per_s": round(1.0 / m("qvgm"), 2),
+                "dql_update_s": round(m("dql"), 4), "dql_updates_per_s": round(1.0 / m("dql"), 2),
+                "dql_over_qvgm": round(m("dql") / m("qvgm"), 2), "sft_update_s": round(m("sft"), 4),
+                "qvgm_over_sft": round(m("qvgm") / m("sft"), 2)})
+    for s in sampled_t:
+        out[f"qvgm_s{s}_update_s"] = round(m(f"qvgm_s{s}"), 4)
+        out[f"dql_over_qvgm_s{s}"] = round(m("dql") / m(f"qvgm_s{s}"), 2)
+        out[f"qvgm_over_qvgm_s{s}"] = round(m("qvgm") / m(f"qvgm_s{s}"), 2)
     out.update({"load_avg_1min_after_actor": load(), "peak_rss_mb_after_qvgm": round(rss_qvgm),
                 "peak_rss_mb_after_dql": round(rss_dql)})
     return out
@@ -281,11 +347,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="Q-VGM steps_per_sample values timed besides all K")
     ap.add_argument("--phases", action="store_true", help="also time the pieces of an actor update")
     ap.add_argument("--parts", nargs="+", default=["critic", "actor"], choices=["critic", "actor"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast for the actor updates")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     result = {"bench": "trainer_speed", "machine": platform.machine(), "cpus": os.cpu_count(),
-              "torch": torch.__version__, "threads": args.threads, "load_avg_1min_start": round(os.getloadavg()[0], 2),
+              "torch": torch.__version__, "threads": args.threads, "device": str(DEVICE),
+              "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
+              "load_avg_1min_start": round(os.getloadavg()[0], 2),
               "results": [bench_config(c, args) for c in args.configs],
               "load_avg_1min_end": round(os.getloadavg()[0], 2)}
     text = json.dumps(result, indent=1)

@@ -60,6 +60,7 @@ from critic_trainer.scalars import ScalarLog
 from critic_trainer.sft import DemoData, batch_inputs, encode_inputs
 from critic_trainer.transitions import ChunkTransitions, chunk_transitions
 from qvgm.data import DatasetError, ReplayReader
+from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device
 from qvgm.policy.flow import FlowPolicyBase
 
 HELP = "improve a policy offline from a replay buffer: critic + Q-VGM (or a same-backbone baseline)"
@@ -393,7 +394,8 @@ def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: Ch
     (MC-return correlation, calibration) next to "eval" on the training transitions.
     """
     torch.manual_seed(cfg.seed)
-    critic = build_critic(policy, features, cfg)
+    dev = policy.device  # the critic trains where the policy lives; batches are gathered on the CPU, then moved
+    critic = build_critic(policy, features, cfg).to(dev)
     check_training_data(critic, transitions)
     trainer = CriticTrainer(critic, CriticTrainConfig(objective=cfg.critic_objective, gamma=cfg.gamma,
                                                       reg_weight=cfg.reg_weight, lr=cfg.critic_lr))
@@ -409,16 +411,16 @@ def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: Ch
 
     try:
         fit_critic(trainer, features, transitions, cfg.critic_steps, batch_size=cfg.critic_batch, seed=cfg.seed,
-                   log=on_step)
+                   device=dev, log=on_step)
     finally:
         bar.close()
     critic.eval().requires_grad_(False)
-    ev = evaluate_critic(critic, features, transitions)
+    ev = evaluate_critic(critic, features, transitions, device=dev)
     out: dict[str, Any] = {"final": last, "eval": ev, "features": cfg.critic_features}
     if log is not None:
         log.log("critic_eval", cfg.critic_steps, ev)
     if heldout is not None and len(heldout):
-        out["heldout"] = evaluate_critic(critic, features, heldout)
+        out["heldout"] = evaluate_critic(critic, features, heldout, device=dev)
         out["heldout_transitions"] = len(heldout)
         if log is not None:
             log.log("critic_heldout", cfg.critic_steps, out["heldout"])
@@ -465,9 +467,10 @@ def policy_q_stats(policy: FlowPolicyBase, inputs: dict[str, torch.Tensor], crit
     gen = torch.Generator().manual_seed(seed)
     z, p = _rows_z(features, rows)
     ctx = policy.encode(batch_inputs(inputs, torch.as_tensor(rows), policy.device))
-    eps = torch.randn(len(rows), policy.horizon, policy.action_dim, generator=gen)
+    eps = torch.randn(len(rows), policy.horizon, policy.action_dim, generator=gen)  # CPU: same draws on any device
     chunk = policy.sample(ctx, num_steps=cfg.num_steps, noise=eps)
-    q = critic(z, p, critic_action(chunk, cfg.n_exec, policy.real_action_dim).cpu())  # [N, B]
+    q = critic(z.to(chunk.device), p.to(chunk.device), critic_action(chunk, cfg.n_exec, policy.real_action_dim))
+    q = q.cpu()  # [N, B]
     std = q.std(0, correction=0)
     policy.train(was_training)
     return {"mean": float(q.mean()), "lcb": float((q.mean(0) - cfg.lcb_beta * std).mean()), "std": float(std.mean())}
@@ -677,6 +680,7 @@ def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: P
     summary: dict[str, Any] = {"kind": "qvgm-pipeline", "method": cfg.method, "buffer": buf.path,
                                "frames": len(buf), "episodes": int(len(np.unique(buf.episode))),
                                "successful_episodes": int(len(np.unique(buf.episode[buf.success]))),
+                               "device": str(policy.device),
                                "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
     try:
         features, heldout_rows = None, None
@@ -702,8 +706,10 @@ def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: P
                                              heldout=tr_held)
                 summary["critic"] = cinfo
             else:
+                critic = critic.to(policy.device)
                 check_training_data(critic, tr)
-                summary["critic"] = {"reused": True, "eval": evaluate_critic(critic, features, tr)}
+                summary["critic"] = {"reused": True,
+                                     "eval": evaluate_critic(critic, features, tr, device=policy.device)}
         actor, ainfo = train_actor(policy, buf, cfg, critic, features, log=log, progress=progress,
                                    heldout_rows=heldout_rows)
         summary["actor"] = ainfo
@@ -970,6 +976,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="feature cache + logs (default OUT.work or STORE/work)")
     p.add_argument("--version", default=None, help="version string for --out (default INIT+METHOD)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="auto", help=f"where the policy and critic train: {DEVICE_CHOICES_HELP}")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--watch", action="store_true",
                    help="keep improving: a round now and after every --watch-min-episodes new labelled episodes, each "
@@ -1040,10 +1047,11 @@ def run(args: argparse.Namespace) -> int:
         rounds = watch(Path(args.dataset), Path(args.store), Path(args.policy), cfg,
                        Path(args.work_dir) if args.work_dir else Path(args.store) / "work",
                        min_new=args.watch_min_episodes, poll_s=args.watch_poll, rounds=args.watch_rounds,
+                       device=resolve_device(args.device),
                        progress=not args.no_progress, log=lambda m: print(m, flush=True))
         print(json.dumps({"watch_rounds": rounds}))
         return 0
-    policy = load_policy(args.policy)
+    policy = load_policy(args.policy, device=args.device)
     backbone = policy.config.backbone
     buf = load_buffer(args.dataset, policy.horizon, with_images=backbone != "state")
     work = Path(args.work_dir) if args.work_dir else (Path(str(args.out) + ".work") if args.out

@@ -27,6 +27,7 @@ update (the rollout stays K no-grad steps). See `sampled_steps`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -95,6 +96,18 @@ def bind_critic(critic: QEnsemble, z: torch.Tensor, p: torch.Tensor | None, how:
     return q_fn
 
 
+def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn(q_fn, a, ...)` with autocast disabled on a's device: ascent targets stay in the inputs' precision
+    (float32) inside a bf16 AMP region, where the critic would otherwise return bfloat16 Q and gradients."""
+
+    @functools.wraps(fn)
+    def wrapped(q_fn: QFunction, a: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(a.device.type, enabled=False):
+            return fn(q_fn, a, *args, **kwargs)
+
+    return wrapped
+
+
 Box = tuple[torch.Tensor, torch.Tensor]  # (lo, hi) per critic coordinate, each broadcastable to [..., A], normalised
 
 
@@ -112,6 +125,7 @@ def check_box(box: Box) -> None:
         raise ValueError("the action box has lo > hi on some coordinate")
 
 
+@_autocast_off
 def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig, origin: torch.Tensor | None = None,
              box: Box | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """J ascent steps on Q from a_base [B, (S,) A] -> (A_Q like a_base, detached; Q gain [B, (S)] >= 0 if keep-best).

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from critic_trainer.scalars import ScalarLog
 from qvgm.data import DatasetError, ReplayReader
+from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device
 from qvgm.policy import NormStats, make_policy, save_policy
 from qvgm.policy.flow import FlowPolicyBase, sample_flow_time
 
@@ -202,6 +203,10 @@ class SFTConfig:
     # EMA of the weights (0 = off): after every step ema <- ema_decay * ema + (1 - ema_decay) * weights, and the
     # checkpoint holds the EMA weights. Warm-started: the effective decay is min(ema_decay, (1 + k) / (10 + k)).
     ema_decay: float = 0.0
+    # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
+    # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
+    # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -218,7 +223,7 @@ class SFTConfig:
     def training_key(self) -> dict[str, Any]:
         """The fields that must match for a resume (everything but out/work_dir/steps/checkpoint cadence)."""
         d = dataclasses.asdict(self)
-        for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version"):
+        for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version", "device"):
             d.pop(k)
         if not d["ema_decay"]:  # keys of runs saved before EMA existed stay valid
             d.pop("ema_decay")
@@ -380,7 +385,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     if data.actions.shape[1] != horizon:
         raise ValueError(f"data has chunks of {data.actions.shape[1]} actions, policy horizon is {horizon}")
     torch.manual_seed(cfg.seed)
-    policy = build_policy_for(data, cfg)
+    # initialised on the CPU, then moved: the same seed gives the same initial weights on every device (a CUDA
+    # generator draws other numbers); real-size pi05 is fine-tuned from imported weights, not built here
+    policy = build_policy_for(data, cfg).to(resolve_device(cfg.device))
     policy.train()
     dev = policy.device
     inputs = encode_inputs(policy, data)
@@ -438,7 +445,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         ema.copy_to(policy)
     summary = {"kind": "sft", "config": cfg.config, "datasets": data.datasets, "frames": len(data),
                "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
-               "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v,
+               "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v, "device": str(dev),
                "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "data_sha256": fingerprint}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
@@ -530,6 +537,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="auto", help=DEVICE_CHOICES_HELP)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -540,7 +548,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     checkpoint_every=args.checkpoint_every, success_only=args.success_only,
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
-                    overrides={"horizon": args.horizon} if args.horizon else {})
+                    overrides={"horizon": args.horizon} if args.horizon else {}, device=args.device)
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -40,11 +40,12 @@ class Stop(Exception):
 
 def watch(buffer: Path, store: Path, init: Path, cfg: Any, work: Path, min_new: int = 10, poll_s: float = 10.0,
           rounds: int = 0, progress: bool = False, log: Callable[[str], None] = print,
-          sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+          sleep: Callable[[float], None] = time.sleep, device: Any = "cpu") -> list[dict[str, Any]]:
     """Run improvement rounds on `buffer` into `store` until stopped (or `rounds` published, if > 0).
 
     init: the checkpoint to start from when the store has no current version (it is published into the store
-    first). cfg: an ImproveConfig; each round uses seed cfg.seed + round index. Returns one record per round that
+    first). device: where each round's policy and critic train (qvgm.devices.resolve_device).
+    cfg: an ImproveConfig; each round uses seed cfg.seed + round index. Returns one record per round that
     published: {round, version, parent, episodes, critic_mc_corr, q_before, q_after, wall_s}; the same records
     are appended to WORK/watch.jsonl.
     """
@@ -81,7 +82,7 @@ def watch(buffer: Path, store: Path, init: Path, cfg: Any, work: Path, min_new: 
             t0 = time.perf_counter()
             log(f"[watch] round {n_round}: {n} labelled episodes, improving {serving}")
             try:
-                policy = load_policy(st.path(serving))
+                policy = load_policy(st.path(serving), device=device)
                 buf = load_buffer(buffer, policy.horizon, with_images=policy.config.backbone != "state")
                 rcfg = replace(cfg, seed=cfg.seed + n_round - 1)
                 with torch.inference_mode(False):

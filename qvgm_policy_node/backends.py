@@ -128,8 +128,9 @@ def make_flow_backend(config: BackendConfig) -> PolicyBackend:
     verified safetensors, no pickle), wrapped by qvgm.policy.backend.FlowPolicyBackend; or, with the option
     `checkpoint_store`, a `StoreFlowBackend` serving (and hot-reloading) the store's current version.
 
-    options: checkpoint (directory) or checkpoint_store (CheckpointStore root), device ("cpu"/"cuda"),
-    num_steps (Euler steps K, flow time t = 1 noise -> 0 clean), seed (< 0 = unseeded sampling noise). The chunk
+    options: checkpoint (directory) or checkpoint_store (CheckpointStore root), device ("cpu", "cuda", "cuda:N",
+    "auto"), cuda_graphs (on CUDA: replay a captured graph of the K Euler steps; default true), num_steps
+    (Euler steps K, flow time t = 1 noise -> 0 clean), seed (< 0 = unseeded sampling noise). The chunk
     length is the policy's horizon; the checkpoint must have real_action_dim == len(joint_names). Policies with
     privileged_dim > 0 (sim `state` backbone) get obs["privileged"] from /qvgm/sim/objects.
     """
@@ -146,7 +147,8 @@ def make_flow_backend(config: BackendConfig) -> PolicyBackend:
                          device=str(config.options.get("device", "cpu")))
     seed = int(config.options.get("seed", -1))
     backend = FlowPolicyBackend(policy, list(config.joint_names), dt=config.dt,
-                                num_steps=int(config.options.get("num_steps", 10)), seed=seed if seed >= 0 else None)
+                                num_steps=int(config.options.get("num_steps", 10)), seed=seed if seed >= 0 else None,
+                                cuda_graphs=bool(config.options.get("cuda_graphs", True)))
     backend.needs_objects = int(getattr(policy.config, "privileged_dim", 0) or 0) > 0
     backend.version = str(policy.version)
     return backend
@@ -201,6 +203,7 @@ class StoreFlowBackend:
         opts = config.options
         self.device = str(opts.get("device", "cpu"))
         self.num_steps = int(opts.get("num_steps", 10))
+        self.cuda_graphs = bool(opts.get("cuda_graphs", True))
         seed = int(opts.get("seed", -1))
         self.seed = seed if seed >= 0 else None
         self.cameras = set(opts.get("cameras") or [])
@@ -237,7 +240,7 @@ class StoreFlowBackend:
         policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device,
                              verified_manifest=manifest)  # HotReloader verified every sha256 under its lease
         return FlowPolicyBackend(policy, list(self.config.joint_names), dt=self.config.dt,
-                                 num_steps=self.num_steps, seed=self.seed)
+                                 num_steps=self.num_steps, seed=self.seed, cuda_graphs=self.cuda_graphs)
 
     def _lower_loader_priority(self) -> None:
         """Linux nice values are per thread: make the loader thread yield the CPU to the control loop and the

@@ -73,7 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "cameras": ["front", "wrist"],
     "joint_names": ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper_finger_joint"],
     "max_state_age": 0.25, "max_image_age": 0.5, "max_objects_age": 0.5, "expert_noise": 0.0,
-    "expert_seed": -1, "checkpoint": "", "device": "cpu", "num_steps": 10, "seed": -1, "checkpoint_store": "",
+    "expert_seed": -1, "checkpoint": "", "device": "cpu", "cuda_graphs": True, "num_steps": 10, "seed": -1,
+    "checkpoint_store": "",
     "privileged": False, "reload_budget_s": 0.5, "reload_watch": "auto", "reload_poll_s": 0.5,
     "reload_nice": 0, "reload_yield_s": 0.002, "reload_pace_s": 0.25,
     "async_start_fraction": 0.5, "blend_steps": 3, "boundary_mode": "blend", "inpaint_steps": 3,
@@ -106,7 +107,8 @@ class PolicyNode(Node):
                         "objects": float(p["max_objects_age"])}
         entry = backend_entry(str(p["backend"]))
         options = {"noise": float(p["expert_noise"]), "expert_seed": int(p["expert_seed"]),
-                   "checkpoint": str(p["checkpoint"]), "device": str(p["device"]), "num_steps": int(p["num_steps"]),
+                   "checkpoint": str(p["checkpoint"]), "device": str(p["device"]),
+                   "cuda_graphs": bool(p["cuda_graphs"]), "num_steps": int(p["num_steps"]),
                    "seed": int(p["seed"]), "checkpoint_store": str(p["checkpoint_store"]),
                    "cameras": list(self.cameras), "privileged": bool(p["privileged"]),
                    "reload_budget_s": float(p["reload_budget_s"]), "reload_watch": str(p["reload_watch"]),

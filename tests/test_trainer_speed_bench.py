@@ -35,7 +35,8 @@ def test_trainer_speed_bench_state(tmp_path: Path) -> None:
     (r,) = out["results"]
     assert r["config"] == "state" and r["params"] > 0
     for key in ("critic_updates_per_s", "qvgm_update_s", "dql_update_s", "dql_over_qvgm", "qvgm_s2_update_s",
-                "dql_over_qvgm_s2", "qvgm_over_qvgm_s2", "load_avg_1min_before_actor"):
+                "dql_over_qvgm_s2", "qvgm_over_qvgm_s2", "load_avg_1min_before_actor", "sft_update_s",
+                "qvgm_over_sft"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert all(v > 0 for v in r["phases"].values())
     row = r["critic"]["threads_1"]

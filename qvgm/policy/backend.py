@@ -17,15 +17,19 @@ class NonFiniteActionError(RuntimeError):
 class FlowPolicyBackend:
     """Wraps a FlowPolicy for the policy node. `joint_names` order the chunk columns (len = real_action_dim),
     `dt` is the control period in s; chunks are absolute joint targets (rad, gripper m) as in the dataset.
-    Bad observations raise processor.ObservationError; non-finite output raises NonFiniteActionError."""
+    Bad observations raise processor.ObservationError; non-finite output raises NonFiniteActionError.
+    `cuda_graphs`: on a CUDA policy, chunks without an inpainting prefix replay a captured CUDA graph of the K
+    Euler steps (the first inference per batch shape captures it: the hot-reload dry run does that off the
+    control thread)."""
 
     name = "flow"
 
     def __init__(self, policy: FlowPolicyBase, joint_names: list[str], dt: float, num_steps: int = 10,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, cuda_graphs: bool = True) -> None:
         if len(joint_names) != policy.real_action_dim:
             raise ValueError(f"{len(joint_names)} joint names for a policy with {policy.real_action_dim} action dims")
         self.policy = policy.eval()
+        self.policy.cuda_graphs = bool(cuda_graphs)  # only acts on a CUDA policy (FlowPolicyBase.act)
         self.joint_names = list(joint_names)
         self.dt = float(dt)
         self.num_steps = num_steps

@@ -122,7 +122,11 @@ def load_policy(directory: str | Path, expect: Mapping[str, Any] | None = None,
     (built there directly, no CPU copy) with `.version` and `.manifest` set; `dtype` e.g. torch.bfloat16 casts
     the weights after loading. Any problem -> CheckpointError with a message naming it.
     verified_manifest: the manifest the caller has just checked with verify_checkpoint_dir on this directory
-    (e.g. HotReloader, under a store lease): the files are not hashed a second time."""
+    (e.g. HotReloader, under a store lease): the files are not hashed a second time.
+    device: "cpu", "cuda", "cuda:N" or "auto" (qvgm.devices.resolve_device); an unavailable device -> ValueError."""
+    from qvgm.devices import resolve_device
+
+    device = resolve_device(device)
     directory = Path(directory)
     if verified_manifest is not None:
         manifest = dict(verified_manifest)

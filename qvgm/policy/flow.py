@@ -57,6 +57,7 @@ class FlowPolicyBase(nn.Module):
     real_action_dim: int
     processor: Processor
     version: str = "untrained"  # set by load_policy from the manifest
+    cuda_graphs: bool = False  # act() on CUDA replays captured graphs of the K-step loop (qvgm.policy.cuda_graph)
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +138,28 @@ class FlowPolicyBase(nn.Module):
     @torch.no_grad()
     def act(self, observations: list[Observation], num_steps: int = 10,
             noise: torch.Tensor | None = None) -> np.ndarray:
-        """Observation batch -> chunks in robot units float64 [B, H, real_action_dim] (encode once + K steps)."""
+        """Observation batch -> chunks in robot units float64 [B, H, real_action_dim] (encode once + K steps).
+
+        With `self.cuda_graphs` True on a CUDA device the K steps replay a captured CUDA graph
+        (qvgm.policy.cuda_graph; one capture per batch size / K / context shapes, kept for reuse)."""
         ctx = self.encode(self.preprocess(observations))
+        if self.cuda_graphs and self.device.type == "cuda":
+            return self.postprocess(self._graphed_sample(ctx, num_steps, noise))
         return self.postprocess(self.sample(ctx, num_steps=num_steps, noise=noise))
+
+    def _graphed_sample(self, ctx: Any, num_steps: int, noise: torch.Tensor | None) -> torch.Tensor:
+        from qvgm.policy.cuda_graph import CAPTURED, GraphedSampler, context_key
+
+        graphs = CAPTURED.setdefault(self, {})  # outside the module: deepcopy/state_dict never see the graphs
+        params = list(self.parameters())  # weights moved or recast since the capture -> a new capture
+        key = (context_key(ctx, num_steps), len(params), params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype)
+        if key not in graphs:
+            if len(graphs) >= 4:  # a few signatures at most (batch sizes); drop the oldest capture
+                graphs.pop(next(iter(graphs)))
+            graphs[key] = GraphedSampler(self, ctx, num_steps)
+        b = self.batch_size(ctx)
+        if noise is None:
+            noise = torch.randn(b, self.horizon, self.action_dim, device=self.device)
+        if noise.shape != (b, self.horizon, self.action_dim):
+            raise ValueError(f"noise shape {tuple(noise.shape)} != {(b, self.horizon, self.action_dim)}")
+        return graphs[key](ctx, noise.to(self.device, torch.float32))
