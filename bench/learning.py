@@ -7,7 +7,8 @@ Per task and training seed s:
   3. buffer:   R rollouts of the SFT policy (scene seeds ROLL0 + 1000 s + k), recorded as a replay buffer;
   4. critic:   one Cal-QL ensemble on features of the frozen SFT policy (critic_trainer.pipeline);
   5. methods:  qvgm, qdistill, dql, filtered-bc trained from the SFT weights on that buffer and critic; sft (the
-               SFT policy itself); best-of-n and q-guided (test-time wrappers around SFT + critic);
+               SFT policy itself); best-of-n and q-guided (test-time wrappers around SFT + critic); qvgm-nocritic
+               and qvgm-shuffled (Q-VGM's controls: no ascent / a critic bound to other states; METHOD_OVERRIDES);
   6. eval:     E episodes on scene seeds EVAL0 + j (the same for every method and training seed; disjoint from
                all demo / rollout / tuning seeds, checked).
 `--calibrate` instead trains SFT for each --demos value and evaluates it on TUNING seeds (TUNE0 + j) only, to pick
@@ -49,7 +50,15 @@ from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E40
 from qvgm.policy import load_policy  # noqa: E402
 
 DEMO0, TUNE0, ROLL0, EVAL0 = 0, 200_000, 300_000, 900_000
-ALL_METHODS = ("sft", "qvgm", "qdistill", "dql", "filtered-bc", "best-of-n", "q-guided")
+ALL_METHODS = ("sft", "qvgm", "qvgm-nocritic", "qvgm-shuffled", "qdistill", "dql", "filtered-bc", "best-of-n",
+               "q-guided")
+# Q-VGM's controls. qvgm-nocritic: the same update with J = 0 ascent steps, so A_Q = A_base and the target residual
+# h = 0: the actor only re-distils the frozen reference (+ anchor) on its own rollouts (with bc_weight 0 the loss and
+# its gradient are exactly 0 at the reference: the control IS the SFT policy). qvgm-shuffled: the critic bound to
+# other frames' states (permuted within each batch): targets move as far as Q-VGM's, in directions that carry no
+# information about the state. A gap between qvgm and these controls is the critic's contribution.
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"qvgm-nocritic": {"method": "qvgm", "ascent_steps": 0},
+                                               "qvgm-shuffled": {"method": "qvgm", "shuffle_critic_states": True}}
 
 # Per-task SFT defaults: critic_trainer.recipes (the same table the loop uses; chosen on tuning seeds only).
 SFT_DEFAULTS = SFT_RECIPES
@@ -215,11 +224,11 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                            actor_steps=args.actor_steps,
                            actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m,
-                           **P.baseline_settings(args))
+                           max_shift=args.max_shift, trust_origin=args.trust_origin, **P.baseline_settings(args))
     out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
     t0 = time.perf_counter()
     critic = None
-    if any(m in P.CRITIC_METHODS or m in ("best-of-n", "q-guided") for m in args.methods):
+    if any(m in P.CRITIC_METHODS or m in (*METHOD_OVERRIDES, "best-of-n", "q-guided") for m in args.methods):
         P.check_outcomes(buf)
         tr = P.buffer_transitions(sft, buf, args.n_exec, base.gamma)
         feats, _ = P.extract_features(sft, buf, work / f"features-{task}-s{s}", args.n_exec, num_ref=base.num_ref,
@@ -249,10 +258,10 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         elif m == "q-guided":
             actor = P.QGuidedPolicy(sft, critic, scale=args.guidance, n_exec=args.n_exec, aggregate=args.aggregate)
         else:
-            cfg = P.ImproveConfig(**{**base.__dict__, "method": m})
+            cfg = P.ImproveConfig(**{**base.__dict__, "method": m, **METHOD_OVERRIDES.get(m, {})})
             actor, _, summ = P.improve(sft, buf, cfg, work=work / f"run-{task}-s{s}-{m}",
                                        cache_dir=work / f"features-{task}-s{s}",  # same key: reused
-                                       critic=critic if m in P.CRITIC_METHODS else None)
+                                       critic=critic if cfg.method in P.CRITIC_METHODS else None)
             train = summ["actor"]
         train_s = time.perf_counter() - t1
         r = P.evaluate(actor, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
@@ -299,11 +308,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)
-    ap.add_argument("--ascent-lr", type=float, default=0.05)
+    ap.add_argument("--ascent-lr", type=float, default=P.ImproveConfig.ascent_lr, help="Q-VGM ascent step alpha")
     ap.add_argument("--gate-m", type=int, default=5)
+    ap.add_argument("--max-shift", type=float, default=P.ImproveConfig.max_shift,
+                    help="Q-VGM trust region: RMS bound of A_Q from its origin per critic coordinate (normalised)")
+    ap.add_argument("--trust-origin", default=P.ImproveConfig.trust_origin, choices=["base", "reference"])
     ap.add_argument("--aggregate", default="mean", choices=["mean", "min", "lcb"])
     ap.add_argument("--bc-weight", type=float, default=0.0)
-    P.add_baseline_arguments(ap)  # --dql-eta, --distill-max-shift, --distill-ascent-steps, --distill-bc-weight
+    P.add_baseline_arguments(ap)  # --action-box, --dql-eta, --distill-max-shift, --distill-ascent-steps, ...
     ap.add_argument("--best-of", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=0.5)
     ap.add_argument("--calibrate", action="store_true", help="SFT success on tuning seeds for each --demos")

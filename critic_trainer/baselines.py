@@ -7,9 +7,10 @@ through q_fn: [B, n_exec * real] -> aggregated Q [B] (see critic_trainer.qvgm.bi
 - best_of_n:          test time, sample N chunks from the policy, keep the highest-Q one per observation.
 - q_guided_sample:    test time, add a Q-gradient to every sampling step; weights unchanged.
 - q_distill_loss:     training, flow-match the policy onto critic-improved terminal chunks: Q-VGM's own keep-best
-                      ascent (projection to [-1, 1], clipping, trust region max_shift around the reference's sample).
+                      ascent (projection to the action box, clipping, trust region max_shift around the reference's
+                      sample).
 - diffusion_ql_loss:  training, BC flow loss + eta * (-Q(s, sample(s))) / mean|Q| with backprop through all K steps,
-                      the sample clamped to [-1, 1] before the critic (Wang et al. 2023).
+                      the sample clamped to the action box before the critic (Wang et al. 2023).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from critic_trainer.critic import critic_action
-from critic_trainer.qvgm import QFunction, QVGMConfig, q_ascent
+from critic_trainer.qvgm import Box, QFunction, QVGMConfig, q_ascent
 from qvgm.policy.interface import FlowPolicy
 
 
@@ -81,20 +82,22 @@ def q_guided_sample(policy: FlowPolicy, context: Any, q_fn: QFunction, scale: fl
 
 def distill_targets(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QFunction, cfg: QVGMConfig,
                     reference: FlowPolicy | None = None, noise: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    box: Box | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Critic-improved terminal chunks for Q-distillation -> (target [B, H, D], Q gain [B] >= 0, centre [B, n*r]).
 
     1. A_0 = the current actor's own sample (no grad) from noise [B, H, D] (t = 1; drawn if None).
     2. Its critic coordinates (first n_exec steps x real dims) are improved by Q-VGM's own keep-best ascent
        (critic_trainer.qvgm.q_ascent, unchanged: cfg.ascent_steps J, ascent_lr, gradient clipping, every step
-       projected to [-1, 1], keep-best, trust region cfg.max_shift). With a frozen `reference` the trust region
-       is centred on the reference policy's sample from the SAME noise, so repeated distillation cannot compound:
-       the target stays within max_shift (RMS over the critic coordinates, normalised units) of the reference's
-       output however far the actor has moved, and the target's other coordinates are the reference's sample.
+       projected to `box` (lo, hi) per critic coordinate, None = [-1, 1]; keep-best, trust region cfg.max_shift).
+       With a frozen `reference` the trust region is centred on the reference policy's sample from the SAME noise,
+       so repeated distillation cannot compound: the target stays within max_shift (RMS over the critic
+       coordinates, normalised units) of the reference's output however far the actor has moved, and the target's
+       other coordinates are the reference's sample.
        Without a reference everything is centred on the actor's own sample (a per-update bound only).
        As in Q-VGM the start itself is not clamped: buffer actions lie outside [-1, 1] on 10-40 % of the
-       coordinates on pick_place (quantile stats of the demos), and keep-best keeps such a start when every
-       projected step lowers Q. `centre` is the region's centre (critic coordinates, flattened).
+       coordinates on pick_place (quantile stats of the demos; hence the pipeline's data-derived box), and
+       keep-best keeps such a start when every projected step lowers Q. `centre` is the region's centre (critic
+       coordinates, flattened).
     """
     n, r = cfg.n_exec, actor.real_action_dim
     with torch.no_grad():
@@ -103,7 +106,7 @@ def distill_targets(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QF
                                                                  noise=path.x[0])  # the same starting noise
     start = critic_action(chunk, n, r)
     centre = critic_action(base, n, r)
-    a_q, gain = q_ascent(q_fn, start, cfg, origin=centre if reference is not None else None)
+    a_q, gain = q_ascent(q_fn, start, cfg, origin=centre if reference is not None else None, box=box)
     target = base.detach().clone()
     target[:, :n, :r] = a_q.reshape(-1, n, r)
     return target, gain, centre
@@ -112,16 +115,16 @@ def distill_targets(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QF
 def q_distill_loss(actor: FlowPolicy, inputs: dict[str, torch.Tensor], q_fn: QFunction, cfg: QVGMConfig,
                    reference: FlowPolicy | None = None, bc_actions: torch.Tensor | None = None,
                    bc_mask: torch.Tensor | None = None, bc_weight: float = 0.0, noise: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+                   box: Box | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Q-distillation: flow-matching loss onto critic-improved terminal chunks (terminal labels only), + BC.
 
     loss = flow_loss(actor; distill_targets(...)) + bc_weight * flow_loss(actor; buffer chunks bc_actions
     [B, H, D], valid steps bc_mask [B, H] bool or None). See distill_targets for the targets (Q-VGM's ascent with
-    projection, clipping, keep-best and trust region). Returns (loss, info with ascent_gain = mean Q gain of the
-    targets over their starts, target_shift = mean RMS distance of the targets' critic coordinates from the
+    projection onto `box`, clipping, keep-best and trust region). Returns (loss, info with ascent_gain = mean Q gain
+    of the targets over their starts, target_shift = mean RMS distance of the targets' critic coordinates from the
     trust region's centre).
     """
-    target, gain, centre = distill_targets(actor, inputs, q_fn, cfg, reference=reference, noise=noise)
+    target, gain, centre = distill_targets(actor, inputs, q_fn, cfg, reference=reference, noise=noise, box=box)
     n, r = cfg.n_exec, actor.real_action_dim
     loss = actor.flow_loss(inputs, target)
     shift = (target[:, :n, :r].flatten(1) - centre).pow(2).mean(-1).sqrt().mean()

@@ -6,8 +6,8 @@
                         [--no-keep-best] [--critic-steps N] [--actor-steps N] [--seed S]
                         [--critic-features rl-token|pooled] [--no-per-layer-injection] [--lcb-beta B]
                         [--max-shift S] [--holdout F] [--actor-eval-every N] [--actor-patience P]
-                        [--dql-eta A] [--dql-box-weight W] [--distill-max-shift S|none] [--distill-ascent-steps J]
-                        [--distill-bc-weight W] ...
+                        [--action-box data|unit] [--dql-eta A] [--dql-box-weight W] [--distill-max-shift S|none]
+                        [--distill-ascent-steps J] [--distill-ascent-lr A|none] [--distill-bc-weight W] ...
 
 Stages (each a public function, reused by bench/learning.py):
  1. `load_buffer`: every frame of the kept (non-discarded) episodes: observations (state, privileged state from
@@ -29,7 +29,8 @@ Stages (each a public function, reused by bench/learning.py):
  6. `evaluate`: closed-loop episodes in TabletopEnv executing n_exec steps per inference; success rate with a 95 %
     Wilson interval.
 Flow-time convention (openpi): t = 1 noise, t = 0 clean; x_t = t * eps + (1 - t) * a; Euler dt = -1/K from t = 1.
-All actions inside the trainer are normalised (quantile stats of the input checkpoint, [-1, 1] nominal).
+All actions inside the trainer are normalised (quantile stats of the input checkpoint, [-1, 1] nominal; real
+actions of the buffer can lie outside it, hence the data-derived action box of the critic methods, `action_box`).
 """
 
 from __future__ import annotations
@@ -276,8 +277,12 @@ class ImproveConfig:
     gate: str = "last_m"
     gate_last_m: int = 5
     ascent_steps: int = 4
-    ascent_lr: float = 0.05
-    project: bool = True
+    # alpha: 0.02 chosen on tuning seeds (docs/results_qbox.md; METHOD.md's 0.05 and 0.1 exploit the critic more)
+    ascent_lr: float = 0.02
+    project: bool = True  # project ascent iterates (Q-VGM, Q-distillation) / DQL samples onto the action box
+    # the ONE action box of Q-VGM's and Q-distillation's ascent projection and of Diffusion-QL's sample clamp:
+    # "data" = per action dim the range of the buffer's executed actions (and at least [-1, 1]), "unit" = [-1, 1]
+    action_box: str = "data"
     clip_grad: bool = True
     keep_best: bool = True
     lcb_beta: float = 1.0  # aggregate "lcb" = mean - lcb_beta * std over the ensemble
@@ -288,12 +293,17 @@ class ImproveConfig:
     anchor_weight: float = 1.0
     bc_weight: float = 0.0
     steps_per_sample: int | None = None  # Q-VGM: None = all K steps; S = S drawn steps per sample (unbiased)
+    # control (critic methods): bind the critic to OTHER frames' states (a random permutation within each actor
+    # batch), so the ascent follows a gradient of the real critic's scale and action structure that says nothing
+    # about this state. With ascent_steps = 0 (the no-critic control) these two controls bracket the critic's part.
+    shuffle_critic_states: bool = False
     # same-backbone baselines (values chosen on tuning seeds only: docs/RESULTS.md, baselines section)
     dql_eta: float = 0.001  # Diffusion-QL alpha: weight of -Q(s, a_pi) / mean|Q| next to the BC flow loss (weight 1)
     dql_box_weight: float = 10.0  # Diffusion-QL: pull-back of sample coordinates outside the box (with project)
-    dql_box: str = "data"  # Diffusion-QL action box: "data" = per-dim range of the buffer's actions, "unit" = [-1, 1]
+    dql_box: str | None = None  # deprecated alias of action_box (given: it sets action_box)
     distill_max_shift: float | None = 0.01  # Q-distillation trust region: RMS bound of target - reference sample
     distill_ascent_steps: int | None = None  # Q-distillation ascent steps J (None: ascent_steps)
+    distill_ascent_lr: float | None = 0.05  # Q-distillation ascent step alpha, as tuned (None: ascent_lr)
     distill_bc_weight: float = 0.0  # Q-distillation: weight of a BC flow loss on buffer chunks
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
@@ -319,13 +329,18 @@ class ImproveConfig:
             raise ValueError(f"unknown trust origin {self.trust_origin!r} (base / reference)")
         if self.max_shift is not None and self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
-        if self.dql_box not in ("data", "unit"):
-            raise ValueError(f"unknown dql_box {self.dql_box!r} (data / unit)")
+        if self.dql_box is not None:  # deprecated alias: one box for every method
+            self.action_box, self.dql_box = self.dql_box, None
+        if self.action_box not in ("data", "unit"):
+            raise ValueError(f"unknown action_box {self.action_box!r} (data / unit)")
         if self.dql_eta < 0 or self.distill_bc_weight < 0 or self.dql_box_weight < 0:
             raise ValueError(f"dql_eta, dql_box_weight and distill_bc_weight must be >= 0, got {self.dql_eta}, "
                              f"{self.dql_box_weight}, {self.distill_bc_weight}")
         if self.distill_max_shift is not None and self.distill_max_shift < 0:
             raise ValueError(f"distill_max_shift must be >= 0, got {self.distill_max_shift}")
+        if self.ascent_lr < 0 or (self.distill_ascent_lr is not None and self.distill_ascent_lr < 0):
+            raise ValueError(f"ascent_lr and distill_ascent_lr must be >= 0, got {self.ascent_lr}, "
+                             f"{self.distill_ascent_lr}")
         if self.distill_ascent_steps is not None and self.distill_ascent_steps < 0:
             raise ValueError(f"distill_ascent_steps must be >= 0, got {self.distill_ascent_steps}")
         if self.actor_eval_every < 0 or self.actor_patience < 1:
@@ -344,7 +359,8 @@ class ImproveConfig:
     def distill(self) -> QVGMConfig:
         """The ascent settings of Q-distillation: Q-VGM's, with its own trust region and number of steps."""
         steps = self.ascent_steps if self.distill_ascent_steps is None else self.distill_ascent_steps
-        return replace(self.qvgm(), max_shift=self.distill_max_shift, ascent_steps=steps)
+        lr = self.ascent_lr if self.distill_ascent_lr is None else self.distill_ascent_lr
+        return replace(self.qvgm(), max_shift=self.distill_max_shift, ascent_steps=steps, ascent_lr=lr)
 
 
 # ---------------------------------------------------------------------------------------------------- critic
@@ -518,10 +534,12 @@ class DifferentiableSampler:
 
 
 def action_box(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diffusion-QL's action box (lo, hi), each [n_exec * real] normalised: cfg.dql_box "data" = per action dim
-    the min / max of the buffer's executed actions (the region the critic was trained on), "unit" = [-1, 1]."""
+    """The action box (lo, hi) of the critic methods, each [n_exec * real] normalised (critic coordinates: step-major,
+    the per-dim bounds repeated over the n_exec steps): cfg.action_box "data" = per action dim the min / max of the
+    buffer's executed actions widened to include [-1, 1] (the region the critic was trained on), "unit" = [-1, 1].
+    Q-VGM's and Q-distillation's ascent iterates are projected onto it, Diffusion-QL's samples clamped to it."""
     r = policy.real_action_dim
-    if cfg.dql_box == "unit":
+    if cfg.action_box == "unit":
         return -torch.ones(cfg.n_exec * r), torch.ones(cfg.n_exec * r)
     a = torch.as_tensor(normalised_actions(policy, buf.action), dtype=torch.float32)
     lo, hi = a.min(0).values.minimum(torch.full((r,), -1.0)), a.max(0).values.maximum(torch.ones(r))
@@ -559,7 +577,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
     if cfg.method in CRITIC_METHODS and (critic is None or features is None):
         raise ValueError(f"method {cfg.method} needs a critic")
     qcfg = cfg.qvgm()
-    box = action_box(actor, buf, cfg) if cfg.method == "dql" else None
+    box = action_box(actor, buf, cfg) if cfg.method in CRITIC_METHODS else None
     opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
     eval_rows = np.random.default_rng(cfg.seed + 99).choice(len(buf), size=min(256, len(buf)), replace=False)
     summary: dict[str, Any] = {}
@@ -582,6 +600,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
         best = {"step": 0, "lcb": s0["lcb"], "state": copy.deepcopy(actor.state_dict()), "since": 0}
         summary["early_stop"] = {"curve": [{"step": 0, **s0}], "heldout_frames": int(len(stop_rows))}
     history: list[dict[str, float]] = []
+    shuffle_rng = np.random.default_rng(cfg.seed + 13)  # own stream: the batches are the same with or without it
     bar = tqdm(range(cfg.actor_steps), desc=f"actor {cfg.method}", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -592,12 +611,15 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
             q_fn = None
             if critic is not None and features is not None:
                 z, p = _rows_z(features, rows)
+                if cfg.shuffle_critic_states:
+                    perm = torch.as_tensor(shuffle_rng.permutation(len(rows)))
+                    z, p = z[perm], p[perm]
                 q_fn = bind_critic(critic, z.to(dev), p.to(dev), how=cfg.aggregate, lcb_beta=cfg.lcb_beta)
             actor.train()
             if cfg.method == "qvgm":
                 assert q_fn is not None
                 info = qvgm_update(actor, reference, opt, b_in, q_fn, qcfg,
-                                   bc_actions=chunks[trows].to(dev) if cfg.bc_weight > 0 else None)
+                                   bc_actions=chunks[trows].to(dev) if cfg.bc_weight > 0 else None, box=box)
                 m = {"loss": info["loss"], "ascent_gain": float(np.mean(info["ascent_gain"])),
                      "dv_norm": float(np.mean(info["dv_norm"])), "h_norm": float(np.mean(info["h_norm"])),
                      "grad_norm": info["grad_norm"]}
@@ -607,7 +629,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                     assert q_fn is not None
                     loss, m = q_distill_loss(actor, b_in, q_fn, cfg.distill(), reference=reference,
                                              bc_actions=chunks[trows].to(dev), bc_mask=valid[trows].to(dev),
-                                             bc_weight=cfg.distill_bc_weight)
+                                             bc_weight=cfg.distill_bc_weight, box=box)
                 elif cfg.method == "dql":
                     assert q_fn is not None
                     loss, m = diffusion_ql_loss(DifferentiableSampler(actor), b_in, q_fn, cfg.n_exec,
@@ -967,7 +989,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="w of the Cal-QL / CQL term (0.1: see docs/RESULTS.md, critic quality)")
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
-    p.add_argument("--ascent-lr", type=float, default=0.05, help="alpha, normalised units")
+    p.add_argument("--ascent-lr", type=float, default=ImproveConfig.ascent_lr,
+                   help="Q-VGM ascent step alpha, normalised units (chosen on tuning seeds: docs/results_qbox.md)")
     p.add_argument("--ascent-steps", type=int, default=4, help="J")
     p.add_argument("--bc-weight", type=float, default=0.0)
     p.add_argument("--steps-per-sample", type=int, default=None,
@@ -989,28 +1012,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
-    """--dql-eta, --dql-box-weight, --distill-max-shift, --distill-ascent-steps, --distill-bc-weight (defaults:
-    ImproveConfig's)."""
+    """--action-box (alias --dql-box, deprecated), --dql-eta, --dql-box-weight, --distill-max-shift,
+    --distill-ascent-steps, --distill-bc-weight (defaults: ImproveConfig's)."""
     d = ImproveConfig()
     p.add_argument("--dql-eta", type=float, default=d.dql_eta,
                    help="Diffusion-QL alpha: weight of -Q/mean|Q| next to the BC flow loss")
     p.add_argument("--dql-box-weight", type=float, default=d.dql_box_weight,
-                   help="Diffusion-QL: weight of the pull-back of sample coordinates outside [-1, 1]")
-    p.add_argument("--dql-box", default=d.dql_box, choices=["data", "unit"],
-                   help="Diffusion-QL action box: the buffer's per-dim action range (data) or [-1, 1] (unit)")
+                   help="Diffusion-QL: weight of the pull-back of sample coordinates outside the action box")
+    p.add_argument("--action-box", "--dql-box", dest="action_box", default=d.action_box, choices=["data", "unit"],
+                   help="action box of Q-VGM's / Q-distillation's ascent projection and Diffusion-QL's clamp: the "
+                        "buffer's per-dim action range (data) or [-1, 1] (unit); --dql-box is a deprecated alias")
     p.add_argument("--distill-max-shift", type=lambda v: None if v.lower() == "none" else float(v),
                    default=d.distill_max_shift, metavar="S|none",
                    help="Q-distillation trust region: RMS bound of the target from the reference's sample")
     p.add_argument("--distill-ascent-steps", type=int, default=d.distill_ascent_steps,
                    help="Q-distillation ascent steps (default: --ascent-steps)")
+    p.add_argument("--distill-ascent-lr", type=lambda v: None if v.lower() == "none" else float(v),
+                   default=d.distill_ascent_lr, metavar="A|none",
+                   help="Q-distillation ascent step alpha (none: --ascent-lr)")
     p.add_argument("--distill-bc-weight", type=float, default=d.distill_bc_weight,
                    help="Q-distillation: weight of a BC flow loss on buffer chunks")
 
 
 def baseline_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ImproveConfig fields set by add_baseline_arguments."""
-    return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "dql_box", "distill_max_shift",
-                                          "distill_ascent_steps", "distill_bc_weight")}
+    return {k: getattr(args, k) for k in ("dql_eta", "dql_box_weight", "action_box", "distill_max_shift",
+                                          "distill_ascent_steps", "distill_ascent_lr", "distill_bc_weight")}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ evaluations happen at t_k = 1 - k/K, k = 0..K-1 (t_0 = 1 is pure noise, t_{K-1} 
 One update, for a batch of observations (context) and a critic bound to their states (q_fn):
   1. roll out the current actor v_theta from noise WITHOUT gradient, keeping every (x_k, t_k);
   2. reference one-step clean estimate A_base = x_k - t_k * v_base(x_k, t_k)   (v_base frozen SFT velocity);
-  3. J keep-best gradient-ascent steps on Qbar:  A <- proj_[-1,1](A + alpha * clip(grad_A Qbar(s, A)));
+  3. J keep-best gradient-ascent steps on Qbar:  A <- proj_box(A + alpha * clip(grad_A Qbar(s, A)));
+     box = (lo, hi) per critic coordinate (normalised units; default [-1, 1], the pipeline passes the buffer's
+     per-dim action range: quantile stats of few demos leave 10-40 % of real actions outside [-1, 1]);
   4. residual velocity target  h = -(A_Q - A_base) / t_k
      (so that the actor's one-step estimate x_k - t_k (v_base + h) equals A_Q; in the paper's
      tau = 1 - t convention this reads h = (A_Q - A_base) / (1 - tau_k));
@@ -51,7 +53,7 @@ class QVGMConfig:
     ascent_lr: float = 0.05  # alpha, normalised action units per step (after clipping)
     clip_grad: bool = True  # safeguard: clamp grad_A Q elementwise to [-grad_clip, grad_clip]
     grad_clip: float = 1.0
-    project: bool = True  # safeguard: project ascent iterates to [-1, 1]
+    project: bool = True  # safeguard: project ascent iterates onto the action box (q_ascent's box; default [-1, 1])
     keep_best: bool = True  # safeguard: keep the best iterate by Q (A_base if no step helps)
     max_shift: float | None = None  # safeguard (trust region): RMS per-coordinate bound on A_Q - origin, normalised
     # origin of the trust region: "base" = A_base at the actor's own x_k (per step); "reference" = the frozen
@@ -106,12 +108,31 @@ def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+Box = tuple[torch.Tensor, torch.Tensor]  # (lo, hi) per critic coordinate, each broadcastable to [..., A], normalised
+
+
+def unit_box(a: torch.Tensor) -> Box:
+    """The nominal box [-1, 1] for every coordinate of a [..., A] (normalised units)."""
+    return -torch.ones_like(a), torch.ones_like(a)
+
+
+def check_box(box: Box) -> None:
+    """Refuse a box with non-finite bounds or lo > hi anywhere (ValueError)."""
+    lo, hi = box
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("the action box has non-finite bounds")
+    if (lo > hi).any():
+        raise ValueError("the action box has lo > hi on some coordinate")
+
+
 @_autocast_off
-def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig,
-             origin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig, origin: torch.Tensor | None = None,
+             box: Box | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """J ascent steps on Q from a_base [B, (S,) A] -> (A_Q like a_base, detached; Q gain [B, (S)] >= 0 if keep-best).
 
-    A <- proj_[-1,1](A + alpha * clip(grad_A Q(A))); one critic forward per iterate serves both the keep-best
+    A <- proj_box(A + alpha * clip(grad_A Q(A))) with box = (lo, hi) (each broadcastable to a_base, normalised;
+    None = [-1, 1]; only with cfg.project). The start a_base itself is never projected: a coordinate outside the
+    box stays where it is unless a step is taken and kept. One critic forward per iterate serves both the keep-best
     bookkeeping and the next gradient (J + 1 forwards, J backwards). With cfg.max_shift every iterate is then
     pulled back toward a_base onto the trust region sqrt(mean_j (A_j - A_base_j)^2) <= max_shift (normalised
     units, mean over the critic coordinates): the ascent stays near the reference policy's support. `origin`
@@ -119,6 +140,9 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig,
     too, so even "no step helps" returns a point inside the region.
     """
     a = a_base.detach()
+    lo, hi = unit_box(a) if box is None else (box[0].to(a), box[1].to(a))
+    if cfg.project:
+        check_box((lo, hi))
     if origin is None:
         origin = a
     elif cfg.max_shift is not None:
@@ -147,7 +171,7 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig,
             grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
         a = a + cfg.ascent_lr * grad
         if cfg.project:
-            a = a.clamp(-1.0, 1.0)
+            a = torch.minimum(torch.maximum(a, lo), hi)
         if cfg.max_shift is not None:
             a = trust_region(a, origin, cfg.max_shift)
     assert best_q is not None and q_base is not None
@@ -157,7 +181,9 @@ def q_ascent(q_fn: QFunction, a_base: torch.Tensor, cfg: QVGMConfig,
 def trust_region(a: torch.Tensor, origin: torch.Tensor, max_shift: float) -> torch.Tensor:
     """Scale a - origin ([..., A]) down so that its RMS over the last dim is <= max_shift (normalised units).
 
-    A convex combination of a and origin: if both lie in [-1, 1] the result does too.
+    A convex combination of a and origin: if both lie in a box (any per-coordinate [lo, hi], e.g. the projection
+    box of q_ascent) the result does too. An origin outside the box (a reference sample beyond the buffer's
+    range) gives no such guarantee: the result lies between a and origin, coordinate by coordinate.
     """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
@@ -207,8 +233,11 @@ def residual_target(a_q: torch.Tensor, a_base: torch.Tensor, t: torch.Tensor | f
 def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, reference_context: Any,
               q_fn: QFunction, cfg: QVGMConfig, noise: torch.Tensor | None = None,
               bc_inputs: dict[str, torch.Tensor] | None = None, bc_actions: torch.Tensor | None = None,
-              backward_each_step: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+              backward_each_step: bool = False, box: Box | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Q-VGM loss for one batch. Returns (loss, info); info["step_losses"] holds the K per-step terms.
+
+    box: (lo, hi) [n_exec * real] each, the projection box of the ascent (see q_ascent; None = [-1, 1]). Only the
+    critic's coordinates (first n_exec steps x real dims) are ever moved by the ascent; the rest is anchored.
 
     backward_each_step: call backward on every term as soon as it is built (gradients accumulate into .grad,
     only one velocity graph is alive at a time: K times less activation memory); the returned loss is then
@@ -236,7 +265,7 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     n_gated = sum(m > 0 for m in gate_list)
     if cfg.steps_per_sample is not None and cfg.steps_per_sample < max(n_gated, cfg.num_steps - n_gated):
         step_losses, info = _sampled_terms(actor, reference, actor_context, reference_context, q_fn, cfg, xs, ts,
-                                           gate, origin, backward_each_step)
+                                           gate, origin, backward_each_step, box)
         return _finish(actor, step_losses, info, cfg, bc_inputs, bc_actions, backward_each_step)
 
     # 2. reference one-step clean estimates A_base = x_k - t_k v_base(x_k, t_k) at every step
@@ -249,7 +278,7 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
     gated = [k for k in range(cfg.num_steps) if gate_list[k] > 0]
     if gated:
         improved, g = q_ascent(q_fn, a_base[gated].transpose(0, 1), cfg,
-                               origin=None if origin is None else origin[:, None, :])  # [B, M, n*r]
+                               origin=None if origin is None else origin[:, None, :], box=box)  # [B, M, n*r]
         a_q[gated], gain[gated] = improved.transpose(0, 1), g.transpose(0, 1)
     # 4. residual velocity targets (openpi convention: t_k is the noise level, >= 1/K here)
     h = cfg.h_sign * residual_target(a_q, a_base, ts[:, None, None])  # [K, B, n*r]
@@ -279,7 +308,8 @@ def qvgm_loss(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, refe
 
 def _sampled_terms(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any, reference_context: Any,
                    q_fn: QFunction, cfg: QVGMConfig, xs: torch.Tensor, ts: torch.Tensor, gate: torch.Tensor,
-                   origin: torch.Tensor | None, backward_each_step: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                   origin: torch.Tensor | None, backward_each_step: bool,
+                   box: Box | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """The loss terms at cfg.steps_per_sample drawn steps per sample (sampled_steps), one term per column j.
 
     xs [K, B, H, D], ts [K] the no-grad rollout (openpi: t_k = noise level); column j evaluates sample b at
@@ -302,7 +332,7 @@ def _sampled_terms(actor: FlowPolicy, reference: FlowPolicy, actor_context: Any,
     gain = a_base.new_zeros(b, 0)
     h = a_base.new_zeros(b, 0, n * r)
     if n_gated:
-        a_q, gain = q_ascent(q_fn, a_base, cfg, origin=None if origin is None else origin[:, None, :])
+        a_q, gain = q_ascent(q_fn, a_base, cfg, origin=None if origin is None else origin[:, None, :], box=box)
         h = cfg.h_sign * residual_target(a_q, a_base, t_sel[:, :n_gated, None])  # [B, J_gated, n*r]
     mask = torch.ones_like(xs[0, 0])  # [H, D], 0 on the critic's coordinates
     mask[:n, :r] = 0.0
@@ -349,10 +379,11 @@ def _finish(actor: FlowPolicy, step_losses: list[torch.Tensor], info: dict[str, 
 def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim.Optimizer,
                 inputs: dict[str, torch.Tensor], q_fn: QFunction, cfg: QVGMConfig,
                 bc_actions: torch.Tensor | None = None, max_grad_norm: float | None = 1.0,
-                backward_each_step: bool = False) -> dict[str, Any]:
+                backward_each_step: bool = False, box: Box | None = None) -> dict[str, Any]:
     """One optimiser step of Q-VGM on a batch of model inputs. Raises FloatingPointError (no step) on NaN.
 
-    backward_each_step: see qvgm_loss (same gradients, K times less activation memory).
+    backward_each_step: see qvgm_loss (same gradients, K times less activation memory). box: the ascent's
+    projection box (lo, hi) per critic coordinate (see q_ascent; None = [-1, 1]).
     Under torchrun gradients are averaged over ranks; the caller starts every rank from the same actor weights
     (critic_trainer.distributed.broadcast_parameters).
     """
@@ -362,7 +393,7 @@ def qvgm_update(actor: FlowPolicy, reference: FlowPolicy, optimizer: torch.optim
         reference_context = reference.encode(inputs)
     loss, info = qvgm_loss(actor, reference, actor_context, reference_context, q_fn, cfg,
                            bc_inputs=inputs if bc_actions is not None else None, bc_actions=bc_actions,
-                           backward_each_step=backward_each_step)
+                           backward_each_step=backward_each_step, box=box)
     if not finite_on_all_ranks(loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"Q-VGM loss is not finite (here: {loss.item()}); no step taken")

@@ -20,7 +20,7 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
             eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version on
                       scene seeds seed + EVAL_SEED + k; only episodes whose every frame that version served count
   Q-VGM settings follow bench/learning.py (critic 256x256, Cal-QL w 0.1, batch 256; actor 300 steps, lr 1e-4,
-  batch 64, ascent lr 0.05, gate = last 5 of K = 10 steps).
+  batch 64, ascent lr = ImproveConfig.ascent_lr (0.02), action box = the buffer's range, gate = last 5 of K = 10).
   A table (round 0 = SFT, then each round: serving version, success rate, 95 % Wilson CI, change vs round 0,
   episodes), WORK/summary.json (rows, per-stage wall times, control-loop health of every ROS stage, critic
   quality and actor Q before/after per round) and WORK/loop.png close the run. Progress lines:
@@ -689,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--actor-steps", type=int, default=300)
     g.add_argument("--actor-lr", type=float, default=1e-4)
     g.add_argument("--actor-batch", type=int, default=64)
-    g.add_argument("--ascent-lr", type=float, default=0.05)
+    g.add_argument("--ascent-lr", type=float, default=0.02, help="Q-VGM ascent step alpha (ImproveConfig's default)")
     g.add_argument("--gate-m", type=int, default=5, help="Q-VGM gate: the last M of K denoising steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,

@@ -105,7 +105,8 @@ def test_recipe_defaults_and_cli_overrides() -> None:
         ["--critic-rollout-fraction", "0.5"])).critic_rollout_fraction == 0.5
     cfg = loop.improve_config(args)
     assert (cfg.critic_hidden, cfg.reg_weight, cfg.actor_steps, cfg.actor_lr, cfg.actor_batch, cfg.ascent_lr,
-            cfg.gate_last_m, cfg.critic_batch) == ((256, 256), 0.1, 300, 1e-4, 64, 0.05, 5, 256)
+            cfg.gate_last_m, cfg.critic_batch) == ((256, 256), 0.1, 300, 1e-4, 64, 0.02, 5, 256)
+    assert cfg.ascent_lr == type(cfg)().ascent_lr and cfg.action_box == "data"  # the loop runs the chosen defaults
     args = loop.build_parser().parse_args(["--task", "stack", "--demos", "7", "--sft-steps", "11",
                                            "--success-only", "0", "--backbone", "pi05-small"])
     loop.resolve_recipe(args)
