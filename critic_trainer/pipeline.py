@@ -277,7 +277,8 @@ class ImproveConfig:
     gate: str = "last_m"
     gate_last_m: int = 5
     ascent_steps: int = 4
-    # alpha: 0.02 chosen on tuning seeds (docs/RESULTS.md, "Q-VGM's projection box"; METHOD.md's 0.05 and 0.1 exploit the critic more)
+    # alpha: 0.02 chosen on tuning seeds (docs/RESULTS.md, Q-VGM's projection box; METHOD.md's 0.05 and 0.1
+    # exploit the critic more)
     ascent_lr: float = 0.02
     project: bool = True  # project ascent iterates (Q-VGM, Q-distillation) / DQL samples onto the action box
     # the ONE action box of Q-VGM's and Q-distillation's ascent projection and of Diffusion-QL's sample clamp:
@@ -990,7 +991,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
     p.add_argument("--ascent-lr", type=float, default=ImproveConfig.ascent_lr,
-                   help="Q-VGM ascent step alpha, normalised units (chosen on tuning seeds: docs/RESULTS.md, "Q-VGM's projection box")")
+                   help="Q-VGM ascent step alpha, normalised units (chosen on tuning seeds: docs/RESULTS.md, "
+                        "Q-VGM's projection box)")
     p.add_argument("--ascent-steps", type=int, default=4, help="J")
     p.add_argument("--bc-weight", type=float, default=0.0)
     p.add_argument("--steps-per-sample", type=int, default=None,

@@ -665,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-lr", type=float, default=1e-3)
     g = p.add_argument_group("rounds")
     g.add_argument("--rounds", type=int, default=2)
-    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/results_loop2.md): episodes run at ~1.9x
+    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/RESULTS.md, loop on sim time): episodes run at ~1.9x
     # real time (a failure lasts the whole 25 sim-s, a success ~5), the critic costs ~0.2 s per update, the actor ~0.2 s
     g.add_argument("--rollouts", type=int, default=20, help="policy rollouts collected through ROS per round")
     g.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes through ROS per round "
@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--real-time-factor", type=float, default=2.0,
                    help="sim seconds per wall second (the graph runs on sim time; the sim waits for a late chunk, "
                    "sim_node lockstep). 2 kept the control loop healthy on 2 shared cores, 3-4 did not under load "
-                   "(bench/loop_rtf.py, docs/results_loop2.md)")
+                   "(bench/loop_rtf.py, docs/RESULTS.md, loop on sim time)")
     g.add_argument("--image-size", type=int, default=64, help="camera images (px, square, even) recorded")
     g = p.add_argument_group("Q-VGM (default: bench/learning.py's settings)")
     g.add_argument("--critic-steps", type=int, default=1500,

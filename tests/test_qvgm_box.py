@@ -162,7 +162,8 @@ def test_action_box_setting_is_shared_and_dql_box_is_an_alias(pipe):
     lo_u, hi_u = P.action_box(pol, buf, P.ImproveConfig(n_exec=3, action_box="unit"))
     assert torch.all(lo_u == -1) and torch.all(hi_u == 1)
     assert P.ImproveConfig(dql_box="unit").action_box == "unit"  # deprecated alias
-    # chosen defaults (docs/RESULTS.md, "Q-VGM's projection box"): data box, alpha 0.02; Q-distillation keeps its tuned alpha 0.05
+    # chosen defaults (docs/RESULTS.md, Q-VGM's projection box): data box, alpha 0.02; Q-distillation keeps its
+    # tuned alpha 0.05
     d = P.ImproveConfig()
     assert (d.action_box, d.qvgm().ascent_lr, d.distill().ascent_lr) == ("data", 0.02, 0.05)
     assert P.ImproveConfig(distill_ascent_lr=None).distill().ascent_lr == 0.02
