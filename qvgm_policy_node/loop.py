@@ -665,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-lr", type=float, default=1e-3)
     g = p.add_argument_group("rounds")
     g.add_argument("--rounds", type=int, default=2)
-    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/RESULTS.md, loop on sim time): episodes run at ~1.9x
+    # defaults sized so that 2 rounds fit ~30 min on 2 shared CPU cores (docs/RESULTS.md, loop on sim time):
+    # episodes run at ~1.9x
     # real time (a failure lasts the whole 25 sim-s, a success ~5), the critic costs ~0.2 s per update, the actor ~0.2 s
     g.add_argument("--rollouts", type=int, default=20, help="policy rollouts collected through ROS per round")
     g.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes through ROS per round "
