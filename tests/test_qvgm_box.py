@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_qvgm import eval_samples, sft_policy  # noqa: F401  (the same toy SFT policy fixture and sampler)
 
 from critic_trainer import pipeline as P
 from critic_trainer.critic import critic_action
 from critic_trainer.qvgm import QVGMConfig, check_box, q_ascent, qvgm_update, trust_region
-from critic_trainer.toy import ToyFlowPolicy, fit_toy_policy
+from critic_trainer.toy import ToyFlowPolicy
 from qvgm.policy import load_policy
 
 OBS, H, D, R, N_EXEC = 6, 4, 4, 3, 2
@@ -96,22 +97,6 @@ def test_bad_box_is_refused():
         check_box((torch.tensor([float("nan")]), torch.tensor([1.0])))
 
 
-@pytest.fixture(scope="module")
-def toy_policy() -> ToyFlowPolicy:
-    torch.set_num_threads(1)
-    policy, loss = fit_toy_policy(OBS, H, D, R, noise=0.1, steps=400)
-    assert loss < 0.5
-    return policy
-
-
-def samples(policy: ToyFlowPolicy, seed: int = 123, b: int = 512) -> torch.Tensor:
-    """Chunks [b, H, D] from fixed states and noise (common random numbers across policies)."""
-    g = torch.Generator().manual_seed(seed)
-    s, noise = torch.randn(b, OBS, generator=g), torch.randn(b, H, D, generator=g)
-    with torch.no_grad():
-        return policy.sample(policy.encode({"state": s}), num_steps=10, noise=noise)
-
-
 def train(base: ToyFlowPolicy, cfg: QVGMConfig, q_fn: TargetQ, updates: int = 60) -> ToyFlowPolicy:
     torch.manual_seed(1)
     actor = copy.deepcopy(base).requires_grad_(True)
@@ -121,14 +106,14 @@ def train(base: ToyFlowPolicy, cfg: QVGMConfig, q_fn: TargetQ, updates: int = 60
     return actor.requires_grad_(False)
 
 
-def test_no_critic_control_stays_at_the_reference(toy_policy):
+def test_no_critic_control_stays_at_the_reference(sft_policy):  # noqa: F811 (fixture imported above)
     """J = 0: A_Q = A_base, h = 0, so the update only re-distils the frozen reference; with the critic (J = 4) the
     same update moves the samples toward the critic's optimum. The control's samples are the reference's."""
     a_star = torch.full((N_EXEC * R,), 0.8)
     q_fn = TargetQ(a_star)
-    base = samples(toy_policy)
-    ctrl = samples(train(toy_policy, QVGMConfig(n_exec=N_EXEC, ascent_steps=0), q_fn))
-    full = samples(train(toy_policy, QVGMConfig(n_exec=N_EXEC), q_fn))
+    base = eval_samples(sft_policy)
+    ctrl = eval_samples(train(sft_policy, QVGMConfig(n_exec=N_EXEC, ascent_steps=0), q_fn))
+    full = eval_samples(train(sft_policy, QVGMConfig(n_exec=N_EXEC), q_fn))
     c_base, c_ctrl, c_full = (critic_action(x, N_EXEC, R) for x in (base, ctrl, full))
     # statistically at the reference: per-coordinate mean within 2 standard errors (here: identical samples)
     se = c_base.std(0) / c_base.shape[0] ** 0.5
