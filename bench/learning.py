@@ -268,7 +268,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                        **gym_env(args))
         out["methods"][m] = {"success_rate": r["success_rate"], "ci95": r["ci95"], "successes": r["successes"],
                              "episodes": r["episodes"], "train_s": round(train_s, 1), "eval_s": r["wall_s"],
-                             "mean_steps": r["mean_steps"],
+                             "mean_steps": r["mean_steps"], "outcomes": r["outcomes"],
                              "train": {k: v for k, v in train.items() if k in ("q_policy_before", "q_policy_after",
                                                                                "action_shift", "actor_final",
                                                                                "action_shift_rms_critic")}}
@@ -357,6 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   "per_seed": [r["methods"][m]["success_rate"] for r in seeds],
                                   "wall_s": round(sum(r["methods"][m]["train_s"] + r["methods"][m]["eval_s"]
                                                       for r in seeds), 1)}
+                    if m != "sft" and "sft" in args.methods:  # same scenes per seed: paired vs SFT
+                        summary[m]["vs_sft_paired"] = P.paired_comparison(
+                            [o for r in seeds for o in r["methods"][m]["outcomes"]],
+                            [o for r in seeds for o in r["methods"]["sft"]["outcomes"]])
                 tasks[task] = {"summary": summary, "seeds": seeds, "sft_settings": sft_settings(task, args)}
             result = {"mode": "diagnostic (tuning seeds)" if args.on_tuning_seeds else "benchmark",
                       "eval_seeds": f"{seed0}..{seed0 + args.eval_episodes - 1}",

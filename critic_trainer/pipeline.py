@@ -846,6 +846,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return lo, hi
 
 
+def paired_comparison(a: Sequence[bool | int], b: Sequence[bool | int]) -> dict[str, float]:
+    """Two methods evaluated on the same scenes (outcome lists, 1 = success, same order): wins of a (a succeeded,
+    b failed), losses, and the exact two-sided sign test (McNemar) p-value on the discordant scenes. Pairing
+    removes the scene-to-scene variance that two separate Wilson intervals carry."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs outcomes on the same scenes, got {len(a)} and {len(b)}")
+    wins = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    losses = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(0, min(wins, losses) + 1)) / 2**n if n else 1.0
+    return {"wins": wins, "losses": losses, "p_value": min(1.0, 2.0 * tail)}
+
+
 def run_episode(actor: Any, env: Any, task: str, seed: int, n_exec: int = 5, noise_seed: int = 0,
                 record: Any = None) -> dict[str, Any]:
     """One closed-loop episode (scene seed `seed`): infer a chunk, execute its first n_exec actions, repeat until
@@ -882,7 +895,8 @@ def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, rende
              progress: bool = False, max_episode_steps: int | None = None) -> dict[str, Any]:
     """Closed-loop success of `actor` (a FlowPolicy or a test-time wrapper) on scene seeds `seeds`.
 
-    Returns {success_rate, ci95: [lo, hi] (Wilson), successes, episodes, seeds, mean_steps, wall_s}.
+    Returns {success_rate, ci95: [lo, hi] (Wilson), successes, episodes, seeds, outcomes (1/0 per seed, same order:
+    methods on the same seeds compare pairwise with paired_comparison), mean_steps, wall_s}.
     render=False for the `state` backbone (no cameras); pixel policies need render=True. max_episode_steps: time
     limit in control steps for an env built here (default: the task's).
     """
@@ -907,7 +921,8 @@ def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, rende
     k = sum(r["success"] for r in results)
     lo, hi = wilson_interval(k, len(results))
     return {"success_rate": k / len(results), "ci95": [lo, hi], "successes": k, "episodes": len(results),
-            "seeds": seeds, "mean_steps": float(np.mean([r["steps"] for r in results])),
+            "seeds": seeds, "outcomes": [int(bool(r["success"])) for r in results],
+            "mean_steps": float(np.mean([r["steps"] for r in results])),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 

@@ -32,6 +32,8 @@ def test_benchmark_mode_json(tmp_path):
     s = res["tasks"]["push"]["summary"]["sft"]
     assert s["episodes"] == 3 and 0.0 <= s["success_rate"] <= 1.0 and s["ci95"][0] <= s["success_rate"] <= s["ci95"][1]
     seed = res["tasks"]["push"]["seeds"][0]
+    outcomes = seed["methods"]["sft"]["outcomes"]  # per scene, for paired comparisons between methods
+    assert len(outcomes) == 3 and sum(outcomes) == round(3 * s["success_rate"])
     evals = set(range(900_000, 900_003))
     assert not evals & set(seed["rollouts"]["seeds"]) and not evals & set(seed["sft"]["demo_seeds"])
     assert seed["rollouts"]["episodes"] == 2 and res["seed_scheme"]["eval"] == "900000 + j"

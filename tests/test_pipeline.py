@@ -181,6 +181,17 @@ def test_dql_backpropagates_through_the_chain(data):
         diffusion_ql_loss(pol, inputs, q_fn, 3, num_steps=4)[0].backward()
 
 
+def test_paired_comparison_by_hand():
+    r = P.paired_comparison([1, 1, 1, 0, 1, 0], [0, 0, 1, 0, 1, 1])
+    assert (r["wins"], r["losses"]) == (2, 1)
+    assert r["p_value"] == pytest.approx(1.0)  # 3 discordant: 2 * P(X <= 1 | n 3) = 2 * 4/8 -> capped at 1
+    r = P.paired_comparison([1] * 10 + [0] * 5, [0] * 10 + [0] * 5)
+    assert (r["wins"], r["losses"]) == (10, 0) and r["p_value"] == pytest.approx(2 / 2**10)
+    assert P.paired_comparison([0, 1], [0, 1]) == {"wins": 0, "losses": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same scenes"):
+        P.paired_comparison([1], [1, 0])
+
+
 def test_wilson_interval_math():
     lo, hi = P.wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
@@ -204,6 +215,7 @@ def test_evaluate_closed_loop_and_test_time_wrappers(data, tmp_path):
         r2 = P.evaluate(pol, "push", [3, 4], n_exec=3, env=env)
         assert r1["episodes"] == 2 and r1["mean_steps"] == 12 and r1["successes"] == 0
         assert r1["ci95"] == list(P.wilson_interval(0, 2)) and r1["success_rate"] == r2["success_rate"]
+        assert r1["outcomes"] == [0, 0] and r1["outcomes"] == r2["outcomes"]
         out = tmp_path / "ck"
         buf = P.load_buffer(data["buffer"], pol.horizon)
         cfg = P.ImproveConfig(method="qvgm", n_exec=3, critic_steps=10, critic_hidden=(32, 32), actor_steps=1)
