@@ -33,5 +33,16 @@ def test_sensitivity_splits_state_and_action_variance(tmp_path: Path) -> None:
     np.save(f / "ref_actions.npy", rng.uniform(-1, 1, (300, 4, 4)).astype(np.float32))
     r = mod.sensitivity(tmp_path, "push", 0, frames=200, sigma=0.1)
     assert r["frames"] == 200
-    assert all(math.isfinite(v) and v >= 0 for v in r.values())
+    assert all(math.isfinite(v) and v > 0 for v in r.values())
     assert r["within_over_across"] == r["q_var_within_state_policy_samples"] / r["q_var_across_states"]
+    # the same critic with every action input weight zeroed: Q is a function of the state alone
+    adim = critic.cfg.action_dim
+    with torch.no_grad():
+        for layer in (critic.hidden[0], critic.hidden[1], critic.out):
+            layer.weight[:, -adim:] = 0.0
+    (tmp_path / "critic-push-s1-abc").mkdir()
+    save_critic(critic, tmp_path / "critic-push-s1-abc")
+    (tmp_path / "features-push-s1").symlink_to(f)
+    r0 = mod.sensitivity(tmp_path, "push", 1, frames=200, sigma=0.1)
+    assert r0["q_var_across_states"] > 0 and r0["q_var_within_state_policy_samples"] < 1e-12
+    assert r0["q_var_within_state_perturbed_0.1"] < 1e-12
