@@ -79,8 +79,9 @@ class GraphedSampler:
         with torch.no_grad(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = policy.sample(self.context, num_steps=self.num_steps, noise=self.noise)
 
-    def __call__(self, context: Any, noise: torch.Tensor) -> torch.Tensor:
-        if context_key(context, self.num_steps) != self.key:
+    def __call__(self, context: Any, noise: torch.Tensor, key: tuple | None = None) -> torch.Tensor:
+        """`key`: context_key(context, K) when the caller already computed it (its cache lookup), else computed."""
+        if (context_key(context, self.num_steps) if key is None else key) != self.key:
             raise ValueError("context shapes differ from the captured graph's; capture a new GraphedSampler")
         for dst, src in zip(_tensors(self.context), _tensors(context), strict=True):
             dst.copy_(src)

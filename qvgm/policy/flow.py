@@ -152,7 +152,8 @@ class FlowPolicyBase(nn.Module):
 
         graphs = CAPTURED.setdefault(self, {})  # outside the module: deepcopy/state_dict never see the graphs
         params = list(self.parameters())  # weights moved or recast since the capture -> a new capture
-        key = (context_key(ctx, num_steps), len(params), params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype)
+        ctx_key = context_key(ctx, num_steps)
+        key = (ctx_key, len(params), params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype)
         if key not in graphs:
             if len(graphs) >= 4:  # a few signatures at most (batch sizes); drop the oldest capture
                 graphs.pop(next(iter(graphs)))
@@ -162,4 +163,4 @@ class FlowPolicyBase(nn.Module):
             noise = torch.randn(b, self.horizon, self.action_dim, device=self.device)
         if noise.shape != (b, self.horizon, self.action_dim):
             raise ValueError(f"noise shape {tuple(noise.shape)} != {(b, self.horizon, self.action_dim)}")
-        return graphs[key](ctx, noise.to(self.device, torch.float32))
+        return graphs[key](ctx, noise.to(self.device, torch.float32), key=ctx_key)
