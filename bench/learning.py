@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     metavar="0|1", help="SFT on successful demos only (default: SFT_DEFAULTS per task)")
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--first-seed", type=int, default=0,
-                    help="training seeds first..first+N-1 (split one benchmark over processes; pool the JSONs)")
+                    help="training seeds first..first+N-1 (split one benchmark over processes; pool the JSONs with "
+                    "bench/learning_pool.py)")
     ap.add_argument("--rollouts", type=int, default=60, help="SFT rollout episodes in the fixed buffer")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)

@@ -9,6 +9,7 @@ it to --out. Usage::
     .venv/bin/python bench/sft_success.py --config state --steps 1000 --seeds 3 --episodes 20 --out sft.json
     .venv/bin/python bench/sft_success.py --config pi05-small --tasks push --demos 10 --seeds 1 --steps 200 ...
     .venv/bin/python bench/sft_success.py --tasks push --override delta_actions=true --override tool_features=true
+    python3 bench/sft_success.py --config pi05-small --override delta_actions=true --device cuda ...  (a GPU)
 
 From a git worktree, prefix PYTHONPATH=. : the script's own folder, not the cwd, is first on sys.path, so
 without it `qvgm` resolves to the shared venv's install (the main checkout).
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-exec", type=int, default=5, help="actions executed per chunk")
     ap.add_argument("--image-size", type=int, nargs=2, default=(64, 64))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto", help="SFT device: auto (CUDA when present), cpu, cuda, cuda:N; "
+                    "evaluation runs the policy where it trained")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="policy config override, e.g. delta_actions=true (repeatable)")
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
                     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=ck,
                                     steps=args.steps, seed=s, batch_size=args.batch_size, lr=args.lr,
                                     warmup=args.warmup,
-                                    checkpoint_every=args.steps, max_episodes=n, overrides=overrides)
+                                    checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
+                                    device=args.device)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     cfg_d = res["policy"].config.to_dict()
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "bootstrap95_over_seeds": bootstrap(rates), "per_seed": per_seed})
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
-           "n_exec": args.n_exec,
+           "n_exec": args.n_exec, "device": args.device,
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -533,6 +533,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--success-only", action="store_true", help="train on successful episodes only")
     p.add_argument("--max-episodes", type=int, default=None, help="first N episodes of each dataset")
     p.add_argument("--horizon", type=int, default=None, help="override the config's chunk length H")
+    p.add_argument("--delta-actions", action="store_true",
+                   help="predict the arm joints relative to the current joint state (gripper absolute; any backbone)")
     p.add_argument("--version", default=None, help="checkpoint version string")
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
@@ -548,7 +550,8 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     checkpoint_every=args.checkpoint_every, success_only=args.success_only,
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
-                    overrides={"horizon": args.horizon} if args.horizon else {}, device=args.device)
+                    overrides={**({"horizon": args.horizon} if args.horizon else {}),
+                               **({"delta_actions": True} if args.delta_actions else {})}, device=args.device)
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -151,12 +151,54 @@ def test_sft_cli_pi05_tiny_on_camera_demos(tmp_path: Path, capsys: pytest.Captur
     ds = tmp_path / "cam"
     collect_demos("stack", 2, ds, noise=0.005, seed=0, image_size=(32, 32))
     assert main(["sft", "--dataset", str(ds), "--config", "pi05-tiny", "--out", str(tmp_path / "ck"), "--steps", "6",
-                 "--batch-size", "4", "--no-progress", "--threads", "1"]) == 0
+                 "--batch-size", "4", "--no-progress", "--threads", "1", "--delta-actions"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 6
     pol = load_policy(tmp_path / "ck", expect={"camera_names": ["front", "wrist"], "real_action_dim": 7})
+    assert pol.config.delta_actions and pol.delta_dims == 6
     data = load_demo_data([ds], horizon=10, with_images=True)
     chunk = pol.act(data.observations([0, 5]))
     assert chunk.shape == (2, 10, 7) and np.isfinite(chunk).all()
+
+
+def test_pi05_delta_actions_zero_head_holds_the_current_joints(tmp_path: Path) -> None:
+    """pi05 with delta_actions: an expert whose output projection is zeroed, sampled from zero noise, returns the
+    current arm joints (robot units) on the anchored dims and the action mid-range elsewhere; the cached
+    (encode + velocity) and the training (joint prefix+suffix) paths agree; the flag survives a checkpoint."""
+    ds = tmp_path / "cam"
+    collect_demos("stack", 2, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    cfg = SFTConfig(datasets=[str(ds)], config="pi05-tiny", overrides={"delta_actions": True})
+    torch.manual_seed(0)
+    policy = build_policy_for(data, cfg).eval()
+    assert policy.config.delta_actions and policy.delta_dims == 6
+    obs = data.observations([0, 7, 15])
+    inputs = policy.preprocess(obs)
+    x_t = torch.randn(3, policy.horizon, policy.action_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.9, 0.5, 0.1])
+    with torch.no_grad():
+        cached = policy.velocity(x_t, t, policy.encode(inputs))
+        joint = policy.velocity_uncached(inputs, x_t, t)
+    assert torch.allclose(cached, joint, atol=1e-4)
+    proj = policy.model.action_out_proj
+    with torch.no_grad():
+        proj.weight.zero_()
+        proj.bias.zero_()
+    chunk = policy.act(obs, noise=torch.zeros(3, policy.horizon, policy.action_dim))
+    ns = policy.processor.norm_stats
+    rel = policy.anchor_scale.numpy() != 0
+    assert rel.any()
+    mid = (np.asarray(ns.action_q01) + np.asarray(ns.action_q99)) / 2
+    for o, c in zip(obs, chunk, strict=True):
+        assert np.allclose(c[:, :6][:, rel], o["state"][None, :6][:, rel], atol=1e-4), (c[0], o["state"])
+        assert np.allclose(c[:, :6][:, ~rel], mid[None, :6][:, ~rel], atol=1e-4)
+    assert np.allclose(chunk[..., 6], mid[6], atol=1e-5)
+    from qvgm.policy import save_policy
+
+    save_policy(policy, tmp_path / "ck", version="t")
+    back = load_policy(tmp_path / "ck")
+    assert back.config.delta_actions and torch.equal(back.anchor_scale, policy.anchor_scale)
+    noise = torch.randn(3, policy.horizon, policy.action_dim, generator=torch.Generator().manual_seed(2))
+    assert np.allclose(back.act(obs, noise=noise), policy.act(obs, noise=noise), atol=1e-5)
 
 
 def test_delta_actions_zero_head_holds_the_current_joints(demos: dict[str, Path], tmp_path: Path) -> None:

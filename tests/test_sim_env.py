@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qvgm.sim import TASKS, TabletopEnv
-from qvgm.sim.tasks import COLORS, ROLES, yaw_quat
+from qvgm.sim.tasks import BOWL_INNER, BOWL_WALL_TOP, COLORS, ROLES, success, yaw_quat
 
 
 def _state(env: TabletopEnv) -> dict[str, np.ndarray]:
@@ -212,6 +212,36 @@ def test_success_detector_fires_on_a_solved_scene_only(task):
     _set_free(env, "target_cube", miss)
     mujoco.mj_forward(env.model, env.data)
     env.step_physics(100)
+    assert not env.is_success()
+
+
+def test_pick_place_detector_rejects_a_bowl_lifted_or_flipped_over_the_cube():
+    """The cube counts as in the bowl only with the bowl resting upright on the table and the cube on its floor:
+    a bowl held above the cube (a policy that grasps the bowl) or tipped over it is not a success (a real loophole:
+    an untrained policy lifted the bowl over the cube and 'succeeded' in 15 steps)."""
+    up = np.array([1.0, 0.0, 0.0, 0.0])
+    cube_in = {"target_cube": np.r_[0.52, 0.06, 0.03, up], "bowl": np.r_[0.50, 0.05, 0.0, up]}
+    assert success("pick_place", cube_in, finger_touching=False)
+    assert not success("pick_place", cube_in, finger_touching=True)
+    lifted = {"target_cube": np.r_[0.52, 0.06, 0.02, up], "bowl": np.r_[0.50, 0.05, 0.04, up]}
+    assert not success("pick_place", lifted, finger_touching=False)
+    flipped = {"target_cube": np.r_[0.52, 0.06, 0.02, up], "bowl": np.r_[0.50, 0.05, 0.0, 0.0, 1.0, 0.0, 0.0]}
+    assert not success("pick_place", flipped, finger_touching=False)
+    under = {"target_cube": np.r_[0.52, 0.06, 0.005, up], "bowl": np.r_[0.50, 0.05, 0.0, up]}
+    assert not success("pick_place", under, finger_touching=False)
+    # physics: the bowl turned upside down over the cube and left to settle on it
+    env = TabletopEnv(task="pick_place", render=False)
+    env.reset(seed=2)
+    c = env.object_poses()["target_cube"]
+    body = env.model.body("bowl")
+    adr = env.model.jnt_qposadr[body.jntadr[0]]
+    env.data.qpos[adr:adr + 3] = [c[0], c[1], BOWL_WALL_TOP + 0.005]
+    env.data.qpos[adr + 3:adr + 7] = [0.0, 1.0, 0.0, 0.0]  # 180 deg about x: opening down
+    env.data.qvel[env.model.jnt_dofadr[body.jntadr[0]]:][:6] = 0.0
+    mujoco.mj_forward(env.model, env.data)
+    env.step_physics(250)
+    p = env.object_poses()
+    assert np.all(np.abs(p["target_cube"][:2] - p["bowl"][:2]) < BOWL_INNER)  # the cube is under the bowl
     assert not env.is_success()
 
 

@@ -48,6 +48,9 @@ class Pi05Config:
     rms_eps: float = 1e-6
     # RL token (qvgm.policy.rl_token.RLTokenConfig as a dict) when the checkpoint has one, else None
     rl_token: dict[str, Any] | None = None
+    # arm joints predicted relative to the current joint state, gripper absolute (FlowPolicyBase.delta_anchor; openpi
+    # trains its joint-space robots on delta actions too). Opt-in: older checkpoints load unchanged.
+    delta_actions: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

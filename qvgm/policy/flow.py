@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qvgm.policy.interface import DenoisePath, Observation
-from qvgm.policy.processor import Processor
+from qvgm.policy.processor import _EPS, NormStats, Processor
 
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
@@ -46,6 +46,22 @@ def batch_time(t: torch.Tensor | float, batch: int, device: Any) -> torch.Tensor
     return t
 
 
+def delta_anchor_affine(norm_stats: NormStats, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) [dims]: normalised state s -> the same joint value in normalised ACTION units, c = s * scale +
+    shift, for the first `dims` state/action dims (the arm joints, both quantile-normalised to [-1, 1]).
+
+    A joint whose commanded range is far narrower than its measured one (e.g. held ~constant) would get an anchor
+    amplifying state noise by s_rng / a_rng: such dims get scale = shift = 0 (they stay absolute)."""
+    ns, k = norm_stats, dims
+    s_rng = np.maximum(np.asarray(ns.state_q99[:k]) - np.asarray(ns.state_q01[:k]), _EPS)
+    a_rng = np.maximum(np.asarray(ns.action_q99[:k]) - np.asarray(ns.action_q01[:k]), _EPS)
+    # normalised state s -> robot units (s + 1) / 2 * s_rng + s_q01 -> normalised action units
+    scale = s_rng / a_rng
+    shift = 2.0 * (np.asarray(ns.state_q01[:k]) - np.asarray(ns.action_q01[:k])) / a_rng + scale - 1.0
+    keep = (scale > 0.5) & (scale < 2.0)
+    return np.where(keep, scale, 0.0), np.where(keep, shift, 0.0)
+
+
 class FlowPolicyBase(nn.Module):
     """Common FlowPolicy parts: preprocessing, Euler sampling, flow loss, postprocessing.
 
@@ -63,6 +79,40 @@ class FlowPolicyBase(nn.Module):
     def device(self) -> torch.device:
         """Device of the weights."""
         return next(self.parameters()).device
+
+    # --- delta actions (opt-in per config: `delta_actions`) -----------------------------------------------------
+    # The arm joints (every real action dim but the last, the gripper) are modelled relative to the current joint
+    # state c (in normalised action units): the network sees x'_t = x_t - (1 - t) c and its velocity v' is returned
+    # as v = v' - c. This is exactly flow matching on a' = a - c (same noise, same t), while the policy keeps the
+    # interface's absolute normalised actions in and out (the critic, Q-VGM and every caller see no difference).
+    delta_dims: int = 0
+
+    def init_delta_anchor(self, enabled: bool, state_dim: int, norm_stats: NormStats) -> None:
+        """Set `delta_dims` and the (non-persistent) anchor buffers from the norm stats; no-op when not enabled."""
+        self.delta_dims = min(state_dim, self.real_action_dim - 1) if enabled else 0
+        if self.delta_dims:
+            scale, shift = delta_anchor_affine(norm_stats, self.delta_dims)
+            self.register_buffer("anchor_scale", torch.tensor(scale, dtype=torch.float32), persistent=False)
+            self.register_buffer("anchor_shift", torch.tensor(shift, dtype=torch.float32), persistent=False)
+
+    def delta_anchor(self, state: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """state [B, state_dim] normalised -> anchor c [B, 1, action_dim] (zero past the delta dims), or None."""
+        if not self.delta_dims:
+            return None
+        c = state[:, : self.delta_dims].to(dtype) * self.anchor_scale.to(dtype) + self.anchor_shift.to(dtype)
+        return nn.functional.pad(c, (0, self.action_dim - self.delta_dims))[:, None, :]
+
+    @staticmethod
+    def anchored_input(x_t: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """x'_t = x_t - (1 - t) c for x_t [B, H, D], t [B] (identity without an anchor)."""
+        if anchor is None:
+            return x_t
+        return x_t - (1.0 - t)[:, None, None].to(x_t.dtype) * anchor.to(x_t.dtype)
+
+    @staticmethod
+    def anchored_output(v: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """v = v' - c (identity without an anchor)."""
+        return v if anchor is None else v - anchor.to(v.dtype)
 
     def preprocess(self, observations: list[Observation]) -> dict[str, torch.Tensor]:
         """Observation dicts -> model input tensors on the model's device (see Processor)."""

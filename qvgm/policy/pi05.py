@@ -120,13 +120,15 @@ class PaliGemmaHolder(nn.Module):
 @dataclass
 class Pi05Context:
     """Cached prefix: per-layer K/V [B, kv_heads, P, head_dim] (RoPE applied), key mask [B, P], the number of
-    valid prefix tokens [B] (suffix positions start there) and the final-norm prefix embedding [B, P, width]."""
+    valid prefix tokens [B] (suffix positions start there), the final-norm prefix embedding [B, P, width], and with
+    `delta_actions` the current joint state in normalised action units [B, 1, D] (FlowPolicyBase.delta_anchor)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     prefix_mask: torch.Tensor
     prefix_len: torch.Tensor
     prefix_out: torch.Tensor
+    anchor: torch.Tensor | None = None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -294,25 +296,33 @@ class Pi05Policy(FlowPolicyBase):
         self.rl_token: RLToken | None = None
         if cfg.rl_token is not None:
             self.rl_token = RLToken(RLTokenConfig.from_dict(cfg.rl_token))
+        self.init_delta_anchor(cfg.delta_actions, cfg.state_dim, norm_stats)
 
     @staticmethod
     def _prefix_args(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return inputs["images"], inputs["image_masks"], inputs["tokens"], inputs["token_mask"]
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> Pi05Context:
-        """Prefix (images + prompt with discretised state) -> cached K/V context."""
-        return self.model.encode_prefix(*self._prefix_args(inputs))
+        """Prefix (images + prompt with discretised state) -> cached K/V context (+ the delta-action anchor)."""
+        ctx = self.model.encode_prefix(*self._prefix_args(inputs))
+        ctx.anchor = self.delta_anchor(inputs["state"])
+        return ctx
 
     def batch_size(self, context: Pi05Context) -> int:
         return context.prefix_mask.shape[0]
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: Pi05Context) -> torch.Tensor:
         """v(x_t, t | cached prefix): x_t [B, H, D] normalised, t [B] (1 = noise) -> [B, H, D]."""
-        return self.model.suffix_velocity(x_t, batch_time(t, x_t.shape[0], x_t.device), context)
+        t = batch_time(t, x_t.shape[0], x_t.device)
+        v = self.model.suffix_velocity(self.anchored_input(x_t, t, context.anchor), t, context)
+        return self.anchored_output(v, context.anchor)
 
     def velocity_uncached(self, inputs: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x_t, t) from one joint prefix+suffix pass (no cache; the training path)."""
-        return self.model.joint_forward(*self._prefix_args(inputs), x_t, batch_time(t, x_t.shape[0], x_t.device))[1]
+        t = batch_time(t, x_t.shape[0], x_t.device)
+        anchor = self.delta_anchor(inputs["state"])
+        v = self.model.joint_forward(*self._prefix_args(inputs), self.anchored_input(x_t, t, anchor), t)[1]
+        return self.anchored_output(v, anchor)
 
     def critic_features(self, context: Pi05Context) -> torch.Tensor:
         """z_rl [B, rl_token.dim] when the checkpoint has a trained RL token (METHOD.md §2); otherwise [B, width]:

@@ -4,11 +4,8 @@ Encoder: MLP([state_norm, privileged]) -> embedding e [B, embed_dim] (the contex
 Flow head: MLP([x_t real dims flattened, time embedding, e]) -> v on the real dims; padded dims get v = 0.
 Flow-time convention (openpi): t = 1 noise, t = 0 clean.
 
-`delta_actions`: the arm joints (all action dims but the last, the gripper; minus joints whose commanded range is
-far narrower than their measured range) are modelled relative to the current
-joint state c (mapped into the normalised action space): the head sees x'_t = x_t - (1 - t) c and its velocity
-v' is returned as v = v' - c. This is exactly flow matching on a' = a - c (same noise, same t) while the policy
-keeps the interface's absolute normalised actions in and out. `privileged_norm`: privileged object state is
+`delta_actions`: the arm joints are modelled relative to the current joint state (FlowPolicyBase.delta_anchor,
+the same mechanism as pi05's). `privileged_norm`: privileged object state is
 standardised with buffers `priv_mean` / `priv_std` (set from the SFT data by `set_privileged_stats`).
 `tool_features`: the encoder also sees the tool0 pose from forward kinematics of the arm joints (the URDF's arm
 model, qvgm.sim.ik) — position (m) and the top-left 2x2 of its rotation — and, per privileged role (7 values:
@@ -74,21 +71,7 @@ class StatePolicy(FlowPolicyBase):
         self.time_proj = nn.Linear(cfg.time_dim, cfg.time_dim)
         flat = cfg.horizon * cfg.real_action_dim
         self.head = _mlp([flat + cfg.time_dim + cfg.embed_dim] + [cfg.head_hidden] * cfg.head_depth + [flat])
-        # delta dims: arm joints = every real action dim but the last (gripper), when the state has them
-        self.delta_dims = min(cfg.state_dim, cfg.real_action_dim - 1) if cfg.delta_actions else 0
-        if self.delta_dims:
-            ns, k = norm_stats, self.delta_dims
-            s_rng = np.maximum(np.asarray(ns.state_q99[:k]) - np.asarray(ns.state_q01[:k]), _EPS)
-            a_rng = np.maximum(np.asarray(ns.action_q99[:k]) - np.asarray(ns.action_q01[:k]), _EPS)
-            # normalised state s -> robot units (s + 1) / 2 * s_rng + s_q01 -> normalised action units
-            scale = s_rng / a_rng
-            shift = 2.0 * (np.asarray(ns.state_q01[:k]) - np.asarray(ns.action_q01[:k])) / a_rng + scale - 1.0
-            # a joint whose commanded range is far narrower than its measured one (e.g. held ~constant) would get
-            # an anchor amplifying state noise by s_rng / a_rng: such dims stay absolute
-            keep = (scale > 0.5) & (scale < 2.0)
-            scale, shift = np.where(keep, scale, 0.0), np.where(keep, shift, 0.0)
-            self.register_buffer("anchor_scale", torch.tensor(scale, dtype=torch.float32), persistent=False)
-            self.register_buffer("anchor_shift", torch.tensor(shift, dtype=torch.float32), persistent=False)
+        self.init_delta_anchor(cfg.delta_actions, cfg.state_dim, norm_stats)
         if cfg.privileged_norm and cfg.privileged_dim:
             self.register_buffer("priv_mean", torch.zeros(cfg.privileged_dim))
             self.register_buffer("priv_std", torch.ones(cfg.privileged_dim))
@@ -119,11 +102,7 @@ class StatePolicy(FlowPolicyBase):
                 p = (p - self.priv_mean) / self.priv_std
             x = torch.cat([x, p], dim=-1)
         emb = self.encoder(x.to(self.time_proj.weight.dtype))
-        anchor = None
-        if self.delta_dims:
-            c = inputs["state"][:, : self.delta_dims].to(emb.dtype) * self.anchor_scale + self.anchor_shift
-            anchor = F.pad(c, (0, self.action_dim - self.delta_dims))[:, None, :]
-        return StateContext(emb, anchor)
+        return StateContext(emb, self.delta_anchor(inputs["state"], emb.dtype))
 
     @torch.no_grad()
     def _tool_features(self, state_norm: torch.Tensor, privileged: torch.Tensor) -> torch.Tensor:
@@ -148,12 +127,10 @@ class StatePolicy(FlowPolicyBase):
         r = self.real_action_dim
         t = batch_time(t, b, x_t.device)
         temb = F.silu(self.time_proj(sinusoidal_time_embedding(t, self.config.time_dim).to(x_t.dtype)))
-        anchor = context.anchor
-        if anchor is not None:  # flow on a - c: x'_t = x_t - (1 - t) c, v = v' - c
-            x_t = x_t - (1.0 - t)[:, None, None].to(x_t.dtype) * anchor
+        x_t = self.anchored_input(x_t, t, context.anchor)  # delta actions: flow on a - c (FlowPolicyBase)
         v = self.head(torch.cat([x_t[..., :r].reshape(b, -1), temb, context.embedding], dim=-1))
         v = F.pad(v.view(b, self.horizon, r), (0, self.action_dim - r))
-        return v if anchor is None else v - anchor
+        return self.anchored_output(v, context.anchor)
 
     def critic_features(self, context: StateContext) -> torch.Tensor:
         """[B, embed_dim] encoder embedding."""

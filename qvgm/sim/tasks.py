@@ -19,6 +19,8 @@ BOWL_HALF = 0.08  # outer half width of the (square) bowl, m
 BOWL_INNER = 0.07  # inner half width, m
 BOWL_FLOOR = 0.01  # floor thickness, m
 BOWL_WALL_TOP = 0.055  # wall top above the bowl origin, m
+BOWL_REST_TOL = 0.01  # the bowl origin (its bottom) rests at z = 0 on the table; higher = lifted or on something, m
+BOWL_UPRIGHT_COS = 0.94  # cos(~20 deg): the bowl's axis within ~20 deg of vertical
 GOAL_RADIUS = 0.045  # push target pad radius, m
 COLORS: dict[str, tuple[float, float, float, float]] = {
     "red": (0.85, 0.08, 0.08, 1.0),
@@ -225,8 +227,12 @@ def success(task: str, poses: dict[str, np.ndarray], finger_touching: bool) -> b
         d = cube[:2] - bowl[:2]
         c, s = np.cos(-yaw), np.sin(-yaw)
         local = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1]])
-        return bool(np.all(np.abs(local) < BOWL_INNER) and cube[2] - bowl[2] < BOWL_WALL_TOP
-                    and not finger_touching)
+        # the bowl must rest upright on the table (a bowl lifted or tipped over the cube does not count) and the
+        # cube must sit on or above the bowl's floor, below its wall top, inside the walls, released
+        upright = 1.0 - 2.0 * (bowl[4] ** 2 + bowl[5] ** 2) > BOWL_UPRIGHT_COS  # bowl z-axis . world z
+        dz = cube[2] - bowl[2]
+        return bool(np.all(np.abs(local) < BOWL_INNER) and BOWL_FLOOR + CUBE_HALF / 2 < dz < BOWL_WALL_TOP
+                    and bowl[2] < BOWL_REST_TOL and upright and not finger_touching)
     if task == "push":
         goal = poses["goal"]
         return bool(np.hypot(*(cube[:2] - goal[:2])) < 0.035 and cube[2] < CUBE_HALF + 0.01)
