@@ -301,7 +301,8 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
             "demos_s": round(t_demos, 1), "sft_train_s": round(time.perf_counter() - t1, 1),
             "wall_s": round(time.perf_counter() - t0, 1)}
     info_path.write_text(json.dumps(info))
-    return res["policy"].eval(), ck, info
+    # the policy as a resumed run loads it: checkpoint-manifest identity, so the feature cache key stays the same
+    return load_policy(ck, device=args.device), ck, info
 
 
 def calibrate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
