@@ -152,3 +152,18 @@ def test_cuda_asked_without_cuda_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench().main(["--tier", "pixels", "--device", "cuda"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_state_tier_unchanged_and_buffer_demos(tmp_path):
+    # the state tier's JSON settings hold no pixel options unless given (its output stays as before the pixel tier);
+    # --buffer-demos works there too: the demos' successes let the critic methods train on a buffer of failures
+    res = bench().main(["--tasks", "push", "--demos", "2", "--sft-steps", "5", "--max-episode-steps", "10",
+                        "--rollouts", "2", "--eval-episodes", "1", "--methods", "sft", "qvgm", "--buffer-demos",
+                        "--critic-steps", "10", "--actor-steps", "1", "--work", str(tmp_path / "w")])
+    assert res["tier"] == "state" and "config" not in res and "device" not in res
+    assert not {"config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features"} & set(
+        res["settings"]) and res["settings"]["buffer_demos"] is True
+    seed = res["tasks"]["push"]["seeds"][0]
+    assert seed["rollouts"]["successes"] == 0 and seed["critic"]["transitions"] > 0
+    assert (tmp_path / "w" / "buffer-sft-push-s0-n2-noise0.01-steps5-delta_actions1-privileged_norm1-tool_features1"
+            "-r2-demos" / "roll_info.json").exists()
