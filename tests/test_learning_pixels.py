@@ -97,6 +97,15 @@ def test_second_run_reuses_every_stage(run):
         assert seed["methods"][m]["outcomes"] == first["methods"][m]["outcomes"]
 
 
+def test_calibrate_mode_renders_on_tuning_seeds(run):
+    tmp, _, _ = run
+    argv = [a for a in TOY if a != "--buffer-demos"]
+    res = bench().main([*argv, "--calibrate", "--tune-episodes", "1", "--work", str(tmp / "w")])
+    row = res["rows"][0]
+    assert row["sft"]["reused"] and row["sft"]["config"] == "pi05-tiny"  # the same SFT checkpoint as the run
+    assert row["tuning"]["seeds"] == [200_000] and row["tuning"]["episodes"] == 1
+
+
 def test_camera_check_refuses_a_policy_run_blind(run):
     tmp, _, _ = run
     from critic_trainer.pipeline import evaluate
