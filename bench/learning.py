@@ -1,5 +1,5 @@
-"""Learning benchmark, `state` tier: SFT from few noisy demos, one fixed buffer of SFT rollouts, then every method
-trained from the same buffer and the same critic, evaluated closed-loop on held-out scene seeds.
+"""Learning benchmark (`state` and `pixels` tiers): SFT from few noisy demos, one fixed buffer of SFT rollouts, then
+every method trained from the same buffer and the same critic, evaluated closed-loop on held-out scene seeds.
 
 Per task and training seed s:
   1. demos:    N noisy-expert episodes (critic_trainer.demos), scene/expert seeds DEMO0 + 1000 s + k;
@@ -16,11 +16,21 @@ N and the expert noise so SFT lands at 40-75 % success without looking at evalua
 SFT settings (N demos, demo noise, SFT steps, `state` config flags, weight EMA) default per task to the
 calibrated table critic_trainer/recipes.py (SFT_DEFAULTS here);
 --demos / --demo-noise / --sft-steps / --state-flags / --ema override it.
+Tiers: `state` (the `state` backbone on privileged object poses, no cameras) and `pixels` (a pi05 config, default
+pi05-small, through the full stack: demos, the rollout buffer and every evaluation episode are rendered by MuJoCo at
+--image-size for --cameras, the policy reads the images; SFT, features, critic and methods run on --device). Pixel-tier
+work files carry the prefix `pixels-<config>-<H>x<W>-<cameras>-` (state-tier names unchanged, so runs never collide);
+its critic reads "pooled" features (mean final-layer prefix embedding: the bench trains no RL token), and every
+observation handed to a pixel policy is checked to carry a rendered, non-blank frame per camera (CameraCheck).
+--buffer-demos starts the fixed buffer as a copy of the SFT demos (the loop's layout) with the rollouts appended, so
+a critic can rank even when SFT never succeeds (off by default).
 Output: one JSON (stdout + --out): per task, per method, success rate, 95 % Wilson CI (episodes pooled over
 training seeds), per-seed rates, wall time (training + evaluation), plus all seeds and settings. Usage::
 
     .venv/bin/python bench/learning.py --tier state --tasks push --demos 5 --train-seeds 1 --rollouts 60 \
         --eval-episodes 50 --out learning_state.json
+    .venv/bin/python bench/learning.py --tier pixels --config pi05-small --device cuda --tasks pick_place \
+        --train-seeds 3 --eval-episodes 100 --threads 4 --work work_pixels --out learning_pixels.json
     .venv/bin/python bench/learning.py --tier state --tasks push --calibrate --demos 3 5 10 --tune-episodes 30
 """
 
@@ -47,6 +57,7 @@ from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES  # noqa: E402
 from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E402
+from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device  # noqa: E402
 from qvgm.policy import load_policy  # noqa: E402
 
 DEMO0, TUNE0, ROLL0, EVAL0 = 0, 200_000, 300_000, 900_000
@@ -63,6 +74,73 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"qvgm-nocritic": {"method": "qvgm
 # Per-task SFT defaults: critic_trainer.recipes (the same table the loop uses; chosen on tuning seeds only).
 SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
+# options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
+NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos")
+PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr")
+PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
+
+
+def is_pixels(args: argparse.Namespace) -> bool:
+    return getattr(args, "tier", "state") == "pixels"
+
+
+def tier_prefix(args: argparse.Namespace) -> str:
+    """Prefix of every work-dir name: '' for `state` (names of earlier runs unchanged), else
+    'pixels-<config>-<H>x<W>-<cam+cam>-' so state and pixel runs (and other configs / sizes) never collide."""
+    if not is_pixels(args):
+        return ""
+    h, w = args.image_size
+    return f"pixels-{args.config}-{h}x{w}-{'+'.join(args.cameras)}-"
+
+
+def render_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """collect_rollouts keyword arguments of the tier: {} for `state`, cameras + image size (H, W) for `pixels`."""
+    return {"render": True, "cameras": tuple(args.cameras), "image_size": tuple(args.image_size)} if is_pixels(args) \
+        else {}
+
+
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """pipeline.evaluate keyword arguments of the tier ({} for `state`: no cameras)."""
+    return {"render": True, "image_size": tuple(args.image_size)} if is_pixels(args) else {}
+
+
+class CameraCheck:
+    """Actor wrapper of the pixel tier: every observation must carry, for each camera the policy reads, a rendered
+    uint8 [H, W, 3] frame at the tier's image size that is not constant (a failed render); else RuntimeError. A pi05
+    policy masks missing cameras, so without this check a broken renderer would silently evaluate a blind policy.
+    Counts inferences and checked frames (summary())."""
+
+    def __init__(self, actor: Any, image_size: tuple[int, int]) -> None:
+        self.actor = actor
+        self.policy = getattr(actor, "policy", actor)  # pipeline.evaluate reads the cameras from policy.config
+        self.cameras = tuple(self.policy.config.camera_names or ())
+        if not self.cameras:
+            raise ValueError("the pixel tier needs a policy that reads cameras (config.camera_names is empty)")
+        self.shape = (int(image_size[0]), int(image_size[1]), 3)
+        self.version = getattr(actor, "version", "policy")
+        self.inferences = 0
+        self.frames = dict.fromkeys(self.cameras, 0)
+
+    def act(self, observations: list[dict[str, Any]], *rest: Any, **kw: Any) -> np.ndarray:
+        """Check the observations' images, then the wrapped actor's chunks [B, H, real] (robot units)."""
+        for o in observations:
+            imgs = o.get("images") or {}
+            for c in self.cameras:
+                if c not in imgs:
+                    raise RuntimeError(f"pixel tier: an observation has no {c!r} image (has {sorted(imgs)}): the env "
+                                       "does not render the policy's cameras")
+                a = np.asarray(imgs[c])
+                if a.shape != self.shape or a.dtype != np.uint8:
+                    raise RuntimeError(f"pixel tier: {c!r} frame is {a.dtype} {a.shape}, expected uint8 {self.shape}")
+                if int(a.max()) == int(a.min()):
+                    raise RuntimeError(f"pixel tier: {c!r} frame is constant ({int(a.min())}): rendering failed")
+                self.frames[c] += 1
+        self.inferences += 1
+        return self.actor.act(observations, *rest, **kw)
+
+    def summary(self) -> dict[str, Any]:
+        return {"cameras": list(self.cameras), "frame_shape": list(self.shape), "inferences": self.inferences,
+                "frames_checked": dict(self.frames)}
 
 
 def parse_flags(items: list[str] | None) -> dict[str, Any] | None:
@@ -87,7 +165,7 @@ def sft_settings(task: str, args: argparse.Namespace) -> dict[str, Any]:
             "success_only": bool(d.get("success_only", False) if args.success_only is None else args.success_only),
             "demo_noise": list(args.demo_noise) if args.demo_noise else [d["demo_noise"]],
             "sft_steps": int(args.sft_steps or d["sft_steps"]),
-            "state_flags": dict(d["state_flags"]) if flags is None else flags,
+            "state_flags": {} if is_pixels(args) else dict(d["state_flags"]) if flags is None else flags,
             "ema": float(d["ema"] if args.ema is None else args.ema)}
 
 
@@ -133,6 +211,9 @@ def record_demos(task: str, n_demos: int, noise: float, seed: int, root: Path,
                  args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Demos for SFT -> (dataset dir, collection summary): the sim's noisy expert, the --env-spec expert, or the
     first n_demos episodes of the --env-spec demo dataset (seeds unknown: [])."""
+    if is_pixels(args):
+        return root, collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=True,
+                                   image_size=tuple(args.image_size), cameras=tuple(args.cameras))
     if getattr(args, "env_spec", None) is None:
         return root, collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=False)
     from critic_trainer.env_demos import collect_env_demos
@@ -145,10 +226,23 @@ def record_demos(task: str, n_demos: int, noise: float, seed: int, root: Path,
                                    max_episode_steps=args.max_episode_steps)
 
 
+def demo_dir(task: str, n_demos: int, noise: float, seed: int, work: Path, args: argparse.Namespace) -> Path:
+    """Where the SFT demos of (task, seed, n, noise) are recorded in --work (an --env-spec dataset: its path)."""
+    if getattr(args, "env_spec", None) is not None:
+        from qvgm.envs import load_env_spec
+
+        path = load_env_spec(args.env_spec).dataset_path()
+        if path is not None:
+            return Path(path)
+    return work / f"{tier_prefix(args)}demos-{task}-s{seed}-n{n_demos}-noise{noise}"
+
+
 def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Path, args: argparse.Namespace,
                      st: dict[str, Any]):
     """Record n noisy demos and SFT a `state` policy on them (steps, config flags, EMA and success-only from `st`,
-    see sft_settings); returns (policy, checkpoint dir, info)."""
+    see sft_settings); returns (policy, checkpoint dir, info). Pixel tier: rendered demos, SFT of args.config."""
+    if is_pixels(args):
+        return train_pixel_sft(task, n_demos, noise, seed, work, args, st)
     t0 = time.perf_counter()
     root = work / f"demos-{task}-s{seed}-n{n_demos}-noise{noise}"
     ck = work / f"sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}{sft_tag(st)}"
@@ -172,6 +266,45 @@ def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Pat
     return res["policy"].eval(), ck, info
 
 
+def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path, args: argparse.Namespace,
+                    st: dict[str, Any]):
+    """Pixel tier: n noisy demos rendered at args.image_size for args.cameras, SFT of args.config (a pi05 config:
+    images + prompt + state) on args.device with batch args.sft_batch and peak lr args.sft_lr (steps, EMA and
+    success-only from `st`); returns (policy on args.device, checkpoint dir, info). A finished checkpoint in
+    --work with the same name (tier, config, image size, cameras, seed, demos, noise, steps, batch, lr) is reused."""
+    t0 = time.perf_counter()
+    root = demo_dir(task, n_demos, noise, seed, work, args)
+    ck = work / (f"{tier_prefix(args)}sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}"
+                 f"-b{args.sft_batch}-lr{args.sft_lr}{sft_tag(st)}")
+    info_path = work / f"{ck.name}.info.json"
+    if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
+        return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
+    shutil.rmtree(root, ignore_errors=True)  # a half-recorded dataset of an interrupted run
+    shutil.rmtree(ck, ignore_errors=True)
+    root, demo = record_demos(task, n_demos, noise, seed, root, args)
+    t_demos = time.perf_counter() - t0
+    from qvgm.policy.config import get_config
+
+    data = load_demo_data([root], get_config(args.config).horizon, with_images=True, max_episodes=n_demos,
+                          success_only=st.get("success_only", False))
+    cfg = SFTConfig(datasets=[str(root)], config=args.config, out=str(ck), steps=st["sft_steps"], seed=seed,
+                    batch_size=args.sft_batch, lr=args.sft_lr, checkpoint_every=st["sft_steps"],
+                    version=f"sft-{task}-s{seed}", ema_decay=st["ema"], success_only=st.get("success_only", False),
+                    device=args.device)
+    t1 = time.perf_counter()
+    res = train_sft(cfg, data=data, progress=False)
+    info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
+            "images": {c: list(v.shape[1:]) for c, v in sorted(data.images.items())},
+            "config": args.config, "device": args.device, "sft_steps": st["sft_steps"], "batch": args.sft_batch,
+            "lr": args.sft_lr, "ema": st["ema"], "success_only": st.get("success_only", False),
+            "episodes_used": int(len(np.unique(data.episode))), "final_loss": round(res["final_loss"], 4),
+            "demos_s": round(t_demos, 1), "sft_train_s": round(time.perf_counter() - t1, 1),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+    info_path.write_text(json.dumps(info))
+    # the policy as a resumed run loads it: checkpoint-manifest identity, so the feature cache key stays the same
+    return load_policy(ck, device=args.device), ck, info
+
+
 def calibrate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tune = [TUNE0 + j for j in range(args.tune_episodes)]
     rows = []
@@ -180,8 +313,9 @@ def calibrate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for n in st["demos"]:
             for noise in st["demo_noise"]:
                 pol, _, info = train_sft_policy(task, n, noise, 0, work, args, st)
-                r = P.evaluate(pol, task, tune, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
-                               **gym_env(args))
+                r = P.evaluate(CameraCheck(pol, args.image_size) if is_pixels(args) else pol, task, tune,
+                               n_exec=args.n_exec, max_episode_steps=args.max_episode_steps, **gym_env(args),
+                               **eval_settings(args))
                 rows.append({"task": task, "demos": n, "noise": noise, "sft": info, "tuning": r})
                 print(json.dumps({"task": task, "demos": n, "noise": noise, "rate": r["success_rate"],
                                   "ci95": r["ci95"], "sft_s": info["wall_s"], "eval_s": r["wall_s"]}), flush=True)
@@ -193,49 +327,84 @@ CRITIC_KEYS = ("n_exec", "num_steps", "gamma", "seed", "critic_objective", "ense
                "critic_layer_norm", "critic_dropout", "holdout")
 
 
-def critic_dir(work: Path, task: str, s: int, sft_dir: Path, buf_dir: Path, cfg: P.ImproveConfig) -> Path:
-    """WORK/critic-<task>-s<seed>-<hash>: the trained critic of one seed, keyed by its SFT policy, its buffer and
-    every critic setting, so a resumed --work (e.g. re-running only some methods) reuses it."""
+def critic_dir(work: Path, task: str, s: int, sft_dir: Path, buf_dir: Path, cfg: P.ImproveConfig,
+               prefix: str = "") -> Path:
+    """WORK/<prefix>critic-<task>-s<seed>-<hash>: the trained critic of one seed, keyed by its SFT policy, its buffer
+    and every critic setting, so a resumed --work (e.g. re-running only some methods) reuses it. prefix: the
+    tier's (tier_prefix)."""
     key = {"sft": sft_dir.name, "buffer": buf_dir.name, **{k: getattr(cfg, k) for k in CRITIC_KEYS}}
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
-    return work / f"critic-{task}-s{s}-{h}"
+    return work / f"{prefix}critic-{task}-s{s}-{h}"
 
 
 def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds: list[int]) -> dict[str, Any]:
     """One training seed of one task: SFT, buffer, critic, every method, evaluation."""
     torch.manual_seed(s)
+    pixels, pre = is_pixels(args), tier_prefix(args)
+    guard = (lambda a: CameraCheck(a, args.image_size)) if pixels else (lambda a: a)
     st = sft_settings(task, args)
     sft, sft_dir, sft_info = train_sft_policy(task, st["demos"][0], st["demo_noise"][0], s, work, args, st)
     roll_seeds = [ROLL0 + 1000 * s + k for k in range(args.rollouts)]
     assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))  # held out from training
-    buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}"
+    buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}{'-demos' if args.buffer_demos else ''}"
     if (buf_dir / "roll_info.json").exists():  # resumed --work
         roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
     else:
-        roll = P.collect_rollouts(sft, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
-                                  max_episode_steps=args.max_episode_steps, **gym_env(args))
+        shutil.rmtree(buf_dir, ignore_errors=True)  # a partial buffer of an interrupted run
+        extra: dict[str, Any] = {}
+        if args.buffer_demos:  # the buffer starts as a copy of the SFT demos; the rollouts are appended
+            demos = demo_dir(task, st["demos"][0], st["demo_noise"][0], s, work, args)
+            if not (demos / "meta" / "info.json").exists():
+                raise SystemExit(f"--buffer-demos: the SFT demos {demos} are gone from --work; remove {sft_dir} to "
+                                 "record them again")
+            shutil.copytree(demos, buf_dir)
+            extra = {"append": True}
+        roller = guard(sft)
+        roll = P.collect_rollouts(roller, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
+                                  max_episode_steps=args.max_episode_steps, **gym_env(args), **render_settings(args),
+                                  **extra)
+        if pixels:
+            roll["images_checked"] = roller.summary()
+        if args.buffer_demos:
+            roll["buffer_demos"] = str(demos)
         (buf_dir / "roll_info.json").write_text(json.dumps(roll))
     print(json.dumps({"task": task, "seed": s, "sft": sft_info, "rollouts": {k: v for k, v in roll.items()
                                                                              if k != "seeds"}}), flush=True)
-    buf = P.load_buffer(buf_dir, sft.horizon)
+    t_load = time.perf_counter()
+    buf = P.load_buffer(buf_dir, sft.horizon, with_images=True) if pixels else P.load_buffer(buf_dir, sft.horizon)
+    if pixels and sorted(buf.demo.images) != sorted(args.cameras):
+        raise RuntimeError(f"buffer {buf_dir} holds camera frames {sorted(buf.demo.images)}, the tier records "
+                           f"{sorted(args.cameras)}")
+    load_s = time.perf_counter() - t_load
     base = P.ImproveConfig(method="qvgm", n_exec=args.n_exec, seed=s, critic_steps=args.critic_steps,
                            critic_batch=args.critic_batch, critic_hidden=tuple(args.critic_hidden),
                            reg_weight=args.reg_weight,
                            actor_steps=args.actor_steps,
                            actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m,
-                           max_shift=args.max_shift, trust_origin=args.trust_origin, **P.baseline_settings(args))
+                           max_shift=args.max_shift, trust_origin=args.trust_origin, **P.baseline_settings(args),
+                           **({"critic_features": args.critic_features} if args.critic_features else {}))
     out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
+    if pixels:
+        out["buffer"] = {"frames": len(buf), "episodes": int(len(np.unique(buf.episode))),
+                         "successful_episodes": int(len(np.unique(buf.episode[buf.success]))),
+                         "images": {c: list(v.shape[1:]) for c, v in sorted(buf.demo.images.items())},
+                         "load_s": round(load_s, 1)}
     t0 = time.perf_counter()
     critic = None
     if any(m in P.CRITIC_METHODS or m in (*METHOD_OVERRIDES, "best-of-n", "q-guided") for m in args.methods):
         P.check_outcomes(buf)
         tr = P.buffer_transitions(sft, buf, args.n_exec, base.gamma)
-        feats, _ = P.extract_features(sft, buf, work / f"features-{task}-s{s}", args.n_exec, num_ref=base.num_ref,
-                                      seed=s)
-        cdir = critic_dir(work, task, s, sft_dir, buf_dir, base)
+        feats, rebuilt = P.extract_features(sft, buf, work / f"{pre}features-{task}-s{s}", args.n_exec,
+                                            num_ref=base.num_ref, seed=s, features=base.critic_features)
+        if pixels:
+            out["features"] = {"kind": P.resolve_critic_features(sft, base.critic_features),
+                               "dim": int(feats["z_rl"].shape[1]), "reused": rebuilt is None,
+                               "wall_s": round(time.perf_counter() - t0, 1)}
+        cdir = critic_dir(work, task, s, sft_dir, buf_dir, base, prefix=pre)
         if (cdir / "critic_info.json").exists():  # resumed --work: the same critic settings on the same buffer
             critic, _ = P.load_critic(cdir)
+            critic = critic.to(sft.device)
             out["critic"] = {**json.loads((cdir / "critic_info.json").read_text()), "reused": True}
         else:
             critic, cinfo = P.train_critic(sft, feats, tr, base)
@@ -254,32 +423,94 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         if m == "sft":
             actor: Any = sft
         elif m == "best-of-n":
-            actor = P.BestOfNPolicy(sft, critic, n=args.best_of, n_exec=args.n_exec, aggregate=args.aggregate)
+            actor = P.BestOfNPolicy(sft, critic, n=args.best_of, n_exec=args.n_exec, aggregate=args.aggregate,
+                                    features=base.critic_features)
         elif m == "q-guided":
-            actor = P.QGuidedPolicy(sft, critic, scale=args.guidance, n_exec=args.n_exec, aggregate=args.aggregate)
+            actor = P.QGuidedPolicy(sft, critic, scale=args.guidance, n_exec=args.n_exec, aggregate=args.aggregate,
+                                    features=base.critic_features)
         else:
             cfg = P.ImproveConfig(**{**base.__dict__, "method": m, **METHOD_OVERRIDES.get(m, {})})
-            actor, _, summ = P.improve(sft, buf, cfg, work=work / f"run-{task}-s{s}-{m}",
-                                       cache_dir=work / f"features-{task}-s{s}",  # same key: reused
+            actor, _, summ = P.improve(sft, buf, cfg, work=work / f"{pre}run-{task}-s{s}-{m}",
+                                       cache_dir=work / f"{pre}features-{task}-s{s}",  # same key: reused
                                        critic=critic if cfg.method in P.CRITIC_METHODS else None)
             train = summ["actor"]
         train_s = time.perf_counter() - t1
-        r = P.evaluate(actor, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
-                       **gym_env(args))
+        checked = guard(actor)
+        r = P.evaluate(checked, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
+                       **gym_env(args), **eval_settings(args))
         out["methods"][m] = {"success_rate": r["success_rate"], "ci95": r["ci95"], "successes": r["successes"],
                              "episodes": r["episodes"], "train_s": round(train_s, 1), "eval_s": r["wall_s"],
                              "mean_steps": r["mean_steps"], "outcomes": r["outcomes"],
                              "train": {k: v for k, v in train.items() if k in ("q_policy_before", "q_policy_after",
                                                                                "action_shift", "actor_final",
                                                                                "action_shift_rms_critic")}}
+        if pixels:
+            out["methods"][m]["eval_images"] = checked.summary()
         print(json.dumps({"task": task, "seed": s, "method": m, **{k: out["methods"][m][k] for k in
                           ("success_rate", "ci95", "train_s", "eval_s")}}), flush=True)
     return out
 
 
+def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate the tier's options and fill the pixel tier's defaults (args.device becomes the resolved device name,
+    args.image_size [H, W]). Errors exit through ap.error with a message naming the option."""
+    if not is_pixels(args):
+        given = [f"--{k.replace('_', '-')}" for k in PIXEL_ONLY if getattr(args, k) is not None]
+        if given:
+            ap.error(f"{', '.join(given)} apply to --tier pixels only")
+        return
+    from qvgm.policy.config import get_config
+    from qvgm.sim.env import CAMERAS
+
+    if args.env_spec is not None:
+        ap.error("--env-spec is not supported by --tier pixels (the pixel tier renders the built-in tabletop)")
+    if args.state_flags is not None:
+        ap.error("--state-flags are `state` backbone flags; --tier pixels trains a pi05 config")
+    args.config = args.config or "pi05-small"
+    try:
+        cfg = get_config(args.config)
+    except KeyError as e:
+        ap.error(str(e))
+    if cfg.backbone != "pi05":
+        ap.error(f"--tier pixels needs a pi05 config (pi05-small, pi05-tiny, ...), got {args.config!r}")
+    size = args.image_size or [cfg.image_size]
+    if len(size) not in (1, 2) or min(size) < 2 or any(v % 2 for v in size):
+        ap.error(f"--image-size wants H [W], even numbers >= 2 (video encoding), got {size}")
+    args.image_size = [int(size[0]), int(size[-1])]
+    args.cameras = list(args.cameras or CAMERAS)
+    bad = [c for c in args.cameras if c not in CAMERAS]
+    if bad or len(set(args.cameras)) != len(args.cameras):
+        ap.error(f"--cameras: unknown or repeated {bad or args.cameras}; the tabletop renders {list(CAMERAS)}")
+    args.sft_batch = PIXEL_SFT_BATCH if args.sft_batch is None else args.sft_batch
+    args.sft_lr = PIXEL_SFT_LR if args.sft_lr is None else args.sft_lr
+    if args.sft_batch < 1 or not args.sft_lr > 0:
+        ap.error("--sft-batch must be >= 1 and --sft-lr > 0")
+    args.critic_features = args.critic_features or "pooled"
+    try:
+        args.device = str(resolve_device(args.device or "auto"))
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tier", default="state", choices=["state"], help="only `state` is implemented here")
+    ap.add_argument("--tier", default="state", choices=["state", "pixels"],
+                    help="state: the `state` backbone, no cameras; pixels: a pi05 config on rendered camera images")
+    px = ap.add_argument_group("pixels tier (refused with --tier state)")
+    px.add_argument("--config", default=None, help="pi05 policy config (default pi05-small; pi05-tiny for tests)")
+    px.add_argument("--device", default=None, help=f"SFT, rollouts, critic, methods, evaluation: {DEVICE_CHOICES_HELP} "
+                    "(default auto)")
+    px.add_argument("--image-size", type=int, nargs="+", default=None, metavar="H [W]",
+                    help="rendered camera images in px, even (default: the config's model image size, square)")
+    px.add_argument("--cameras", nargs="+", default=None, help="rendered cameras (default: front wrist)")
+    px.add_argument("--sft-batch", type=int, default=None, help=f"SFT batch size (default {PIXEL_SFT_BATCH})")
+    px.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate (default {PIXEL_SFT_LR})")
+    ap.add_argument("--critic-features", default=None, choices=["rl-token", "pooled"],
+                    help="critic state features (default: rl-token for state = the encoder embedding; pooled for "
+                    "pixels = mean final-layer prefix embedding, as the bench trains no RL token)")
+    ap.add_argument("--buffer-demos", action="store_true",
+                    help="the fixed buffer starts as a copy of the SFT demos, rollouts appended (default: rollouts "
+                    "only)")
     ap.add_argument("--tasks", nargs="+", default=["push"])
     ap.add_argument("--env-spec", type=Path, default=None,
                     help="env spec YAML/JSON of any Gymnasium env (docs/gym_envs.md) instead of --tasks")
@@ -328,6 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    check_tier_args(ap, args)
     if args.env_spec is not None:
         from qvgm.envs import load_env_spec
 
@@ -368,12 +600,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "tasks": tasks}
     while _GYM_ENVS:
         _GYM_ENVS.popitem()[1].close()
-    out = {"bench": "learning", "tier": args.tier, "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                                for k, v in vars(args).items()},
+    pixels = is_pixels(args)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if pixels or k not in NEW_OPTIONS or v not in (None, False)}  # state: unset new options left out
+    tier: dict[str, Any] = {}
+    machine: dict[str, Any] = {}
+    if pixels:
+        tier = {"config": args.config, "device": args.device, "image_size": list(args.image_size),
+                "cameras": list(args.cameras), "critic_features": args.critic_features}
+        if args.device.startswith("cuda"):
+            machine = {"cuda_device": torch.cuda.get_device_name(torch.device(args.device)),
+                       "cuda": torch.version.cuda}
+    out = {"bench": "learning", "tier": args.tier, **tier, "settings": settings,
            "seed_scheme": {"demos": f"{DEMO0} + 1000*s + k", "tuning": f"{TUNE0} + j",
                            "rollouts": f"{ROLL0} + 1000*s + k", "eval": f"{EVAL0} + j"},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": args.threads},
+                       "threads": args.threads, **machine},
            **result, "wall_s": round(time.perf_counter() - t_all, 1)}
     text = json.dumps(out, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
     print(text)

@@ -928,21 +928,50 @@ def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, rende
 
 def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Path, n_exec: int = 5,
                      noise_seed: int = 0, progress: bool = False,
-                     max_episode_steps: int | None = None, env: Any = None) -> dict[str, Any]:
-    """Run `actor` on scene seeds and record every episode into a new state-only replay buffer at `out`
-    (sparse reward, success label from the sim detector, privileged side files). Returns a summary.
+                     max_episode_steps: int | None = None, env: Any = None, render: bool = False,
+                     cameras: Sequence[str] = ("front", "wrist"), image_size: tuple[int, int] = (224, 224),
+                     append: bool = False) -> dict[str, Any]:
+    """Run `actor` on scene seeds and record every episode into a replay buffer at `out` (sparse reward, success
+    label from the sim detector, privileged side files). Returns a summary.
     max_episode_steps: time limit in control steps (default: the task's). env: an env to run in instead of a
-    TabletopEnv built here (e.g. a qvgm.envs.GymEnvAdapter; the caller closes it)."""
+    TabletopEnv built here (e.g. a qvgm.envs.GymEnvAdapter; the caller closes it).
+    render=False: a state-only buffer (no cameras). render=True: the TabletopEnv built here renders `cameras` at
+    image_size (H, W) px, even (video encoding), and every frame's images go into the buffer's videos through the
+    same EpisodeWriter path as critic_trainer.demos (a given `env` must render; its `cameras` / `image_size` are
+    used). append=True adds the episodes to the dataset already at `out` (e.g. a copy of the SFT demos), whose
+    cameras and fps must match; otherwise `out` must not hold a dataset."""
     from critic_trainer.demos import write_privileged
     from qvgm.data import ReplayBuffer
     from qvgm.sim import TabletopEnv
 
     own = env is None
+    h, w = int(image_size[0]), int(image_size[1])
+    if render and own:
+        if not cameras:
+            raise ValueError("render=True needs at least one camera")
+        if h < 2 or w < 2 or h % 2 or w % 2:
+            raise ValueError(f"image size must be even and >= 2 px for video encoding, got {h}x{w}")
     if own:
-        env = TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps)
-    buf = ReplayBuffer.create(out, fps=int(env.control_hz), cameras={},
-                              state_names=getattr(env, "state_names", env.joint_names),
-                              action_names=getattr(env, "action_names", env.joint_names))
+        env = (TabletopEnv(task=task, cameras=tuple(cameras), image_size=(h, w), render=True,
+                           max_episode_steps=max_episode_steps) if render
+               else TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps))
+    cams = ({str(c): tuple(int(x) for x in getattr(env, "image_size", (h, w))) for c in getattr(env, "cameras", ())}
+            if render else {})
+    try:
+        if append:
+            buf = ReplayBuffer.open(out)
+            if buf.cameras != cams or buf.fps != int(env.control_hz):
+                buf.close()
+                raise ValueError(f"{out}: existing dataset has cameras {buf.cameras} at {buf.fps} Hz, the rollouts "
+                                 f"record {cams} at {int(env.control_hz)} Hz")
+        else:
+            buf = ReplayBuffer.create(out, fps=int(env.control_hz), cameras=cams,
+                                      state_names=getattr(env, "state_names", env.joint_names),
+                                      action_names=getattr(env, "action_names", env.joint_names))
+    except BaseException:
+        if own:
+            env.close()
+        raise
     t0 = time.perf_counter()
     succ, frames = 0, 0
     try:

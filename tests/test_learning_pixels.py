@@ -1,0 +1,178 @@
+"""bench/learning.py --tier pixels at toy sizes (pi05-tiny, 32 px, CPU): rendered demos -> pixel SFT -> a rollout
+buffer that really holds camera frames -> pooled critic features -> sft / qvgm / best-of-n evaluated on rendered
+episodes; the JSON records the tier's settings, and a second run on the same --work reuses every stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "pixels-pi05-tiny-32x32-front+wrist-"
+# 2 noisy demos (the expert succeeds: with --buffer-demos the buffer holds both outcomes, so the critic can rank),
+# 3 SFT steps, 2 rollouts and 2 evaluation episodes cut at 10 control steps
+TOY = ["--tier", "pixels", "--config", "pi05-tiny", "--device", "cpu", "--tasks", "push", "--demos", "2",
+       "--sft-steps", "3", "--sft-batch", "8", "--max-episode-steps", "10", "--n-exec", "5", "--rollouts", "2",
+       "--eval-episodes", "2", "--methods", "sft", "qvgm", "best-of-n", "--buffer-demos", "--critic-steps", "20",
+       "--critic-batch", "32", "--actor-steps", "2", "--actor-batch", "8", "--best-of", "2"]
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pixels")
+    out = tmp / "res.json"
+    res = bench().main([*TOY, "--work", str(tmp / "w"), "--out", str(out)])
+    return tmp, res, json.loads(out.read_text())
+
+
+def test_json_records_the_tier(run):
+    _, res, disk = run
+    assert disk["tier"] == res["tier"] == "pixels"
+    assert (disk["config"], disk["device"], disk["image_size"], disk["cameras"]) == ("pi05-tiny", "cpu", [32, 32],
+                                                                                     ["front", "wrist"])
+    assert disk["critic_features"] == "pooled" and disk["settings"]["sft_batch"] == 8
+    seed = disk["tasks"]["push"]["seeds"][0]
+    assert seed["sft"]["config"] == "pi05-tiny" and seed["sft"]["images"] == {"front": [32, 32, 3],
+                                                                              "wrist": [32, 32, 3]}
+    # the critic reads pooled prefix features (pi05-tiny width 128): no RL token is trained by the bench
+    assert seed["features"]["kind"] == "pooled" and seed["features"]["dim"] == 128
+    assert seed["buffer"]["images"] == {"front": [32, 32, 3], "wrist": [32, 32, 3]}
+    assert seed["buffer"]["episodes"] == 4 and seed["buffer"]["successful_episodes"] >= 1  # 2 demos + 2 rollouts
+    evals = set(range(900_000, 900_002))  # held out from demos and rollouts
+    assert not evals & set(seed["rollouts"]["seeds"]) and not evals & set(seed["sft"]["demo_seeds"])
+    for m in ("sft", "qvgm", "best-of-n"):
+        s = disk["tasks"]["push"]["summary"][m]
+        assert s["episodes"] == 2 and s["ci95"][0] <= s["success_rate"] <= s["ci95"][1]
+        # every inference of every evaluation episode saw a rendered, non-blank frame of both cameras
+        ev = seed["methods"][m]["eval_images"]
+        assert ev["cameras"] == ["front", "wrist"] and ev["frame_shape"] == [32, 32, 3]
+        assert ev["inferences"] >= 2 and ev["frames_checked"] == {"front": ev["inferences"],
+                                                                  "wrist": ev["inferences"]}
+    assert seed["rollouts"]["images_checked"]["inferences"] >= 2
+    assert "vs_sft_paired" in disk["tasks"]["push"]["summary"]["qvgm"]  # same scenes: paired with SFT
+
+
+def test_buffer_holds_rollout_camera_frames(run):
+    tmp, res, _ = run
+    from qvgm.data import ReplayReader
+
+    names = sorted(p.name for p in (tmp / "w").iterdir())
+    assert names and all(n.startswith((PREFIX, "buffer-" + PREFIX)) for n in names)  # never a state-tier name
+    buf = tmp / "w" / next(n for n in names if n.startswith("buffer-"))
+    r = ReplayReader(buf, decode_images=True)
+    try:
+        assert sorted(k.split(".")[-1] for k in r.video_keys) == ["front", "wrist"]
+        versions = np.asarray([str(v) for v in r.policy_version])
+        g = int(np.flatnonzero(versions != "expert")[-1])  # a frame of an SFT-policy rollout
+        frame = r.images([g])[g]
+        for cam in ("front", "wrist"):
+            img = frame[cam]
+            assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and int(img.max()) > int(img.min())
+        assert (versions != "expert").sum() == res["tasks"]["push"]["seeds"][0]["rollouts"]["frames"]
+    finally:
+        r.close()
+
+
+def test_second_run_reuses_every_stage(run):
+    tmp, res, _ = run
+    again = bench().main([*TOY, "--work", str(tmp / "w")])
+    seed = again["tasks"]["push"]["seeds"][0]
+    assert seed["sft"]["reused"] and seed["rollouts"]["reused"] and seed["critic"]["reused"]
+    assert seed["features"]["reused"]
+    first = res["tasks"]["push"]["seeds"][0]
+    for m in ("sft", "best-of-n"):  # same weights, critic, scenes and noise: same outcomes
+        assert seed["methods"][m]["outcomes"] == first["methods"][m]["outcomes"]
+
+
+def test_calibrate_mode_renders_on_tuning_seeds(run):
+    tmp, _, _ = run
+    argv = [a for a in TOY if a != "--buffer-demos"]
+    res = bench().main([*argv, "--calibrate", "--tune-episodes", "1", "--work", str(tmp / "w")])
+    row = res["rows"][0]
+    assert row["sft"]["reused"] and row["sft"]["config"] == "pi05-tiny"  # the same SFT checkpoint as the run
+    assert row["tuning"]["seeds"] == [200_000] and row["tuning"]["episodes"] == 1
+
+
+def test_camera_check_refuses_a_policy_run_blind(run):
+    tmp, _, _ = run
+    from critic_trainer.pipeline import evaluate
+    from qvgm.policy import load_policy
+
+    ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
+              and not p.name.endswith(".work"))
+    pol = load_policy(ck)
+    # an env that renders nothing: pi05 would mask the missing cameras and act blind; the tier's check refuses
+    with pytest.raises(RuntimeError, match="no 'front' image"):
+        evaluate(bench().CameraCheck(pol, (32, 32)), "push", [900_000], render=False, max_episode_steps=5)
+    with pytest.raises(RuntimeError, match="expected uint8"):  # rendered, but not at the tier's image size
+        evaluate(bench().CameraCheck(pol, (32, 32)), "push", [900_000], render=True, image_size=(16, 16),
+                 max_episode_steps=5)
+
+
+def test_collect_rollouts_append_refuses_other_cameras(run, tmp_path):
+    tmp, _, _ = run
+    from critic_trainer.pipeline import collect_rollouts
+    from qvgm.policy import load_policy
+
+    ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
+              and not p.name.endswith(".work"))
+    pol = load_policy(ck)
+    out = tmp_path / "buf"
+    r = collect_rollouts(pol, "push", [300_000], out, render=True, cameras=("front", "wrist"), image_size=(32, 32),
+                         max_episode_steps=3)
+    assert r["frames"] == 3
+    with pytest.raises(ValueError, match="existing dataset has cameras"):
+        collect_rollouts(pol, "push", [300_001], out, render=True, cameras=("front",), image_size=(32, 32),
+                         max_episode_steps=3, append=True)
+    with pytest.raises(ValueError, match="even"):
+        collect_rollouts(pol, "push", [300_001], tmp_path / "odd", render=True, image_size=(31, 32))
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--config", "pi05-tiny"], "apply to --tier pixels only"),
+    (["--tier", "pixels", "--config", "state"], "needs a pi05 config"),
+    (["--tier", "pixels", "--config", "nope"], "unknown policy config"),
+    (["--tier", "pixels", "--image-size", "33"], "even numbers"),
+    (["--tier", "pixels", "--cameras", "top"], "unknown or repeated"),
+    (["--tier", "pixels", "--state-flags", "delta_actions=1"], "`state` backbone flags"),
+])
+def test_bad_tier_options_exit_with_a_message(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        bench().main(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_cuda_asked_without_cuda_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit):
+        bench().main(["--tier", "pixels", "--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_state_tier_unchanged_and_buffer_demos(tmp_path):
+    # the state tier's JSON settings hold no pixel options unless given (its output stays as before the pixel tier);
+    # --buffer-demos works there too: the demos' successes let the critic methods train on a buffer of failures
+    res = bench().main(["--tasks", "push", "--demos", "2", "--sft-steps", "5", "--max-episode-steps", "10",
+                        "--rollouts", "2", "--eval-episodes", "1", "--methods", "sft", "qvgm", "--buffer-demos",
+                        "--critic-steps", "10", "--actor-steps", "1", "--work", str(tmp_path / "w")])
+    assert res["tier"] == "state" and "config" not in res and "device" not in res
+    assert not {"config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features"} & set(
+        res["settings"]) and res["settings"]["buffer_demos"] is True
+    seed = res["tasks"]["push"]["seeds"][0]
+    assert seed["rollouts"]["successes"] == 0 and seed["critic"]["transitions"] > 0
+    assert (tmp_path / "w" / "buffer-sft-push-s0-n2-noise0.01-steps5-delta_actions1-privileged_norm1-tool_features1"
+            "-r2-demos" / "roll_info.json").exists()
