@@ -75,8 +75,9 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"qvgm-nocritic": {"method": "qvgm
 SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
 # options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
-NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos")
-PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr")
+NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos",
+               "delta_actions")
+PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "delta_actions")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
 
 
@@ -275,7 +276,7 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     t0 = time.perf_counter()
     root = demo_dir(task, n_demos, noise, seed, work, args)
     ck = work / (f"{tier_prefix(args)}sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}"
-                 f"-b{args.sft_batch}-lr{args.sft_lr}{sft_tag(st)}")
+                 f"-b{args.sft_batch}-lr{args.sft_lr}{'-delta' if args.delta_actions else ''}{sft_tag(st)}")
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
@@ -290,12 +291,13 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=str(ck), steps=st["sft_steps"], seed=seed,
                     batch_size=args.sft_batch, lr=args.sft_lr, checkpoint_every=st["sft_steps"],
                     version=f"sft-{task}-s{seed}", ema_decay=st["ema"], success_only=st.get("success_only", False),
-                    device=args.device)
+                    device=args.device, overrides={"delta_actions": True} if args.delta_actions else {})
     t1 = time.perf_counter()
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
             "images": {c: list(v.shape[1:]) for c, v in sorted(data.images.items())},
-            "config": args.config, "device": args.device, "sft_steps": st["sft_steps"], "batch": args.sft_batch,
+            "config": args.config, "device": args.device, "delta_actions": bool(args.delta_actions),
+            "sft_steps": st["sft_steps"], "batch": args.sft_batch,
             "lr": args.sft_lr, "ema": st["ema"], "success_only": st.get("success_only", False),
             "episodes_used": int(len(np.unique(data.episode))), "final_loss": round(res["final_loss"], 4),
             "demos_s": round(t_demos, 1), "sft_train_s": round(time.perf_counter() - t1, 1),
@@ -505,6 +507,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     px.add_argument("--cameras", nargs="+", default=None, help="rendered cameras (default: front wrist)")
     px.add_argument("--sft-batch", type=int, default=None, help=f"SFT batch size (default {PIXEL_SFT_BATCH})")
     px.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate (default {PIXEL_SFT_LR})")
+    px.add_argument("--delta-actions", action="store_const", const=True, default=None,
+                    help="pi05 predicts the arm joints relative to the current joint state (the state tier's "
+                    "delta_actions flag; default off)")
     ap.add_argument("--critic-features", default=None, choices=["rl-token", "pooled"],
                     help="critic state features (default: rl-token for state = the encoder embedding; pooled for "
                     "pixels = mean final-layer prefix embedding, as the bench trains no RL token)")

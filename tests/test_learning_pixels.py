@@ -20,7 +20,7 @@ PREFIX = "pixels-pi05-tiny-32x32-front+wrist-"
 TOY = ["--tier", "pixels", "--config", "pi05-tiny", "--device", "cpu", "--tasks", "push", "--demos", "2",
        "--sft-steps", "3", "--sft-batch", "8", "--max-episode-steps", "10", "--n-exec", "5", "--rollouts", "2",
        "--eval-episodes", "2", "--methods", "sft", "qvgm", "best-of-n", "--buffer-demos", "--critic-steps", "20",
-       "--critic-batch", "32", "--actor-steps", "2", "--actor-batch", "8", "--best-of", "2"]
+       "--critic-batch", "32", "--actor-steps", "2", "--actor-batch", "8", "--best-of", "2", "--delta-actions"]
 
 
 def bench():
@@ -45,6 +45,7 @@ def test_json_records_the_tier(run):
                                                                                      ["front", "wrist"])
     assert disk["critic_features"] == "pooled" and disk["settings"]["sft_batch"] == 8
     seed = disk["tasks"]["push"]["seeds"][0]
+    assert seed["sft"]["delta_actions"] is True  # pi05 on delta actions through the whole stack
     assert seed["sft"]["config"] == "pi05-tiny" and seed["sft"]["images"] == {"front": [32, 32, 3],
                                                                               "wrist": [32, 32, 3]}
     # the critic reads pooled prefix features (pi05-tiny width 128): no RL token is trained by the bench
@@ -114,6 +115,7 @@ def test_camera_check_refuses_a_policy_run_blind(run):
     ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
               and not p.name.endswith(".work"))
     pol = load_policy(ck)
+    assert ck.name.endswith("-delta") and pol.config.delta_actions and pol.delta_dims == 6
     # an env that renders nothing: pi05 would mask the missing cameras and act blind; the tier's check refuses
     with pytest.raises(RuntimeError, match="no 'front' image"):
         evaluate(bench().CameraCheck(pol, (32, 32)), "push", [900_000], render=False, max_episode_steps=5)
@@ -143,6 +145,7 @@ def test_collect_rollouts_append_refuses_other_cameras(run, tmp_path):
 
 @pytest.mark.parametrize("argv, msg", [
     (["--config", "pi05-tiny"], "apply to --tier pixels only"),
+    (["--delta-actions"], "apply to --tier pixels only"),
     (["--tier", "pixels", "--config", "state"], "needs a pi05 config"),
     (["--tier", "pixels", "--config", "nope"], "unknown policy config"),
     (["--tier", "pixels", "--image-size", "33"], "even numbers"),
