@@ -12,11 +12,14 @@ s<s>-*, for --qvgm also buffer-... and features-<task>-s<s>) and per scene j:
     are kept. A branch point b = n_exec * k is drawn (seeded) among the chunk boundaries of the first --frac of
     the episode.
  2. restore: reset(scene seed) and re-execute the recorded actions[:b] (deterministic replay; `check_replay`
-    verifies that replaying a whole episode reproduces every observation bit for bit).
+    verifies that replaying a whole episode reproduces every observation bit for bit). The replayed state is
+    then copied (MjData + servo targets + step counter) into one env per continuation; every state records that
+    the copy equals the replay bit for bit (`snapshot_max_abs` = 0), so the R * N continuations skip R * N replays.
  3. candidates: N chunks sampled from the SFT policy at the branch state (distinct noise, seeded); for each,
-    R continuations: restore, execute the candidate's first n_exec actions, then the SFT policy (fresh seeded
-    noise per continuation) until success or the episode's time limit (the same limit as the recorded episode:
-    the step counter is restored too). p_i = successes / R.
+    R continuations: from the branch state, execute the candidate's first n_exec actions, then the SFT policy
+    (fresh noise per continuation from its own seeded torch.Generator; the policy batched over continuations)
+    until success or the episode's time limit (the same limit as the recorded episode: the step counter is
+    restored too). p_i = successes / R.
  4. the critic's ensemble-mean Q of each candidate (the critic sees the first n_exec steps, normalised, as
     BestOfNPolicy); optionally (--qvgm) the Q-VGM actor of the seed (retrained with the benchmark's settings,
     deterministic: train_actor seeds itself) sampled with candidate 0's noise, judged the same way.
@@ -32,11 +35,13 @@ Flow-time convention (openpi): t = 1 noise, t = 0 clean; chunks are sampled from
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -188,47 +194,121 @@ def critic_q(policy: Any, critic: QEnsemble, obs: dict[str, Any], crit_actions: 
     return q_fn(torch.as_tensor(crit_actions, dtype=torch.float32)[None])[0].numpy()
 
 
-def rollout_outcomes(policy: Any, env: Any, task: str, seed: int, prefix: np.ndarray, first: np.ndarray,
-                     n_exec: int, reps: int, seed_parts: tuple[int, ...]) -> np.ndarray:
-    """int8 [reps]: success of `reps` continuations from the branch state (replayed `prefix`), each executing
-    `first` and then `policy` with noise seeded by sub_seed(*seed_parts, r)."""
-    out = np.zeros(reps, dtype=np.int8)
-    for r in range(reps):
-        obs = restore(env, task, seed, prefix)
-        out[r] = continue_episode(policy, env, obs, first, n_exec, sub_seed(*seed_parts, r))[0]
-    return out
+@dataclass
+class Snapshot:
+    """A TabletopEnv's complete dynamic state at a branch point: a copy of its MjData, the servo targets, the step
+    counter (the time limit counts from the reset) and the observation there. Load it only into an env reset to
+    the same task and scene seed (layout / prompt come from the reset)."""
+
+    data: Any
+    target: np.ndarray
+    steps: int
+    obs: dict[str, Any]
 
 
-def evaluate_state(policy: Any, critic: QEnsemble | None, env: Any, task: str, ep: dict[str, Any], b: int,
+def take_snapshot(env: Any, obs: dict[str, Any]) -> Snapshot:
+    """Snapshot of `env` now (obs: its current observation)."""
+    with env.lock:
+        data = mujoco.MjData(env.model)
+        mujoco.mj_copyData(data, env.model, env.data)
+        return Snapshot(data, env._target.copy(), int(env._steps), copy.deepcopy(obs))
+
+
+def load_snapshot(env: Any, task: str, seed: int, snap: Snapshot) -> dict[str, Any]:
+    """reset(seed) (layout, colours, prompt) then overwrite the physics with the snapshot; returns its obs.
+    The bench checks that this equals restore-by-replay bit for bit (sim_state) at every branch state."""
+    env.reset(seed=seed, options={"task": task})
+    with env.lock:
+        mujoco.mj_copyData(env.data, env.model, snap.data)
+        env._target, env._steps = snap.target.copy(), snap.steps
+    return copy.deepcopy(snap.obs)
+
+
+@torch.no_grad()
+def continue_batch(policy: Any, envs: list[Any], task: str, seed: int, snap: Snapshot, firsts: list[np.ndarray],
+                   noise_seeds: list[int], n_exec: int) -> tuple[np.ndarray, np.ndarray]:
+    """M continuations from one branch state in lockstep, continuation m in envs[m]: load the snapshot, execute
+    firsts[m] [n, 7] (robot units), then `policy` (a chunk per n_exec steps, its noise [1, H, D] at t = 1 drawn
+    from a torch.Generator seeded with noise_seeds[m] per chunk, so each continuation's noise does not depend on
+    the batch) until success or the time limit; the policy runs batched over the continuations still going.
+    Returns (success bool [M], steps int [M] executed after the snapshot)."""
+    m_all = len(firsts)
+    if len(envs) < m_all or len(noise_seeds) != m_all:
+        raise ValueError(f"{m_all} continuations need as many envs (got {len(envs)}) and noise seeds")
+    ok = np.zeros(m_all, dtype=bool)
+    steps = np.zeros(m_all, dtype=np.int64)
+    active, obs = [], {}
+    for m in range(m_all):
+        o = load_snapshot(envs[m], task, seed, snap)
+        done = False
+        for a in firsts[m]:
+            o, _, term, trunc, _ = envs[m].step(np.asarray(a, dtype=np.float32))
+            steps[m] += 1
+            if term or trunc:
+                ok[m], done = bool(term), True
+                break
+        if not done:
+            active.append(m)
+            obs[m] = o
+    gens = {m: torch.Generator().manual_seed(int(noise_seeds[m])) for m in active}
+    while active:
+        noise = torch.cat([torch.randn(1, policy.horizon, policy.action_dim, generator=gens[m]) for m in active])
+        chunks = policy.act([policy_obs(obs[m]) for m in active], noise=noise)
+        still = []
+        for row, m in enumerate(active):
+            done = False
+            for a in chunks[row][: max(1, n_exec)]:
+                obs[m], _, term, trunc, _ = envs[m].step(a.astype(np.float32))
+                steps[m] += 1
+                if term or trunc:
+                    ok[m], done = bool(term), True
+                    break
+            if not done:
+                still.append(m)
+        active = still
+    return ok, steps
+
+
+def evaluate_state(policy: Any, critic: QEnsemble | None, envs: list[Any], task: str, ep: dict[str, Any], b: int,
                    n: int, reps: int, n_exec: int, train_seed: int, features: str = "rl-token",
                    extra_actors: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One branch state (episode `ep`, branch step b): N SFT candidates (noise seeded by the train seed and scene),
-    R continuations each -> outcomes [N, R], Q [N]; each of `extra_actors` (name -> policy) samples one chunk
-    with candidate 0's noise and is judged the same way (outcomes [R], Q of its chunk by the same critic)."""
+    """One branch state (episode `ep`, branch step b), restored by replay in envs[0]: N SFT candidates (noise
+    seeded by the train seed and scene), R continuations each (continue_batch; needs (N + extras) * R envs)
+    -> outcomes [N, R], Q [N]; each of `extra_actors` (name -> policy) samples one chunk with candidate 0's noise
+    and is judged the same way (outcomes [R], Q of its chunk by the same critic). `snapshot_max_abs`: max |diff|
+    of the snapshot-loaded vs the replayed physics state (0 = bit-exact)."""
     seed = int(ep["seed"])
     prefix = ep["actions"][:b]
-    obs = restore(env, task, seed, prefix)
+    obs = restore(envs[0], task, seed, prefix)
+    replayed = sim_state(envs[0])
+    snap = take_snapshot(envs[0], obs)
+    load_snapshot(envs[-1], task, seed, snap)
+    snap_diff = float(np.max(np.abs(sim_state(envs[-1]) - replayed)))
     gen = torch.Generator().manual_seed(sub_seed(train_seed, seed, 1))
     noises = torch.randn(n, 1, policy.horizon, policy.action_dim, generator=gen)
     cand = sample_candidates(policy, obs, noises, n_exec, critic, features)
-    outcomes = np.stack([rollout_outcomes(policy, env, task, seed, prefix, cand["robot"][i][:n_exec], n_exec, reps,
-                                          (train_seed, seed, 2, i)) for i in range(n)])
+    firsts = [cand["robot"][i][:n_exec] for i in range(n) for _ in range(reps)]
+    seeds = [sub_seed(train_seed, seed, 2, i, r) for i in range(n) for r in range(reps)]
+    extras = {}
+    for k, (name, actor) in enumerate((extra_actors or {}).items()):
+        extras[name] = sample_candidates(actor, obs, noises[:1], n_exec)
+        firsts += [extras[name]["robot"][0][:n_exec]] * reps
+        seeds += [sub_seed(train_seed, seed, 3, k, r) for r in range(reps)]
+    ok, _ = continue_batch(policy, envs, task, seed, snap, firsts, seeds, n_exec)
+    outcomes = ok[: n * reps].reshape(n, reps).astype(np.int8)
     res: dict[str, Any] = {"scene_seed": seed, "branch_step": b, "episode_steps": int(ep["steps"]),
-                           "episode_success": bool(ep["success"]), "outcomes": outcomes.tolist(),
+                           "episode_success": bool(ep["success"]), "snapshot_max_abs": snap_diff,
+                           "outcomes": outcomes.tolist(),
                            "q": None if critic is None else [float(x) for x in cand["q"]],
                            "candidate_spread": float(cand["critic_action"].std(0).mean())}
-    for k, (name, actor) in enumerate((extra_actors or {}).items()):
-        ch = sample_candidates(actor, obs, noises[:1], n_exec)
-        o = rollout_outcomes(policy, env, task, seed, prefix, ch["robot"][0][:n_exec], n_exec, reps,
-                             (train_seed, seed, 3, k))
+    res.update(state_stats(outcomes, None if critic is None else cand["q"]))
+    for k, (name, ch) in enumerate(extras.items()):
+        o = ok[(n + k) * reps: (n + k + 1) * reps].astype(np.int8)
         q = None if critic is None else float(critic_q(policy, critic, obs, ch["critic_action"], features)[0])
         shift = float(np.sqrt(np.mean((ch["critic_action"][0] - cand["critic_action"][0]) ** 2)))
-        res[name] = {"outcomes": o.tolist(), "q": q, "rms_shift_vs_candidate0": shift}
-    res.update(state_stats(outcomes, None if critic is None else cand["q"]))
-    for name in extra_actors or {}:
-        p = float(np.mean(res[name]["outcomes"]))
-        res[name].update({"p": p, "gain_vs_mean": p - res["p_mean"],
-                          "gain_vs_candidate0": p - res["p"][0]})
+        p = float(o.mean())
+        res[name] = {"outcomes": o.tolist(), "q": q, "rms_shift_vs_candidate0": shift, "p": p,
+                     "gain_vs_mean": p - res["p_mean"], "gain_vs_candidate0": p - res["p"][0]}
     return res
 
 
@@ -390,7 +470,9 @@ def run_seed(work: Path, task: str, seed: int, args: argparse.Namespace, log: An
     critic, meta = load_critic(cdir)
     kind = critic_features_kind(cdir, meta)
     extra = {"qvgm": qvgm_actor(work, task, seed, sft_dir, critic, args.n_exec)} if args.qvgm else {}
-    env = TabletopEnv(task=task, render=False, max_episode_steps=args.max_episode_steps)
+    envs = [TabletopEnv(task=task, render=False, max_episode_steps=args.max_episode_steps)
+            for _ in range((args.n + len(extra)) * args.reps)]
+    env = envs[0]
     states, replay = [], []
     try:
         for j in range(args.first_scene, args.first_scene + args.states):
@@ -402,14 +484,15 @@ def run_seed(work: Path, task: str, seed: int, args: argparse.Namespace, log: An
                 if not replay[-1]["exact"]:
                     log(f"WARNING: replay of scene {scene} is not bit-exact: {replay[-1]}")
             b = branch_point(ep["steps"], args.n_exec, args.frac, np.random.default_rng([seed, scene, 4]))
-            st = evaluate_state(policy, critic, env, task, ep, b, args.n, args.reps, args.n_exec, seed, kind, extra)
+            st = evaluate_state(policy, critic, envs, task, ep, b, args.n, args.reps, args.n_exec, seed, kind, extra)
             st["wall_s"] = round(time.perf_counter() - t0, 2)
             states.append(st)
             log(json.dumps({"seed": seed, "scene": scene, "b": b, "steps": ep["steps"], "p": st["p"],
                             "spearman": st.get("spearman_q_p"), "critic_gain": st.get("critic_gain"),
                             **({"qvgm_p": st["qvgm"]["p"]} if args.qvgm else {}), "wall_s": st["wall_s"]}))
     finally:
-        env.close()
+        for e in envs:
+            e.close()
     return {"sft": sft_dir.name, "critic": cdir.name, "critic_features": kind, "replay": replay, "states": states,
             "aggregate": aggregate(states, seed, args.boot, tuple(extra))}
 

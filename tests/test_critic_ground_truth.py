@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ def load_bench():
     spec = importlib.util.spec_from_file_location("cgt", ROOT / "bench" / "critic_ground_truth.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
+    sys.modules["cgt"] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
@@ -149,55 +151,96 @@ def test_state_stats_by_hand() -> None:
     assert all(G.branch_point(12, 5, 0.7, np.random.default_rng(k)) in (0, 5) for k in range(20))
 
 
+def pool(n: int, steps: int) -> list[TabletopEnv]:
+    return [TabletopEnv(task="push", render=False, max_episode_steps=steps) for _ in range(n)]
+
+
+def test_snapshot_equals_replay_and_continues_identically() -> None:
+    """A state restored by replay and the same state loaded from a snapshot into another env evolve bit for bit
+    alike under the same actions (and a batch of continuations matches the same continuations run alone)."""
+    pol = tiny_policy()
+    a, b = pool(2, 20)
+    try:
+        ep = G.record_episode(pol, a, "push", 200_001, N_EXEC)
+        obs = G.restore(a, "push", 200_001, ep["actions"][:6])
+        snap = G.take_snapshot(a, obs)
+        G.restore(b, "push", 200_001, ep["actions"][:2])  # b elsewhere first
+        o2 = G.load_snapshot(b, "push", 200_001, snap)
+        assert np.array_equal(G.sim_state(a), G.sim_state(b)) and np.array_equal(o2["state"], obs["state"])
+        for act in ep["actions"][6:]:
+            oa, oka = a.step(act)[:2]
+            ob, okb = b.step(act)[:2]
+            assert np.array_equal(oa["state"], ob["state"]) and np.array_equal(oa["privileged"], ob["privileged"])
+        assert np.array_equal(G.sim_state(a), G.sim_state(b)) and a.elapsed_steps == b.elapsed_steps == 20
+        first = [ep["actions"][6:6 + N_EXEC]] * 3
+        envs = [a, b, *pool(1, 20)]
+        ok3, st3 = G.continue_batch(pol, envs, "push", 200_001, snap, first, [5, 6, 7], N_EXEC)
+        ok1, st1 = G.continue_batch(pol, envs[2:], "push", 200_001, snap, first[1:2], [6], N_EXEC)
+        after3 = G.sim_state(envs[1])
+        assert st3.tolist() == [14, 14, 14] and st1.tolist() == [14] and ok1[0] == ok3[1]
+        # row 1 of the batch vs the same continuation alone: the batched float32 policy differs from the
+        # unbatched one in rounding only (~1e-8), so the trajectories agree closely, not bit for bit
+        np.testing.assert_allclose(G.sim_state(envs[2]), after3, atol=1e-5)
+        alone = G.sim_state(envs[2])
+        ok1b, _ = G.continue_batch(pol, envs[:1], "push", 200_001, snap, first[1:2], [6], N_EXEC)
+        assert ok1b[0] == ok1[0] and np.array_equal(G.sim_state(envs[0]), alone)  # same batch: bit for bit
+        assert not np.array_equal(G.sim_state(envs[0]), after3)  # other noise seed -> another trajectory
+    finally:
+        a.close()
+        b.close()
+
+
 def test_evaluate_state_tiny_policy_and_critic(tmp_path: Path) -> None:
     pol, actor, critic = tiny_policy(0), tiny_policy(1), tiny_critic()
-    env = TabletopEnv(task="push", render=False, max_episode_steps=15)
+    envs = pool(6, 15)  # (N 2 + 1 extra actor) x R 2 continuations
     try:
-        eps = [G.record_episode(pol, env, "push", 200_000 + j, N_EXEC) for j in range(2)]
+        eps = [G.record_episode(pol, envs[0], "push", 200_000 + j, N_EXEC) for j in range(2)]
         states = []
         for ep in eps:
             b = G.branch_point(ep["steps"], N_EXEC, 0.7, np.random.default_rng([0, ep["seed"], 4]))
             assert b % N_EXEC == 0 and b < 0.7 * ep["steps"]
-            states.append(G.evaluate_state(pol, critic, env, "push", ep, b, n=2, reps=2, n_exec=N_EXEC,
+            states.append(G.evaluate_state(pol, critic, envs, "push", ep, b, n=2, reps=2, n_exec=N_EXEC,
                                            train_seed=0, extra_actors={"qvgm": actor}))
     finally:
-        env.close()
+        for e in envs:
+            e.close()
     for st in states:
         o = np.asarray(st["outcomes"])
-        assert o.shape == (2, 2) and set(o.ravel()) <= {0, 1}
+        assert o.shape == (2, 2) and set(o.ravel()) <= {0, 1} and st["snapshot_max_abs"] == 0.0
         assert len(st["q"]) == 2 and all(math.isfinite(x) for x in st["q"]) and st["q"][0] != st["q"][1]
         assert st["p"] == o.mean(1).tolist() and 0.0 <= st["p_mean"] <= 1.0
         assert st["candidate_spread"] > 0  # distinct noise -> distinct chunks
         assert len(st["qvgm"]["outcomes"]) == 2 and math.isfinite(st["qvgm"]["q"])
         assert st["qvgm"]["rms_shift_vs_candidate0"] > 0  # another network, the same noise
-    # an independent re-run in a fresh env reproduces every number exactly
-    env2 = TabletopEnv(task="push", render=False, max_episode_steps=15)
+    # an independent re-run in fresh envs reproduces every number exactly
+    envs2 = pool(6, 15)
     try:
-        again = G.evaluate_state(pol, critic, env2, "push", eps[1], states[1]["branch_step"], n=2, reps=2,
-                                 n_exec=N_EXEC, train_seed=0, extra_actors={"qvgm": actor})
-        # one continuation by hand: restore, candidate 1's first n_exec actions, then the policy (seeded noise)
         ep, b = eps[1], states[1]["branch_step"]
-        obs = G.restore(env2, "push", ep["seed"], ep["actions"][:b])
+        again = G.evaluate_state(pol, critic, envs2, "push", ep, b, n=2, reps=2, n_exec=N_EXEC, train_seed=0,
+                                 extra_actors={"qvgm": actor})
+        # candidate 1, continuation 0 by hand, unbatched: replay, its first n_exec actions, then the policy
+        env = envs2[0]
+        obs = G.restore(env, "push", ep["seed"], ep["actions"][:b])
         gen = torch.Generator().manual_seed(G.sub_seed(0, ep["seed"], 1))
         noises = torch.randn(2, 1, pol.horizon, pol.action_dim, generator=gen)
-        with torch.no_grad():
-            chunk = pol.postprocess(pol.sample(pol.encode(pol.preprocess([G.policy_obs(obs)])), noise=noises[1]))[0]
-        steps = 0
+        chunk = pol.act([G.policy_obs(obs)], noise=noises[1])[0]
+        steps, term, trunc = 0, False, False
         for a in chunk[:N_EXEC]:
-            obs, _, term, trunc, _ = env2.step(a.astype(np.float32))
+            obs, _, term, trunc, _ = env.step(a.astype(np.float32))
             steps += 1
-        torch.manual_seed(G.sub_seed(0, ep["seed"], 2, 1, 0))
+        g = torch.Generator().manual_seed(G.sub_seed(0, ep["seed"], 2, 1, 0))
         while not (term or trunc):
-            for a in pol.act([G.policy_obs(obs)])[0][:N_EXEC]:
-                obs, _, term, trunc, _ = env2.step(a.astype(np.float32))
+            noise = torch.randn(1, pol.horizon, pol.action_dim, generator=g)
+            for a in pol.act([G.policy_obs(obs)], noise=noise)[0][:N_EXEC]:
+                obs, _, term, trunc, _ = env.step(a.astype(np.float32))
                 steps += 1
                 if term or trunc:
                     break
         assert steps == 15 - b and int(term) == again["outcomes"][1][0]
+        np.testing.assert_allclose(G.sim_state(env), G.sim_state(envs2[2]), atol=1e-5)  # batch row (1, 0)
     finally:
-        env2.close()
-    again.pop("wall_s", None)
-    states[1].pop("wall_s", None)
+        for e in envs2:
+            e.close()
     assert json.dumps(again, sort_keys=True) == json.dumps(states[1], sort_keys=True)
 
 
