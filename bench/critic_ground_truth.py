@@ -350,7 +350,8 @@ def state_stats(outcomes: np.ndarray, q: np.ndarray | None) -> dict[str, Any]:
     the TRUE success probabilities across candidates (the binomial noise of R rollouts removed). split_half_cov:
     Cov(p_A, p_B) over candidates of the two halves of the rollouts, another unbiased estimate of it.
     oracle_gain = max p - mean p (biased up by the noise); oracle_gain_cv: choose by one half, judge on the other
-    (both ways, averaged; ties averaged): unbiased for a best-of-N oracle with R/2 rollouts per candidate.
+    (both ways, averaged; ties averaged): unbiased for a best-of-N oracle with R/2 rollouts per candidate;
+    spearman_halves: rank correlation of the two halves' p (the ranking's own reproducibility, a noise ceiling).
     critic_gain = p at argmax Q (ties averaged) - mean p; spearman_q_p: within-state rank correlation (None when
     p or Q is constant)."""
     o = np.asarray(outcomes, dtype=np.float64)
@@ -367,6 +368,7 @@ def state_stats(outcomes: np.ndarray, q: np.ndarray | None) -> dict[str, Any]:
         pa, pb = o[:, :h].mean(1), o[:, h: 2 * h].mean(1)
         out["split_half_cov"] = float(np.cov(pa, pb, ddof=1)[0, 1])
         out["oracle_gain_cv"] = 0.5 * (_gain_at(pa, pb) + _gain_at(pb, pa))
+        out["spearman_halves"] = spearman(pa, pb)  # how reproducible the candidates' ranking is at this R
     if q is not None:
         q = np.asarray(q, dtype=np.float64)
         out["q_std"] = float(q.std())
@@ -387,7 +389,7 @@ def bootstrap_mean(x: list[float], rng: np.random.Generator, n_boot: int = 2000)
 
 
 AGG_KEYS = ("p_mean", "p_std", "oracle_gain", "oracle_gain_cv", "var_observed", "var_corrected", "split_half_cov",
-            "q_std", "critic_gain", "spearman_q_p")
+            "spearman_halves", "q_std", "critic_gain", "spearman_q_p")
 
 
 def aggregate(states: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000,
@@ -497,11 +499,34 @@ def run_seed(work: Path, task: str, seed: int, args: argparse.Namespace, log: An
             "aggregate": aggregate(states, seed, args.boot, tuple(extra))}
 
 
+def combine(paths: list[Path], boot: int = 2000) -> dict[str, Any]:
+    """Pool the states of several result files (same N and R): per-state statistics recomputed from the stored
+    outcomes and Q, aggregates per (file, seed) and pooled."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    nr = {(r["settings"]["n"], r["settings"]["reps"]) for r in runs}
+    if len(nr) != 1:
+        raise SystemExit(f"combine needs the same --n and --reps in every file, got {sorted(nr)}")
+    per, pooled = {}, []
+    extra = ("qvgm",) if all(r["settings"].get("qvgm") for r in runs) else ()
+    for path, r in zip(paths, runs, strict=True):
+        for seed, sr in r["seeds"].items():
+            states = []
+            for st in sr["states"]:
+                st = {**st, **state_stats(np.asarray(st["outcomes"]), None if st["q"] is None else np.asarray(st["q"]))}
+                states.append(st)
+            per[f"{Path(path).name}:s{seed}"] = aggregate(states, int(seed), boot, extra)
+            pooled += states
+    return {"bench": "critic_ground_truth", "combined": [str(p) for p in paths], "n_reps": list(sorted(nr)[0]),
+            "per_run_seed": per, "pooled": aggregate(pooled, 12345, boot, extra)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="a bench/learning.py --work dir (read only; a copy)")
+    ap.add_argument("--work", type=Path, default=None, help="a bench/learning.py --work dir (read only; a copy)")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="instead of measuring: pool the states of these result files (same --n / --reps)")
     ap.add_argument("--task", default="pick_place")
-    ap.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds")
     ap.add_argument("--states", type=int, default=10, help="branch states (one per tuning scene) per seed")
     ap.add_argument("--first-scene", type=int, default=0, help="scenes TUNE0 + first .. + states - 1")
     ap.add_argument("--n", type=int, default=8, help="candidate chunks per state")
@@ -515,6 +540,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.combine:
+        res = combine(args.combine, args.boot)
+        text = json.dumps(res, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return res
+    if args.work is None or not args.seeds:
+        raise SystemExit("give --work DIR and --seeds S ... (or --combine FILES)")
     if args.n < 2 or args.reps < 2 or args.states < 1:
         raise SystemExit("need --n >= 2, --reps >= 2, --states >= 1")
     if TUNE0 + args.first_scene + args.states > EVAL0 or args.first_scene < 0:

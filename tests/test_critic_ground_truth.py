@@ -261,3 +261,10 @@ def test_cli_on_a_work_dir(tmp_path: Path) -> None:
     assert st["scene_seed"] == 200_000 and st["episode_steps"] == 12 and len(st["outcomes"]) == 2
     with pytest.raises(SystemExit):
         G.main(["--work", str(tmp_path), "--task", "push", "--seeds", "0", "--first-scene", "700000"])
+    pooled = G.main(["--combine", str(out), str(out), "--boot", "50"])
+    assert pooled["pooled"]["states"] == 2 and pooled["n_reps"] == [2, 2]
+    assert pooled["pooled"]["p_mean"]["mean"] == st["p_mean"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**on_disk, "settings": {**on_disk["settings"], "reps": 4}}))
+    with pytest.raises(SystemExit, match="same --n and --reps"):
+        G.main(["--combine", str(out), str(other)])
