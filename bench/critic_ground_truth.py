@@ -388,6 +388,24 @@ def bootstrap_mean(x: list[float], rng: np.random.Generator, n_boot: int = 2000)
             "n": int(v.size)}
 
 
+def homogeneity_test(states: list[dict[str, Any]], rng: np.random.Generator, n_perm: int = 2000) -> dict[str, Any]:
+    """Permutation test of H0 "at every state all candidates have the same success probability": the statistic
+    is the sum over states of the across-candidate variance of p; under H0 the N * R outcomes of a state are
+    exchangeable, so they are shuffled within each state. Returns the statistic, its mean under H0 and the
+    one-sided p-value (add-one)."""
+    mats = [np.asarray(s["outcomes"], dtype=np.float64) for s in states if not s["p_constant"]]
+    if not mats:
+        return {"stat": 0.0, "null_mean": 0.0, "p_value": 1.0, "states": 0}
+    stat = float(sum(m.mean(1).var() for m in mats))
+    null = np.zeros(n_perm)
+    for m in mats:
+        flat = m.ravel()
+        perm = np.argsort(rng.random((n_perm, flat.size)), axis=1)
+        null += flat[perm].reshape(n_perm, *m.shape).mean(2).var(1)
+    return {"stat": stat, "null_mean": float(null.mean()), "p_value": float((1 + np.sum(null >= stat)) / (1 + n_perm)),
+            "states": len(mats)}
+
+
 AGG_KEYS = ("p_mean", "p_std", "oracle_gain", "oracle_gain_cv", "var_observed", "var_corrected", "split_half_cov",
             "spearman_halves", "q_std", "critic_gain", "spearman_q_p")
 
@@ -405,6 +423,7 @@ def aggregate(states: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000,
     for k in AGG_KEYS:
         if any(k in s for s in states):
             out[k] = bootstrap_mean([s.get(k) for s in states], rng, n_boot)
+    out["homogeneity_test"] = homogeneity_test(states, rng, n_boot)
     pm = np.asarray([s["p_mean"] for s in states])
     out["var_across_states_of_p_mean"] = float(pm.var(ddof=1)) if len(pm) > 1 else None
     room = [s for s in states if not s["p_constant"]]

@@ -142,11 +142,20 @@ def test_state_stats_by_hand() -> None:
     assert s0["all_fail"] and s0["p_constant"] and s0["spearman_q_p"] is None and s0["critic_gain"] == 0.0
     np.testing.assert_array_equal(G.rankdata([3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0])
     assert math.isclose(G.spearman(np.arange(5), -np.arange(5.0) ** 3), -1.0)
-    agg = G.aggregate([s, s0], seed=0, n_boot=200)
+    agg = G.aggregate([{**s, "outcomes": o.tolist()}, {**s0, "outcomes": [[0] * 4] * 3}], seed=0, n_boot=200)
     assert agg["states"] == 2 and agg["all_fail"] == 1 and agg["p_constant"] == 1
     assert agg["spearman_q_p"]["n"] == 1 and math.isclose(agg["p_mean"]["mean"], 0.25)
     lo, hi = agg["p_mean"]["ci95"]
     assert 0.0 <= lo <= 0.25 <= hi <= 0.5
+    # a state whose candidates differ (all 8 successes vs all 8 failures) rejects H0; a homogeneous one does not
+    rng = np.random.default_rng(0)
+    o_split = np.repeat([[1], [1], [0], [0]], 8, axis=1)
+    split = {**G.state_stats(o_split, None), "outcomes": o_split.tolist()}
+    assert G.homogeneity_test([split], rng, 500)["p_value"] < 0.05
+    o_mixed = np.tile([[1, 0]], (4, 4))
+    mixed = {**G.state_stats(o_mixed, None), "outcomes": o_mixed.tolist()}
+    h = G.homogeneity_test([mixed], rng, 500)
+    assert h["stat"] == 0.0 and h["p_value"] > 0.5
     assert G.branch_point(100, 5, 0.7, np.random.default_rng(0)) % 5 == 0
     assert all(G.branch_point(12, 5, 0.7, np.random.default_rng(k)) in (0, 5) for k in range(20))
 
