@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if TUNE0 + args.first_scene + args.states > EVAL0 or args.first_scene < 0:
         raise SystemExit("branch states must come from tuning scenes 200000 .. 899999 (never evaluation scenes)")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "candidates": "Generator(sub_seed(train_seed, scene, 1))",
                            "continuations": "manual_seed(sub_seed(train_seed, scene, 2, i, r))"},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": args.threads, "load_avg_start": os.getloadavg()},
+                       "threads": args.threads, "load_avg_start": load0},
            "seeds": seeds, "pooled": aggregate(all_states, 12345, args.boot, extra),
            "wall_s": round(time.perf_counter() - t0, 1)}
     out["machine"]["load_avg_end"] = os.getloadavg()
