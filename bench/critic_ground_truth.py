@@ -25,7 +25,8 @@ s<s>-*, for --qvgm also buffer-... and features-<task>-s<s>) and per scene j:
     deterministic: train_actor seeds itself) sampled with candidate 0's noise, judged the same way.
 Per state: p std, max - mean (oracle best-of-N gain), its split-half cross-validated version, the
 binomial-corrected variance, Spearman(Q, p), p[argmax Q] - mean p (best-of-N with this critic). Aggregates:
-means over states with seeded bootstrap 95 % CIs (resampling states).
+means over states with seeded bootstrap 95 % CIs (resampling states) and a permutation test of "all candidates
+equal at every state". `--combine A.json B.json` pools result files. Results: docs/results_ground_truth.md.
 
     .venv/bin/python bench/critic_ground_truth.py --work /tmp/gt/w --seeds 0 --states 10 --n 8 --reps 4
 
@@ -140,9 +141,10 @@ def check_replay(env: Any, task: str, ep: dict[str, Any]) -> dict[str, Any]:
 
 def continue_episode(policy: Any, env: Any, obs: dict[str, Any], first: np.ndarray, n_exec: int,
                      noise_seed: int) -> tuple[bool, int]:
-    """From the env's current state (obs): execute `first` [n, 7] (robot units), then the policy (torch RNG
-    seeded with noise_seed; a chunk per n_exec steps) until success or the env's time limit.
-    Returns (success, steps executed here)."""
+    """One continuation, unbatched, for any actor with act([obs]) -> [1, H, 7] (e.g. a scripted expert): from
+    the env's current state (obs) execute `first` [n, 7] (robot units), then the actor (global torch RNG seeded
+    with noise_seed; a chunk per n_exec steps) until success or the env's time limit.
+    Returns (success, steps executed here). The bench itself uses continue_batch."""
     torch.manual_seed(noise_seed)
     steps = 0
     for a in first:
