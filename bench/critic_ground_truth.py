@@ -50,7 +50,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -210,19 +209,15 @@ class Snapshot:
 
 def take_snapshot(env: Any, obs: dict[str, Any]) -> Snapshot:
     """Snapshot of `env` now (obs: its current observation)."""
-    with env.lock:
-        data = mujoco.MjData(env.model)
-        mujoco.mj_copyData(data, env.model, env.data)
-        return Snapshot(data, env._target.copy(), int(env._steps), copy.deepcopy(obs))
+    data, target, steps = env.get_sim_state()
+    return Snapshot(data, target, steps, copy.deepcopy(obs))
 
 
 def load_snapshot(env: Any, task: str, seed: int, snap: Snapshot) -> dict[str, Any]:
     """reset(seed) (layout, colours, prompt) then overwrite the physics with the snapshot; returns its obs.
     The bench checks that this equals restore-by-replay bit for bit (sim_state) at every branch state."""
     env.reset(seed=seed, options={"task": task})
-    with env.lock:
-        mujoco.mj_copyData(env.data, env.model, snap.data)
-        env._target, env._steps = snap.target.copy(), snap.steps
+    env.set_sim_state((snap.data, snap.target, snap.steps))
     return copy.deepcopy(snap.obs)
 
 

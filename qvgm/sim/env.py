@@ -187,6 +187,24 @@ class TabletopEnv(gym.Env):
             truncated = self._steps >= self.max_episode_steps and not ok
             return self._obs(), float(ok), ok, truncated, self._info(ok)
 
+    def get_sim_state(self) -> tuple[Any, np.ndarray, int]:
+        """The complete dynamic state (a copy): (MjData, servo joint targets float[7] rad, control steps since the
+        reset). Restore it with set_sim_state into an env reset to the same task and scene seed (layout, colours and
+        prompt come from the reset, not from this state)."""
+        with self.lock:
+            data = mujoco.MjData(self.model)
+            mujoco.mj_copyData(data, self.model, self.data)
+            return data, self._target.copy(), int(self._steps)
+
+    def set_sim_state(self, state: tuple[Any, np.ndarray, int]) -> dict[str, Any]:
+        """Overwrite physics, servo targets and step counter with a get_sim_state() copy; returns the observation
+        there. Same state + same actions afterwards -> bit-identical trajectories (MuJoCo is deterministic)."""
+        data, target, steps = state
+        with self.lock:
+            mujoco.mj_copyData(self.data, self.model, data)
+            self._target, self._steps = np.array(target, copy=True), int(steps)
+            return self._obs()
+
     def render(self) -> np.ndarray:
         """RGB image uint8[H, W, 3] of the first configured camera."""
         return self._render_one(self.cameras[0] if self.cameras else "front")
