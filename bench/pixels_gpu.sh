@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The `pixels` tier of bench/learning.py on a CUDA machine without ROS and without network (the lent device machine:
 # python3 3.12 + torch + pyarrow/pyyaml/safetensors/tqdm/tokenizers/transformers, no MuJoCo, PyAV or Gymnasium).
-# docs/results_pixels_tier.md says how to size a run. Two halves:
+# docs/pixels_tier.md says how to size a run. Two halves:
 #   bash bench/pixels_gpu.sh fetch
 #       here, with network: cp312 wheels of what that image lacks -> .wheels/, the EGL/GLVND debs -> .gl/ (both put
 #       into .git/info/exclude); prints their size (the working tree + carried paths travel within 64 MiB).
