@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from critic_trainer.critic import QEnsemble, critic_action  # noqa: E402
 from critic_trainer.features import critic_state_features  # noqa: E402
+from critic_trainer.pipeline import policy_observation, run_episode  # noqa: E402
 from critic_trainer.qvgm import bind_critic  # noqa: E402
 
 TUNE0 = 200_000  # tuning scene seeds (bench/learning.py); evaluation scenes start at 900_000 and are refused
@@ -65,12 +66,6 @@ EVAL0 = 900_000
 def sub_seed(*parts: int) -> int:
     """A 63-bit seed derived from integer parts (np.random.SeedSequence), for torch.manual_seed / Generator."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def policy_obs(obs: dict[str, Any]) -> dict[str, Any]:
-    """Env observation -> the observation dict the policy reads (as critic_trainer.pipeline.run_episode)."""
-    return {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
-            "privileged": obs["privileged"]}
 
 
 def sim_state(env: Any) -> np.ndarray:
@@ -87,24 +82,17 @@ def record_episode(policy: Any, env: Any, task: str, seed: int, n_exec: int = 5,
     default the scene seed; a chunk per n_exec steps). Returns actions float32 [T, 7] (robot units, as executed),
     states float32 [T + 1, 7] and privileged float32 [T + 1, k] (observations before each step and the last),
     final sim_state, success, steps."""
-    torch.manual_seed(seed if noise_seed is None else noise_seed)
-    obs, _ = env.reset(seed=seed, options={"task": task})
-    acts, states, priv = [], [obs["state"]], [obs["privileged"]]
-    ok = False
-    while True:
-        chunk = policy.act([policy_obs(obs)])[0]
-        done = False
-        for a in chunk[: max(1, n_exec)]:
-            a = a.astype(np.float32)
-            obs, _, term, trunc, _ = env.step(a)
-            acts.append(a)
-            states.append(obs["state"])
-            priv.append(obs["privileged"])
-            if term or trunc:
-                ok, done = bool(term), True
-                break
-        if done:
-            break
+    start = env.reset(seed=seed, options={"task": task})[0]  # run_episode resets again: same seed, same scene
+    acts: list[np.ndarray] = []
+    states, priv = [start["state"]], [start["privileged"]]
+
+    def keep(a: np.ndarray, obs: dict[str, Any]) -> None:
+        acts.append(a)
+        states.append(obs["state"])
+        priv.append(obs["privileged"])
+
+    ok = run_episode(policy, env, task, seed, n_exec=n_exec, noise_seed=seed if noise_seed is None else noise_seed,
+                     on_step=keep)["success"]
     return {"seed": seed, "actions": np.stack(acts), "states": np.stack(states), "privileged": np.stack(priv),
             "final": sim_state(env), "success": ok, "steps": len(acts)}
 
@@ -152,7 +140,7 @@ def continue_episode(policy: Any, env: Any, obs: dict[str, Any], first: np.ndarr
         if term or trunc:
             return bool(term), steps
     while True:
-        chunk = policy.act([policy_obs(obs)])[0]
+        chunk = policy.act([policy_observation(obs)])[0]
         for a in chunk[: max(1, n_exec)]:
             obs, _, term, trunc, _ = env.step(a.astype(np.float32))
             steps += 1
@@ -173,7 +161,7 @@ def sample_candidates(policy: Any, obs: dict[str, Any], noises: torch.Tensor, n_
     """Chunks of `policy` at one observation from noises [N, 1, H, D] (t = 1): robot-unit chunks float64
     [N, H, real], normalised critic actions float32 [N, n_exec * real] and, with a critic, its ensemble-mean Q
     float32 [N] (critic state features of `policy`, as BestOfNPolicy)."""
-    inputs = policy.preprocess([policy_obs(obs)])
+    inputs = policy.preprocess([policy_observation(obs)])
     ctx = policy.encode(inputs)
     chunks = [policy.sample(ctx, noise=eps) for eps in noises]
     crit = torch.cat([critic_action(c, n_exec, policy.real_action_dim) for c in chunks]).float()
@@ -189,7 +177,7 @@ def critic_q(policy: Any, critic: QEnsemble, obs: dict[str, Any], crit_actions: 
              features: str = "rl-token") -> np.ndarray:
     """Ensemble-mean Q float32 [M] of normalised critic actions [M, n_exec * real] at one observation, with the
     state features of `policy` (the critic's own encoder: the SFT policy)."""
-    inputs = policy.preprocess([policy_obs(obs)])
+    inputs = policy.preprocess([policy_observation(obs)])
     ctx = policy.encode(inputs)
     q_fn = bind_critic(critic, critic_state_features(policy, ctx, inputs, features), inputs["state"], how="mean")
     return q_fn(torch.as_tensor(crit_actions, dtype=torch.float32)[None])[0].numpy()
@@ -250,7 +238,7 @@ def continue_batch(policy: Any, envs: list[Any], task: str, seed: int, snap: Sna
     gens = {m: torch.Generator().manual_seed(int(noise_seeds[m])) for m in active}
     while active:
         noise = torch.cat([torch.randn(1, policy.horizon, policy.action_dim, generator=gens[m]) for m in active])
-        chunks = policy.act([policy_obs(obs[m]) for m in active], noise=noise)
+        chunks = policy.act([policy_observation(obs[m]) for m in active], noise=noise)
         still = []
         for row, m in enumerate(active):
             done = False

@@ -859,25 +859,33 @@ def paired_comparison(a: Sequence[bool | int], b: Sequence[bool | int]) -> dict[
     return {"wins": wins, "losses": losses, "p_value": min(1.0, 2.0 * tail)}
 
 
+def policy_observation(obs: dict[str, Any]) -> dict[str, Any]:
+    """Env observation -> the observation dict a policy reads (images, state, prompt, privileged)."""
+    return {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
+            "privileged": obs["privileged"]}
+
+
 def run_episode(actor: Any, env: Any, task: str, seed: int, n_exec: int = 5, noise_seed: int = 0,
-                record: Any = None) -> dict[str, Any]:
+                record: Any = None, on_step: Any = None) -> dict[str, Any]:
     """One closed-loop episode (scene seed `seed`): infer a chunk, execute its first n_exec actions, repeat until
     success or the time limit. `actor.act([obs]) -> [1, H, real]` robot units; sampling noise comes from the
-    global torch RNG seeded with noise_seed. `record`: optional EpisodeWriter (frames + privileged returned)."""
+    global torch RNG seeded with noise_seed. `record`: optional EpisodeWriter (frames + privileged returned).
+    `on_step(action float32 [7], obs)`: optional, called after every env step with the executed action and the
+    observation it led to."""
     torch.manual_seed(noise_seed)
     obs, _ = env.reset(seed=seed, options={"task": task})
     steps, ok, priv = 0, False, []
     version = str(getattr(actor, "version", "policy"))
     while True:
-        o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
-             "privileged": obs["privileged"]}
-        chunk = actor.act([o])[0]
+        chunk = actor.act([policy_observation(obs)])[0]
         done = False
         for a in chunk[: max(1, n_exec)]:
             a = a.astype(np.float32)
             prev = obs
             obs, reward, term, trunc, _ = env.step(a)
             steps += 1
+            if on_step is not None:
+                on_step(a, obs)
             if record is not None:
                 record.add_frame({"images": prev.get("images", {}), "state": prev["state"], "prompt": prev["prompt"],
                                   "stamp": prev["stamp"]}, a, reward=reward, done=term, policy_version=version)

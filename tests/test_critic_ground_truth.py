@@ -107,7 +107,7 @@ def test_outcomes_are_real_sim_outcomes() -> None:
     env = TabletopEnv(task=task, render=False, max_episode_steps=need + 2)
     try:
         obs = G.restore(env, task, seed, np.zeros((0, 7), np.float32))
-        good = ExpertActor(task).act([G.policy_obs(obs)])[0][:N_EXEC]
+        good = ExpertActor(task).act([G.policy_observation(obs)])[0][:N_EXEC]
         away = np.tile(obs["state"], (N_EXEC, 1))
         away[:, 0] += 1.2  # base joint swung far from the scene, at the velocity limit
         runs = []
@@ -232,7 +232,7 @@ def test_evaluate_state_tiny_policy_and_critic(tmp_path: Path) -> None:
         obs = G.restore(env, "push", ep["seed"], ep["actions"][:b])
         gen = torch.Generator().manual_seed(G.sub_seed(0, ep["seed"], 1))
         noises = torch.randn(2, 1, pol.horizon, pol.action_dim, generator=gen)
-        chunk = pol.act([G.policy_obs(obs)], noise=noises[1])[0]
+        chunk = pol.act([G.policy_observation(obs)], noise=noises[1])[0]
         steps, term, trunc = 0, False, False
         for a in chunk[:N_EXEC]:
             obs, _, term, trunc, _ = env.step(a.astype(np.float32))
@@ -240,7 +240,7 @@ def test_evaluate_state_tiny_policy_and_critic(tmp_path: Path) -> None:
         g = torch.Generator().manual_seed(G.sub_seed(0, ep["seed"], 2, 1, 0))
         while not (term or trunc):
             noise = torch.randn(1, pol.horizon, pol.action_dim, generator=g)
-            for a in pol.act([G.policy_obs(obs)], noise=noise)[0][:N_EXEC]:
+            for a in pol.act([G.policy_observation(obs)], noise=noise)[0][:N_EXEC]:
                 obs, _, term, trunc, _ = env.step(a.astype(np.float32))
                 steps += 1
                 if term or trunc:
