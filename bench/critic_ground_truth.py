@@ -185,27 +185,24 @@ def critic_q(policy: Any, critic: QEnsemble, obs: dict[str, Any], crit_actions: 
 
 @dataclass
 class Snapshot:
-    """A TabletopEnv's complete dynamic state at a branch point: a copy of its MjData, the servo targets, the step
-    counter (the time limit counts from the reset) and the observation there. Load it only into an env reset to
-    the same task and scene seed (layout / prompt come from the reset)."""
+    """A branch point: the env's complete dynamic state (qvgm.sim.SimState: MjData copy, servo targets, step counter)
+    and the observation there. Load it only into an env reset to the same task and scene seed (layout / prompt
+    come from the reset)."""
 
-    data: Any
-    target: np.ndarray
-    steps: int
+    state: Any
     obs: dict[str, Any]
 
 
 def take_snapshot(env: Any, obs: dict[str, Any]) -> Snapshot:
     """Snapshot of `env` now (obs: its current observation)."""
-    data, target, steps = env.get_sim_state()
-    return Snapshot(data, target, steps, copy.deepcopy(obs))
+    return Snapshot(env.get_sim_state(), copy.deepcopy(obs))
 
 
 def load_snapshot(env: Any, task: str, seed: int, snap: Snapshot) -> dict[str, Any]:
     """reset(seed) (layout, colours, prompt) then overwrite the physics with the snapshot; returns its obs.
     The bench checks that this equals restore-by-replay bit for bit (sim_state) at every branch state."""
     env.reset(seed=seed, options={"task": task})
-    env.set_sim_state((snap.data, snap.target, snap.steps))
+    env.set_sim_state(snap.state)
     return copy.deepcopy(snap.obs)
 
 

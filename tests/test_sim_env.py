@@ -1,6 +1,8 @@
 """TabletopEnv: the contract the ROS sim_node is written against, seeded determinism, rendering, prompts and
 success detectors (real MuJoCo physics and EGL rendering)."""
 
+import dataclasses
+
 import mujoco
 import numpy as np
 import pytest
@@ -344,4 +346,19 @@ def test_sim_state_round_trip_is_bit_exact():
         assert np.array_equal(oa["state"], ob["state"]) and np.array_equal(oa["privileged"], ob["privileged"])
         assert (ra, ta, tra) == (rb, tb, trb)
     a.step(acts[0])  # the snapshot is a copy: stepping the source later does not change it
-    assert state[2] == 15
+    assert state.steps == 15 and state.task == "pick_place"
+    # another task's state (same array sizes for stack) or a malformed one is refused and changes nothing
+    c = TabletopEnv(task="stack", render=False)
+    c.reset(seed=11)
+    before = c.get_sim_state()
+    with pytest.raises(ValueError, match="task 'pick_place'"):
+        c.set_sim_state(state)
+    with pytest.raises(ValueError, match="SimState"):
+        c.set_sim_state((state.data, state.target, state.steps))
+    with pytest.raises(ValueError, match="does not fit"):
+        b.set_sim_state(dataclasses.replace(state, target=np.full(7, np.nan)))
+    push = TabletopEnv(task="push", render=False)
+    push.reset(seed=0)
+    with pytest.raises(ValueError, match="qpos"):
+        b.set_sim_state(dataclasses.replace(push.get_sim_state(), task="pick_place"))
+    assert np.array_equal(c.get_sim_state().data.qpos, before.data.qpos)

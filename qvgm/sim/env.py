@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -35,6 +36,17 @@ from qvgm.sim.tasks import COLORS, ROLES, TIME_LIMIT_S, add_scene, check_task, s
 from qvgm.sim.tasks import CUBE_HALF as _CUBE_HALF
 
 CAMERAS: tuple[str, ...] = ("front", "wrist")
+
+
+@dataclass(frozen=True)
+class SimState:
+    """A TabletopEnv's dynamic state (TabletopEnv.get_sim_state): its task, a copy of the MjData, the servo joint
+    targets float[7] (rad) and the control steps since the reset (the time limit counts them)."""
+
+    task: str
+    data: Any
+    target: np.ndarray
+    steps: int
 
 
 def _release_gl_context() -> None:
@@ -187,22 +199,32 @@ class TabletopEnv(gym.Env):
             truncated = self._steps >= self.max_episode_steps and not ok
             return self._obs(), float(ok), ok, truncated, self._info(ok)
 
-    def get_sim_state(self) -> tuple[Any, np.ndarray, int]:
-        """The complete dynamic state (a copy): (MjData, servo joint targets float[7] rad, control steps since the
-        reset). Restore it with set_sim_state into an env reset to the same task and scene seed (layout, colours and
-        prompt come from the reset, not from this state)."""
+    def get_sim_state(self) -> SimState:
+        """The complete dynamic state, copied (SimState). Restore it with set_sim_state into an env of the same task
+        reset to the same scene seed (layout, colours and prompt come from the reset, not from this state)."""
         with self.lock:
             data = mujoco.MjData(self.model)
             mujoco.mj_copyData(data, self.model, self.data)
-            return data, self._target.copy(), int(self._steps)
+            return SimState(self._task, data, self._target.copy(), int(self._steps))
 
-    def set_sim_state(self, state: tuple[Any, np.ndarray, int]) -> dict[str, Any]:
+    def set_sim_state(self, state: SimState) -> dict[str, Any]:
         """Overwrite physics, servo targets and step counter with a get_sim_state() copy; returns the observation
-        there. Same state + same actions afterwards -> bit-identical trajectories (MuJoCo is deterministic)."""
-        data, target, steps = state
+        there. Same state + same actions afterwards -> bit-identical trajectories (MuJoCo is deterministic).
+        A state of another task or model, or a malformed one, is refused (ValueError) and changes nothing."""
+        if not isinstance(state, SimState):
+            raise ValueError(f"set_sim_state wants a SimState from get_sim_state(), got {type(state).__name__}")
+        if state.task != self._task:
+            raise ValueError(f"sim state of task {state.task!r}, this env runs {self._task!r}")
+        d = state.data
+        sizes = [(n, getattr(d, n).shape, getattr(self.data, n).shape) for n in ("qpos", "qvel", "act", "ctrl",
+                                                                              "mocap_pos", "qacc_warmstart")]
+        bad = [f"{n} {a} vs {b}" for n, a, b in sizes if a != b]
+        target = np.asarray(state.target)
+        if bad or target.shape != self._target.shape or not np.isfinite(target).all() or state.steps < 0:
+            raise ValueError(f"sim state does not fit this env: {bad or 'bad target / step count'}")
         with self.lock:
-            mujoco.mj_copyData(self.data, self.model, data)
-            self._target, self._steps = np.array(target, copy=True), int(steps)
+            mujoco.mj_copyData(self.data, self.model, d)
+            self._target, self._steps = target.copy(), int(state.steps)
             return self._obs()
 
     def render(self) -> np.ndarray:
