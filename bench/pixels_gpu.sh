@@ -41,8 +41,9 @@ mkdir -p "$out"
 py=${PY:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MUJOCO_GL=egl PYOPENGL_PLATFORM=egl
 if compgen -G ".gl/*.deb" >/dev/null; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done
-  ldconfig
+  # into a private prefix, never over the system's own libraries (this also runs on a workstation by mistake)
+  for f in .gl/*.deb; do dpkg -x "$f" .gl/root; done
+  export LD_LIBRARY_PATH="$PWD/.gl/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 [[ -z ${__EGL_VENDOR_LIBRARY_FILENAMES:-} && -f $vendor ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
