@@ -206,6 +206,16 @@ def load_snapshot(env: Any, task: str, seed: int, snap: Snapshot) -> dict[str, A
     return copy.deepcopy(snap.obs)
 
 
+def execute(env: Any, obs: dict[str, Any], actions: Any) -> tuple[dict[str, Any], int, bool | None]:
+    """Step `env` through `actions` [n, 7] (robot units) from observation `obs` until the episode ends ->
+    (last observation, steps taken, True = success / False = time limit / None = still running)."""
+    for k, a in enumerate(actions):
+        obs, _, term, trunc, _ = env.step(np.asarray(a, dtype=np.float32))
+        if term or trunc:
+            return obs, k + 1, bool(term)
+    return obs, len(actions), None
+
+
 @torch.no_grad()
 def continue_batch(policy: Any, envs: list[Any], task: str, seed: int, snap: Snapshot, firsts: list[np.ndarray],
                    noise_seeds: list[int], n_exec: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,32 +231,25 @@ def continue_batch(policy: Any, envs: list[Any], task: str, seed: int, snap: Sna
     steps = np.zeros(m_all, dtype=np.int64)
     active, obs = [], {}
     for m in range(m_all):
-        o = load_snapshot(envs[m], task, seed, snap)
-        done = False
-        for a in firsts[m]:
-            o, _, term, trunc, _ = envs[m].step(np.asarray(a, dtype=np.float32))
-            steps[m] += 1
-            if term or trunc:
-                ok[m], done = bool(term), True
-                break
-        if not done:
+        o, n, end = execute(envs[m], load_snapshot(envs[m], task, seed, snap), firsts[m])
+        steps[m] += n
+        if end is None:
             active.append(m)
             obs[m] = o
+        else:
+            ok[m] = end
     gens = {m: torch.Generator().manual_seed(int(noise_seeds[m])) for m in active}
     while active:
         noise = torch.cat([torch.randn(1, policy.horizon, policy.action_dim, generator=gens[m]) for m in active])
         chunks = policy.act([policy_observation(obs[m]) for m in active], noise=noise)
         still = []
         for row, m in enumerate(active):
-            done = False
-            for a in chunks[row][: max(1, n_exec)]:
-                obs[m], _, term, trunc, _ = envs[m].step(a.astype(np.float32))
-                steps[m] += 1
-                if term or trunc:
-                    ok[m], done = bool(term), True
-                    break
-            if not done:
+            obs[m], n, end = execute(envs[m], obs[m], chunks[row][: max(1, n_exec)])
+            steps[m] += n
+            if end is None:
                 still.append(m)
+            else:
+                ok[m] = end
         active = still
     return ok, steps
 
