@@ -524,11 +524,82 @@ def combine(paths: list[Path], boot: int = 2000) -> dict[str, Any]:
             "per_run_seed": per, "pooled": aggregate(pooled, 12345, boot, extra)}
 
 
+def rescore(paths: list[Path], work: Path, boot: int = 2000, log: Any = print) -> dict[str, Any]:
+    """Judge ANOTHER critic on the states of earlier result files, without new continuations: per training seed
+    of each file, the SFT policy of `work` (it must be the file's SFT checkpoint, by name; the recorded episode,
+    branch step and candidate spread are checked to reproduce) and the one critic-<task>-s<seed>-* of `work`;
+    each state's episode is re-recorded, restored to its branch step by replay, the same N candidates are drawn
+    (same seeded generator) and scored by the new critic; the stored outcomes judge them (state_stats). Returns
+    the per-seed and pooled aggregates of the new critic next to the stored critic's on the same states."""
+    from critic_trainer.pipeline import load_critic
+    from qvgm.policy import load_policy
+    from qvgm.sim import TabletopEnv
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    new_states, old_states, per, critics = [], [], {}, {}
+    for path, r in zip(paths, runs, strict=True):
+        task, n_exec = r["task"], int(r["settings"]["n_exec"])
+        for seed_key, sr in r["seeds"].items():
+            seed = int(seed_key)
+            sft_dir = find_one(work, f"sft-{task}-s{seed}-*")
+            if sft_dir.name != sr["sft"]:
+                raise SystemExit(f"{path}: seed {seed} was measured with {sr['sft']}, {work} holds {sft_dir.name}")
+            hits = sorted(h for h in work.glob(f"critic-{task}-s{seed}-*") if h.is_dir() and h.suffix != ".tmp")
+            if len(hits) != 1:
+                raise SystemExit(f"rescore wants exactly one critic-{task}-s{seed}-* in {work}, found "
+                                 f"{[h.name for h in hits]}")
+            policy = load_policy(sft_dir).eval()
+            critic, meta = load_critic(hits[0])
+            kind = critic_features_kind(hits[0], meta)
+            critics[f"s{seed}"] = hits[0].name
+            env = TabletopEnv(task=task, render=False, max_episode_steps=r["settings"].get("max_episode_steps"))
+            mine, theirs = [], []
+            try:
+                for st in sr["states"]:
+                    scene, b = int(st["scene_seed"]), int(st["branch_step"])
+                    ep = record_episode(policy, env, task, scene, n_exec)
+                    if ep["steps"] != st["episode_steps"] or ep["success"] != st["episode_success"]:
+                        raise SystemExit(f"scene {scene}: the episode does not reproduce ({ep['steps']} steps, "
+                                         f"success {ep['success']}; stored {st['episode_steps']}, "
+                                         f"{st['episode_success']}): another SFT checkpoint or simulator")
+                    obs = restore(env, task, scene, ep["actions"][:b])
+                    gen = torch.Generator().manual_seed(sub_seed(seed, scene, 1))
+                    noises = torch.randn(len(st["outcomes"]), 1, policy.horizon, policy.action_dim, generator=gen)
+                    cand = sample_candidates(policy, obs, noises, n_exec, critic, kind)
+                    spread = float(cand["critic_action"].std(0).mean())
+                    if abs(spread - st["candidate_spread"]) > 1e-5:
+                        raise SystemExit(f"scene {scene}: candidates do not reproduce (spread {spread} vs "
+                                         f"{st['candidate_spread']})")
+                    outcomes = np.asarray(st["outcomes"])
+                    mine.append({"scene_seed": scene, "branch_step": b, "outcomes": st["outcomes"],
+                                 "q": [float(x) for x in cand["q"]], "q_stored": st["q"],
+                                 **state_stats(outcomes, cand["q"])})
+                    theirs.append({**st, **state_stats(outcomes, None if st["q"] is None else np.asarray(st["q"]))})
+                    log(json.dumps({"seed": seed, "scene": scene, "spearman": mine[-1].get("spearman_q_p"),
+                                    "critic_gain": mine[-1]["critic_gain"], "stored": theirs[-1].get("critic_gain")}))
+            finally:
+                env.close()
+            per[f"{Path(path).name}:s{seed}"] = {"new": aggregate(mine, seed, boot),
+                                                  "stored": aggregate(theirs, seed, boot)}
+            new_states += mine
+            old_states += theirs
+    paired = [a["critic_gain"] - b["critic_gain"] for a, b in zip(new_states, old_states, strict=True)
+              if b.get("critic_gain") is not None]
+    return {"bench": "critic_ground_truth", "rescored": [str(p) for p in paths], "work": str(work),
+            "critics": critics, "per_run_seed": per,
+            "pooled": {"new": aggregate(new_states, 12345, boot), "stored": aggregate(old_states, 12345, boot),
+                       "critic_gain_new_minus_stored": bootstrap_mean(paired, np.random.default_rng(7), boot)},
+            "states": new_states}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=None, help="a bench/learning.py --work dir (read only; a copy)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="instead of measuring: pool the states of these result files (same --n / --reps)")
+    ap.add_argument("--rescore", type=Path, nargs="+", default=None,
+                    help="instead of measuring: judge the critic of --work on these result files' states (their "
+                         "stored outcomes; the same SFT checkpoint; no continuations)")
     ap.add_argument("--task", default="pick_place")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds")
     ap.add_argument("--states", type=int, default=10, help="branch states (one per tuning scene) per seed")
@@ -548,6 +619,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = combine(args.combine, args.boot)
         text = json.dumps(res, indent=1)
         print(text)
+        if args.out:
+            args.out.write_text(text)
+        return res
+    if args.rescore:
+        if args.work is None:
+            raise SystemExit("--rescore needs --work DIR (the SFT checkpoint and the critic to judge)")
+        torch.set_num_threads(args.threads)
+        res = rescore(args.rescore, args.work, args.boot, log=lambda m: print(m, file=sys.stderr, flush=True))
+        text = json.dumps(res, indent=1)
+        print(json.dumps({k: v for k, v in res.items() if k != "states"}, indent=1))
         if args.out:
             args.out.write_text(text)
         return res

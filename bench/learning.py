@@ -348,7 +348,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     sft, sft_dir, sft_info = train_sft_policy(task, st["demos"][0], st["demo_noise"][0], s, work, args, st)
     roll_seeds = [ROLL0 + 1000 * s + k for k in range(args.rollouts)]
     assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))  # held out from training
-    buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}{'-demos' if args.buffer_demos else ''}"
+    branch = f"-b{args.branches}f{args.branch_frac:g}" if args.branches else ""
+    buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}{branch}{'-demos' if args.buffer_demos else ''}"
     if (buf_dir / "roll_info.json").exists():  # resumed --work
         roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
     else:
@@ -364,7 +365,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         roller = guard(sft)
         roll = P.collect_rollouts(roller, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
                                   max_episode_steps=args.max_episode_steps, **gym_env(args), **render_settings(args),
-                                  **extra)
+                                  branches=args.branches, branch_frac=args.branch_frac, **extra)
         if pixels:
             roll["images_checked"] = roller.summary()
         if args.buffer_demos:
@@ -535,6 +536,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="training seeds first..first+N-1 (split one benchmark over processes; pool the JSONs with "
                     "bench/learning_pool.py)")
     ap.add_argument("--rollouts", type=int, default=60, help="SFT rollout episodes in the fixed buffer")
+    ap.add_argument("--branches", type=int, default=0,
+                    help="simulation only: K more episodes from one chunk boundary of each rollout (within-state "
+                         "contrasts for the critic; critic_trainer.pipeline.collect_rollouts)")
+    ap.add_argument("--branch-frac", type=float, default=0.7, help="branch points within the first FRAC of an episode")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     ap.add_argument("--n-exec", type=int, default=5)

@@ -866,17 +866,28 @@ def policy_observation(obs: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_episode(actor: Any, env: Any, task: str, seed: int, n_exec: int = 5, noise_seed: int = 0,
-                record: Any = None, on_step: Any = None) -> dict[str, Any]:
+                record: Any = None, on_step: Any = None, on_chunk: Any = None) -> dict[str, Any]:
     """One closed-loop episode (scene seed `seed`): infer a chunk, execute its first n_exec actions, repeat until
     success or the time limit. `actor.act([obs]) -> [1, H, real]` robot units; sampling noise comes from the
     global torch RNG seeded with noise_seed. `record`: optional EpisodeWriter (frames + privileged returned).
     `on_step(action float32 [7], obs)`: optional, called after every env step with the executed action and the
-    observation it led to."""
+    observation it led to. `on_chunk(steps, obs)`: optional, called before every inference (a chunk boundary,
+    `steps` control steps into the episode)."""
     torch.manual_seed(noise_seed)
     obs, _ = env.reset(seed=seed, options={"task": task})
-    steps, ok, priv = 0, False, []
+    return run_from(actor, env, obs, n_exec=n_exec, record=record, on_step=on_step, on_chunk=on_chunk)
+
+
+def run_from(actor: Any, env: Any, obs: dict[str, Any], n_exec: int = 5, record: Any = None, on_step: Any = None,
+             on_chunk: Any = None, steps: int = 0) -> dict[str, Any]:
+    """run_episode's loop from the env's current state (`obs`, `steps` control steps into the episode) with the
+    global torch RNG as it is: until success or the env's time limit. Returns {success, steps (executed here),
+    privileged (per recorded frame)}."""
+    start, ok, priv = steps, False, []
     version = str(getattr(actor, "version", "policy"))
     while True:
+        if on_chunk is not None:
+            on_chunk(steps, obs)
         chunk = actor.act([policy_observation(obs)])[0]
         done = False
         for a in chunk[: max(1, n_exec)]:
@@ -895,7 +906,13 @@ def run_episode(actor: Any, env: Any, task: str, seed: int, n_exec: int = 5, noi
                 break
         if done:
             break
-    return {"success": ok, "steps": steps, "privileged": priv}
+    return {"success": ok, "steps": steps - start, "privileged": priv}
+
+
+def branch_noise_seed(noise_seed: int, seed: int, branch: int) -> int:
+    """Torch seed of branch `branch` (1-based) of scene `seed` in collect_rollouts (63 bit, SeedSequence)."""
+    ss = np.random.SeedSequence([int(noise_seed), int(seed), int(branch), 11])
+    return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, render: bool = False,
@@ -938,7 +955,7 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                      noise_seed: int = 0, progress: bool = False,
                      max_episode_steps: int | None = None, env: Any = None, render: bool = False,
                      cameras: Sequence[str] = ("front", "wrist"), image_size: tuple[int, int] = (224, 224),
-                     append: bool = False) -> dict[str, Any]:
+                     append: bool = False, branches: int = 0, branch_frac: float = 0.7) -> dict[str, Any]:
     """Run `actor` on scene seeds and record every episode into a replay buffer at `out` (sparse reward, success
     label from the sim detector, privileged side files). Returns a summary.
     max_episode_steps: time limit in control steps (default: the task's). env: an env to run in instead of a
@@ -947,13 +964,27 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     image_size (H, W) px, even (video encoding), and every frame's images go into the buffer's videos through the
     same EpisodeWriter path as critic_trainer.demos (a given `env` must render; its `cameras` / `image_size` are
     used). append=True adds the episodes to the dataset already at `out` (e.g. a copy of the SFT demos), whose
-    cameras and fps must match; otherwise `out` must not hold a dataset."""
+    cameras and fps must match; otherwise `out` must not hold a dataset.
+
+    branches=K > 0 (simulation only: the env must have get_sim_state / set_sim_state, as TabletopEnv): after each
+    episode, K more episodes from one of its states, so the buffer holds K + 1 different chunks at that state and
+    what followed each (within-state contrasts for the critic, which the plain rollouts never show). The branch
+    state is the chunk boundary b = n_exec * k, k uniform (default_rng([seed, 5])) with b < branch_frac * steps;
+    branch i restores it bit for bit and runs `actor` with the torch RNG seeded branch_noise_seed(noise_seed, seed,
+    i) until success or the time limit (the step counter is restored too). Each branch is a buffer episode of its
+    own (start_stamp b / control_hz, notes JSON {"branch_of": episode_index, "branch_step": b, "scene_seed": seed}).
+    """
     from critic_trainer.demos import write_privileged
     from qvgm.data import ReplayBuffer
     from qvgm.sim import TabletopEnv
 
     own = env is None
     h, w = int(image_size[0]), int(image_size[1])
+    if branches < 0 or not 0.0 < branch_frac <= 1.0:
+        raise ValueError(f"branches must be >= 0 and 0 < branch_frac <= 1, got {branches}, {branch_frac}")
+    if branches and not own and not (hasattr(env, "get_sim_state") and hasattr(env, "set_sim_state")):
+        raise ValueError(f"branches need an env that can save and restore its state (get_sim_state / set_sim_state, "
+                         f"simulation only); {type(env).__name__} cannot")
     if render and own:
         if not cameras:
             raise ValueError("render=True needs at least one camera")
@@ -981,25 +1012,57 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
             env.close()
         raise
     t0 = time.perf_counter()
-    succ, frames = 0, 0
+    totals = {"successes": 0, "frames": 0, "branch_episodes": 0, "branch_successes": 0, "branch_frames": 0}
+    stamp_dt = 1.0 / float(env.control_hz)
+
+    def record(start_stamp: float, notes: str | None, branch: bool, run: Any, *run_args: Any) -> tuple[int, dict]:
+        """run(episode_writer, *run_args) -> run_episode's dict; commit it as one buffer episode."""
+        ep = buf.begin_episode(task=env.prompt, start_stamp=start_stamp)
+        try:
+            r = run(ep, *run_args)
+        except BaseException:
+            ep.abort()
+            raise
+        index = ep.finish(success=r["success"], label_source="auto", notes=notes)
+        write_privileged(Path(out), index, np.stack(r["privileged"]))
+        pre = "branch_" if branch else ""
+        totals[f"{pre}successes"] += int(r["success"])
+        totals[f"{pre}frames"] += r["steps"]
+        totals["branch_episodes"] += int(branch)
+        return index, r
+
+    def episode(ep: Any, seed: int, snaps: dict[int, Any] | None) -> dict[str, Any]:
+        keep = None if snaps is None else (lambda k, _obs: snaps.__setitem__(k, env.get_sim_state()))
+        return run_episode(actor, env, task, seed, n_exec=n_exec, noise_seed=noise_seed + seed, record=ep,
+                           on_chunk=keep)
+
+    def branch(ep: Any, seed: int, state: Any, b: int, i: int) -> dict[str, Any]:
+        env.reset(seed=seed, options={"task": task})  # layout, colours, prompt of the scene
+        obs = env.set_sim_state(state)
+        torch.manual_seed(branch_noise_seed(noise_seed, seed, i))
+        return run_from(actor, env, obs, n_exec=n_exec, record=ep, steps=b)
+
     try:
-        for s in tqdm(list(seeds), desc=f"rollouts {task}", disable=not progress, dynamic_ncols=True):
-            ep = buf.begin_episode(task=env.prompt, start_stamp=0.0)
-            try:
-                r = run_episode(actor, env, task, int(s), n_exec=n_exec, noise_seed=noise_seed + int(s), record=ep)
-            except BaseException:
-                ep.abort()
-                raise
-            index = ep.finish(success=r["success"], label_source="auto")
-            write_privileged(Path(out), index, np.stack(r["privileged"]))
-            succ += int(r["success"])
-            frames += r["steps"]
+        for s in tqdm([int(s) for s in seeds], desc=f"rollouts {task}", disable=not progress, dynamic_ncols=True):
+            snaps: dict[int, Any] = {}
+            index, r = record(0.0, None, False, episode, s, snaps if branches else None)
+            if not branches:
+                continue
+            bounds = sorted(k for k in snaps if k < branch_frac * r["steps"]) or [0]
+            b = int(bounds[np.random.default_rng([s, 5]).integers(len(bounds))])
+            note = json.dumps({"branch_of": index, "branch_step": b, "scene_seed": s})
+            for i in range(1, branches + 1):
+                record(b * stamp_dt, note, True, branch, s, snaps[b], b, i)
     finally:
         buf.close()
         if own:
             env.close()
-    return {"episodes": len(list(seeds)), "successes": succ, "frames": frames, "seeds": [int(s) for s in seeds],
-            "wall_s": round(time.perf_counter() - t0, 2)}
+    out_info: dict[str, Any] = {"episodes": len(list(seeds)), "successes": totals["successes"],
+                                "frames": totals["frames"], "seeds": [int(s) for s in seeds]}
+    if branches:
+        out_info.update({"branches": int(branches), "branch_frac": float(branch_frac),
+                         **{k: totals[k] for k in ("branch_episodes", "branch_successes", "branch_frames")}})
+    return {**out_info, "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 # ---------------------------------------------------------------------------------------------------- cli

@@ -277,3 +277,44 @@ def test_cli_on_a_work_dir(tmp_path: Path) -> None:
     other.write_text(json.dumps({**on_disk, "settings": {**on_disk["settings"], "reps": 4}}))
     with pytest.raises(SystemExit, match="same --n and --reps"):
         G.main(["--combine", str(out), str(other)])
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def test_rescore_judges_another_critic_on_the_stored_states(tmp_path: Path) -> None:
+    """--rescore: the same states and stored outcomes, the candidates re-drawn (checked to reproduce), Q from the
+    critic of another work dir; the same critic reproduces the stored Q exactly; mismatches are refused."""
+    work = tmp_path / "w"
+    save_policy(tiny_policy(0), work / "sft-push-s0-tiny", version="sft-v1", summary={"kind": "sft"})
+    save_critic(tiny_critic(0), mkdir(work / "critic-push-s0-abc"), extra={"features": "rl-token"})
+    out = tmp_path / "gt.json"
+    G.main(["--work", str(work), "--task", "push", "--seeds", "0", "--states", "2", "--n", "3", "--reps", "2",
+            "--n-exec", str(N_EXEC), "--check-replay", "0", "--boot", "50", "--out", str(out),
+            "--max-episode-steps", "12"])
+    stored = json.loads(out.read_text())["seeds"]["0"]["states"]
+    same = G.main(["--rescore", str(out), "--work", str(work), "--boot", "50"])
+    assert [s["q"] for s in same["states"]] == [s["q"] for s in stored]
+    assert same["pooled"]["critic_gain_new_minus_stored"]["mean"] == 0.0
+    assert [s["outcomes"] for s in same["states"]] == [s["outcomes"] for s in stored]
+    other = tmp_path / "w2"
+    save_policy(tiny_policy(0), other / "sft-push-s0-tiny", version="sft-v1", summary={"kind": "sft"})
+    save_critic(tiny_critic(1), mkdir(other / "critic-push-s0-def"), extra={"features": "rl-token"})
+    res = G.main(["--rescore", str(out), "--work", str(other), "--boot", "50", "--out", str(tmp_path / "r.json")])
+    assert res["critics"] == {"s0": "critic-push-s0-def"} and res["pooled"]["new"]["states"] == 2
+    assert [s["q"] for s in res["states"]] != [s["q"] for s in stored]
+    assert json.loads((tmp_path / "r.json").read_text())["states"][0]["q_stored"] == stored[0]["q"]
+    save_critic(tiny_critic(2), mkdir(other / "critic-push-s0-ghi"), extra={"features": "rl-token"})
+    with pytest.raises(SystemExit, match="exactly one critic"):
+        G.main(["--rescore", str(out), "--work", str(other)])
+    wrong = tmp_path / "w3"
+    save_policy(tiny_policy(1), wrong / "sft-push-s0-tiny", version="sft-v1", summary={"kind": "sft"})
+    save_critic(tiny_critic(0), mkdir(wrong / "critic-push-s0-abc"), extra={"features": "rl-token"})
+    with pytest.raises(SystemExit, match="do not reproduce"):  # same name, other weights: caught by the replay
+        G.main(["--rescore", str(out), "--work", str(wrong)])
+    renamed = tmp_path / "w4"
+    save_policy(tiny_policy(0), renamed / "sft-push-s0-other", version="sft-v1", summary={"kind": "sft"})
+    with pytest.raises(SystemExit, match="was measured with"):
+        G.main(["--rescore", str(out), "--work", str(renamed)])

@@ -254,6 +254,42 @@ def test_collect_rollouts_writes_a_trainable_buffer(data, tmp_path):
     assert np.isfinite(buf.action).all() and buf.action.shape == (16, 7)
 
 
+def test_collect_rollouts_branches_give_within_state_contrasts(data, tmp_path):
+    """branches=2: after each episode two more from one of its chunk boundaries, restored bit for bit; each a
+    buffer episode of its own with its own actions there; deterministic; refused where the env cannot restore."""
+    from qvgm.data.buffer import read_episode_rows
+
+    pol = load_policy(data["policy"])
+    res = P.collect_rollouts(pol, "push", [1, 2], tmp_path / "b", n_exec=3, max_episode_steps=12, branches=2)
+    assert res["episodes"] == 2 and res["frames"] == 24 and res["branch_episodes"] == 4
+    rows = read_episode_rows(tmp_path / "b")
+    assert len(rows) == 6 and [r["notes"] is None for r in rows] == [True, False, False, True, False, False]
+    buf = P.load_buffer(tmp_path / "b", pol.horizon)
+    assert res["branch_frames"] == len(buf) - 24
+    for main in (0, 3):
+        m_rows = np.flatnonzero(buf.episode == main)
+        for k in (1, 2):
+            note = json.loads(rows[main + k]["notes"])
+            b = note["branch_step"]
+            assert note["branch_of"] == main and b % 3 == 0 and b < 0.7 * 12
+            assert rows[main + k]["start_stamp"] == pytest.approx(b / 10.0)  # the push env runs at 10 Hz
+            br = np.flatnonzero(buf.episode == main + k)
+            assert len(br) == 12 - b  # the time limit counts from the episode's start: the step counter is restored
+            # the branch starts in the main episode's state at b, bit for bit, and acts differently there
+            np.testing.assert_array_equal(buf.demo.state[br[0]], buf.demo.state[m_rows[b]])
+            np.testing.assert_array_equal(buf.demo.privileged[br[0]], buf.demo.privileged[m_rows[b]])
+            assert not np.allclose(buf.action[br[0]], buf.action[m_rows[b]])
+        assert not np.allclose(buf.action[buf.episode == main + 1][0], buf.action[buf.episode == main + 2][0])
+    again = P.collect_rollouts(pol, "push", [1, 2], tmp_path / "b2", n_exec=3, max_episode_steps=12, branches=2)
+    np.testing.assert_array_equal(P.load_buffer(tmp_path / "b2", pol.horizon).action, buf.action)
+    assert again["branch_frames"] == res["branch_frames"]
+    with pytest.raises(ValueError, match="get_sim_state"):
+        P.collect_rollouts(pol, "push", [1], tmp_path / "b3", branches=1, env=object())
+    with pytest.raises(ValueError, match="branches must be"):
+        P.collect_rollouts(pol, "push", [1], tmp_path / "b4", branches=-1)
+    assert not (tmp_path / "b3").exists() and not (tmp_path / "b4").exists()
+
+
 def test_bad_inputs(data, tmp_path):
     # only failures: nothing to rank -> clear error, nothing written
     only_fail = write_buffer(tmp_path / "fail", [False, False])
