@@ -26,7 +26,9 @@ s<s>-*, for --qvgm also buffer-... and features-<task>-s<s>) and per scene j:
 Per state: p std, max - mean (oracle best-of-N gain), its split-half cross-validated version, the
 binomial-corrected variance, Spearman(Q, p), p[argmax Q] - mean p (best-of-N with this critic). Aggregates:
 means over states with seeded bootstrap 95 % CIs (resampling states) and a permutation test of "all candidates
-equal at every state". `--combine A.json B.json` pools result files. Results: docs/results_ground_truth.md.
+equal at every state". `--combine A.json B.json` pools result files. `--rescore A.json --work W` judges
+another critic (W's, trained on other data with the same SFT checkpoint) on the stored states: the candidates are
+re-drawn (checked to reproduce) and the stored outcomes judge its Q, no continuations. Results: docs/RESULTS.md.
 
     .venv/bin/python bench/critic_ground_truth.py --work /tmp/gt/w --seeds 0 --states 10 --n 8 --reps 4
 

@@ -78,7 +78,9 @@ class BufferData:
     demo: observations + H-step action chunks (robot units) for flow matching (see critic_trainer.sft.DemoData);
     action [T, real] executed actions (robot units); reward [T] next.reward; done [T] next.done;
     episode [T] buffer episode_index; success [T] bool label of the frame's episode (False when unlabelled);
-    version [T] str policy_version of each frame ("expert" = scripted demo), None when not read.
+    version [T] str policy_version of each frame ("expert" = scripted demo), None when not read;
+    root [T] the episode each frame's episode branched from (collect_rollouts branches: notes "branch_of"; its own
+    index otherwise), None when not read: held-out splits keep an episode and its branches together.
     """
 
     demo: DemoData
@@ -89,6 +91,7 @@ class BufferData:
     success: np.ndarray
     path: str
     version: np.ndarray | None = None
+    root: np.ndarray | None = None
 
     def rollout_frames(self) -> np.ndarray:
         """bool [T]: frames of policy rollouts, i.e. of episodes with any frame not from the scripted expert
@@ -124,7 +127,7 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
         if not eps or all(r.ep_end[e] == r.ep_start[e] for e in eps):
             raise ValueError(f"the replay buffer {dataset} is empty (no kept episodes with frames)")
         priv_all = load_privileged(r)
-        rows, chunks, valid, succ = [], [], [], []
+        rows, chunks, valid, succ, roots = [], [], [], [], []
         for e in eps:
             s, t = int(r.ep_start[e]), int(r.ep_end[e])
             g = np.arange(s, t)
@@ -133,6 +136,7 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
             valid.append(idx < t)
             rows.append(g)
             succ.append(np.full(t - s, r.episodes[e].get("success") is True))
+            roots.append(np.full(t - s, branch_root(r.episodes[e])))
         g_all = np.concatenate(rows)
         images: dict[str, np.ndarray] = {}
         if with_images and r.video_keys:
@@ -146,9 +150,20 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
         return BufferData(demo=demo, action=r.action[g_all].astype(np.float32),
                           reward=r.reward[g_all].astype(np.float32), done=r.done[g_all].copy(),
                           episode=r.episode_index[g_all].copy(), success=np.concatenate(succ), path=str(dataset),
-                          version=np.asarray([str(v) for v in np.asarray(r.policy_version)[g_all]]))
+                          version=np.asarray([str(v) for v in np.asarray(r.policy_version)[g_all]]),
+                          root=np.concatenate(roots))
     finally:
         r.close()
+
+
+def branch_root(row: dict[str, Any]) -> int:
+    """The episode index an episode row branched from (collect_rollouts: notes JSON "branch_of"), else its own."""
+    try:
+        notes = json.loads(row.get("notes") or "{}")
+    except (TypeError, ValueError):  # free-text notes of other writers
+        notes = {}
+    of = notes.get("branch_of") if isinstance(notes, dict) else None
+    return int(of) if isinstance(of, int) and not isinstance(of, bool) else int(row["episode_index"])
 
 
 def check_compatible(policy: FlowPolicyBase, buf: BufferData) -> None:
@@ -380,17 +395,20 @@ def subset_transitions(tr: ChunkTransitions, keep: np.ndarray) -> ChunkTransitio
 
 def holdout_episodes(buf: BufferData, frac: float, seed: int = 0) -> np.ndarray:
     """Episode ids held out (critic evaluation, actor early stopping): a seeded `frac` of the buffer's episodes,
-    at least one successful and one failed episode when frac > 0 and both exist (stratified by outcome)."""
+    at least one successful and one failed episode when frac > 0 and both exist (stratified by outcome). Branch
+    episodes (buf.root) go wherever the episode they branched from goes: a held-out state is never trained on."""
     if frac <= 0:
         return np.zeros(0, dtype=buf.episode.dtype)
+    root = buf.episode if buf.root is None else buf.root
     rng = np.random.default_rng(seed + 31)
     out = []
     ok = set(np.unique(buf.episode[buf.success]).tolist())
-    for group in ([e for e in np.unique(buf.episode) if e in ok], [e for e in np.unique(buf.episode) if e not in ok]):
+    roots = np.unique(root)
+    for group in ([e for e in roots if e in ok], [e for e in roots if e not in ok]):
         if len(group) >= 2:
             k = min(len(group) - 1, max(1, round(frac * len(group))))
             out += rng.choice(group, size=k, replace=False).tolist()
-    return np.asarray(sorted(out), dtype=buf.episode.dtype)
+    return np.unique(buf.episode[np.isin(root, out)]).astype(buf.episode.dtype)
 
 
 def split_transitions(buf: BufferData, tr: ChunkTransitions,

@@ -280,6 +280,10 @@ def test_collect_rollouts_branches_give_within_state_contrasts(data, tmp_path):
             np.testing.assert_array_equal(buf.demo.privileged[br[0]], buf.demo.privileged[m_rows[b]])
             assert not np.allclose(buf.action[br[0]], buf.action[m_rows[b]])
         assert not np.allclose(buf.action[buf.episode == main + 1][0], buf.action[buf.episode == main + 2][0])
+    # a held-out split keeps an episode and its branches together (one root of the two: all three episodes)
+    assert buf.root.tolist() == [0 if e < 3 else 3 for e in buf.episode]
+    held = P.holdout_episodes(buf, 0.5, seed=0)
+    assert held.tolist() in ([0, 1, 2], [3, 4, 5])
     again = P.collect_rollouts(pol, "push", [1, 2], tmp_path / "b2", n_exec=3, max_episode_steps=12, branches=2)
     np.testing.assert_array_equal(P.load_buffer(tmp_path / "b2", pol.horizon).action, buf.action)
     assert again["branch_frames"] == res["branch_frames"]
