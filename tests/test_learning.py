@@ -79,3 +79,19 @@ def test_critic_cache_key_follows_every_critic_setting(tmp_path):
                for k, v in [("critic_steps", 10), ("reg_weight", 1.0), ("critic_hidden", (64,)), ("seed", 1),
                             ("critic_features", "pooled"), ("ensemble", 4), ("critic_objective", "iql")]]
     assert len({d, *others}) == len(others) + 1
+
+
+def test_branches_go_into_their_own_buffer(tmp_path):
+    """--branches 2: a buffer of its own name (the critic cache keys on it), the branch counts in the JSON, and the
+    branch episodes on disk next to the rollouts."""
+    from critic_trainer.pipeline import load_buffer
+
+    res = bench().main([*TOY, "--rollouts", "2", "--branches", "2", "--eval-episodes", "1", "--methods", "sft",
+                        "--work", str(tmp_path / "w")])
+    roll = res["tasks"]["push"]["seeds"][0]["rollouts"]
+    assert roll["episodes"] == 2 and roll["branches"] == 2 and roll["branch_episodes"] == 4
+    tag = bench().sft_tag(res["tasks"]["push"]["sft_settings"])
+    buf_dir = tmp_path / "w" / f"buffer-sft-push-s0-n1-noise0.01-steps5{tag}-r2-b2f0.7"
+    buf = load_buffer(buf_dir, 10)
+    assert len(set(buf.episode.tolist())) == 6 and len(buf) == roll["frames"] + roll["branch_frames"]
+    assert sorted(set(buf.root.tolist())) == [0, 3]  # each rollout and its two branches
