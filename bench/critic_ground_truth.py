@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 from critic_trainer.critic import QEnsemble, critic_action  # noqa: E402
 from critic_trainer.features import critic_state_features  # noqa: E402
-from critic_trainer.pipeline import policy_observation, run_episode  # noqa: E402
+from critic_trainer.pipeline import policy_observation, run_episode, run_from  # noqa: E402
 from critic_trainer.qvgm import bind_critic  # noqa: E402
 
 TUNE0 = 200_000  # tuning scene seeds (bench/learning.py); evaluation scenes start at 900_000 and are refused
@@ -135,19 +135,11 @@ def continue_episode(policy: Any, env: Any, obs: dict[str, Any], first: np.ndarr
     with noise_seed; a chunk per n_exec steps) until success or the env's time limit.
     Returns (success, steps executed here). The bench itself uses continue_batch."""
     torch.manual_seed(noise_seed)
-    steps = 0
-    for a in first:
-        obs, _, term, trunc, _ = env.step(np.asarray(a, dtype=np.float32))
-        steps += 1
-        if term or trunc:
-            return bool(term), steps
-    while True:
-        chunk = policy.act([policy_observation(obs)])[0]
-        for a in chunk[: max(1, n_exec)]:
-            obs, _, term, trunc, _ = env.step(a.astype(np.float32))
-            steps += 1
-            if term or trunc:
-                return bool(term), steps
+    obs, steps, end = execute(env, obs, first)
+    if end is not None:
+        return end, steps
+    rest = run_from(policy, env, obs, n_exec=n_exec)
+    return rest["success"], steps + rest["steps"]
 
 
 def branch_point(steps: int, n_exec: int, frac: float, rng: np.random.Generator) -> int:
