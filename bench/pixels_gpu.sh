@@ -11,6 +11,9 @@
 #       bench/learning.py --tier pixels --device $DEVICE --threads $THREADS ARGS under `timeout $LIMIT`, with --work in
 #       $WORK (outside DIR: the returned folder takes at most 8 files). DIR gets env.txt, learning_pixels.json/.log/.err.
 #       Environment: PY (python3), DEVICE (cuda), THREADS (4), LIMIT (seconds, 540), WORK (/tmp/learning_pixels_work).
+#   bash bench/pixels_gpu.sh exec DIR CMD [ARGS...]
+#       there: the same environment and check, then CMD ARGS (e.g. bench/sft_success_gpu.sh) under `timeout $LIMIT`,
+#       its output into DIR/exec.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(mujoco==4.0.0 mujoco-core==4.0.0 glfw==2.11.0 PyOpenGL==3.1.10 av==18.1.0 gymnasium==1.4.0
@@ -34,8 +37,8 @@ if [[ $mode == fetch ]]; then
   echo "carry: [\".wheels\", \".gl\"]"
   exit 0
 fi
-[[ $mode == run ]] || { echo "unknown mode $mode (fetch | run)" >&2; exit 2; }
-out=${1:?usage: bench/pixels_gpu.sh run DIR [ARGS...]}
+[[ $mode == run || $mode == exec ]] || { echo "unknown mode $mode (fetch | run | exec)" >&2; exit 2; }
+out=${1:?usage: bench/pixels_gpu.sh run DIR [ARGS...] | exec DIR CMD [ARGS...]}
 shift
 mkdir -p "$out"
 py=${PY:-python3}
@@ -47,8 +50,7 @@ if compgen -G ".gl/*.deb" >/dev/null; then
 fi
 vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 [[ -z ${__EGL_VENDOR_LIBRARY_FILENAMES:-} && -f $vendor ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
-set +e
-{
+check_env() {
   set -e
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   # install only what is missing or at another version (no index: the machine has no network)
@@ -97,9 +99,28 @@ assert np.isfinite(chunk).all()
 print("pi05-tiny acts on", pol.device, chunk.shape)
 env.close()
 EOF
-} 2>&1 | tee "$out/env.txt"
-[[ ${PIPESTATUS[0]} == 0 ]] || { echo "environment check failed: $out/env.txt" >&2; exit 1; }
+}
+set +e
+(check_env) 2>&1 | tee "$out/env.txt"
+ok=${PIPESTATUS[0]}
+if [[ $ok != 0 && -n ${OUT:-} && $EUID == 0 ]] && compgen -G ".gl/*.deb" >/dev/null; then
+  # the lent device machine only ($OUT set, root): its README's way, the GL libraries unpacked over /
+  echo "retrying with .gl unpacked into / (device README)" | tee -a "$out/env.txt"
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+  export LD_LIBRARY_PATH=${LD_LIBRARY_PATH#"$PWD/.gl/root/usr/lib/x86_64-linux-gnu"}
+  LD_LIBRARY_PATH=${LD_LIBRARY_PATH#:}
+  (check_env) 2>&1 | tee -a "$out/env.txt"
+  ok=${PIPESTATUS[0]}
+fi
+[[ $ok == 0 ]] || { echo "environment check failed: $out/env.txt" >&2; exit 1; }
 t0=$SECONDS
+if [[ $mode == exec ]]; then
+  timeout "${LIMIT:-540}" "$@" >"$out/exec.log" 2>&1
+  rc=$?
+  echo "[exec $1] rc=$rc $((SECONDS - t0)) s" | tee -a "$out/env.txt"
+  exit $rc
+fi
 timeout "${LIMIT:-540}" "$py" bench/learning.py --tier pixels --device "${DEVICE:-cuda}" --threads "${THREADS:-4}" "$@" \
   --work "${WORK:-/tmp/learning_pixels_work}" --out "$out/learning_pixels.json" \
   >"$out/learning_pixels.log" 2>"$out/learning_pixels.err"

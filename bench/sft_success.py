@@ -18,11 +18,14 @@ without it `qvgm` resolves to the shared venv's install (the main checkout).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import torch  # noqa: E402
 
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import SFTConfig, load_demo_data, rollout, train_sft  # noqa: E402
+from qvgm.devices import resolve_device  # noqa: E402
 
 DEMO_SEED0 = 0
 EVAL_SEED0 = 100_000
@@ -60,12 +64,68 @@ def bootstrap(rates: list[float], iters: int = 2000, seed: int = 0) -> tuple[flo
     return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
 
 
+@contextlib.contextmanager
+def _stop_after_episode():
+    """While active, SIGTERM sets the yielded event instead of killing the process: the evaluation loop stops
+    after the episode in progress and the seed is reported on the episodes done so far (the held-out seeds run in
+    a fixed order, so a prefix of them is still an unbiased sample). Outside it SIGTERM kills as usual."""
+    stop = threading.Event()
+    old = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if stop.is_set():
+            print(json.dumps({"warning": "SIGTERM: evaluation stopped early"}), flush=True)
+
+
+def summarise(task: str, demos: int, frames: int, per_seed: list[dict]) -> dict:
+    """One (task, demos) row: episodes pooled over training seeds (Wilson) and per-seed rates (bootstrap)."""
+    k_all = sum(p["success"] for p in per_seed)
+    n_all = sum(p["episodes"] for p in per_seed)
+    return {"task": task, "demos": demos, "frames": frames, "success_mean": k_all / n_all,
+            "wilson95": wilson(k_all, n_all), "bootstrap95_over_seeds": bootstrap([p["rate"] for p in per_seed]),
+            "per_seed": per_seed}
+
+
+POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds")
+
+
+def pool(runs: list[dict]) -> dict:
+    """Merge outputs of one setting run as separate processes (e.g. one per training seed). Refuses runs whose
+    settings differ or that repeat a (task, demos, seed); rows are re-summarised over all their seeds."""
+    if not runs:
+        raise ValueError("nothing to pool")
+    for r in runs[1:]:
+        diff = [k for k in POOLED_SETTINGS if r.get(k) != runs[0].get(k)]
+        if diff:
+            raise ValueError(f"cannot pool runs with different settings: {diff}")
+    rows: dict[tuple[str, int], dict] = {}
+    for r in runs:
+        for row in r["results"]:
+            cur = rows.setdefault((row["task"], row["demos"]), {"frames": row["frames"], "per_seed": []})
+            if cur["frames"] != row["frames"]:
+                raise ValueError(f"{row['task']}/{row['demos']}: runs trained on different data "
+                                 f"({cur['frames']} vs {row['frames']} frames)")
+            seen = {p["seed"] for p in cur["per_seed"]}
+            dup = seen & {p["seed"] for p in row["per_seed"]}
+            if dup:
+                raise ValueError(f"{row['task']}/{row['demos']}: training seed(s) {sorted(dup)} appear twice")
+            cur["per_seed"] += row["per_seed"]
+    results = [summarise(t, n, v["frames"], sorted(v["per_seed"], key=lambda p: p["seed"]))
+               for (t, n), v in sorted(rows.items())]
+    return {**{k: runs[0][k] for k in runs[0] if k not in ("results", "wall_s")}, "results": results,
+            "pooled_from": len(runs), "wall_s": [r.get("wall_s") for r in runs]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="state")
     ap.add_argument("--tasks", nargs="+", default=["pick_place", "push", "stack"])
     ap.add_argument("--demos", nargs="+", type=int, default=[10, 20])
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per (task, demos)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="training seeds are first-seed .. first-seed + seeds - 1 (one process per seed, then --pool)")
     ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per training seed")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -84,18 +144,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep demos, checkpoints and SFT logs (scalars.jsonl) in this directory")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="instead of running: merge these outputs of one setting (per-seed processes) into one")
     args = ap.parse_args(argv)
+    if args.pool:
+        out = pool([json.loads(f.read_text()) for f in args.pool])
+        text = json.dumps(out, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return out
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
     state_only = args.config == "state"
     t_all = time.perf_counter()
     results = []
     policy_flags: dict = {}
+    stopped = False  # a SIGTERM during an evaluation: report what is done, train nothing more
     with tempfile.TemporaryDirectory(prefix="sft_bench_") as tmp:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
             tmp = str(args.keep)
         for task in args.tasks:
+            if stopped:
+                break
             root = Path(tmp) / task
             demo = collect_demos(task, max(args.demos), root, noise=args.noise, seed=DEMO_SEED0,
                                  image_size=tuple(args.image_size), render=not state_only)
@@ -103,9 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
             for n in args.demos:
+                if stopped:
+                    break
                 data = load_demo_data([root], 10, with_images=not state_only, max_episodes=n)
                 per_seed = []
-                for s in range(args.seeds):
+                for s in range(args.first_seed, args.first_seed + args.seeds):
+                    if stopped:
+                        break
                     t0 = time.perf_counter()
                     ck = str(Path(tmp) / f"ck-{task}-{n}-{s}")
                     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=ck,
@@ -118,27 +194,35 @@ def main(argv: list[str] | None = None) -> dict:
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth") if k in cfg_d}
-                    runs = [rollout(res["policy"], task, e, n_exec=args.n_exec, image_size=tuple(args.image_size),
-                                    noise_seed=e, compare_expert=args.action_error) for e in eval_seeds]
+                    runs = []
+                    with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
+                        for e in eval_seeds:
+                            if stop.is_set():
+                                break
+                            runs.append(rollout(res["policy"], task, e, n_exec=args.n_exec,
+                                                image_size=tuple(args.image_size), noise_seed=e,
+                                                compare_expert=args.action_error))
+                        stopped = stop.is_set()
+                    if not runs:
+                        raise SystemExit(f"{task}/{n} seed {s}: stopped before the first evaluation episode")
                     k = sum(r["success"] for r in runs)
                     errs = [r["action_error"] for r in runs if r["action_error"] is not None]
                     per_seed.append({"seed": s, "success": k, "episodes": len(runs), "rate": k / len(runs),
+                                     **({"stopped_early": True} if len(runs) < len(eval_seeds) else {}),
                                      "final_loss": round(res["final_loss"], 4), "train_s": round(t_train, 1),
                                      "eval_s": round(time.perf_counter() - t0 - t_train, 1),
                                      **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {})})
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
-                k_all = sum(p["success"] for p in per_seed)
-                n_all = sum(p["episodes"] for p in per_seed)
-                rates = [p["rate"] for p in per_seed]
-                results.append({"task": task, "demos": n, "frames": len(data),
-                                "success_mean": k_all / n_all, "wilson95": wilson(k_all, n_all),
-                                "bootstrap95_over_seeds": bootstrap(rates), "per_seed": per_seed})
+                if per_seed:
+                    results.append(summarise(task, n, len(data), per_seed))
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
-           "n_exec": args.n_exec, "device": args.device,
+           "n_exec": args.n_exec, "device": str(resolve_device(args.device)),
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       **({"cuda_device": torch.cuda.get_device_name(resolve_device(args.device))}
+                          if resolve_device(args.device).type == "cuda" else {})},
            "results": results, "wall_s": round(time.perf_counter() - t_all, 1)}
     text = json.dumps(out, indent=1)
     print(text)

@@ -1,0 +1,118 @@
+"""bench/sft_success.py: one process per training seed (--first-seed), pooling their outputs (--pool), and a time
+limit's SIGTERM ending the evaluation early with the episodes done so far reported (bench/sft_success_gpu.sh)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_sft_success", ROOT / "bench" / "sft_success.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tmp: Path, name: str, *extra: str) -> tuple[dict, str]:
+    out = tmp / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MUJOCO_GL": "egl"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "sft_success.py"), "--config", "state", "--tasks", "push",
+                        "--demos", "2", "--seeds", "1", "--steps", "3", "--batch-size", "8", "--episodes", "1",
+                        "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(out.read_text()), p.stdout
+
+
+def test_per_seed_processes_pool_into_one_row(tmp_path):
+    bench = _bench()
+    a, _ = _run(tmp_path, "s0", "--first-seed", "0")
+    b, _ = _run(tmp_path, "s1", "--first-seed", "1")
+    assert [p["seed"] for p in a["results"][0]["per_seed"]] == [0]
+    assert [p["seed"] for p in b["results"][0]["per_seed"]] == [1]
+    pooled = bench.main(["--pool", str(tmp_path / "s1.json"), str(tmp_path / "s0.json"),
+                         "--out", str(tmp_path / "pooled.json")])
+    row = pooled["results"][0]
+    assert (row["task"], row["demos"], pooled["pooled_from"]) == ("push", 2, 2)
+    assert [p["seed"] for p in row["per_seed"]] == [0, 1]  # sorted, both kept
+    k = sum(p["success"] for p in row["per_seed"])
+    assert row["success_mean"] == k / 2 and list(row["wilson95"]) == list(bench.wilson(k, 2))
+    assert json.loads((tmp_path / "pooled.json").read_text())["results"] == json.loads(json.dumps(pooled["results"]))
+    # the same seed twice, or runs of different settings, are refused with the reason
+    with pytest.raises(ValueError, match="appear twice"):
+        bench.pool([a, a])
+    with pytest.raises(ValueError, match="different settings.*steps"):
+        bench.pool([a, {**b, "steps": 4}])
+    with pytest.raises(ValueError, match="different data"):
+        bench.pool([a, {**b, "results": [{**b["results"][0], "frames": 1}]}])
+
+
+def test_sigterm_stops_evaluation_after_the_episode_in_progress():
+    bench = _bench()
+    before = signal.getsignal(signal.SIGTERM)
+    with bench._stop_after_episode() as stop:
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)  # would kill the test process without the handler
+        for _ in range(100):
+            if stop.is_set():
+                break
+            time.sleep(0.01)
+        assert stop.is_set()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_during_evaluation_reports_the_episodes_done(tmp_path):
+    out = tmp_path / "stopped.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sft_success.py"), "--config", "state", "--tasks",
+                          "push", "--demos", "2", "--seeds", "2", "--steps", "3", "--batch-size", "8",
+                          "--episodes", "200", "--keep", str(tmp_path / "keep"), "--out", str(out)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # seed 0's checkpoint is written when its training ends; then its 200 evaluation episodes start
+    ckpt = tmp_path / "keep" / "ck-push-2-0" / "model.safetensors"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ckpt.exists() and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(5)
+    assert p.poll() is None, p.stderr.read()[-2000:]
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    res = json.loads(out.read_text())
+    seeds = res["results"][0]["per_seed"]
+    assert [s["seed"] for s in seeds] == [0]  # seed 1 is never trained after the stop
+    assert seeds[0]["stopped_early"] and 1 <= seeds[0]["episodes"] < 200
+    assert "evaluation stopped early" in stdout
+
+
+def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
+    """The device-machine path, here on the CPU with pi05-tiny: bench/pixels_gpu.sh exec checks the environment
+    (EGL render of both cameras, pi05 acting), then bench/sft_success_gpu.sh runs one process per seed and pools."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "CONFIG": "pi05-tiny", "STEPS": "2", "EPISODES": "1",
+           "TASKS": "push", "DEMOS": "2", "SEEDS": "0 1", "VARIANTS": "delta", "JOB_LIMIT": "400", "LIMIT": "500"}
+    p = subprocess.run(["bash", "bench/pixels_gpu.sh", "exec", str(out), "bash", "bench/sft_success_gpu.sh", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:] + (out / "exec.log").read_text()[-3000:]
+    check = (out / "env.txt").read_text()
+    assert "render ok" in check and "pi05-tiny acts on cpu" in check and "[exec bash] rc=0" in check
+    pooled = json.loads((out / "sft_pi05small_delta.json").read_text())
+    assert pooled["config"] == "pi05-tiny" and pooled["policy"] == {"delta_actions": True}
+    assert pooled["device"] == "cpu" and pooled["pooled_from"] == 2
+    row = pooled["results"][0]
+    assert (row["task"], row["demos"]) == ("push", 2) and [s["seed"] for s in row["per_seed"]] == [0, 1]
+    assert all(s["episodes"] == 1 for s in row["per_seed"])
+    with tarfile.open(out / "sft_pi05small_runs.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"delta-push-2-s0.json", "delta-push-2-s0.log", "delta-push-2-s1.json", "delta-push-2-s1.log"} <= names
