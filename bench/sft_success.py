@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "hidden", "head_hidden", "head_depth") if k in cfg_d}
                     runs = []
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
+                        print(json.dumps({"evaluating": task, "demos": n, "seed": s, "episodes": len(eval_seeds)}),
+                              flush=True)
                         for e in eval_seeds:
                             if stop.is_set():
                                 break

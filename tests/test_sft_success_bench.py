@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,17 +78,20 @@ def test_sigterm_during_evaluation_reports_the_episodes_done(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sft_success.py"), "--config", "state", "--tasks",
                           "push", "--demos", "2", "--seeds", "2", "--steps", "3", "--batch-size", "8",
-                          "--episodes", "200", "--keep", str(tmp_path / "keep"), "--out", str(out)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # seed 0's checkpoint is written when its training ends; then its 200 evaluation episodes start
-    ckpt = tmp_path / "keep" / "ck-push-2-0" / "model.safetensors"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not ckpt.exists() and p.poll() is None:
+                          "--episodes", "200", "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                         stderr=(tmp_path / "stderr.txt").open("w"), text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240  # seed 0's training, then its 200 evaluation episodes start
+    while time.monotonic() < deadline and p.poll() is None and not any('"evaluating"' in x for x in lines):
         time.sleep(0.2)
-    time.sleep(5)
-    assert p.poll() is None, p.stderr.read()[-2000:]
+    time.sleep(1)
+    assert p.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
     p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=120)
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    stdout, stderr = "".join(lines), (tmp_path / "stderr.txt").read_text()
     assert p.returncode == 0, stderr[-2000:]
     res = json.loads(out.read_text())
     seeds = res["results"][0]["per_seed"]
