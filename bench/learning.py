@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
-from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES  # noqa: E402
+from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES, qvgm_ascent_lr  # noqa: E402
 from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E402
 from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device  # noqa: E402
 from qvgm.policy import load_policy  # noqa: E402
@@ -155,6 +155,11 @@ def parse_flags(items: list[str] | None) -> dict[str, Any] | None:
             raise SystemExit(f"--state-flags wants KEY=VALUE, got {it!r}")
         out[k] = (v == "1") if v in ("0", "1") else (int(v) if v.lstrip("-").isdigit() else float(v))
     return out
+
+
+def ascent_lr(task: str, args: argparse.Namespace) -> float:
+    """Q-VGM's ascent step for `task`: --ascent-lr when given, else the task's (critic_trainer.recipes)."""
+    return qvgm_ascent_lr(task) if args.ascent_lr is None else float(args.ascent_lr)
 
 
 def sft_settings(task: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -383,7 +388,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                            critic_batch=args.critic_batch, critic_hidden=tuple(args.critic_hidden),
                            reg_weight=args.reg_weight,
                            actor_steps=args.actor_steps,
-                           actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
+                           actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=ascent_lr(task, args),
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m,
                            max_shift=args.max_shift, trust_origin=args.trust_origin, **P.baseline_settings(args),
                            **({"critic_features": args.critic_features} if args.critic_features else {}))
@@ -550,7 +555,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)
-    ap.add_argument("--ascent-lr", type=float, default=P.ImproveConfig.ascent_lr, help="Q-VGM ascent step alpha")
+    ap.add_argument("--ascent-lr", type=float, default=None,
+                    help="Q-VGM ascent step alpha (default: the task's, critic_trainer.recipes.qvgm_ascent_lr)")
     ap.add_argument("--gate-m", type=int, default=5)
     ap.add_argument("--max-shift", type=float, default=P.ImproveConfig.max_shift,
                     help="Q-VGM trust region: RMS bound of A_Q from its origin per critic coordinate (normalised)")
@@ -604,7 +610,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         summary[m]["vs_sft_paired"] = P.paired_comparison(
                             [o for r in seeds for o in r["methods"][m]["outcomes"]],
                             [o for r in seeds for o in r["methods"]["sft"]["outcomes"]])
-                tasks[task] = {"summary": summary, "seeds": seeds, "sft_settings": sft_settings(task, args)}
+                tasks[task] = {"summary": summary, "seeds": seeds, "sft_settings": sft_settings(task, args),
+                               "qvgm_ascent_lr": ascent_lr(task, args)}
             result = {"mode": "diagnostic (tuning seeds)" if args.on_tuning_seeds else "benchmark",
                       "eval_seeds": f"{seed0}..{seed0 + args.eval_episodes - 1}",
                       "tasks": tasks}

@@ -1124,8 +1124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor-steps", type=int, default=300)
     p.add_argument("--actor-lr", type=float, default=1e-4)
     p.add_argument("--ascent-lr", type=float, default=ImproveConfig.ascent_lr,
-                   help="Q-VGM ascent step alpha, normalised units (chosen on tuning seeds: docs/RESULTS.md, "
-                        "Q-VGM's projection box)")
+                   help="Q-VGM ascent step alpha, normalised units (chosen on pick_place tuning seeds: "
+                        "docs/RESULTS.md, Q-VGM's projection box; the built-in stack task uses 0.005, "
+                        "critic_trainer.recipes)")
     p.add_argument("--ascent-steps", type=int, default=4, help="J")
     p.add_argument("--bc-weight", type=float, default=0.0)
     p.add_argument("--steps-per-sample", type=int, default=None,

@@ -1,5 +1,5 @@
-"""Per-task SFT recipes for the built-in tabletop tasks: one table read by the loop (`make demo`) and the learning
-benchmark (bench/learning.py), so both start from the same SFT policy quality.
+"""Per-task SFT recipes and Q-VGM step sizes for the built-in tabletop tasks: one table read by the loop (`make demo`)
+and the learning benchmark (bench/learning.py), so both start from the same SFT policy quality and improve it alike.
 
 Chosen on TUNING seeds 200000+ only (never evaluation seeds 900000+ nor bench/sft_success.py's held-out 100000+) so
 that SFT of the `state` backbone lands inside the 40-75 % success band the benchmark needs. Source:
@@ -28,6 +28,19 @@ SFT_RECIPES: dict[str, dict[str, Any]] = {
 # any other task / --env-spec env: the benchmark's earlier defaults, no tabletop flags
 FALLBACK_RECIPE: dict[str, Any] = {"demos": 5, "demo_noise": 0.01, "sft_steps": 1000, "state_flags": {}, "ema": 0.0,
                                    "success_only": False}
+
+
+# Q-VGM ascent step alpha (normalised action units per step) where a task needs its own; others use the default,
+# chosen on pick_place tuning scenes. stack: chosen on stack TUNING scenes 200000-200199, training seeds 1-2, from
+# {0.0025, 0.005, 0.01, 0.02} (bench/results/learning_state_stack_ascent_tuning_s12_2026-11-26.json); held out it ties
+# SFT (51.2 vs 50.4 %) where 0.02 lost 14 points (docs/RESULTS.md, "stack with its own Q-VGM step size").
+DEFAULT_QVGM_ASCENT_LR = 0.02  # = critic_trainer.pipeline.ImproveConfig.ascent_lr (a test keeps them equal)
+QVGM_ASCENT_LR: dict[str, float] = {"stack": 0.005}
+
+
+def qvgm_ascent_lr(task: str) -> float:
+    """The Q-VGM ascent step alpha of `task` (DEFAULT_QVGM_ASCENT_LR where none was chosen for it)."""
+    return QVGM_ASCENT_LR.get(task, DEFAULT_QVGM_ASCENT_LR)
 
 
 def sft_recipe(task: str) -> dict[str, Any]:

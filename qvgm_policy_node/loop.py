@@ -20,7 +20,8 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
             eval      evaluation episodes through ROS (recorded into WORK/rounds/rN/eval) of the serving version on
                       scene seeds seed + EVAL_SEED + k; only episodes whose every frame that version served count
   Q-VGM settings follow bench/learning.py (critic 256x256, Cal-QL w 0.1, batch 256; actor 300 steps, lr 1e-4,
-  batch 64, ascent lr = ImproveConfig.ascent_lr (0.02), action box = the buffer's range, gate = last 5 of K = 10).
+  batch 64, ascent lr = the task's (critic_trainer.recipes.qvgm_ascent_lr: 0.02, stack 0.005), action box = the
+  buffer's range, gate = last 5 of K = 10).
   A table (round 0 = SFT, then each round: serving version, success rate, 95 % Wilson CI, change vs round 0,
   episodes), WORK/summary.json (rows, per-stage wall times, control-loop health of every ROS stage, critic
   quality and actor Q before/after per round) and WORK/loop.png close the run. Progress lines:
@@ -164,13 +165,16 @@ def stage_sft(args: argparse.Namespace, work: Path, demos: Path, state: LoopStat
 
 
 def improve_config(args: argparse.Namespace) -> Any:
-    """The loop's ImproveConfig: Q-VGM with bench/learning.py's settings (CLI values override)."""
+    """The loop's ImproveConfig: Q-VGM with bench/learning.py's settings and the task's ascent step (CLI values
+    override)."""
     from critic_trainer.pipeline import ImproveConfig
+    from critic_trainer.recipes import qvgm_ascent_lr
 
+    alpha = qvgm_ascent_lr(args.task) if args.ascent_lr is None else args.ascent_lr
     return ImproveConfig(method="qvgm", critic_steps=args.critic_steps, critic_hidden=tuple(args.critic_hidden),
                          critic_batch=args.critic_batch, reg_weight=args.reg_weight, actor_steps=args.actor_steps,
                          critic_rollout_fraction=args.critic_rollout_fraction,
-                         actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=args.ascent_lr,
+                         actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=alpha,
                          gate_last_m=args.gate_m, seed=args.seed)
 
 
@@ -690,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--actor-steps", type=int, default=300)
     g.add_argument("--actor-lr", type=float, default=1e-4)
     g.add_argument("--actor-batch", type=int, default=64)
-    g.add_argument("--ascent-lr", type=float, default=0.02, help="Q-VGM ascent step alpha (ImproveConfig's default)")
+    g.add_argument("--ascent-lr", type=float, default=None,
+                   help="Q-VGM ascent step alpha (default: the task's, critic_trainer.recipes.qvgm_ascent_lr)")
     g.add_argument("--gate-m", type=int, default=5, help="Q-VGM gate: the last M of K denoising steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -702,14 +707,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_recipe(args: argparse.Namespace) -> None:
-    """Fill the SFT settings not given on the command line from the task's recipe (critic_trainer.recipes); the
-    StateConfig flags apply to the `state` backbone only (args.sft_overrides)."""
-    from critic_trainer.recipes import sft_recipe
+    """Fill the SFT settings and the Q-VGM ascent step not given on the command line from the task's recipe
+    (critic_trainer.recipes); the StateConfig flags apply to the `state` backbone only (args.sft_overrides)."""
+    from critic_trainer.recipes import qvgm_ascent_lr, sft_recipe
 
     r = sft_recipe(args.task)
     for key in ("demos", "demo_noise", "sft_steps", "ema", "success_only"):
         if getattr(args, key) is None:
             setattr(args, key, r[key])
+    if args.ascent_lr is None:
+        args.ascent_lr = qvgm_ascent_lr(args.task)
     args.sft_overrides = dict(r["state_flags"]) if args.backbone == "state" else {}
 
 

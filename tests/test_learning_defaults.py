@@ -59,3 +59,22 @@ def test_cli_values_override_the_table() -> None:
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         b.parse_flags(["delta_actions"])
     assert b.sft_settings("some_other_env", _args())["demos"] == [b.FALLBACK_SFT["demos"]]
+
+
+def test_qvgm_step_per_task_is_backed_by_its_tuning_run_and_cli_overrides() -> None:
+    """The per-task Q-VGM steps (critic_trainer.recipes) were chosen on TUNING scenes: stack's JSON records the
+    candidates on scenes 200000+ and the chosen step is the best of them; the default equals ImproveConfig's."""
+    from critic_trainer.pipeline import ImproveConfig
+    from critic_trainer.recipes import DEFAULT_QVGM_ASCENT_LR, QVGM_ASCENT_LR, qvgm_ascent_lr
+
+    b = bench()
+    assert DEFAULT_QVGM_ASCENT_LR == ImproveConfig.ascent_lr == qvgm_ascent_lr("push") == qvgm_ascent_lr("pick_place")
+    tune = json.loads((ROOT / "bench" / "results" / "learning_state_stack_ascent_tuning_s12_2026-11-26.json")
+                      .read_text())
+    assert tune["eval_seeds"].startswith("200000")
+    assert all(r["mode"] == "diagnostic (tuning seeds)" for r in tune["runs"])
+    best = max(tune["qvgm_by_ascent_lr"].items(), key=lambda kv: kv[1]["successes"])
+    assert float(best[0]) == tune["chosen"] == QVGM_ASCENT_LR["stack"] == qvgm_ascent_lr("stack")
+    assert b.ascent_lr("stack", argparse.Namespace(ascent_lr=None)) == 0.005
+    assert b.ascent_lr("push", argparse.Namespace(ascent_lr=None)) == ImproveConfig.ascent_lr
+    assert b.ascent_lr("stack", argparse.Namespace(ascent_lr=0.03)) == 0.03

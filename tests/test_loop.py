@@ -112,6 +112,11 @@ def test_recipe_defaults_and_cli_overrides() -> None:
     loop.resolve_recipe(args)
     assert (args.demos, args.sft_steps, args.success_only) == (7, 11, False)
     assert args.demo_noise == sft_recipe("stack")["demo_noise"] and args.sft_overrides == {}  # flags: state only
+    # the Q-VGM step is the task's (stack chose its own on tuning scenes) unless given
+    assert args.ascent_lr == 0.005 and loop.improve_config(args).ascent_lr == 0.005
+    args = loop.build_parser().parse_args(["--task", "stack", "--ascent-lr", "0.01"])
+    loop.resolve_recipe(args)
+    assert loop.improve_config(args).ascent_lr == 0.01
 
 
 def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
