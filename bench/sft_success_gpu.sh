@@ -2,13 +2,16 @@
 # The pi05-small rows of the SFT success table (issue 3) on one CUDA GPU: bench/sft_success.py as one process per
 # (variant, task, demos, training seed), all at once, then pooled per variant. On the lent device machine:
 #   bash bench/pixels_gpu.sh exec $OUT bash bench/sft_success_gpu.sh $OUT
-# Environment: PY (python3), CONFIG (pi05-small), DEVICE (cuda), SEEDS ("0 1"), TASKS ("pick_place push stack"), DEMOS ("10 20"), VARIANTS ("delta"),
-# STEPS (1500), EPISODES (20), JOB_LIMIT (seconds per process, 450: SIGTERM then stops its evaluation after the
-# episode in progress and the seed is reported on the episodes done), EXTRA (more sft_success.py arguments).
-# DIR gets sft_pi05small_<variant>.json (pooled) and sft_pi05small_runs.tar.gz (every process's JSON and log).
+# Environment (defaults = the run in docs/RESULTS.md, "pi05-small SFT success on a GPU"): PY (python3), CONFIG
+# (pi05-small), DEVICE (cuda), VARIANTS ("delta"; "default" = absolute actions), TASKS ("pick_place push stack"),
+# DEMOS ("10 20"), SEEDS ("0 1 2"), STEPS (1000), EPISODES (20), JOB_LIMIT (seconds per process, 450: its SIGTERM
+# stops the evaluation after the episode in progress and the seed is reported on the episodes done), EXTRA (more
+# sft_success.py arguments). DIR gets sft_<config>_<variant>.json (pooled) and sft_runs.tar.gz (every process's JSON
+# and log).
 set -u
 out=${1:?usage: bench/sft_success_gpu.sh DIR}
 py=${PY:-python3}
+config=${CONFIG:-pi05-small}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 runs=$(mktemp -d /tmp/sft_runs.XXXX)
@@ -17,11 +20,11 @@ pids=()
 for v in ${VARIANTS:-delta}; do
   for task in ${TASKS:-pick_place push stack}; do
     for n in ${DEMOS:-10 20}; do
-      for s in ${SEEDS:-0 1}; do
+      for s in ${SEEDS:-0 1 2}; do
         name=$v-$task-$n-s$s
         # shellcheck disable=SC2086
-        timeout -k 60 "${JOB_LIMIT:-450}" "$py" bench/sft_success.py --config "${CONFIG:-pi05-small}" --tasks "$task" --demos "$n" \
-          --seeds 1 --first-seed "$s" --steps "${STEPS:-1500}" --batch-size 64 --lr 5e-4 --warmup 100 \
+        timeout -k 60 "${JOB_LIMIT:-450}" "$py" bench/sft_success.py --config "$config" --tasks "$task" \
+          --demos "$n" --seeds 1 --first-seed "$s" --steps "${STEPS:-1000}" --batch-size 64 --lr 5e-4 --warmup 100 \
           --episodes "${EPISODES:-20}" --device "${DEVICE:-cuda}" ${flags[$v]} ${EXTRA:-} \
           --out "$runs/$name.json" >"$runs/$name.log" 2>&1 &
         pids+=($!)
@@ -36,7 +39,8 @@ for v in ${VARIANTS:-delta}; do
   files=$(ls "$runs"/$v-*.json 2>/dev/null)
   [[ -n $files ]] || { echo "$v: no process finished"; continue; }
   # shellcheck disable=SC2086
-  "$py" bench/sft_success.py --pool $files --out "$out/sft_pi05small_$v.json" | grep -E '"(task|demos|success_mean|pooled_from)"'
+  "$py" bench/sft_success.py --pool $files --out "$out/sft_${config}_$v.json" \
+    | grep -E '"(task|demos|success_mean|pooled_from)"'
 done
 grep -h '^{"task"' "$runs"/*.log
-tar -czf "$out/sft_pi05small_runs.tar.gz" -C "$runs" .
+tar -czf "$out/sft_runs.tar.gz" -C "$runs" . && rm -rf "$runs"

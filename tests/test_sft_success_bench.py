@@ -111,12 +111,12 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:] + (out / "exec.log").read_text()[-3000:]
     check = (out / "env.txt").read_text()
     assert "render ok" in check and "pi05-tiny acts on cpu" in check and "[exec bash] rc=0" in check
-    pooled = json.loads((out / "sft_pi05small_delta.json").read_text())
+    pooled = json.loads((out / "sft_pi05-tiny_delta.json").read_text())
     assert pooled["config"] == "pi05-tiny" and pooled["policy"] == {"delta_actions": True}
     assert pooled["device"] == "cpu" and pooled["pooled_from"] == 2
     row = pooled["results"][0]
     assert (row["task"], row["demos"]) == ("push", 2) and [s["seed"] for s in row["per_seed"]] == [0, 1]
     assert all(s["episodes"] == 1 for s in row["per_seed"])
-    with tarfile.open(out / "sft_pi05small_runs.tar.gz") as tar:
+    with tarfile.open(out / "sft_runs.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {"delta-push-2-s0.json", "delta-push-2-s0.log", "delta-push-2-s1.json", "delta-push-2-s1.log"} <= names
