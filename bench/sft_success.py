@@ -217,14 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 if per_seed:
                     results.append(summarise(task, n, len(data), per_seed))
+    device = resolve_device(args.device)
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
-           "n_exec": args.n_exec, "device": str(resolve_device(args.device)),
+           "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       **({"cuda_device": torch.cuda.get_device_name(resolve_device(args.device))}
-                          if resolve_device(args.device).type == "cuda" else {})},
+                       **({"cuda_device": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
            "results": results, "wall_s": round(time.perf_counter() - t_all, 1)}
     text = json.dumps(out, indent=1)
     print(text)
