@@ -88,7 +88,8 @@ def summarise(task: str, demos: int, frames: int, per_seed: list[dict]) -> dict:
             "per_seed": per_seed}
 
 
-POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds")
+POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
+                   "image_shift", "render_size")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="policy config override, e.g. delta_actions=true (repeatable)")
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
+    ap.add_argument("--image-shift", type=int, default=0, metavar="PX",
+                    help="SFT random-shift image augmentation, up to PX px at the model's resolution (0 = off)")
     ap.add_argument("--action-error", action="store_true",
                     help="also report the mean |policy - noiseless expert| action error (rad / m) of each rollout")
     ap.add_argument("--keep", type=Path, default=None,
@@ -188,12 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
                                     steps=args.steps, seed=s, batch_size=args.batch_size, lr=args.lr,
                                     warmup=args.warmup,
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
-                                    device=args.device)
+                                    device=args.device, image_shift=args.image_shift)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
-                                                          "hidden", "head_hidden", "head_depth") if k in cfg_d}
+                                                          "hidden", "head_hidden", "head_depth", "image_size")
+                                    if k in cfg_d}
                     runs = []
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
                         print(json.dumps({"evaluating": task, "demos": n, "seed": s, "episodes": len(eval_seeds)}),
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
+           "image_shift": args.image_shift, "render_size": list(args.image_size),
            "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,

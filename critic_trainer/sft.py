@@ -203,6 +203,10 @@ class SFTConfig:
     # EMA of the weights (0 = off): after every step ema <- ema_decay * ema + (1 - ema_decay) * weights, and the
     # checkpoint holds the EMA weights. Warm-started: the effective decay is min(ema_decay, (1 + k) / (10 + k)).
     ema_decay: float = 0.0
+    # random-shift image augmentation (DrQ-style; 0 = off): each training image, per sample and camera, is padded by
+    # `image_shift` px at the model's input resolution (edge pixels repeated) and cropped back at a random offset in
+    # [0, 2 * image_shift] px along each axis. Pixel backbones only; evaluation and inference never shift.
+    image_shift: int = 0
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -215,6 +219,8 @@ class SFTConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.image_shift < 0:
+            raise ValueError(f"image_shift must be >= 0 px, got {self.image_shift}")
 
     @property
     def work(self) -> Path:
@@ -225,8 +231,9 @@ class SFTConfig:
         d = dataclasses.asdict(self)
         for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version", "device"):
             d.pop(k)
-        if not d["ema_decay"]:  # keys of runs saved before EMA existed stay valid
-            d.pop("ema_decay")
+        for k in ("ema_decay", "image_shift"):  # keys of runs saved before these existed stay valid
+            if not d[k]:
+                d.pop(k)
         return d
 
 
@@ -293,6 +300,26 @@ def encode_inputs(policy: FlowPolicyBase, data: DemoData, chunk: int = 256) -> d
         for k, v in inp.items():
             out.setdefault(k, []).append(v.half() if k == "images" else v)
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift every image by a random whole number of pixels in [-pad, pad] along each axis, edges repeated.
+
+    images: [..., C, S, S] (e.g. [B, n_cam, 3, S, S] in [-1, 1]), on any device; the offsets are drawn on the CPU
+    from `generator` (one (dy, dx) per image), so a seed gives the same shifts on every device. pad = 0 returns
+    `images` unchanged. A masked (constant) camera image stays constant.
+    """
+    if pad <= 0:
+        return images
+    *lead, c, h, w = images.shape
+    x = torch.nn.functional.pad(images.reshape(-1, c, h, w), (pad, pad, pad, pad), mode="replicate")
+    n = x.shape[0]
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(images.device)
+    rows = (offsets[:, 0:1] + torch.arange(h, device=images.device))[:, :, None]  # [n, h, 1]
+    cols = (offsets[:, 1:2] + torch.arange(w, device=images.device))[:, None, :]  # [n, 1, w]
+    idx = torch.arange(n, device=images.device)[:, None, None]
+    out = x.permute(0, 2, 3, 1)[idx, rows, cols]  # [n, h, w, c]
+    return out.permute(0, 3, 1, 2).reshape(*lead, c, h, w)
 
 
 def batch_inputs(inputs: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -417,7 +444,10 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = policy.flow_loss(batch_inputs(inputs, rows, dev), actions[rows].to(dev), noise=noise.to(dev),
+            batch = batch_inputs(inputs, rows, dev)
+            if cfg.image_shift and "images" in batch:
+                batch["images"] = random_shift(batch["images"], cfg.image_shift, gen)
+            loss = policy.flow_loss(batch, actions[rows].to(dev), noise=noise.to(dev),
                                     time=t, action_mask=valid[rows].to(dev))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"SFT loss became {loss.item()} at step {step}")
@@ -446,7 +476,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     summary = {"kind": "sft", "config": cfg.config, "datasets": data.datasets, "frames": len(data),
                "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v, "device": str(dev),
-               "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "data_sha256": fingerprint}
+               "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "image_shift": cfg.image_shift,
+               "data_sha256": fingerprint}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
     return {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}
@@ -535,6 +566,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=int, default=None, help="override the config's chunk length H")
     p.add_argument("--delta-actions", action="store_true",
                    help="predict the arm joints relative to the current joint state (gripper absolute; any backbone)")
+    p.add_argument("--image-shift", type=int, default=0, metavar="PX",
+                   help="random-shift image augmentation: up to PX pixels at the model's resolution (0 = off)")
     p.add_argument("--version", default=None, help="checkpoint version string")
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
@@ -551,7 +584,8 @@ def run(args: argparse.Namespace) -> int:
                     checkpoint_every=args.checkpoint_every, success_only=args.success_only,
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
                     overrides={**({"horizon": args.horizon} if args.horizon else {}),
-                               **({"delta_actions": True} if args.delta_actions else {})}, device=args.device)
+                               **({"delta_actions": True} if args.delta_actions else {})}, device=args.device,
+                    image_shift=args.image_shift)
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -105,14 +105,17 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     (EGL render of both cameras, pi05 acting), then bench/sft_success_gpu.sh runs one process per seed and pools."""
     out = tmp_path / "out"
     env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "CONFIG": "pi05-tiny", "STEPS": "2", "EPISODES": "1",
-           "TASKS": "push", "DEMOS": "2", "SEEDS": "0 1", "VARIANTS": "delta", "JOB_LIMIT": "400", "LIMIT": "500"}
+           "TASKS": "push", "DEMOS": "2", "SEEDS": "0 1", "VARIANTS": "delta shift4", "JOB_LIMIT": "400", "LIMIT": "500"}
     p = subprocess.run(["bash", "bench/pixels_gpu.sh", "exec", str(out), "bash", "bench/sft_success_gpu.sh", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:] + (out / "exec.log").read_text()[-3000:]
     check = (out / "env.txt").read_text()
     assert "render ok" in check and "pi05-tiny acts on cpu" in check and "[exec bash] rc=0" in check
     pooled = json.loads((out / "sft_pi05-tiny_delta.json").read_text())
-    assert pooled["config"] == "pi05-tiny" and pooled["policy"] == {"delta_actions": True}
+    assert pooled["config"] == "pi05-tiny" and pooled["policy"] == {"delta_actions": True, "image_size": 32}
+    assert pooled["image_shift"] == 0 and pooled["render_size"] == [64, 64]
+    shifted = json.loads((out / "sft_pi05-tiny_shift4.json").read_text())
+    assert shifted["image_shift"] == 4 and shifted["pooled_from"] == 2
     assert pooled["device"] == "cpu" and pooled["pooled_from"] == 2
     row = pooled["results"][0]
     assert (row["task"], row["demos"]) == ("push", 2) and [s["seed"] for s in row["per_seed"]] == [0, 1]
