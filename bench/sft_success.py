@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
                     t_train = time.perf_counter() - t0
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
-                                                          "hidden", "head_hidden", "head_depth", "image_size")
+                                                          "hidden", "head_hidden", "head_depth", "image_size",
+                                                          "privileged_dim")
                                     if k in cfg_d}
                     runs = []
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early

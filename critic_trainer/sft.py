@@ -286,6 +286,11 @@ def build_policy_for(data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
         if not data.images:
             raise ValueError(f"{cfg.config} needs camera images; the dataset has no cameras")
         over.setdefault("camera_names", sorted(data.images))
+        k = int(over.get("privileged_dim", 0))
+        if k and (data.privileged is None or data.privileged.shape[1] != k):
+            have = "none" if data.privileged is None else data.privileged.shape[1]
+            raise ValueError(f"privileged_dim={k} (object state in the prompt) but the dataset has {have} "
+                             "privileged values per frame")
     policy = make_policy(cfg.config, stats, tasks=sorted(set(data.prompts)), **over)
     if backbone == "state" and hasattr(policy, "set_privileged_stats"):
         policy.set_privileged_stats(data.privileged)  # no-op unless the config has privileged_norm

@@ -105,7 +105,8 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     (EGL render of both cameras, pi05 acting), then bench/sft_success_gpu.sh runs one process per seed and pools."""
     out = tmp_path / "out"
     env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "CONFIG": "pi05-tiny", "STEPS": "2", "EPISODES": "1",
-           "TASKS": "push", "DEMOS": "2", "SEEDS": "0 1", "VARIANTS": "delta shift4", "JOB_LIMIT": "400", "LIMIT": "500"}
+           "TASKS": "push", "DEMOS": "2", "SEEDS": "0 1", "VARIANTS": "delta shift4", "JOB_LIMIT": "400",
+           "LIMIT": "500"}
     p = subprocess.run(["bash", "bench/pixels_gpu.sh", "exec", str(out), "bash", "bench/sft_success_gpu.sh", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:] + (out / "exec.log").read_text()[-3000:]

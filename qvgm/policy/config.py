@@ -51,6 +51,11 @@ class Pi05Config:
     # arm joints predicted relative to the current joint state, gripper absolute (FlowPolicyBase.delta_anchor; openpi
     # trains its joint-space robots on delta actions too). Opt-in: older checkpoints load unchanged.
     delta_actions: bool = False
+    # Sim diagnostic, 0 = off (a real robot has no such input): the privileged object state (k values per frame,
+    # qvgm.sim's layout: m and rotation entries) is clipped to [-1, 1] and appended to the prompt's 256-bin state
+    # tokens, so the model is told where the objects are instead of seeing it. Separates "cannot localise from
+    # pixels" from "cannot learn the task" (bench/sft_success.py). Observations then need `privileged` [k].
+    privileged_dim: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -292,7 +292,7 @@ class Pi05Policy(FlowPolicyBase):
         self.processor = Processor(camera_names=cfg.camera_names, image_size=cfg.image_size,
                                    state_dim=cfg.state_dim, real_action_dim=cfg.real_action_dim,
                                    action_dim=cfg.action_dim, norm_stats=norm_stats, tokenizer=tokenizer,
-                                   max_token_len=cfg.max_token_len)
+                                   max_token_len=cfg.max_token_len, privileged_dim=cfg.privileged_dim)
         self.rl_token: RLToken | None = None
         if cfg.rl_token is not None:
             self.rl_token = RLToken(RLTokenConfig.from_dict(cfg.rl_token))

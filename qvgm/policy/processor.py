@@ -236,6 +236,12 @@ class Processor:
                 raise ObservationError("observation has no 'state'")
             s = self.normalize_state(obs["state"])
             states.append(s)
+            if self.privileged_dim:
+                p = np.asarray(obs.get("privileged", np.full(self.privileged_dim, np.nan)), dtype=np.float64)
+                if p.shape != (self.privileged_dim,) or not np.isfinite(p).all():
+                    raise ObservationError(
+                        f"privileged: expected finite float[{self.privileged_dim}], got shape {p.shape}")
+                priv.append(p)
             if self.camera_names:
                 images = obs.get("images") or {}
                 if not isinstance(images, dict):
@@ -254,15 +260,11 @@ class Processor:
                 prompt = obs.get("prompt", "")
                 if not isinstance(prompt, str):
                     raise ObservationError(f"prompt must be a str, got {type(prompt).__name__}")
-                ids, m = self.tokenize(pi05_prompt(prompt, s))
+                # a pi05 with privileged_dim (sim diagnostic) is told the object state as extra state bins
+                told = np.concatenate([s, np.clip(priv[-1], -1.0, 1.0)]) if self.privileged_dim else s
+                ids, m = self.tokenize(pi05_prompt(prompt, told))
                 toks.append(ids)
                 tok_masks.append(m)
-            if self.privileged_dim:
-                p = np.asarray(obs.get("privileged", np.full(self.privileged_dim, np.nan)), dtype=np.float64)
-                if p.shape != (self.privileged_dim,) or not np.isfinite(p).all():
-                    raise ObservationError(
-                        f"privileged: expected finite float[{self.privileged_dim}], got shape {p.shape}")
-                priv.append(p)
         out: dict[str, torch.Tensor] = {"state": torch.tensor(np.stack(states), dtype=torch.float32)}
         if self.camera_names:
             out["images"] = torch.stack(imgs)
