@@ -12,6 +12,7 @@ import torch
 
 from critic_trainer.demos import collect_demos
 from critic_trainer.sft import SFTConfig, load_demo_data, rollout, train_sft
+from qvgm.policy import load_policy
 from qvgm.policy.processor import ObservationError
 
 torch.set_num_threads(1)  # 2 shared CPU cores
@@ -45,3 +46,35 @@ def test_pi05_told_the_object_state_trains_and_acts(tmp_path: Path) -> None:
         train_sft(SFTConfig(out=str(tmp_path / "bad"), overrides={"privileged_dim": 3}, **common), data=data,
                   progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_ordinal_state_bins_start_ordered(tmp_path: Path) -> None:
+    ds = tmp_path / "cam"
+    collect_demos("push", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    common = dict(datasets=[str(ds)], config="pi05-tiny", steps=2, seed=0, batch_size=4, warmup=1)
+    pol = train_sft(SFTConfig(out=str(tmp_path / "ord"), overrides={"ordinal_state_bins": True}, **common),
+                    data=data, progress=False)["policy"]
+    rand = train_sft(SFTConfig(out=str(tmp_path / "rand"), **common), data=data, progress=False)["policy"]
+
+    def bins(p) -> torch.Tensor:
+        tok = p.processor.tokenizer
+        e = p.model.lm.embed_tokens.weight.detach()
+        rows = e[[tok.token_to_id(str(b)) for b in range(256)]]
+        return torch.nn.functional.normalize(rows, dim=1)
+
+    o, r = bins(pol), bins(rand)
+    near = (o[:-1] * o[1:]).sum(1).mean()  # neighbouring bins
+    far = (o[:128] * o[128:]).sum(1).mean()  # half the range apart
+    assert near > 0.8 and abs(far) < 0.2
+    assert (r[:-1] * r[1:]).sum(1).mean().abs() < 0.3  # the random init has no order
+    # same scale as the other rows, and a saved checkpoint keeps the trained rows
+    e = pol.model.lm.embed_tokens.weight.detach()
+    tok = pol.processor.tokenizer
+    ids = [tok.token_to_id(str(b)) for b in range(256)]
+    rest = torch.ones(len(e), dtype=torch.bool)
+    rest[ids] = False
+    assert torch.isclose(e[ids].norm(dim=1).mean(), e[rest].norm(dim=1).mean(), rtol=0.2)
+    loaded = load_policy(tmp_path / "ord")
+    assert loaded.config.ordinal_state_bins
+    assert torch.equal(loaded.model.lm.embed_tokens.weight, pol.model.lm.embed_tokens.weight)

@@ -56,6 +56,10 @@ class Pi05Config:
     # tokens, so the model is told where the objects are instead of seeing it. Separates "cannot localise from
     # pixels" from "cannot learn the task" (bench/sft_success.py). Observations then need `privileged` [k].
     privileged_dim: int = 0
+    # From-scratch configs: the embeddings of the 256 state-bin tokens start ordered (Pi05Model.init_ordinal_bins:
+    # smooth in the bin value), so nearby bins start close; off = the LM's random init. Irrelevant for imported
+    # weights (they overwrite it). Opt-in: older checkpoints load unchanged.
+    ordinal_state_bins: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

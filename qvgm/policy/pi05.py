@@ -25,7 +25,7 @@ from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
 
 from qvgm.policy.config import Pi05Config
 from qvgm.policy.flow import FlowPolicyBase, batch_time, sinusoidal_time_embedding
-from qvgm.policy.processor import NormStats, Processor
+from qvgm.policy.processor import STATE_BINS, NormStats, Processor
 from qvgm.policy.rl_token import RLToken, RLTokenConfig
 
 
@@ -162,6 +162,25 @@ class Pi05Model(nn.Module):
     def lm(self) -> nn.Module:
         return self.paligemma.model.language_model
 
+    @torch.no_grad()
+    def init_ordinal_bins(self, bin_ids: list[int]) -> None:
+        """Set the embedding rows of the state-bin tokens (`bin_ids[b]` = token id of bin b, b = 0..n-1) to
+        Fourier features of the bin centre v in [-1, 1]: [cos(f_j v), sin(f_j v)], frequencies f_j geometric from
+        pi / 2 to 64 pi, so bins a few apart have similar rows and distant ones do not. Rows are scaled to the mean
+        norm of the other rows (the LM's init scale)."""
+        emb = self.lm.embed_tokens.weight
+        n, width = len(bin_ids), emb.shape[1]
+        v = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2.0 - 1.0
+        freqs = math.pi * torch.logspace(-1.0, 6.0, width // 2, base=2.0, dtype=torch.float64)
+        feats = torch.cat([torch.cos(v[:, None] * freqs), torch.sin(v[:, None] * freqs)], dim=1)
+        feats = torch.nn.functional.pad(feats, (0, width - feats.shape[1]))
+        ids = torch.tensor(bin_ids, device=emb.device)
+        others = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+        others[ids] = False
+        scale = emb[others].float().norm(dim=1).mean() if others.any() else torch.tensor(1.0)
+        feats = feats / feats.norm(dim=1, keepdim=True) * scale.double().cpu()
+        emb[ids] = feats.to(emb.dtype).to(emb.device)
+
     # --- prefix -------------------------------------------------------------------------------------------
     def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
                      token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,6 +308,11 @@ class Pi05Policy(FlowPolicyBase):
         self.action_dim = cfg.action_dim
         self.real_action_dim = cfg.real_action_dim
         self.model = Pi05Model(cfg)
+        if cfg.ordinal_state_bins:
+            bin_ids = [tokenizer.token_to_id(str(b)) for b in range(STATE_BINS)]
+            if any(i is None for i in bin_ids):
+                raise ValueError("ordinal_state_bins: the tokenizer has no single token for every state bin 0..255")
+            self.model.init_ordinal_bins(bin_ids)
         self.processor = Processor(camera_names=cfg.camera_names, image_size=cfg.image_size,
                                    state_dim=cfg.state_dim, real_action_dim=cfg.real_action_dim,
                                    action_dim=cfg.action_dim, norm_stats=norm_stats, tokenizer=tokenizer,
