@@ -5,7 +5,8 @@
 # Environment (defaults = the run in docs/RESULTS.md, "pi05-small SFT success on a GPU"): PY (python3), CONFIG
 # (pi05-small), DEVICE (cuda), VARIANTS ("delta"; "default" = absolute actions; "shift4" = delta + 4 px random-shift
 # augmentation; "px128shift8" = delta, 128 px renders and model input, 8 px shift; "told" = delta + the object
-# state in the prompt, a diagnostic: can the model learn the task when it need not localise), TASKS ("pick_place push stack"),
+# state in the prompt, a diagnostic: can the model learn the task when it need not localise; "ord" / "told_ord" =
+# delta / told with the state-bin embeddings initialised in order), TASKS ("pick_place push stack"),
 # DEMOS ("10 20"), SEEDS ("0 1 2"), STEPS (1000), EPISODES (20), JOB_LIMIT (seconds per process, 450: its SIGTERM
 # stops the evaluation after the episode in progress and the seed is reported on the episodes done), EXTRA (more
 # sft_success.py arguments). DIR gets sft_<config>_<variant>.json (pooled) and sft_runs.tar.gz (every process's JSON
@@ -20,7 +21,10 @@ runs=$(mktemp -d /tmp/sft_runs.XXXX)
 declare -A flags=([default]="" [delta]="--override delta_actions=true"
   [shift4]="--override delta_actions=true --image-shift 4"
   [px128shift8]="--override delta_actions=true --override image_size=128 --image-size 128 128 --image-shift 8"
-  [told]="--override delta_actions=true --override privileged_dim=21 --override max_token_len=56")
+  [told]="--override delta_actions=true --override privileged_dim=21 --override max_token_len=56"
+  [ord]="--override delta_actions=true --override ordinal_state_bins=true"
+  [told_ord]="--override delta_actions=true --override privileged_dim=21 --override max_token_len=56
+    --override ordinal_state_bins=true")
 for v in ${VARIANTS:-delta}; do
   [[ -v "flags[$v]" ]] || { echo "unknown variant '$v' (known: ${!flags[*]})" >&2; exit 2; }
 done
