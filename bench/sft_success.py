@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,11 +37,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from critic_trainer.demos import collect_demos  # noqa: E402
-from critic_trainer.sft import SFTConfig, load_demo_data, rollout, train_sft  # noqa: E402
+from critic_trainer.sft import DemoData, SFTConfig, heldout_flow_loss, load_demo_data, rollout, train_sft  # noqa: E402
 from qvgm.devices import resolve_device  # noqa: E402
 
 DEMO_SEED0 = 0
 EVAL_SEED0 = 100_000
+HELDOUT_DEMO_SEED0 = 200_000  # fresh expert demos for the open-loop held-out flow loss (--heldout-demos)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -86,6 +88,19 @@ def summarise(task: str, demos: int, frames: int, per_seed: list[dict]) -> dict:
     return {"task": task, "demos": demos, "frames": frames, "success_mean": k_all / n_all,
             "wilson95": wilson(k_all, n_all), "bootstrap95_over_seeds": bootstrap([p["rate"] for p in per_seed]),
             "per_seed": per_seed}
+
+
+def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, seed: int) -> dict[str, float]:
+    """Open-loop flow loss (fixed noise and flow-time draws) on the training frames and on fresh demos; for a policy
+    that reads the object state (`privileged_dim`: the `state` backbone, pi05 told it), also on the fresh demos with
+    those values permuted across frames: a model that uses them loses accuracy (`..._shuffled_privileged` higher)."""
+    out = {"train_loss": round(heldout_flow_loss(policy, train, seed=seed, samples=1), 4),
+           "heldout_loss": round(heldout_flow_loss(policy, heldout, seed=seed), 4)}
+    if getattr(policy.config, "privileged_dim", 0):
+        perm = np.random.default_rng(seed).permutation(len(heldout))
+        shuffled = dataclasses.replace(heldout, privileged=heldout.privileged[perm])
+        out["heldout_loss_shuffled_privileged"] = round(heldout_flow_loss(policy, shuffled, seed=seed), 4)
+    return out
 
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
@@ -142,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
     ap.add_argument("--image-shift", type=int, default=0, metavar="PX",
                     help="SFT random-shift image augmentation, up to PX px at the model's resolution (0 = off)")
+    ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
+                    help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
+                         "model told the object state (privileged_dim) also with those values shuffled across "
+                         "frames (how much the model uses them)")
     ap.add_argument("--action-error", action="store_true",
                     help="also report the mean |policy - noiseless expert| action error (rad / m) of each rollout")
     ap.add_argument("--keep", type=Path, default=None,
@@ -175,12 +194,18 @@ def main(argv: list[str] | None = None) -> dict:
             demo = collect_demos(task, max(args.demos), root, noise=args.noise, seed=DEMO_SEED0,
                                  image_size=tuple(args.image_size), render=not state_only)
             print(json.dumps({"demos": demo}), flush=True)
+            heldout = None
+            if args.heldout_demos:
+                collect_demos(task, args.heldout_demos, Path(tmp) / f"{task}-heldout", noise=args.noise,
+                              seed=HELDOUT_DEMO_SEED0, image_size=tuple(args.image_size), render=not state_only)
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
             for n in args.demos:
                 if stopped:
                     break
                 data = load_demo_data([root], 10, with_images=not state_only, max_episodes=n)
+                if args.heldout_demos and heldout is None:
+                    heldout = load_demo_data([Path(tmp) / f"{task}-heldout"], 10, with_images=not state_only)
                 per_seed = []
                 for s in range(args.first_seed, args.first_seed + args.seeds):
                     if stopped:
@@ -194,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     device=args.device, image_shift=args.image_shift)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
+                    probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth", "image_size",
@@ -218,14 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
                                      **({"stopped_early": True} if len(runs) < len(eval_seeds) else {}),
                                      "final_loss": round(res["final_loss"], 4), "train_s": round(t_train, 1),
                                      "eval_s": round(time.perf_counter() - t0 - t_train, 1),
-                                     **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {})})
+                                     **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {}),
+                                     **probe})
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 if per_seed:
                     results.append(summarise(task, n, len(data), per_seed))
     device = resolve_device(args.device)
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
-           "image_shift": args.image_shift, "render_size": list(args.image_size),
+           "image_shift": args.image_shift, "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
            "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,

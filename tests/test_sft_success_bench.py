@@ -124,3 +124,24 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     with tarfile.open(out / "sft_runs.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {"delta-push-2-s0.json", "delta-push-2-s0.log", "delta-push-2-s1.json", "delta-push-2-s1.log"} <= names
+
+
+def test_heldout_probe_reports_open_loop_losses(tmp_path):
+    """--heldout-demos: flow loss on the training frames and on fresh demos; a model that reads the object state (the
+    `state` backbone, pi05 told it) also gets the loss with those values shuffled across the fresh frames."""
+    res, _ = _run(tmp_path, "probe", "--heldout-demos", "1")
+    seed = res["results"][0]["per_seed"][0]
+    assert res["heldout_demos"] == 1
+    assert seed["train_loss"] > 0 and seed["heldout_loss"] > 0 and seed["heldout_loss_shuffled_privileged"] > 0
+    out = tmp_path / "told.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MUJOCO_GL": "egl"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "sft_success.py"), "--config", "pi05-tiny", "--tasks",
+                        "pick_place", "--demos", "2", "--seeds", "1", "--steps", "40", "--batch-size", "8",
+                        "--lr", "2e-3", "--episodes", "1", "--image-size", "32", "32", "--device", "cpu",
+                        "--override", "privileged_dim=21", "--override", "max_token_len=56", "--heldout-demos", "2",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-2000:]
+    told = json.loads(out.read_text())
+    s = told["results"][0]["per_seed"][0]
+    assert told["policy"]["privileged_dim"] == 21
+    assert s["heldout_loss_shuffled_privileged"] > 0 and s["heldout_loss_shuffled_privileged"] != s["heldout_loss"]
