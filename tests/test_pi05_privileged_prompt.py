@@ -34,7 +34,7 @@ def test_pi05_told_the_object_state_trains_and_acts(tmp_path: Path) -> None:
     plain = train_sft(SFTConfig(out=str(tmp_path / "plain"), overrides={"max_token_len": 48}, **common),
                       data=data, progress=False)["policy"]
     assert int(plain.processor([obs])["token_mask"].sum()) == n_words - k  # k more state bins, nothing else
-    with pytest.raises(ObservationError, match="privileged"):
+    with pytest.raises(ObservationError, match="told the sim's object state"):
         proc([{key: v for key, v in obs.items() if key != "privileged"}])
     with pytest.raises(ObservationError, match="privileged"):
         proc([{**obs, "privileged": np.full(k, np.nan)}])

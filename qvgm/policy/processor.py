@@ -239,8 +239,10 @@ class Processor:
             if self.privileged_dim:
                 p = np.asarray(obs.get("privileged", np.full(self.privileged_dim, np.nan)), dtype=np.float64)
                 if p.shape != (self.privileged_dim,) or not np.isfinite(p).all():
+                    why = (" (this pi05 checkpoint was trained told the sim's object state, Pi05Config.privileged_dim,"
+                           " a diagnostic: it cannot run without it)" if self.tokenizer is not None else "")
                     raise ObservationError(
-                        f"privileged: expected finite float[{self.privileged_dim}], got shape {p.shape}")
+                        f"privileged: expected finite float[{self.privileged_dim}], got shape {p.shape}{why}")
                 priv.append(p)
             if self.camera_names:
                 images = obs.get("images") or {}
