@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth", "image_size",
-                                                          "privileged_dim")
+                                                          "privileged_dim", "ordinal_state_bins", "continuous_state")
                                     if k in cfg_d}
                     runs = []
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early

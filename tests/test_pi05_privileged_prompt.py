@@ -12,10 +12,31 @@ import torch
 
 from critic_trainer.demos import collect_demos
 from critic_trainer.sft import SFTConfig, load_demo_data, rollout, train_sft
-from qvgm.policy import load_policy
-from qvgm.policy.processor import ObservationError
+from qvgm.policy import load_policy, make_policy, save_policy
+from qvgm.policy.pi05 import AdaRMSNorm
+from qvgm.policy.processor import NormStats, ObservationError
+from qvgm.policy.rl_token import prefix_length
 
 torch.set_num_threads(1)  # 2 shared CPU cores
+
+TASKS = ["pick up the red cube", "push the blue block to the left"]
+
+
+def make_obs(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"images": {"base": rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
+                       "wrist": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)},
+            "state": rng.uniform(-1, 1, 7).astype(np.float32), "prompt": TASKS[seed % 2]}
+
+
+def randomize_adarms(policy: torch.nn.Module) -> None:
+    """adaRMS layers are zero-init (the expert ignores the prefix at init); give them weights."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in policy.modules():
+            if isinstance(m, AdaRMSNorm):
+                m.dense.weight.copy_(torch.randn(m.dense.weight.shape, generator=g) * 0.2)
+                m.dense.bias.copy_(torch.randn(m.dense.bias.shape, generator=g) * 0.2)
 
 
 def test_pi05_told_the_object_state_trains_and_acts(tmp_path: Path) -> None:
@@ -78,3 +99,30 @@ def test_ordinal_state_bins_start_ordered(tmp_path: Path) -> None:
     loaded = load_policy(tmp_path / "ord")
     assert loaded.config.ordinal_state_bins
     assert torch.equal(loaded.model.lm.embed_tokens.weight, pol.model.lm.embed_tokens.weight)
+
+
+@torch.no_grad()
+def test_continuous_state_token_is_read_cached_and_uncached(tmp_path: Path) -> None:
+    """continuous_state: one prefix token projected from [state, clipped privileged]; the cached path (encode +
+    velocity) equals the training path (velocity_uncached); the prefix grows by one (rl_token.prefix_length too);
+    the output depends on the object state; a checkpoint round-trips."""
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, continuous_state=True, privileged_dim=5,
+                      max_token_len=40).eval()
+    plain = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, max_token_len=40).eval()
+    randomize_adarms(pol)
+    obs = [{**make_obs(i), "privileged": np.linspace(-0.5, 0.5, 5) * (i + 1)} for i in range(2)]
+    inp = pol.preprocess(obs)
+    ctx = pol.encode(inp)
+    assert ctx.prefix_mask.shape[1] == plain.encode(plain.preprocess(obs)).prefix_mask.shape[1] + 1
+    assert ctx.prefix_mask.shape[1] == prefix_length(pol.config)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 10, 32, generator=g), torch.tensor([0.8, 0.3])
+    torch.testing.assert_close(pol.velocity(x, t, ctx), pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
+    # the object state reaches the output through the token
+    far = pol.preprocess([{**o, "privileged": -o["privileged"]} for o in obs])
+    assert not torch.allclose(pol.velocity(x, t, pol.encode(far)), pol.velocity(x, t, ctx))
+    save_policy(pol, tmp_path / "ck", version="v1")
+    back = load_policy(tmp_path / "ck")
+    assert back.config.continuous_state and back.model.state_proj is not None
+    torch.testing.assert_close(back.velocity(x, t, back.encode(back.preprocess(obs))), pol.velocity(x, t, ctx))

@@ -60,6 +60,11 @@ class Pi05Config:
     # smooth in the bin value), so nearby bins start close; off = the LM's random init. Irrelevant for imported
     # weights (they overwrite it). Opt-in: older checkpoints load unchanged.
     ordinal_state_bins: bool = False
+    # From-scratch configs: one more prefix token, a linear projection of the normalised state (and, with
+    # privileged_dim, the object state clipped to [-1, 1]), after the prompt: the state as numbers the network reads
+    # linearly, as pi0 feeds it (pi0.5 itself has only the prompt bins, which the published weights read through a
+    # pretrained LM). Opt-in: older checkpoints load unchanged.
+    continuous_state: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -157,6 +157,9 @@ class Pi05Model(nn.Module):
         self.time_mlp_in = nn.Linear(cfg.expert_width, cfg.expert_width)
         self.time_mlp_out = nn.Linear(cfg.expert_width, cfg.expert_width)
         self.scale = cfg.head_dim ** -0.5
+        # continuous_state: [normalised state, clipped privileged] -> one prefix token after the prompt
+        self.state_proj = (nn.Linear(cfg.state_dim + cfg.privileged_dim, cfg.width) if cfg.continuous_state
+                           else None)
 
     @property
     def lm(self) -> nn.Module:
@@ -183,9 +186,10 @@ class Pi05Model(nn.Module):
 
     # --- prefix -------------------------------------------------------------------------------------------
     def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
-                     token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     token_mask: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N], tokens [B, L], token_mask [B, L]
-        -> (embeddings [B, N * T + L, width], valid mask [B, N * T + L]). Text embeddings scaled by sqrt(width)."""
+        -> (embeddings [B, N * T + L, width], valid mask [B, N * T + L]). Text embeddings scaled by sqrt(width).
+        With `continuous_state`, `state` [B, state_dim + privileged_dim] adds one token at the end (+1 on both)."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
@@ -195,7 +199,13 @@ class Pi05Model(nn.Module):
         img = img.reshape(b, n * tpi, -1)
         img_mask = image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
         txt = self.lm.embed_tokens(tokens) * math.sqrt(self.cfg.width)
-        return torch.cat([img, txt.to(img.dtype)], dim=1), torch.cat([img_mask, token_mask.bool()], dim=1)
+        parts, masks = [img, txt.to(img.dtype)], [img_mask, token_mask.bool()]
+        if self.state_proj is not None:
+            if state is None:
+                raise ValueError("continuous_state: the model needs the state vector")
+            parts.append(self.state_proj(state.to(self.state_proj.weight.dtype))[:, None].to(img.dtype))
+            masks.append(torch.ones(b, 1, dtype=torch.bool, device=img_mask.device))
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
     def _qkv(self, attn: nn.Module, h: torch.Tensor, hd: int) -> tuple[torch.Tensor, ...]:
         b, seq = h.shape[:2]
@@ -213,9 +223,9 @@ class Pi05Model(nn.Module):
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
 
     def encode_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
-                      token_mask: torch.Tensor) -> Pi05Context:
+                      token_mask: torch.Tensor, state: torch.Tensor | None = None) -> Pi05Context:
         """Run the VLM over the prefix once; cache per-layer K/V. Prefix attention is bidirectional."""
-        x, mask = self.embed_prefix(images, image_masks, tokens, token_mask)
+        x, mask = self.embed_prefix(images, image_masks, tokens, token_mask, state)
         pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
         cos, sin = self._rope(x, pos)
         allowed = mask[:, None, :].expand(-1, x.shape[1], -1)
@@ -255,12 +265,12 @@ class Pi05Model(nn.Module):
         return self.action_out_proj(a).float()
 
     def joint_forward(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
-                      token_mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+                      token_mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix and suffix in one pass (training path, no cache): returns (prefix_out [B, P, width] after the
         final norm, v [B, H, D]). Same attention pattern as encode_prefix + suffix_velocity."""
         cfg = self.cfg
-        xp, pmask = self.embed_prefix(images, image_masks, tokens, token_mask)
+        xp, pmask = self.embed_prefix(images, image_masks, tokens, token_mask, state)
         b, p_len = pmask.shape
         a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
         h_len = a.shape[1]
@@ -322,13 +332,21 @@ class Pi05Policy(FlowPolicyBase):
             self.rl_token = RLToken(RLTokenConfig.from_dict(cfg.rl_token))
         self.init_delta_anchor(cfg.delta_actions, cfg.state_dim, norm_stats)
 
-    @staticmethod
-    def _prefix_args(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _prefix_args(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return inputs["images"], inputs["image_masks"], inputs["tokens"], inputs["token_mask"]
+
+    def _state_vector(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """continuous_state: [normalised state, privileged clipped to [-1, 1]] [B, state_dim + privileged_dim]."""
+        if not self.config.continuous_state:
+            return None
+        parts = [inputs["state"]]
+        if self.config.privileged_dim:
+            parts.append(inputs["privileged"].clamp(-1.0, 1.0))
+        return torch.cat(parts, dim=1)
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> Pi05Context:
         """Prefix (images + prompt with discretised state) -> cached K/V context (+ the delta-action anchor)."""
-        ctx = self.model.encode_prefix(*self._prefix_args(inputs))
+        ctx = self.model.encode_prefix(*self._prefix_args(inputs), self._state_vector(inputs))
         ctx.anchor = self.delta_anchor(inputs["state"])
         return ctx
 
@@ -345,7 +363,8 @@ class Pi05Policy(FlowPolicyBase):
         """v(x_t, t) from one joint prefix+suffix pass (no cache; the training path)."""
         t = batch_time(t, x_t.shape[0], x_t.device)
         anchor = self.delta_anchor(inputs["state"])
-        v = self.model.joint_forward(*self._prefix_args(inputs), self.anchored_input(x_t, t, anchor), t)[1]
+        v = self.model.joint_forward(*self._prefix_args(inputs), self.anchored_input(x_t, t, anchor), t,
+                                     self._state_vector(inputs))[1]
         return self.anchored_output(v, anchor)
 
     def critic_features(self, context: Pi05Context) -> torch.Tensor:

@@ -148,5 +148,7 @@ def attach_rl_token(policy: nn.Module, cfg: RLTokenConfig) -> RLToken:
 
 
 def prefix_length(pcfg: Any) -> int:
-    """Prefix length M of a pi05 config: image tokens of every camera + the token budget."""
-    return len(pcfg.camera_names) * (pcfg.image_size // pcfg.patch_size) ** 2 + pcfg.max_token_len
+    """Prefix length M of a pi05 config: image tokens of every camera + the token budget (+ 1 continuous state
+    token with `continuous_state`)."""
+    return (len(pcfg.camera_names) * (pcfg.image_size // pcfg.patch_size) ** 2 + pcfg.max_token_len
+            + int(bool(getattr(pcfg, "continuous_state", False))))
