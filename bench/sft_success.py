@@ -196,16 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({"demos": demo}), flush=True)
             heldout = None
             if args.heldout_demos:
-                collect_demos(task, args.heldout_demos, Path(tmp) / f"{task}-heldout", noise=args.noise,
-                              seed=HELDOUT_DEMO_SEED0, image_size=tuple(args.image_size), render=not state_only)
+                hroot = Path(tmp) / f"{task}-heldout"
+                collect_demos(task, args.heldout_demos, hroot, noise=args.noise, seed=HELDOUT_DEMO_SEED0,
+                              image_size=tuple(args.image_size), render=not state_only)
+                heldout = load_demo_data([hroot], 10, with_images=not state_only)
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
             for n in args.demos:
                 if stopped:
                     break
                 data = load_demo_data([root], 10, with_images=not state_only, max_episodes=n)
-                if args.heldout_demos and heldout is None:
-                    heldout = load_demo_data([Path(tmp) / f"{task}-heldout"], 10, with_images=not state_only)
                 per_seed = []
                 for s in range(args.first_seed, args.first_seed + args.seeds):
                     if stopped:

@@ -119,9 +119,15 @@ def test_continuous_state_token_is_read_cached_and_uncached(tmp_path: Path) -> N
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 10, 32, generator=g), torch.tensor([0.8, 0.3])
     torch.testing.assert_close(pol.velocity(x, t, ctx), pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
-    # the object state reaches the output through the token
-    far = pol.preprocess([{**o, "privileged": -o["privileged"]} for o in obs])
-    assert not torch.allclose(pol.velocity(x, t, pol.encode(far)), pol.velocity(x, t, ctx))
+    # the object state reaches the output through the token alone (same prompt tokens, only the token's input
+    # differs), and the token's input is [state, privileged clipped to [-1, 1]]
+    vec = pol._state_vector(inp)
+    assert vec.shape == (2, 12) and torch.equal(vec[:, :7], inp["state"])
+    assert torch.equal(vec[:, 7:], inp["privileged"].clamp(-1.0, 1.0))
+    flipped = torch.cat([vec[:, :7], -vec[:, 7:]], dim=1)
+    ctx_flipped = pol.model.encode_prefix(*pol._prefix_args(inp), flipped)
+    ctx_flipped.anchor = ctx.anchor
+    assert not torch.allclose(pol.velocity(x, t, ctx_flipped), pol.velocity(x, t, ctx))
     save_policy(pol, tmp_path / "ck", version="v1")
     back = load_policy(tmp_path / "ck")
     assert back.config.continuous_state and back.model.state_proj is not None

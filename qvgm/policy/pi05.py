@@ -332,7 +332,8 @@ class Pi05Policy(FlowPolicyBase):
             self.rl_token = RLToken(RLTokenConfig.from_dict(cfg.rl_token))
         self.init_delta_anchor(cfg.delta_actions, cfg.state_dim, norm_stats)
 
-    def _prefix_args(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    @staticmethod
+    def _prefix_args(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return inputs["images"], inputs["image_masks"], inputs["tokens"], inputs["token_mask"]
 
     def _state_vector(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
