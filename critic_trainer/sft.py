@@ -291,6 +291,8 @@ def build_policy_for(data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
             have = "none" if data.privileged is None else data.privileged.shape[1]
             raise ValueError(f"privileged_dim={k} (object state in the prompt) but the dataset has {have} "
                              "privileged values per frame")
+        if k:  # the told object state normalised like the state (m-sized values would use a few bins only)
+            stats = stats.with_privileged(data.privileged)
     policy = make_policy(cfg.config, stats, tasks=sorted(set(data.prompts)), **over)
     if backbone == "state" and hasattr(policy, "set_privileged_stats"):
         policy.set_privileged_stats(data.privileged)  # no-op unless the config has privileged_norm

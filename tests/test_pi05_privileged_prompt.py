@@ -48,6 +48,12 @@ def test_pi05_told_the_object_state_trains_and_acts(tmp_path: Path) -> None:
     told = train_sft(SFTConfig(out=str(tmp_path / "told"), overrides={"privileged_dim": k, "max_token_len": 48},
                                **common), data=data, progress=False)["policy"]
     proc = told.processor
+    # SFT stores the told state's quantiles, so the processor hands the model values spanning [-1, 1]
+    assert proc.norm_stats.privileged_q01 is not None and proc.norm_stats.privileged_q01.shape == (k,)
+    p_norm = proc(data.observations(range(len(data))))["privileged"].numpy()
+    moving = np.ptp(data.privileged, axis=0) > 1e-6
+    assert np.all(np.percentile(p_norm[:, moving], 99, axis=0) > 0.9)
+    assert np.all(np.percentile(p_norm[:, moving], 1, axis=0) < -0.9)
     obs = data.observations([0])[0]
     a, b = proc([obs]), proc([{**obs, "privileged": obs["privileged"] + 0.2}])
     n_words = int(a["token_mask"].sum())
@@ -132,3 +138,34 @@ def test_continuous_state_token_is_read_cached_and_uncached(tmp_path: Path) -> N
     back = load_policy(tmp_path / "ck")
     assert back.config.continuous_state and back.model.state_proj is not None
     torch.testing.assert_close(back.velocity(x, t, back.encode(back.preprocess(obs))), pol.velocity(x, t, ctx))
+
+
+def test_privileged_quantiles_normalise_round_trip_and_refuse_mismatch(tmp_path: Path) -> None:
+    """NormStats.with_privileged: q01 -> -1, q99 -> +1 per value, saved in norm_stats.json and loaded back;
+    stats without them (older checkpoints) leave the values as observed; a width mismatch or a malformed entry is
+    refused with a message naming it."""
+    rng = np.random.default_rng(0)
+    priv = np.column_stack([rng.uniform(0.3, 0.6, 500), rng.uniform(-0.2, 0.2, 500), np.full(500, 0.02)])
+    stats = NormStats.identity(7, 7).with_privileged(priv)
+    np.testing.assert_allclose(stats.privileged_q01[:2], np.quantile(priv, 0.01, axis=0)[:2])
+    pol = make_policy("pi05-tiny", stats, tasks=TASKS, continuous_state=True, privileged_dim=3, max_token_len=40)
+    obs = {**make_obs(0), "privileged": np.array([stats.privileged_q99[0], stats.privileged_q01[1], 0.02])}
+    got = pol.preprocess([obs])["privileged"][0].numpy()
+    np.testing.assert_allclose(got[:2], [1.0, -1.0], atol=1e-6)
+    assert abs(got[2]) <= 1.0  # a constant value maps inside the range, not to inf
+    save_policy(pol, tmp_path / "ck", version="v1")
+    back = load_policy(tmp_path / "ck")
+    np.testing.assert_allclose(back.processor.norm_stats.privileged_q99, stats.privileged_q99)
+    torch.testing.assert_close(back.preprocess([obs])["privileged"], pol.preprocess([obs])["privileged"])
+    raw = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, privileged_dim=3, max_token_len=40)
+    np.testing.assert_allclose(raw.preprocess([obs])["privileged"][0].numpy(), obs["privileged"], rtol=1e-6)
+    with pytest.raises(ValueError, match="3 privileged dims, config 5"):
+        make_policy("pi05-tiny", stats, tasks=TASKS, privileged_dim=5, max_token_len=40)
+    bad = stats.to_json()
+    bad["privileged"] = {"q01": [0.0, float("nan"), 0.0], "q99": [1.0, 1.0, 1.0]}
+    with pytest.raises(ValueError, match="privileged quantiles must be finite"):
+        NormStats.from_json(bad)
+    with pytest.raises(ValueError, match="privileged: missing field"):
+        NormStats.from_json({**bad, "privileged": {"q01": [0.0]}})
+    with pytest.raises(ValueError, match="finite"):
+        stats.with_privileged(np.full((4, 3), np.inf))

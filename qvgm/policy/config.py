@@ -52,18 +52,20 @@ class Pi05Config:
     # trains its joint-space robots on delta actions too). Opt-in: older checkpoints load unchanged.
     delta_actions: bool = False
     # Sim diagnostic, 0 = off (a real robot has no such input): the privileged object state (k values per frame,
-    # qvgm.sim's layout: m and rotation entries) is clipped to [-1, 1] and appended to the prompt's 256-bin state
-    # tokens, so the model is told where the objects are instead of seeing it. Separates "cannot localise from
-    # pixels" from "cannot learn the task" (bench/sft_success.py). Observations then need `privileged` [k].
+    # qvgm.sim's layout: m and rotation entries), normalised with the 1%/99% quantiles in norm_stats.json (SFT
+    # stores them; checkpoints from before 2026-11-27 have none and use the raw values), clipped to [-1, 1] and
+    # appended to the prompt's 256-bin state tokens, so the model is told where the objects are instead of seeing
+    # it. Separates "cannot localise from pixels" from "cannot learn the task" (bench/sft_success.py). Observations
+    # then need `privileged` [k].
     privileged_dim: int = 0
     # From-scratch configs: the embeddings of the 256 state-bin tokens start ordered (Pi05Model.init_ordinal_bins:
     # smooth in the bin value), so nearby bins start close; off = the LM's random init. Irrelevant for imported
     # weights (they overwrite it). Opt-in: older checkpoints load unchanged.
     ordinal_state_bins: bool = False
     # From-scratch configs: one more prefix token, a linear projection of the normalised state (and, with
-    # privileged_dim, the object state clipped to [-1, 1]), after the prompt: the state as numbers the network reads
-    # linearly, as pi0 feeds it (pi0.5 itself has only the prompt bins, which the published weights read through a
-    # pretrained LM). Opt-in: older checkpoints load unchanged.
+    # privileged_dim, the normalised object state clipped to [-1, 1]), after the prompt: the state as numbers the
+    # network reads linearly, as pi0 feeds it (pi0.5 itself has only the prompt bins, which the published weights
+    # read through a pretrained LM). Opt-in: older checkpoints load unchanged.
     continuous_state: bool = False
 
     def to_dict(self) -> dict[str, Any]:

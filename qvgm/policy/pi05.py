@@ -337,7 +337,7 @@ class Pi05Policy(FlowPolicyBase):
         return inputs["images"], inputs["image_masks"], inputs["tokens"], inputs["token_mask"]
 
     def _state_vector(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """continuous_state: [normalised state, privileged clipped to [-1, 1]] [B, state_dim + privileged_dim]."""
+        """continuous_state: [normalised state, (normalised) privileged clipped to [-1, 1]] [B, state + privileged]."""
         if not self.config.continuous_state:
             return None
         parts = [inputs["state"]]

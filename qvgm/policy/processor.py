@@ -8,6 +8,7 @@ the model's `action_dim`; only the first `real_action_dim` are real.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -31,12 +32,17 @@ class ObservationError(ValueError):
 
 @dataclass
 class NormStats:
-    """Per-dim 1%/99% quantiles. state_*: [state_dim], action_*: [real_action_dim] (robot units)."""
+    """Per-dim 1%/99% quantiles. state_*: [state_dim], action_*: [real_action_dim] (robot units).
+
+    privileged_*: [k], optional (None = absent): the sim's object state (m, rotation entries) for a pi05 told it
+    (Pi05Config.privileged_dim), normalised like the state so every value spans [-1, 1]."""
 
     state_q01: np.ndarray
     state_q99: np.ndarray
     action_q01: np.ndarray
     action_q99: np.ndarray
+    privileged_q01: np.ndarray | None = None
+    privileged_q99: np.ndarray | None = None
 
     @classmethod
     def compute(cls, states: np.ndarray, actions: np.ndarray) -> NormStats:
@@ -48,14 +54,25 @@ class NormStats:
         return cls(np.quantile(s, 0.01, axis=0), np.quantile(s, 0.99, axis=0),
                    np.quantile(a, 0.01, axis=0), np.quantile(a, 0.99, axis=0))
 
+    def with_privileged(self, privileged: np.ndarray) -> NormStats:
+        """A copy that also holds the 1%/99% quantiles of `privileged` [N, k] (finite)."""
+        p = np.asarray(privileged, dtype=np.float64)
+        if p.ndim != 2 or p.shape[0] < 1 or not np.isfinite(p).all():
+            raise ValueError(f"norm stats: privileged state must be finite [N, k], N >= 1; got shape {p.shape}")
+        return dataclasses.replace(self, privileged_q01=np.quantile(p, 0.01, axis=0),
+                                   privileged_q99=np.quantile(p, 0.99, axis=0))
+
     @classmethod
     def identity(cls, state_dim: int, action_dim: int) -> NormStats:
         """Stats that map [-1, 1] to itself (for tests and untrained models)."""
         return cls(-np.ones(state_dim), np.ones(state_dim), -np.ones(action_dim), np.ones(action_dim))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "quantile", "state": {"q01": self.state_q01.tolist(), "q99": self.state_q99.tolist()},
-                "action": {"q01": self.action_q01.tolist(), "q99": self.action_q99.tolist()}}
+        out = {"format": "quantile", "state": {"q01": self.state_q01.tolist(), "q99": self.state_q99.tolist()},
+               "action": {"q01": self.action_q01.tolist(), "q99": self.action_q99.tolist()}}
+        if self.privileged_q01 is not None and self.privileged_q99 is not None:
+            out["privileged"] = {"q01": self.privileged_q01.tolist(), "q99": self.privileged_q99.tolist()}
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NormStats:
@@ -67,7 +84,15 @@ class NormStats:
             raise ValueError("norm_stats.json: quantiles must be finite 1-D lists")
         if arrs[0].shape != arrs[1].shape or arrs[2].shape != arrs[3].shape:
             raise ValueError("norm_stats.json: q01/q99 lengths differ")
-        return cls(*arrs)
+        if "privileged" not in d:
+            return cls(*arrs)
+        try:
+            pq = [np.asarray(d["privileged"][q], dtype=np.float64) for q in ("q01", "q99")]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"norm_stats.json: privileged: missing field {e}") from None
+        if not all(np.isfinite(a).all() and a.ndim == 1 for a in pq) or pq[0].shape != pq[1].shape:
+            raise ValueError("norm_stats.json: privileged quantiles must be finite 1-D lists of equal length")
+        return cls(*arrs, *pq)
 
     @classmethod
     def from_openpi(cls, d: dict[str, Any], state_dim: int, action_dim: int) -> NormStats:
@@ -145,7 +170,8 @@ class Processor:
 
     Output of `__call__`: images float32 [B, n_cam, 3, S, S] in [-1, 1], image_masks bool [B, n_cam],
     tokens int64 [B, L], token_mask bool [B, L], state float32 [B, state_dim] normalised,
-    privileged float32 [B, k] (only when `privileged_dim` > 0).
+    privileged float32 [B, k] (only when `privileged_dim` > 0): normalised when the norm stats hold privileged
+    quantiles (a pi05 told the object state), else in sim units as observed (the `state` backbone standardises it).
     """
 
     def __init__(self, *, camera_names: list[str], image_size: int, state_dim: int, real_action_dim: int,
@@ -163,6 +189,9 @@ class Processor:
         self.state_dim = state_dim
         self.real_action_dim = real_action_dim
         self.action_dim = action_dim
+        if norm_stats.privileged_q01 is not None and norm_stats.privileged_q01.shape != (privileged_dim,):
+            raise ValueError(f"norm stats have {norm_stats.privileged_q01.shape[0]} privileged dims, "
+                             f"config {privileged_dim}")
         self.norm_stats = norm_stats
         self.tokenizer = tokenizer
         self.max_token_len = max_token_len
@@ -243,6 +272,9 @@ class Processor:
                            " a diagnostic: it cannot run without it)" if self.tokenizer is not None else "")
                     raise ObservationError(
                         f"privileged: expected finite float[{self.privileged_dim}], got shape {p.shape}{why}")
+                ns = self.norm_stats
+                if ns.privileged_q01 is not None and ns.privileged_q99 is not None:
+                    p = normalize(p, ns.privileged_q01, ns.privileged_q99)
                 priv.append(p)
             if self.camera_names:
                 images = obs.get("images") or {}
