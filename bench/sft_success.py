@@ -223,8 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth", "image_size",
-                                                          "privileged_dim", "ordinal_state_bins", "continuous_state")
+                                                          "privileged_dim", "ordinal_state_bins", "continuous_state",
+                                                          "state_film")
                                     if k in cfg_d}
+                    if cfg_d.get("privileged_dim") and "privileged_norm" not in cfg_d:  # pi05 told the poses
+                        policy_flags["privileged_quantiles"] = (
+                            res["policy"].processor.norm_stats.privileged_q01 is not None)
                     runs = []
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
                         print(json.dumps({"evaluating": task, "demos": n, "seed": s, "episodes": len(eval_seeds)}),

@@ -169,3 +169,39 @@ def test_privileged_quantiles_normalise_round_trip_and_refuse_mismatch(tmp_path:
         NormStats.from_json({**bad, "privileged": {"q01": [0.0]}})
     with pytest.raises(ValueError, match="finite"):
         stats.with_privileged(np.full((4, 3), np.inf))
+
+
+def test_state_film_conditions_the_expert_cached_and_uncached(tmp_path: Path) -> None:
+    """state_film: [state, privileged] enters the flow-time MLP (zero init: at first the same velocity as without);
+    once trained (here: random weights) the velocity depends on it with the prefix tokens unchanged; cached ==
+    uncached; the prefix length is unchanged; a checkpoint round-trips."""
+    torch.manual_seed(0)
+    kw = dict(tasks=TASKS, privileged_dim=5, max_token_len=40)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), state_film=True, **kw).eval()
+    plain = make_policy("pi05-tiny", NormStats.identity(7, 7), **kw).eval()
+    plain.load_state_dict({k: v for k, v in pol.state_dict().items() if "state_cond_proj" not in k})
+    randomize_adarms(pol)
+    randomize_adarms(plain)
+    plain.load_state_dict({k: v for k, v in pol.state_dict().items() if "state_cond_proj" not in k})
+    obs = [{**make_obs(i), "privileged": np.linspace(-0.5, 0.5, 5) * (i + 1)} for i in range(2)]
+    inp = pol.preprocess(obs)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 10, 32, generator=g), torch.tensor([0.8, 0.3])
+    ctx = pol.encode(inp)
+    assert ctx.state_cond is not None and ctx.state_cond.shape == (2, pol.config.expert_width)
+    assert ctx.prefix_mask.shape[1] == prefix_length(pol.config)
+    torch.testing.assert_close(pol.velocity(x, t, ctx), plain.velocity(x, t, plain.encode(inp)))  # zero init
+    with torch.no_grad():
+        pol.model.state_cond_proj.weight.copy_(torch.randn(pol.model.state_cond_proj.weight.shape, generator=g))
+    ctx = pol.encode(inp)
+    v = pol.velocity(x, t, ctx)
+    torch.testing.assert_close(v, pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
+    vec = pol._state_vector(inp)  # same prompt tokens, only the film's input differs
+    assert vec.shape == (2, 12) and torch.equal(vec[:, :7], inp["state"])
+    ctx_moved = pol.model.encode_prefix(*pol._prefix_args(inp), torch.cat([vec[:, :7], -vec[:, 7:]], dim=1))
+    ctx_moved.anchor = ctx.anchor
+    assert torch.equal(ctx_moved.keys[0], ctx.keys[0]) and not torch.allclose(pol.velocity(x, t, ctx_moved), v)
+    save_policy(pol, tmp_path / "ck", version="v1")
+    back = load_policy(tmp_path / "ck")
+    assert back.config.state_film
+    torch.testing.assert_close(back.velocity(x, t, back.encode(back.preprocess(obs))), v)

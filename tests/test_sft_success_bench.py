@@ -145,5 +145,5 @@ def test_heldout_probe_reports_open_loop_losses(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     told = json.loads(out.read_text())
     s = told["results"][0]["per_seed"][0]
-    assert told["policy"]["privileged_dim"] == 21
+    assert told["policy"]["privileged_dim"] == 21 and told["policy"]["privileged_quantiles"] is True
     assert s["heldout_loss_shuffled_privileged"] > 0 and s["heldout_loss_shuffled_privileged"] != s["heldout_loss"]

@@ -53,7 +53,7 @@ class Pi05Config:
     delta_actions: bool = False
     # Sim diagnostic, 0 = off (a real robot has no such input): the privileged object state (k values per frame,
     # qvgm.sim's layout: m and rotation entries), normalised with the 1%/99% quantiles in norm_stats.json (SFT
-    # stores them; checkpoints from before 2026-11-27 have none and use the raw values), clipped to [-1, 1] and
+    # stores them; checkpoints saved before it did have none and use the raw values), clipped to [-1, 1] and
     # appended to the prompt's 256-bin state tokens, so the model is told where the objects are instead of seeing
     # it. Separates "cannot localise from pixels" from "cannot learn the task" (bench/sft_success.py). Observations
     # then need `privileged` [k].
@@ -67,6 +67,11 @@ class Pi05Config:
     # network reads linearly, as pi0 feeds it (pi0.5 itself has only the prompt bins, which the published weights
     # read through a pretrained LM). Opt-in: older checkpoints load unchanged.
     continuous_state: bool = False
+    # From-scratch configs: the same state vector also conditions the action expert directly, added into the hidden
+    # layer of the flow-time MLP that drives every adaRMSNorm (FiLM, as Diffusion Policy conditions its denoiser on
+    # the observation), instead of only through attention to the prefix. Zero-initialised. Opt-in: older
+    # checkpoints load unchanged.
+    state_film: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -121,7 +121,8 @@ class PaliGemmaHolder(nn.Module):
 class Pi05Context:
     """Cached prefix: per-layer K/V [B, kv_heads, P, head_dim] (RoPE applied), key mask [B, P], the number of
     valid prefix tokens [B] (suffix positions start there), the final-norm prefix embedding [B, P, width], and with
-    `delta_actions` the current joint state in normalised action units [B, 1, D] (FlowPolicyBase.delta_anchor)."""
+    `delta_actions` the current joint state in normalised action units [B, 1, D] (FlowPolicyBase.delta_anchor),
+    with `state_film` the state's share of the expert's adaRMS conditioning [B, expert_width]."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -129,6 +130,7 @@ class Pi05Context:
     prefix_len: torch.Tensor
     prefix_out: torch.Tensor
     anchor: torch.Tensor | None = None
+    state_cond: torch.Tensor | None = None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -160,6 +162,12 @@ class Pi05Model(nn.Module):
         # continuous_state: [normalised state, clipped privileged] -> one prefix token after the prompt
         self.state_proj = (nn.Linear(cfg.state_dim + cfg.privileged_dim, cfg.width) if cfg.continuous_state
                            else None)
+        # state_film: the same vector into the time MLP's hidden layer (zero init: time-only conditioning at first)
+        self.state_cond_proj = (nn.Linear(cfg.state_dim + cfg.privileged_dim, cfg.expert_width) if cfg.state_film
+                                else None)
+        if self.state_cond_proj is not None:
+            nn.init.zeros_(self.state_cond_proj.weight)
+            nn.init.zeros_(self.state_cond_proj.bias)
 
     @property
     def lm(self) -> nn.Module:
@@ -217,10 +225,21 @@ class Pi05Model(nn.Module):
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lm.rotary_emb(x, pos)
 
-    def _time_cond(self, t: torch.Tensor) -> torch.Tensor:
-        """t [B] (1 = noise) -> adaRMS conditioning [B, expert_width]."""
+    def _time_cond(self, t: torch.Tensor, state_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """t [B] (1 = noise) [+ state_film's state_cond [B, expert_width]] -> adaRMS conditioning [B, expert_width]."""
         emb = sinusoidal_time_embedding(t, self.cfg.expert_width).to(self.time_mlp_in.weight.dtype)
-        return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
+        h = self.time_mlp_in(emb)
+        if state_cond is not None:
+            h = h + state_cond.to(h.dtype)
+        return F.silu(self.time_mlp_out(F.silu(h)))
+
+    def state_condition(self, state: torch.Tensor | None) -> torch.Tensor | None:
+        """state_film: state vector [B, state_dim + privileged_dim] -> its share of the time MLP's hidden layer."""
+        if self.state_cond_proj is None:
+            return None
+        if state is None:
+            raise ValueError("state_film: the model needs the state vector")
+        return self.state_cond_proj(state.to(self.state_cond_proj.weight.dtype))
 
     def encode_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
                       token_mask: torch.Tensor, state: torch.Tensor | None = None) -> Pi05Context:
@@ -239,7 +258,8 @@ class Pi05Model(nn.Module):
             values.append(v)
             x = x + layer.self_attn.o_proj(_attend(q, k, v, allowed, self.scale))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return Pi05Context(keys, values, mask, mask.long().sum(-1), self.lm.norm(x))
+        return Pi05Context(keys, values, mask, mask.long().sum(-1), self.lm.norm(x),
+                           state_cond=self.state_condition(state))
 
     # --- suffix -------------------------------------------------------------------------------------------
     def suffix_velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Pi05Context) -> torch.Tensor:
@@ -247,7 +267,7 @@ class Pi05Model(nn.Module):
         cfg = self.cfg
         b, h_len = x_t.shape[:2]
         a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
-        cond = self._time_cond(t)
+        cond = self._time_cond(t, ctx.state_cond)
         pos = ctx.prefix_len[:, None] + torch.arange(h_len, device=a.device)[None]
         cos, sin = self._rope(a, pos)
         allowed = torch.cat([ctx.prefix_mask, torch.ones(b, h_len, dtype=torch.bool, device=a.device)], dim=1)
@@ -274,7 +294,7 @@ class Pi05Model(nn.Module):
         b, p_len = pmask.shape
         a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
         h_len = a.shape[1]
-        cond = self._time_cond(t)
+        cond = self._time_cond(t, self.state_condition(state))
         ppos = (pmask.long().cumsum(-1) - 1).clamp_min(0)
         spos = pmask.long().sum(-1)[:, None] + torch.arange(h_len, device=a.device)[None]
         pcos, psin = self._rope(xp, ppos)
@@ -337,8 +357,9 @@ class Pi05Policy(FlowPolicyBase):
         return inputs["images"], inputs["image_masks"], inputs["tokens"], inputs["token_mask"]
 
     def _state_vector(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """continuous_state: [normalised state, (normalised) privileged clipped to [-1, 1]] [B, state + privileged]."""
-        if not self.config.continuous_state:
+        """continuous_state / state_film: [normalised state, (normalised) privileged clipped to [-1, 1]]
+        [B, state_dim + privileged_dim]; None without either."""
+        if not (self.config.continuous_state or self.config.state_film):
             return None
         parts = [inputs["state"]]
         if self.config.privileged_dim:
