@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import DemoData, SFTConfig, heldout_flow_loss, load_demo_data, rollout, train_sft  # noqa: E402
+from qvgm.data.video import sim_video  # noqa: E402
 from qvgm.devices import resolve_device  # noqa: E402
 
 DEMO_SEED0 = 0
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
+           "demo_video": None if state_only else sim_video(),
            "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,

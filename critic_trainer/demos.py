@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from qvgm.data import DatasetError, ReplayBuffer, ReplayReader
 from qvgm.data import layout as L
+from qvgm.data.video import PIX_FMTS, sim_video
 
 PRIVILEGED_DIR = "meta/qvgm_privileged"
 HELP = "record noisy scripted-expert demos from the sim into a replay-buffer dataset"
@@ -73,10 +74,13 @@ def demo_seeds(seed: int, episodes: int) -> list[int]:
 
 def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01, seed: int = 0,
                   image_size: tuple[int, int] = (224, 224), cameras: tuple[str, ...] = ("front", "wrist"),
-                  control_hz: int = 10, append: bool = False, render: bool = True) -> dict[str, Any]:
+                  control_hz: int = 10, append: bool = False, render: bool = True,
+                  video: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `episodes` noisy expert episodes of `task` and write them to the dataset at `out`.
 
     image_size: (height, width) px, both even (video encoding). noise: expert noise std in m (qvgm.sim.expert).
+    video: ReplayBuffer.create's pix_fmt / crf (default qvgm.data.video.sim_video(): near-lossless, so the frames
+    trained on are the frames the policy sees at run time); ignored with `append` (the dataset's own settings).
     render=False records no cameras (state-only dataset, much faster). Returns a summary dict
     {task, episodes, successes, frames, seeds, wall_s}. `out` must not hold a dataset unless `append`.
     """
@@ -107,7 +111,8 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
                              f"requested {want} at {control_hz} Hz")
     else:
         buf = ReplayBuffer.create(out, fps=int(control_hz), cameras={c: (h, w) for c in cams},
-                                  state_names=env.joint_names, action_names=env.joint_names)
+                                  state_names=env.joint_names, action_names=env.joint_names,
+                                  **(sim_video() if video is None else video))
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"task": task, "episodes": episodes, "successes": 0, "frames": 0,
                                "seeds": demo_seeds(seed, episodes), "noise": noise}
@@ -178,6 +183,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hz", type=int, default=None, help="control rate = dataset fps (default: profile's, else 10)")
     p.add_argument("--no-render", action="store_true", help="record no cameras (state-only dataset)")
     p.add_argument("--append", action="store_true", help="add episodes to an existing dataset")
+    p.add_argument("--pix-fmt", choices=PIX_FMTS, default=None,
+                   help="video pixel format (default yuv444p: the sim renders at model size, where yuv420p's "
+                        "half-resolution colour blurs small objects)")
+    p.add_argument("--crf", type=int, default=None, help="video quality 0..51 (default 0 = lossless)")
+
+
+def video_settings(pix_fmt: str | None, crf: int | None) -> dict[str, Any]:
+    """--pix-fmt / --crf over the sim defaults (qvgm.data.video.sim_video)."""
+    out = sim_video()
+    if pix_fmt is not None:
+        out["pix_fmt"] = pix_fmt
+    if crf is not None:
+        out["crf"] = crf
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--profile/--image-size/--cameras/--hz do not apply to --env-spec: cameras and rate "
                              "come from the spec (observation.images, control_hz)")
         print(json.dumps(collect_env_demos(args.env_spec, args.episodes, args.out, noise=args.noise, seed=args.seed,
-                                           append=args.append, render=not args.no_render)))
+                                           append=args.append, render=not args.no_render,
+                                           video=video_settings(args.pix_fmt, args.crf))))
         return 0
     prof = profile_camera_settings(args.profile) if args.profile else {}
     image_size = tuple(args.image_size or prof.get("image_size", (224, 224)))
@@ -199,6 +219,6 @@ def run(args: argparse.Namespace) -> int:
     noise = 0.01 if args.noise is None else args.noise
     summary = collect_demos(args.task, args.episodes, args.out, noise=noise, seed=args.seed,
                             image_size=image_size, cameras=cameras, control_hz=hz, append=args.append,
-                            render=not args.no_render)
+                            render=not args.no_render, video=video_settings(args.pix_fmt, args.crf))
     print(json.dumps(summary))
     return 0

@@ -22,13 +22,16 @@ import numpy as np
 from critic_trainer.demos import demo_seeds, write_privileged
 from qvgm.data import ReplayBuffer
 from qvgm.data import layout as L
+from qvgm.data.video import sim_video
 from qvgm.envs import EnvSpec, EnvSpecError, load_env_spec
 
 
 def collect_env_demos(spec: EnvSpec | str | Path, episodes: int, out: str | Path, noise: float | None = None,
                       seed: int = 0, append: bool = False, render: bool = True,
-                      max_episode_steps: int | None = None) -> dict[str, Any]:
+                      max_episode_steps: int | None = None, video: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `episodes` noisy expert episodes of the spec's env and write them to the dataset at `out`.
+
+    video: ReplayBuffer.create's pix_fmt / crf for rendered cameras (default qvgm.data.video.sim_video()).
 
     noise: std as a fraction of the action half-range (default the spec's demos.noise, else 0). render=False
     records no cameras. Returns {task, env_id, episodes, successes, frames, seeds, noise, state_dim,
@@ -67,7 +70,8 @@ def collect_env_demos(spec: EnvSpec | str | Path, episodes: int, out: str | Path
                                  f"{buf.fps} Hz vs {cams} at {env.control_hz} Hz, or state/action dims)")
         else:
             buf = ReplayBuffer.create(out, fps=env.control_hz, cameras=cams, state_names=env.state_names,
-                                      action_names=env.action_names, robot_type=spec.env_id)
+                                      action_names=env.action_names, robot_type=spec.env_id,
+                                      **(sim_video() if video is None else video))
         half = (env.action_high - env.action_low) / 2.0
         t0 = time.perf_counter()
         summary: dict[str, Any] = {"task": spec.name, "env_id": spec.env_id, "episodes": episodes, "successes": 0,

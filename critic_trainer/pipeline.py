@@ -60,6 +60,7 @@ from critic_trainer.scalars import ScalarLog
 from critic_trainer.sft import DemoData, batch_inputs, encode_inputs
 from critic_trainer.transitions import ChunkTransitions, chunk_transitions
 from qvgm.data import DatasetError, ReplayReader
+from qvgm.data.video import sim_video
 from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device
 from qvgm.policy.flow import FlowPolicyBase
 
@@ -1024,7 +1025,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
         else:
             buf = ReplayBuffer.create(out, fps=int(env.control_hz), cameras=cams,
                                       state_names=getattr(env, "state_names", env.joint_names),
-                                      action_names=getattr(env, "action_names", env.joint_names))
+                                      action_names=getattr(env, "action_names", env.joint_names),
+                                      **sim_video())  # rendered at model size: keep full-resolution colour
     except BaseException:
         if own:
             env.close()

@@ -333,6 +333,7 @@ class SimLoop:
         from rclpy.parameter import Parameter
 
         from qvgm.data import ReplayReader
+        from qvgm.data.video import sim_video
         from qvgm.recording import RUNNING
         from qvgm_policy_node.episode_manager import EpisodeManager
         from qvgm_policy_node.recorder_node import RecorderNode
@@ -347,7 +348,8 @@ class SimLoop:
 
         rec = g.add(RecorderNode(context=g.context, parameter_overrides=params(
             root=str(root), fps=10, cameras=[CAMERA], reference_camera=CAMERA, image_height=a.image_size,
-            image_width=a.image_size, max_age=0.25, max_latency=1.0, align_delay=0.2, use_sim_time=True)))
+            image_width=a.image_size, max_age=0.25, max_latency=1.0, align_delay=0.2, use_sim_time=True,
+            **sim_video())))  # sim renders at model size: full-resolution colour, lossless (qvgm.data.video)
         # the first episode starts at once (sim time): let DDS deliver the latched policy version to the new recorder
         # first, or that episode's first frames are tagged with no version and would not count for an evaluation
         serving = self.policy.version

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "gap_factor": 1.5, "frozen_frames": 3, "align_delay": 0.2, "queue_size": 256, "default_task": "",
     "poll_hz": 50.0, "image_queue_depth": 30, "image_reliability": "best_effort",
     "trajectory_topic": topics.TRAJECTORY,
-    "codec": "libx264", "crf": 20,
+    "codec": "libx264", "crf": 20, "pix_fmt": "yuv420p",
     "mcap_dir": "", "mcap_compression": "lz4",
 }
 
@@ -64,7 +64,7 @@ class RecorderNode(Node):
         buf = ReplayBuffer.open_or_create(p["root"], fps=int(p["fps"]),
                                           cameras={c: (int(p["image_height"]), int(p["image_width"])) for c in cams},
                                           state_names=self.joint_names, action_names=self.joint_names,
-                                          codec=str(p["codec"]), crf=int(p["crf"]))
+                                          codec=str(p["codec"]), crf=int(p["crf"]), pix_fmt=str(p["pix_fmt"]))
         if len(buf.features["observation.state"]["shape"]) and \
                 buf.features["observation.state"]["shape"][0] != len(self.joint_names):
             buf.close()

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from qvgm.checkpoints import fsync_dir
 from qvgm.data import layout as L
-from qvgm.data.video import VideoEncoder, codec_family, pick_codec
+from qvgm.data.video import VideoEncoder, check_pix_fmt, codec_family, pick_codec
 
 DEFAULT_STATE_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper"]
 LABEL_SOURCES = ("operator", "auto")
@@ -96,10 +96,11 @@ class ReplayBuffer:
     """Writer side of the buffer. `create` a new one or `open` an existing one (repairs it); one per process."""
 
     def __init__(self, root: Path, info: dict[str, Any], codec: str, crf: int, gop: int,
-                 preset: str = "ultrafast", threads: int = 2) -> None:
+                 preset: str = "ultrafast", threads: int = 2, pix_fmt: str = "yuv420p") -> None:
         self.root = Path(root)
         self.info = info
         self.codec, self.crf, self.gop, self.preset, self.threads = codec, crf, gop, preset, threads
+        self.pix_fmt = pix_fmt
         self._lock_fd: int | None = None
         self._lock()
         self.tasks: list[str] = L.read_tasks(self.root)
@@ -114,11 +115,12 @@ class ReplayBuffer:
                state_names: list[str] | None = None, action_names: list[str] | None = None,
                robot_type: str = "qvgm_tabletop", codec: str = "libx264", crf: int = 20, gop: int = 2,
                preset: str = "ultrafast", threads: int = 2,
-               chunks_size: int = L.DEFAULT_CHUNK_SIZE) -> ReplayBuffer:
+               chunks_size: int = L.DEFAULT_CHUNK_SIZE, pix_fmt: str = "yuv420p") -> ReplayBuffer:
         """New empty buffer at `root` (must not hold a dataset). cameras: {name: (height, width)} in pixels.
-        Video: `codec` encoder (libx264 -> h264 yuv420p), `crf` quality, `gop` key-frame interval in frames (short
-        = cheap random access), x264 `preset` and encoder `threads` (ultrafast/2 keeps two 640x480 cameras at
-        30 Hz real time on 2 cores; slower presets give smaller files)."""
+        Video: `codec` encoder (libx264 -> h264), `pix_fmt` (yuv420p, or yuv444p for full-resolution colour:
+        qvgm.data.video.SIM_VIDEO for sim renders at model size), `crf` quality (0 = lossless), `gop` key-frame
+        interval in frames (short = cheap random access), x264 `preset` and encoder `threads` (ultrafast/2 keeps
+        two 640x480 cameras at 30 Hz real time on 2 cores; slower presets give smaller files)."""
         root = Path(root)
         if (root / L.INFO_PATH).exists():
             raise FileExistsError(f"{root} already holds a dataset; use ReplayBuffer.open")
@@ -130,12 +132,16 @@ class ReplayBuffer:
         state_names = list(state_names or DEFAULT_STATE_NAMES)
         action_names = list(action_names or DEFAULT_STATE_NAMES)
         encoder = pick_codec(codec)
-        feats = L.make_features(cameras, state_names, action_names, fps, codec_family(encoder), "yuv420p")
+        check_pix_fmt(pix_fmt, encoder)
+        if not 0 <= int(crf) <= 51:
+            raise ValueError(f"crf must be 0..51 (0 = lossless), got {crf}")
+        feats = L.make_features(cameras, state_names, action_names, fps, codec_family(encoder), pix_fmt)
         info = L.make_info(feats, fps, robot_type, chunks_size)
-        info["qvgm"] = {"encoder": encoder, "crf": crf, "gop": gop, "preset": preset, "threads": threads}
+        info["qvgm"] = {"encoder": encoder, "crf": crf, "gop": gop, "preset": preset, "threads": threads,
+                        "pix_fmt": pix_fmt}
         root.mkdir(parents=True, exist_ok=True)
         L.atomic_write_json(root / L.INFO_PATH, info)
-        buf = cls(root, info, encoder, crf, gop, preset, threads)
+        buf = cls(root, info, encoder, crf, gop, preset, threads, pix_fmt)
         buf._write_derived()
         return buf
 
@@ -153,8 +159,13 @@ class ReplayBuffer:
         encoder = q.get("encoder", "libx264")
         if pick_codec(encoder) != encoder:
             raise L.DatasetError(f"{root} was written with encoder {encoder!r}, which this PyAV build lacks")
+        pix_fmt = str(q.get("pix_fmt", "yuv420p"))
+        try:
+            check_pix_fmt(pix_fmt, encoder)
+        except ValueError as exc:
+            raise L.DatasetError(f"{root}: {exc}") from None
         buf = cls(root, info, encoder, int(q.get("crf", 20)), int(q.get("gop", 2)),
-                  str(q.get("preset", "ultrafast")), int(q.get("threads", 2)))
+                  str(q.get("preset", "ultrafast")), int(q.get("threads", 2)), pix_fmt)
         try:
             buf._repair()
         except BaseException:
@@ -394,7 +405,8 @@ class EpisodeWriter:
             staging.mkdir(parents=True, exist_ok=False)
             for cam, (h, w) in buffer.cameras.items():
                 self._encoders[cam] = VideoEncoder(staging / f"{cam}.mp4", w, h, buffer.fps, buffer.codec,
-                                                   buffer.crf, buffer.gop, buffer.preset, buffer.threads)
+                                                   buffer.crf, buffer.gop, buffer.preset, buffer.threads,
+                                                   buffer.pix_fmt)
         except BaseException as exc:
             self._fail(exc)
 

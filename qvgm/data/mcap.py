@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from qvgm.data.layout import DatasetError
+from qvgm.data.video import PIX_FMTS
 from qvgm.recording import EpisodeOutcome, EpisodeRecorder, QualityConfig
 from qvgm.rosmsg import image_array, joint_vector, stamp_seconds, trajectory_arrays
 
@@ -463,7 +464,8 @@ class _Replay:
 
 
 def convert_mcap(path: str | Path, root: str | Path, config: RecordingConfig | None = None, *,
-                 recover_partial: bool = False, codec: str = "libx264", crf: int = 20) -> ConvertReport:
+                 recover_partial: bool = False, codec: str = "libx264", crf: int = 20,
+                 pix_fmt: str = "yuv420p") -> ConvertReport:
     """Convert a recorder MCAP into episodes of the dataset at `root` (created if absent; appended to if it
     exists with the same fps/cameras/joints). `config` defaults to the file's "qvgm.recorder" metadata. See the
     module doc for alignment, truncated files and `recover_partial`. Raises McapConvertError (nothing written)
@@ -500,7 +502,7 @@ def convert_mcap(path: str | Path, root: str | Path, config: RecordingConfig | N
                     if config is None:
                         raise McapConvertError(f"{path}: no {METADATA_NAME} metadata before the first message; "
                                                f"pass a recording config (--config JSON)")
-                    core = _open_core(root, config, codec, crf)
+                    core = _open_core(root, config, codec, crf, pix_fmt)
                     replay = _Replay(config, core, report)
                 if topic not in replay.roles:
                     continue
@@ -532,13 +534,13 @@ def convert_mcap(path: str | Path, root: str | Path, config: RecordingConfig | N
     return report
 
 
-def _open_core(root: str | Path, cfg: RecordingConfig, codec: str, crf: int) -> EpisodeRecorder:
+def _open_core(root: str | Path, cfg: RecordingConfig, codec: str, crf: int, pix_fmt: str) -> EpisodeRecorder:
     from qvgm.data.buffer import ReplayBuffer
 
     try:
         buf = ReplayBuffer.open_or_create(root, fps=int(cfg.fps), cameras=dict(cfg.cameras),
                                           state_names=list(cfg.joint_names), action_names=list(cfg.joint_names),
-                                          codec=codec, crf=crf)
+                                          codec=codec, crf=crf, pix_fmt=pix_fmt)
     except RuntimeError as exc:  # another process holds the buffer's writer lock
         raise McapConvertError(str(exc)) from exc
     try:
@@ -591,6 +593,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="commit an episode still running at the end of the file, flagged discarded")
     p.add_argument("--codec", default="libx264", help="video encoder (default libx264)")
     p.add_argument("--crf", type=int, default=20, help="video quality (default 20)")
+    p.add_argument("--pix-fmt", choices=PIX_FMTS, default="yuv420p",
+                   help="video pixel format of a new dataset (yuv444p: full-resolution colour, for small images)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -599,7 +603,7 @@ def run(args: argparse.Namespace) -> int:
         text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
         cfg = RecordingConfig.from_metadata({"config": text})
     rep = convert_mcap(args.mcap, args.root, cfg, recover_partial=args.recover_partial, codec=args.codec,
-                       crf=args.crf)
+                       crf=args.crf, pix_fmt=args.pix_fmt)
     print(rep.to_json())
     if rep.truncated:
         print(f"warning: {args.mcap} is truncated ({rep.stopped or 'no footer'}); converted the "

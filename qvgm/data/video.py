@@ -1,5 +1,10 @@
 """Camera streams <-> mp4 with PyAV: H.264 (libx264, yuv420p) by default, frame i at pts i / fps.
 
+yuv420p stores colour at half resolution: harmless for 640x480 camera streams, but at the model's own size
+(32-128 px sim renders) a few-pixel object loses its colour (mean |error| ~6 / 255 at 32 px, up to 170), so a
+policy trained on decoded frames sees sharper frames at run time than it trained on. Sim datasets are therefore
+recorded with `SIM_VIDEO` (libx264 yuv444p, crf 0: within 2 / 255 of the render).
+
 The encoder writes frames as they arrive (so finishing an episode only flushes the codec); the decoder seeks
 to the key frame at or before the wanted frame, which is cheap because the GOP is short (default 2, like
 LeRobot's encoder, for random access by the trainer).
@@ -17,6 +22,8 @@ import numpy as np
 
 DEFAULT_CODEC = "libx264"
 PIX_FMT = "yuv420p"
+PIX_FMTS = ("yuv420p", "yuv444p")  # yuv444p: full-resolution colour, libx264 only
+SIM_VIDEO = {"pix_fmt": "yuv444p", "crf": 0}  # ReplayBuffer.create settings for datasets rendered by the sim
 
 
 def pick_codec(preferred: str = DEFAULT_CODEC) -> str:
@@ -30,25 +37,41 @@ def pick_codec(preferred: str = DEFAULT_CODEC) -> str:
     raise RuntimeError("no usable video encoder in this PyAV build")
 
 
+def check_pix_fmt(pix_fmt: str, encoder: str) -> None:
+    """Refuse a pixel format the encoder cannot write (ValueError naming both)."""
+    if pix_fmt not in PIX_FMTS:
+        raise ValueError(f"pix_fmt {pix_fmt!r} is not supported; use one of {PIX_FMTS}")
+    if pix_fmt != "yuv420p" and encoder != "libx264":
+        raise ValueError(f"pix_fmt {pix_fmt!r} needs the libx264 encoder; this one is {encoder!r} (use yuv420p)")
+
+
+def sim_video(encoder: str | None = None) -> dict[str, object]:
+    """SIM_VIDEO when the encoder (default: pick_codec()) is libx264, else yuv420p at crf 0 (the best it has)."""
+    return dict(SIM_VIDEO) if (encoder or pick_codec()) == "libx264" else {"pix_fmt": "yuv420p", "crf": 0}
+
+
 def codec_family(encoder: str) -> str:
     """Name LeRobot stores in `video.codec` (the bitstream, not the encoder library)."""
     return {"libx264": "h264", "libopenh264": "h264", "libsvtav1": "av1", "libaom-av1": "av1"}.get(encoder, encoder)
 
 
 class VideoEncoder:
-    """Encode uint8 RGB frames [H, W, 3] into one mp4 file; H and W must be even (yuv420p)."""
+    """Encode uint8 RGB frames [H, W, 3] into one mp4 file; H and W must be even. `pix_fmt` in PIX_FMTS
+    (yuv444p with libx264 only); `crf` quality (0 = lossless in YUV)."""
 
     def __init__(self, path: Path, width: int, height: int, fps: int, codec: str = DEFAULT_CODEC,
-                 crf: int = 20, gop: int = 2, preset: str = "veryfast", threads: int = 1) -> None:
+                 crf: int = 20, gop: int = 2, preset: str = "veryfast", threads: int = 1,
+                 pix_fmt: str = PIX_FMT) -> None:
+        check_pix_fmt(pix_fmt, codec)
         if width % 2 or height % 2:
-            raise ValueError(f"yuv420p video needs even width/height, got {width}x{height}")
+            raise ValueError(f"{pix_fmt} video needs even width/height, got {width}x{height}")
         self.path = Path(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.count = 0
         self._container = av.open(str(self.path), mode="w", format="mp4")
         try:
             stream = self._container.add_stream(codec, rate=self.fps)
-            stream.width, stream.height, stream.pix_fmt = self.width, self.height, PIX_FMT
+            stream.width, stream.height, stream.pix_fmt = self.width, self.height, pix_fmt
             stream.codec_context.time_base = Fraction(1, self.fps)
             stream.codec_context.gop_size = int(gop)
             stream.thread_count = int(threads)
