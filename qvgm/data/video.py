@@ -1,7 +1,7 @@
 """Camera streams <-> mp4 with PyAV: H.264 (libx264, yuv420p) by default, frame i at pts i / fps.
 
 yuv420p stores colour at half resolution: harmless for 640x480 camera streams, but at the model's own size
-(32-128 px sim renders) a few-pixel object loses its colour (mean |error| ~6 / 255 at 32 px, up to 170), so a
+(32-128 px sim renders) a few-pixel object loses its colour (mean |error| ~6 / 255 at 32 px, up to 178), so a
 policy trained on decoded frames sees sharper frames at run time than it trained on. Sim datasets are therefore
 recorded with `SIM_VIDEO` (libx264 yuv444p, crf 0: within 2 / 255 of the render).
 

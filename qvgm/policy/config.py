@@ -64,8 +64,9 @@ class Pi05Config:
     ordinal_state_bins: bool = False
     # From-scratch configs: one more prefix token, a linear projection of the normalised state (and, with
     # privileged_dim, the normalised object state clipped to [-1, 1]), after the prompt: the state as numbers the
-    # network reads linearly, as pi0 feeds it (pi0.5 itself has only the prompt bins, which the published weights
-    # read through a pretrained LM). Opt-in: older checkpoints load unchanged.
+    # network reads linearly, as pi0 feeds it (pi0 puts that token with the action tokens; here it sits in the
+    # cached prefix; pi0.5 itself has only the prompt bins, which the published weights read through a pretrained
+    # LM). Opt-in: older checkpoints load unchanged.
     continuous_state: bool = False
     # From-scratch configs: the same state vector also conditions the action expert directly, added into the hidden
     # layer of the flow-time MLP that drives every adaRMSNorm (FiLM, as Diffusion Policy conditions its denoiser on
