@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "privileged_dim", "ordinal_state_bins", "continuous_state",
                                                           "state_film")
                                     if k in cfg_d}
-                    if cfg_d.get("privileged_dim") and "privileged_norm" not in cfg_d:  # pi05 told the poses
+                    if cfg_d.get("backbone") == "pi05" and cfg_d.get("privileged_dim"):  # told the poses
                         policy_flags["privileged_quantiles"] = (
                             res["policy"].processor.norm_stats.privileged_q01 is not None)
                     runs = []
