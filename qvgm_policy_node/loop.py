@@ -353,8 +353,11 @@ class SimLoop:
         # the first episode starts at once (sim time): let DDS deliver the latched policy version to the new recorder
         # first, or that episode's first frames are tagged with no version and would not count for an evaluation
         serving = self.policy.version
-        if serving is not None:
-            g.spin_until(lambda: rec.core.version == serving, 5.0)
+        if serving is not None and not g.spin_until(lambda: rec.core.version == serving, 30.0):
+            # DDS discovery of a new node can take seconds on a loaded machine; the episode still runs, and if its
+            # frames carry no version it is not counted (the next seed runs instead)
+            self.log(stage, f"the recorder has not heard /qvgm/policy/version {serving} after 30 s; "
+                            "the first episode may not count")
         em = g.add(EpisodeManager(context=g.context, parameter_overrides=params(
             time_limit=a.episode_time, sim=True, sim_reset_service="/sim_node/reset",
             auto_start=True, auto_label_timeout=True, use_sim_time=True)))
