@@ -203,3 +203,38 @@ def test_state_film_conditions_the_expert_cached_and_uncached(tmp_path: Path) ->
     back = load_policy(tmp_path / "ck")
     assert back.config.state_film
     torch.testing.assert_close(back.velocity(x, t, back.encode(back.preprocess(obs))), v)
+
+
+@pytest.mark.parametrize("zero_padded", [False, True])
+def test_padded_action_dims_are_denoised_or_zeroed_never_left_untrained(zero_padded: bool) -> None:
+    """Pi05Config.zero_padded_actions. False (openpi): the flow loss covers all action_dim dims, so the padded
+    dims' velocity is trained (they go to 0 along the path as in training). True: the padded dims are zeroed on
+    the expert's input and their velocity is 0, so what the sampler leaves there cannot reach the real dims; the
+    loss covers the real dims. Either way, cached and training paths agree."""
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, zero_padded_actions=zero_padded,
+                      delta_actions=True).eval()
+    randomize_adarms(pol)
+    obs = [make_obs(i) for i in range(2)]
+    inp = pol.preprocess(obs)
+    ctx = pol.encode(inp)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 10, 32, generator=g), torch.tensor([0.8, 0.3])
+    v = pol.velocity(x, t, ctx)
+    torch.testing.assert_close(v, pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
+    x_other = x.clone()
+    x_other[..., 7:] = 5.0 * torch.randn(2, 10, 25, generator=g)  # what an untrained padding drifts to
+    v_other = pol.velocity(x_other, t, ctx)
+    acts = torch.randn(2, 10, 32, generator=g)
+    acts[..., 7:] = 0.0  # the processor's zero padding
+    eps = torch.randn(2, 10, 32, generator=g)
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * acts
+    err = (pol.velocity_uncached(inp, x_t, t) - (eps - acts)) ** 2
+    loss = pol.flow_loss(inp, acts, noise=eps, time=t)
+    if zero_padded:
+        assert pol.loss_dims == 7 and torch.all(v[..., 7:] == 0)
+        torch.testing.assert_close(v_other, v)  # the padding does not reach the real dims
+        torch.testing.assert_close(loss, err[..., :7].mean())
+    else:
+        assert pol.loss_dims == 32 and not torch.allclose(v_other[..., :7], v[..., :7])
+        torch.testing.assert_close(loss, err.mean())  # the padded dims' velocity is trained too

@@ -16,10 +16,10 @@ from qvgm.policy.state_policy import StatePolicy
 torch.set_num_threads(1)  # 2 shared CPU cores
 
 
-def make_policy(seed: int = 0) -> StatePolicy:
+def make_policy(seed: int = 0, head: str = "mlp") -> StatePolicy:
     torch.manual_seed(seed)
     cfg = get_config("state", horizon=4, state_dim=3, real_action_dim=2, privileged_dim=2, hidden=64, embed_dim=32,
-                     head_hidden=128, head_depth=2, time_dim=16)
+                     head_hidden=128, head_depth=2, time_dim=16, head=head, head_width=32, head_layers=2, head_heads=2)
     return StatePolicy(cfg, NormStats.identity(3, 2))
 
 
@@ -37,10 +37,13 @@ def test_interface_and_privileged_checks() -> None:
         pol.preprocess([{"state": np.zeros(3)}])
     with pytest.raises(ObservationError, match="privileged"):
         pol.preprocess([{"state": np.zeros(3), "privileged": np.array([np.nan, 0.0])}])
+    with pytest.raises(ValueError, match="head"):
+        make_policy(head="cnn")
 
 
-def test_training_then_sampling_recovers_the_chunk() -> None:
-    pol = make_policy(1)
+@pytest.mark.parametrize("head", ["mlp", "transformer"])
+def test_training_then_sampling_recovers_the_chunk(head: str) -> None:
+    pol = make_policy(1, head)
     rng = np.random.default_rng(0)
     states = rng.uniform(-1, 1, (64, 3))
     priv = rng.uniform(-1, 1, (64, 2))

@@ -73,6 +73,14 @@ class Pi05Config:
     # the observation), instead of only through attention to the prefix. Zero-initialised. Opt-in: older
     # checkpoints load unchanged.
     state_film: bool = False
+    # The action dims past real_action_dim (padding to action_dim). False = openpi's convention, which the published
+    # weights were trained with: the expert reads and denoises all action_dim dims and the flow loss covers them
+    # (target eps - 0), so the padded dims go to 0 along the sampling path as they do in training. True = they are
+    # not the model's business: zeroed on the expert's input, velocity 0 there, loss on the real dims only (as the
+    # `state` backbone does). What must not happen is the mix (loss on the real dims, padded dims read): their
+    # velocity is then never trained, so at sampling they drift away from the t * eps the expert saw in training,
+    # worst at the low-noise steps that set the action.
+    zero_padded_actions: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +108,16 @@ class StateConfig:
     delta_actions: bool = False  # arm joints predicted relative to the current joint state (gripper absolute)
     privileged_norm: bool = False  # privileged state standardised with stored mean/std buffers
     tool_features: bool = False  # add tool0 pose (FK of the arm joints, URDF) and object-minus-tool positions
+    # Flow head: "mlp" (above) or "transformer", a diagnostic copy of pi05's action-expert shape on this backbone's
+    # inputs: one token per chunk step, adaRMS time conditioning, attention to one conditioning token (the encoder
+    # embedding, as pi05's expert reads the state from a prefix token). head_width / head_layers / head_heads size it
+    # (pi05-tiny's expert: 64 / 2 / 2; MLP 4x width).
+    head: str = "mlp"
+    # Encoder: "mlp" (above) or "linear" (one linear map to embed_dim, as pi05's continuous_state token), diagnostic.
+    encoder: str = "mlp"
+    head_width: int = 64
+    head_layers: int = 2
+    head_heads: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,7 +126,8 @@ class StateConfig:
 def _pi05_tiny() -> Pi05Config:
     return Pi05Config(vision_width=64, vision_depth=2, vision_heads=2, vision_mlp=256, image_size=32, patch_size=8,
                       width=128, depth=2, mlp=512, heads=2, kv_heads=1, head_dim=32, vocab_size=None,
-                      expert_width=64, expert_mlp=256, horizon=10, action_dim=32, max_token_len=48)
+                      expert_width=64, expert_mlp=256, horizon=10, action_dim=32, max_token_len=48,
+                      zero_padded_actions=True)
 
 
 def _pi05_small() -> Pi05Config:
@@ -118,7 +137,8 @@ def _pi05_small() -> Pi05Config:
     6 x 384) cost ~10x more per SFT step; its checkpoints still load through their own config.json."""
     return Pi05Config(vision_width=128, vision_depth=4, vision_heads=2, vision_mlp=512, image_size=64, patch_size=16,
                       width=256, depth=4, mlp=1024, heads=4, kv_heads=1, head_dim=64, vocab_size=None,
-                      expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=32)
+                      expert_width=256, expert_mlp=1024, horizon=10, action_dim=32, max_token_len=32,
+                      zero_padded_actions=True)
 
 
 def _pi05_small_v1() -> Pi05Config:

@@ -159,9 +159,15 @@ class FlowPolicyBase(nn.Module):
             return x, DenoisePath(x=torch.stack(xs), t=ts)
         return x
 
+    @property
+    def loss_dims(self) -> int:
+        """The leading action dims the flow loss covers: the real ones unless the backbone also denoises padding."""
+        return self.real_action_dim
+
     def flow_loss(self, inputs: dict[str, torch.Tensor], actions: torch.Tensor, noise: torch.Tensor | None = None,
                   time: torch.Tensor | None = None, action_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Flow-matching MSE on the real action dims.
+        """Flow-matching MSE on the first `loss_dims` action dims (the real ones, or all for a pi05 that denoises its
+        padding, Pi05Config.zero_padded_actions False).
 
         actions [B, H, D] normalised; x_t = t * eps + (1 - t) * actions, target eps - actions, with
         t ~ Beta(1.5, 1) * 0.999 + 0.001 (t = 1 noise) unless `time` [B] is given. `action_mask` [B, H] bool
@@ -175,7 +181,7 @@ class FlowPolicyBase(nn.Module):
         x_t = tt * eps + (1.0 - tt) * actions
         u = eps - actions
         v = self.velocity_uncached(inputs, x_t, t)
-        err = (v - u)[..., : self.real_action_dim] ** 2
+        err = (v - u)[..., : self.loss_dims] ** 2
         if action_mask is None:
             return err.mean()
         m = action_mask.to(err.dtype)[..., None].expand_as(err)

@@ -375,19 +375,36 @@ class Pi05Policy(FlowPolicyBase):
     def batch_size(self, context: Pi05Context) -> int:
         return context.prefix_mask.shape[0]
 
+    @property
+    def loss_dims(self) -> int:
+        """All action_dim dims in openpi's convention (the padding is denoised too); the real ones when the padding
+        is zeroed (Pi05Config.zero_padded_actions)."""
+        return self.real_action_dim if self.config.zero_padded_actions else self.action_dim
+
+    def _expert_input(self, x_t: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        x = self.anchored_input(x_t, t, anchor)
+        if self.config.zero_padded_actions:
+            x = F.pad(x[..., : self.real_action_dim], (0, self.action_dim - self.real_action_dim))
+        return x
+
+    def _expert_output(self, v: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        if self.config.zero_padded_actions:
+            v = F.pad(v[..., : self.real_action_dim], (0, self.action_dim - self.real_action_dim))
+        return self.anchored_output(v, anchor)
+
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: Pi05Context) -> torch.Tensor:
         """v(x_t, t | cached prefix): x_t [B, H, D] normalised, t [B] (1 = noise) -> [B, H, D]."""
         t = batch_time(t, x_t.shape[0], x_t.device)
-        v = self.model.suffix_velocity(self.anchored_input(x_t, t, context.anchor), t, context)
-        return self.anchored_output(v, context.anchor)
+        v = self.model.suffix_velocity(self._expert_input(x_t, t, context.anchor), t, context)
+        return self._expert_output(v, context.anchor)
 
     def velocity_uncached(self, inputs: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x_t, t) from one joint prefix+suffix pass (no cache; the training path)."""
         t = batch_time(t, x_t.shape[0], x_t.device)
         anchor = self.delta_anchor(inputs["state"])
-        v = self.model.joint_forward(*self._prefix_args(inputs), self.anchored_input(x_t, t, anchor), t,
+        v = self.model.joint_forward(*self._prefix_args(inputs), self._expert_input(x_t, t, anchor), t,
                                      self._state_vector(inputs))[1]
-        return self.anchored_output(v, anchor)
+        return self._expert_output(v, anchor)
 
     def critic_features(self, context: Pi05Context) -> torch.Tensor:
         """z_rl [B, rl_token.dim] when the checkpoint has a trained RL token (METHOD.md §2); otherwise [B, width]:

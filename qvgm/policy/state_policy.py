@@ -44,6 +44,75 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _AdaRMS(nn.Module):
+    """RMSNorm whose scale/shift/gate come from the time embedding (zero-initialised: identity norm, closed gate at
+    the start), as pi05's expert norms: y = norm(x) * (1 + scale) + shift; the residual adds gate * f(y)."""
+
+    def __init__(self, width: int, cond: int) -> None:
+        super().__init__()
+        self.mod = nn.Linear(cond, 3 * width)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift, gate = self.mod(temb)[:, None].chunk(3, dim=-1)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return y * (1 + scale) + shift, gate
+
+
+class _TokenBlock(nn.Module):
+    def __init__(self, width: int, heads: int, cond: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = _AdaRMS(width, cond), _AdaRMS(width, cond)
+        self.cond_norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.kv_cond = nn.Linear(width, 2 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.mlp = _mlp([width, 4 * width, width])
+
+    def forward(self, a: torch.Tensor, c: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        b, h, w = a.shape
+        y, gate = self.norm1(a, temb)
+        q, k, v = self.qkv(y).chunk(3, dim=-1)
+        kc, vc = self.kv_cond(self.cond_norm(c)).chunk(2, dim=-1)
+        k, v = torch.cat([kc, k], 1), torch.cat([vc, v], 1)  # tokens attend to the conditioning token and each other
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, -1, self.heads, w // self.heads).transpose(1, 2)
+
+        att = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        a = a + gate * self.out(att.transpose(1, 2).reshape(b, h, w))
+        y, gate = self.norm2(a, temb)
+        return a + gate * self.mlp(y)
+
+
+class TokenFlowHead(nn.Module):
+    """Flow head with pi05's expert shape: x_t real dims [B, H, r] -> tokens [B, H, width] (+ learned position),
+    `head_layers` blocks of adaRMS(time) + attention over [conditioning token, tokens] + MLP, final adaRMS, linear
+    -> v [B, H, r]. The conditioning token is a projection of the encoder embedding [B, embed_dim]."""
+
+    def __init__(self, cfg: StateConfig) -> None:
+        super().__init__()
+        w = cfg.head_width
+        if w % cfg.head_heads:
+            raise ValueError(f"head_width {w} must be a multiple of head_heads {cfg.head_heads}")
+        self.inp = nn.Linear(cfg.real_action_dim, w)
+        self.pos = nn.Parameter(torch.randn(cfg.horizon, w) * 0.02)
+        self.cond = nn.Linear(cfg.embed_dim, w)
+        self.blocks = nn.ModuleList(_TokenBlock(w, cfg.head_heads, cfg.time_dim) for _ in range(cfg.head_layers))
+        self.final = _AdaRMS(w, cfg.time_dim)
+        self.outp = nn.Linear(w, cfg.real_action_dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        a = self.inp(x) + self.pos
+        c = self.cond(embedding)[:, None]
+        for blk in self.blocks:
+            a = blk(a, c, temb)
+        y, _ = self.final(a, temb)
+        return self.outp(y)
+
+
 class StatePolicy(FlowPolicyBase):
     """FlowPolicy over low-dimensional state; inputs need `state` [B, state_dim] (+ `privileged` [B, k])."""
 
@@ -65,12 +134,22 @@ class StatePolicy(FlowPolicyBase):
             self._ik = ArmIK()
             self._s_q01 = np.asarray(norm_stats.state_q01, dtype=np.float64)
             self._s_rng = np.maximum(np.asarray(norm_stats.state_q99, dtype=np.float64) - self._s_q01, _EPS)
-        self.encoder = nn.Sequential(
-            _mlp([cfg.state_dim + cfg.privileged_dim + extra, cfg.hidden, cfg.hidden, cfg.embed_dim]),
-            nn.LayerNorm(cfg.embed_dim))
+        n_in = cfg.state_dim + cfg.privileged_dim + extra
+        if cfg.encoder == "mlp":
+            self.encoder = nn.Sequential(_mlp([n_in, cfg.hidden, cfg.hidden, cfg.embed_dim]),
+                                         nn.LayerNorm(cfg.embed_dim))
+        elif cfg.encoder == "linear":
+            self.encoder = nn.Sequential(nn.Linear(n_in, cfg.embed_dim))
+        else:
+            raise ValueError(f"StateConfig.encoder must be 'mlp' or 'linear', got {cfg.encoder!r}")
         self.time_proj = nn.Linear(cfg.time_dim, cfg.time_dim)
         flat = cfg.horizon * cfg.real_action_dim
-        self.head = _mlp([flat + cfg.time_dim + cfg.embed_dim] + [cfg.head_hidden] * cfg.head_depth + [flat])
+        if cfg.head == "mlp":
+            self.head = _mlp([flat + cfg.time_dim + cfg.embed_dim] + [cfg.head_hidden] * cfg.head_depth + [flat])
+        elif cfg.head == "transformer":
+            self.head = TokenFlowHead(cfg)
+        else:
+            raise ValueError(f"StateConfig.head must be 'mlp' or 'transformer', got {cfg.head!r}")
         self.init_delta_anchor(cfg.delta_actions, cfg.state_dim, norm_stats)
         if cfg.privileged_norm and cfg.privileged_dim:
             self.register_buffer("priv_mean", torch.zeros(cfg.privileged_dim))
@@ -128,8 +207,11 @@ class StatePolicy(FlowPolicyBase):
         t = batch_time(t, b, x_t.device)
         temb = F.silu(self.time_proj(sinusoidal_time_embedding(t, self.config.time_dim).to(x_t.dtype)))
         x_t = self.anchored_input(x_t, t, context.anchor)  # delta actions: flow on a - c (FlowPolicyBase)
-        v = self.head(torch.cat([x_t[..., :r].reshape(b, -1), temb, context.embedding], dim=-1))
-        v = F.pad(v.view(b, self.horizon, r), (0, self.action_dim - r))
+        if isinstance(self.head, TokenFlowHead):
+            v = self.head(x_t[..., :r], temb, context.embedding)
+        else:
+            v = self.head(torch.cat([x_t[..., :r].reshape(b, -1), temb, context.embedding], dim=-1))
+        v = F.pad(v.reshape(b, self.horizon, r), (0, self.action_dim - r))
         return self.anchored_output(v, context.anchor)
 
     def critic_features(self, context: StateContext) -> torch.Tensor:
