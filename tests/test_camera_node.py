@@ -252,7 +252,10 @@ def test_bad_frames_never_stop_the_node(ros: tuple[Any, MultiThreadedExecutor]) 
     sw = SoftwareRealSense("843112070003", W, H, FPS)
     probe = Probe("flaky", ctx)
     executor.add_node(probe)
-    node = CameraNode("flaky", context=ctx, parameter_overrides={"width": W, "height": H, "diagnostics_period_s": 0.2},
+    # generous stall limits: this test is about bad frames (never a reason to reopen), not about a feeder thread
+    # starved on a loaded machine (a read timeout or a frozen stream, which do reopen: tested above)
+    node = CameraNode("flaky", context=ctx, parameter_overrides={"width": W, "height": H, "diagnostics_period_s": 0.2,
+                                                                 "read_timeout_s": 10.0, "frozen_reconnect_s": 60.0},
                       source_factory=lambda: FlakySource("", W, H, FPS, True, device_factory=lambda: sw.device))
     executor.add_node(node)
     with Feeder(sw):
