@@ -219,12 +219,13 @@ def test_realsense_unplug_replug_and_frozen_stream(ros: tuple[Any, MultiThreaded
         feeder.frozen = True  # the image stops changing (frame numbers still advance)
         wait_for(lambda: (probe.last_diag() or {}).get("state") == "frozen", 10, "frozen reported")
         assert probe.last_diag()["level"] == ERROR
-        time.sleep(1.0)  # frozen for longer than frozen_reconnect_s: reopened, still frozen, nothing published
+        # frozen for longer than frozen_reconnect_s: reopened, still frozen, nothing published. Waited for, not
+        # slept for: a loaded 2-core CI machine delivered only 6 frozen frames in 1 s once
+        wait_for(lambda: node.reconnects > reconnects and int((probe.last_diag() or {}).get("frozen_frames", 0)) > 10
+                 and (probe.last_diag() or {}).get("state") == "frozen", 20, "reopened and still frozen")
         frozen_img = pattern(0)[0].tobytes()
         published_frozen = [m for m in probe.get("color") if bytes(m.data) == frozen_img]
         assert len(published_frozen) <= 4  # at most frozen_frames - 1 identical images went out
-        assert probe.last_diag()["state"] == "frozen" and int(probe.last_diag()["frozen_frames"]) > 10
-        assert node.reconnects > reconnects
         n_frozen = probe.count("color")
         feeder.frozen = False
         wait_for(lambda: probe.count("color") >= n_frozen + 5, 10, "images after the freeze")
