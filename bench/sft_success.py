@@ -37,7 +37,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from critic_trainer.demos import collect_demos  # noqa: E402
-from critic_trainer.sft import DemoData, SFTConfig, heldout_flow_loss, load_demo_data, rollout, train_sft  # noqa: E402
+from critic_trainer.sft import (  # noqa: E402
+    DemoData,
+    SFTConfig,
+    heldout_flow_loss,
+    load_demo_data,
+    pose_readout_error,
+    rollout,
+    train_sft,
+)
 from qvgm.data.video import sim_video  # noqa: E402
 from qvgm.devices import resolve_device  # noqa: E402
 
@@ -105,7 +113,7 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
-                   "image_shift", "render_size")
+                   "image_shift", "render_size", "pose_aux", "pose_probe")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -158,6 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
     ap.add_argument("--image-shift", type=int, default=0, metavar="PX",
                     help="SFT random-shift image augmentation, up to PX px at the model's resolution (0 = off)")
+    ap.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
+                    help="sim-only SFT aid: weight of the auxiliary loss reading the object state from the image "
+                         "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")
+    ap.add_argument("--pose-probe", action="store_true",
+                    help="with --pose-aux: train the readout on detached tokens (plain SFT + a localisation probe)")
     ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
                     help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
                          "model told the object state (privileged_dim) also with those values shuffled across "
@@ -217,10 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
                                     steps=args.steps, seed=s, batch_size=args.batch_size, lr=args.lr,
                                     warmup=args.warmup,
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
-                                    device=args.device, image_shift=args.image_shift)
+                                    device=args.device, image_shift=args.image_shift, pose_aux=args.pose_aux,
+                                    pose_probe=args.pose_probe)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
+                    if "pose_readout" in res:  # how well the image tokens locate the objects, train / fresh scenes
+                        probe["final_pose_loss"] = round(res["final_pose_loss"], 4)
+                        if heldout is not None:
+                            probe["heldout_pose_mse"] = round(pose_readout_error(
+                                res["policy"], res["pose_readout"], heldout, res["pose_quantiles"]), 4)
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth", "image_size",
@@ -258,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
-           "image_shift": args.image_shift, "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
+           "image_shift": args.image_shift, "pose_aux": args.pose_aux, "pose_probe": args.pose_probe,
+           "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
            "demo_video": None if state_only else sim_video(),
            "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",

@@ -7,7 +7,10 @@ Data: every frame of every kept episode is a training sample: its observation an
 a_i..a_{i+H-1}; steps past the episode end repeat the last action and are masked out of the loss.
 Quantile norm stats (1%/99%) come from the kept frames' states and actions and are stored in the checkpoint.
 Loss: flow matching in the openpi convention (t = 1 noise, t = 0 clean; x_t = t*eps + (1-t)*a, target
-eps - a, t ~ Beta(1.5, 1)*0.999 + 0.001), MSE over real action dims and unpadded steps.
+eps - a, t ~ Beta(1.5, 1)*0.999 + 0.001), MSE over real action dims and unpadded steps. Sim-only option
+`--pose-aux W`: + W * MSE of a training-only head (PoseReadout, not saved) reading the normalised object state from
+the image tokens, which teaches a from-scratch vision tower where the objects are (`--pose-probe`: the head learns
+from detached tokens, a probe that leaves training unchanged).
 
 Determinism: one seed fixes the init (torch.manual_seed), the batch indices (numpy PCG64) and the
 noise/flow times (a torch.Generator); same seed + data + thread count -> identical weights.
@@ -42,6 +45,7 @@ from qvgm.data import DatasetError, ReplayReader
 from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device
 from qvgm.policy import NormStats, make_policy, save_policy
 from qvgm.policy.flow import FlowPolicyBase, sample_flow_time
+from qvgm.policy.processor import normalize
 
 HELP = "supervised flow-matching fine-tuning (SFT) of a policy on replay-buffer datasets"
 STATE_DIR = "train_state"
@@ -207,6 +211,17 @@ class SFTConfig:
     # `image_shift` px at the model's input resolution (edge pixels repeated) and cropped back at a random offset in
     # [0, 2 * image_shift] px along each axis. Pixel backbones only; evaluation and inference never shift.
     image_shift: int = 0
+    # Sim-only training aid (0 = off): weight of an auxiliary loss that reads the sim's object state (the
+    # dataset's privileged values, normalised with their 1%/99% quantiles, clipped to [-1, 1]) from the image
+    # tokens, through a training-only head (PoseReadout) that is not saved: the checkpoint, inference and the
+    # deployed policy see pixels only. It teaches a vision tower trained from scratch where the objects are, which
+    # the flow loss alone does not do from a few demos (docs/RESULTS.md). pi05 backbones; the data needs
+    # privileged state. A real robot's data has none: there the remedy is pretrained vision.
+    pose_aux: float = 0.0
+    # With pose_aux > 0: the readout learns from detached image tokens, so its loss has no gradient into the policy
+    # and the policy trains exactly as without pose_aux (bit-identical): a probe of how well plain SFT's image
+    # tokens already locate the objects (bench/sft_success.py reports the readout's error on fresh scenes).
+    pose_probe: bool = False
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -221,6 +236,10 @@ class SFTConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.image_shift < 0:
             raise ValueError(f"image_shift must be >= 0 px, got {self.image_shift}")
+        if not (self.pose_aux >= 0 and math.isfinite(self.pose_aux)):
+            raise ValueError(f"pose_aux must be a finite weight >= 0, got {self.pose_aux}")
+        if self.pose_probe and not self.pose_aux:
+            raise ValueError("pose_probe trains the pose readout: it needs pose_aux > 0")
 
     @property
     def work(self) -> Path:
@@ -231,10 +250,93 @@ class SFTConfig:
         d = dataclasses.asdict(self)
         for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version", "device"):
             d.pop(k)
-        for k in ("ema_decay", "image_shift"):  # keys of runs saved before these existed stay valid
+        # keys of runs saved before these existed stay valid
+        for k in ("ema_decay", "image_shift", "pose_aux", "pose_probe"):
             if not d[k]:
                 d.pop(k)
         return d
+
+
+class PoseReadout(torch.nn.Module):
+    """Training-only head for SFTConfig.pose_aux: image tokens [B, T, width] (+ valid mask [B, T]) -> the object
+    state [B, k] in normalised units. `heads` softmax-attention pools over the tokens (each a learned "where to
+    look", as a spatial-softmax keypoint reads a position), concatenated, then one linear read-out. (One pool per
+    output value got stuck with spread-out attention on a synthetic find-the-token task from some inits; 8 shared
+    pools solved it from every init tried: tests/test_sft_pose_aux.py.)"""
+
+    def __init__(self, width: int, k: int, heads: int = 8) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.score = torch.nn.Linear(width, heads)
+        self.out = torch.nn.Linear(heads * width, k)
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        h = self.norm(tokens.float())
+        logits = self.score(h).masked_fill(~valid[..., None], float("-inf"))  # [B, T, heads]
+        pooled = torch.einsum("bth,btw->bhw", logits.softmax(dim=1), h)
+        return self.out(pooled.flatten(1))
+
+
+class ImageTokenTap:
+    """Captures the image tokens a pi05 feeds its LM (the multi-modal projector's output [B * N, T, width]) during
+    a forward pass, without a second vision pass. `tokens(image_masks [B, N])` -> ([B, N * T, width], [B, N * T])."""
+
+    def __init__(self, policy: FlowPolicyBase) -> None:
+        model = getattr(policy, "model", None)
+        projector = getattr(getattr(getattr(model, "paligemma", None), "model", None), "multi_modal_projector", None)
+        if projector is None:
+            raise ValueError("pose_aux needs a pi05 backbone (image tokens); this policy has none")
+        self.width = int(projector.linear.out_features)
+        self._out: torch.Tensor | None = None
+        self._handle = projector.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._out = output
+
+    def tokens(self, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._out is None:
+            raise RuntimeError("no forward pass captured")
+        b, n = image_masks.shape
+        out, self._out = self._out, None
+        t = out.shape[1]
+        return out.reshape(b, n * t, -1), image_masks[:, :, None].expand(b, n, t).reshape(b, n * t).bool()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[torch.Tensor, tuple[np.ndarray, np.ndarray]]:
+    """The dataset's privileged object state normalised with `quantiles` (default: its own 1%/99% quantiles),
+    clipped to [-1, 1]: (float32 [N, k], (q01, q99))."""
+    if data.privileged is None:
+        raise ValueError("pose_aux needs the sim's privileged object state: the dataset has no "
+                         "meta/qvgm_privileged side files (record it with `critic_trainer demos`)")
+    p = np.asarray(data.privileged, dtype=np.float64)
+    q01, q99 = quantiles if quantiles is not None else (np.quantile(p, 0.01, axis=0), np.quantile(p, 0.99, axis=0))
+    return torch.from_numpy(np.clip(normalize(p, q01, q99), -1.0, 1.0).astype(np.float32)), (q01, q99)
+
+
+@torch.no_grad()
+def pose_readout_error(policy: FlowPolicyBase, readout: PoseReadout, data: DemoData,
+                       quantiles: tuple[np.ndarray, np.ndarray], chunk: int = 128) -> float:
+    """Mean squared error (normalised units, [-1, 1] per value) of a trained PoseReadout on `data`'s frames: how well
+    the image tokens locate the objects on scenes the model was not trained on (a held-out probe)."""
+    targets, _ = pose_targets(data, quantiles)
+    inputs = encode_inputs(policy, data)
+    tap = ImageTokenTap(policy)
+    dev = policy.device
+    total = 0.0
+    try:
+        for s in range(0, len(data), chunk):
+            rows = torch.arange(s, min(s + chunk, len(data)))
+            batch = batch_inputs(inputs, rows, dev)
+            policy.encode(batch)
+            pred = readout(*tap.tokens(batch["image_masks"]))
+            total += float(((pred - targets[rows].to(dev)) ** 2).sum())
+    finally:
+        tap.close()
+    return total / targets.numel()
 
 
 class WeightEMA:
@@ -336,7 +438,8 @@ def batch_inputs(inputs: dict[str, torch.Tensor], rows: torch.Tensor, device: to
 # ---------------------------------------------------------------------------------------------------- state io
 def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, step: int,
                       rng: np.random.Generator, gen: torch.Generator, cfg: SFTConfig, fingerprint: str,
-                      last_loss: float, ema: WeightEMA | None = None) -> None:
+                      last_loss: float, ema: WeightEMA | None = None, readout: torch.nn.Module | None = None
+                      ) -> None:
     """Atomically replace WORK/train_state with the state after `step` optimizer steps."""
     tmp = work / f".{STATE_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -350,6 +453,8 @@ def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
             tensors[f"opt/{pid}/{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
     if ema is not None:
         tensors.update({f"ema/{k}": v.detach().cpu().contiguous() for k, v in ema.shadow.items()})
+    if readout is not None:
+        tensors.update({f"readout/{k}": v.detach().cpu().contiguous() for k, v in readout.state_dict().items()})
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "numpy_rng": rng.bit_generator.state, "param_groups": sd["param_groups"],
             "training_key": cfg.training_key(), "data_fingerprint": fingerprint, "last_loss": last_loss,
@@ -368,7 +473,8 @@ def _save_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
 
 
 def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optimizer, rng: np.random.Generator,
-                      gen: torch.Generator, cfg: SFTConfig, fingerprint: str, ema: WeightEMA | None = None) -> int:
+                      gen: torch.Generator, cfg: SFTConfig, fingerprint: str, ema: WeightEMA | None = None,
+                      readout: torch.nn.Module | None = None) -> int:
     """Restore a saved training state; returns the step to continue from. Mismatches -> ValueError.
     Falls back to the previous state when a crash struck between the two renames of `_save_train_state`."""
     d = work / STATE_DIR
@@ -395,6 +501,8 @@ def _load_train_state(work: Path, policy: FlowPolicyBase, opt: torch.optim.Optim
         for k in ema.shadow:
             ema.shadow[k].copy_(tensors[f"ema/{k}"])
         ema.updates = int(meta.get("ema_updates", 0))
+    if readout is not None:
+        readout.load_state_dict({k[len("readout/"):]: v for k, v in tensors.items() if k.startswith("readout/")})
     return int(meta["step"])
 
 
@@ -428,18 +536,26 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     actions = policy.processor.normalize_actions(data.actions)  # [N, H, D]
     valid = torch.from_numpy(data.valid)
     fingerprint = data.fingerprint()
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tap: ImageTokenTap | None = None
+    readout: PoseReadout | None = None
+    targets = torch.zeros(0)
+    if cfg.pose_aux > 0:
+        targets, pose_quantiles = pose_targets(data)
+        tap = ImageTokenTap(policy)
+        readout = PoseReadout(tap.width, targets.shape[1]).to(dev)
+    readout_params = list(readout.parameters()) if readout is not None else []
+    opt = torch.optim.AdamW(list(policy.parameters()) + readout_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     work = cfg.work
     start = 0
     ema = WeightEMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if resume and any((work / n / "state.json").exists() for n in (STATE_DIR, f".{STATE_DIR}.old")):
-        start = _load_train_state(work, policy, opt, rng, gen, cfg, fingerprint, ema)
+        start = _load_train_state(work, policy, opt, rng, gen, cfg, fingerprint, ema, readout)
     log = ScalarLog(work, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
-    loss_v = float("nan")
+    loss_v = pose_v = float("nan")
     b, h, d = cfg.batch_size, policy.horizon, policy.action_dim
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"sft {cfg.config}", disable=not progress,
                dynamic_ncols=True)
@@ -456,27 +572,41 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                 batch["images"] = random_shift(batch["images"], cfg.image_shift, gen)
             loss = policy.flow_loss(batch, actions[rows].to(dev), noise=noise.to(dev),
                                     time=t, action_mask=valid[rows].to(dev))
+            flow_v = float(loss.item())
+            if readout is not None and tap is not None:
+                tokens, tok_valid = tap.tokens(batch["image_masks"])
+                if cfg.pose_probe:
+                    tokens = tokens.detach()
+                pose_loss = ((readout(tokens, tok_valid) - targets[rows].to(dev)) ** 2).mean()
+                pose_v = float(pose_loss.item())
+                loss = loss + cfg.pose_aux * pose_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"SFT loss became {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                if readout_params:  # clipped on its own: the policy's clipping is what it is without the readout
+                    torch.nn.utils.clip_grad_norm_(readout_params, cfg.grad_clip)
             opt.step()
             if ema is not None:
                 ema.update(policy)
-            loss_v = float(loss.item())
+            loss_v = flow_v
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
-                log.log("sft", done, {"loss": loss_v, "lr": lr, "wall_s": round(time.perf_counter() - t0, 3)})
-                bar.set_postfix(loss=f"{loss_v:.4f}")
+                extra = {"pose_loss": pose_v} if readout is not None else {}
+                log.log("sft", done, {"loss": loss_v, **extra, "lr": lr,
+                                      "wall_s": round(time.perf_counter() - t0, 3)})
+                bar.set_postfix(loss=f"{loss_v:.4f}", **({"pose": f"{pose_v:.4f}"} if readout is not None else {}))
             if done % cfg.checkpoint_every == 0 or done == end:
-                _save_train_state(work, policy, opt, done, rng, gen, cfg, fingerprint, loss_v, ema)
+                _save_train_state(work, policy, opt, done, rng, gen, cfg, fingerprint, loss_v, ema, readout)
     finally:
         bar.close()
         log.close()
+        if tap is not None:
+            tap.close()
     if end < cfg.steps:
-        return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work)}
+        return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work), "final_pose_loss": pose_v}
     policy.eval()
     if ema is not None:
         ema.copy_to(policy)
@@ -484,10 +614,15 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v, "device": str(dev),
                "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "image_shift": cfg.image_shift,
-               "data_sha256": fingerprint}
+               "data_sha256": fingerprint,
+               **({"pose_aux": cfg.pose_aux, "pose_probe": cfg.pose_probe, "final_pose_loss": pose_v}
+                  if cfg.pose_aux else {})}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
-    return {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}
+    out = {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}
+    if readout is not None:  # training-only, not in the checkpoint: for held-out probes (pose_readout_error)
+        out.update(final_pose_loss=pose_v, pose_readout=readout.eval(), pose_quantiles=pose_quantiles)
+    return out
 
 
 @torch.no_grad()
@@ -575,6 +710,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predict the arm joints relative to the current joint state (gripper absolute; any backbone)")
     p.add_argument("--image-shift", type=int, default=0, metavar="PX",
                    help="random-shift image augmentation: up to PX pixels at the model's resolution (0 = off)")
+    p.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
+                   help="sim-only: weight of an auxiliary loss reading the object state from the image tokens "
+                        "(training-only head, not saved; needs privileged state in the data; 0 = off)")
+    p.add_argument("--pose-probe", action="store_true",
+                   help="with --pose-aux: the readout learns from detached image tokens (no gradient into the "
+                        "policy; plain SFT plus a localisation probe)")
     p.add_argument("--version", default=None, help="checkpoint version string")
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
@@ -592,7 +733,8 @@ def run(args: argparse.Namespace) -> int:
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
                     overrides={**({"horizon": args.horizon} if args.horizon else {}),
                                **({"delta_actions": True} if args.delta_actions else {})}, device=args.device,
-                    image_shift=args.image_shift)
+                    image_shift=args.image_shift, pose_aux=args.pose_aux,
+                    pose_probe=args.pose_probe)
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:
@@ -604,5 +746,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DemoData", "SFTConfig", "DatasetError", "heldout_flow_loss", "load_demo_data", "norm_stats_from",
-           "rollout", "train_sft"]
+__all__ = ["DemoData", "SFTConfig", "DatasetError", "PoseReadout", "heldout_flow_loss", "load_demo_data",
+           "norm_stats_from", "pose_readout_error", "rollout", "train_sft"]

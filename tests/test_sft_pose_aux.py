@@ -1,0 +1,144 @@
+"""Sim-only SFT aid `SFTConfig.pose_aux` (`critic_trainer sft --pose-aux W`): a training-only head reads the sim's
+object state from the image tokens a pi05 feeds its LM, so a vision tower trained from scratch learns where the
+objects are. The head (`PoseReadout`) pools the tokens with one softmax attention per output value; it is never
+saved in the checkpoint: the policy that is saved, loaded and deployed sees pixels only. Real sim renders, real
+training, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from critic_trainer.cli import main
+from critic_trainer.demos import collect_demos
+from critic_trainer.sft import PoseReadout, SFTConfig, load_demo_data, pose_readout_error, train_sft
+from qvgm.policy import load_policy
+
+torch.set_num_threads(1)  # 2 shared CPU cores
+
+
+def test_pose_readout_learns_where_a_token_is_and_ignores_masked_ones() -> None:
+    """Tokens = a fixed per-position code + a marker on one token; the target is that token's position. The
+    attention pool has to find the marked token and read its position code, as the real head reads an object's."""
+    torch.manual_seed(0)  # the head's init
+    g = torch.Generator().manual_seed(0)
+    t, width, b = 16, 32, 64
+    pos_code = torch.randn(t, width, generator=g)
+    marker = torch.randn(width, generator=g) * 3
+    head = PoseReadout(width, 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, t, (b,), generator=g)
+        x = pos_code.expand(b, t, width).clone()
+        x[torch.arange(b), idx] += marker
+        return x, (idx.float() / (t - 1) * 2 - 1)[:, None]
+
+    valid = torch.ones(b, t, dtype=torch.bool)
+    x, y = batch()
+    with torch.no_grad():
+        before = float(((head(x, valid) - y) ** 2).mean())
+    for _ in range(300):
+        x, y = batch()
+        loss = ((head(x, valid) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = batch()
+    with torch.no_grad():
+        after = float(((head(x, valid) - y) ** 2).mean())
+    assert after < 0.01 < 0.1 < before and after < 0.03 * float(y.var())  # located, not the mean guess
+    # masked tokens (a missing camera) do not change the output, whatever they hold
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[:, t // 2:] = False
+    x2 = x.clone()
+    x2[:, t // 2:] = torch.randn(b, t - t // 2, width, generator=g) * 10
+    torch.testing.assert_close(head(x, valid), head(x2, valid))
+
+
+def test_sft_with_pose_aux_trains_the_vision_and_saves_a_pixels_only_policy(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = tmp_path / "cam"
+    collect_demos("pick_place", 2, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    assert data.privileged is not None
+    common = dict(datasets=[str(ds)], config="pi05-tiny", steps=60, seed=3, batch_size=8, checkpoint_every=30,
+                  warmup=5, lr=1e-3, log_every=1, overrides={"delta_actions": True})
+    aux = train_sft(SFTConfig(out=str(tmp_path / "aux"), pose_aux=1.0, **common), data=data, progress=False)
+    plain = train_sft(SFTConfig(out=str(tmp_path / "plain"), **common), data=data, progress=False)
+    assert aux["manifest"]["summary"]["pose_aux"] == 1.0 and "pose_aux" not in plain["manifest"]["summary"]
+    # the auxiliary gradient reached the vision tower
+    a, p = aux["policy"].state_dict(), plain["policy"].state_dict()
+    vision = [k for k in a if "vision_tower" in k]
+    assert vision and any(not torch.equal(a[k], p[k]) for k in vision)
+    # pose_probe: the readout learns from detached tokens, so the policy is exactly the plain run's, and the
+    # readout still learns (it measures what plain SFT's image tokens hold)
+    probe = train_sft(SFTConfig(out=str(tmp_path / "probe"), pose_aux=1.0, pose_probe=True, **common), data=data,
+                      progress=False)
+    q = probe["policy"].state_dict()
+    assert all(torch.equal(q[k], p[k]) for k in p)
+    assert probe["manifest"]["summary"]["pose_probe"] is True
+    probe_rows = [json.loads(line) for line in (tmp_path / "probe.work" / "scalars.jsonl").read_text().splitlines()]
+    probe_pose = [r["pose_loss"] for r in probe_rows if "pose_loss" in r]
+    assert np.mean(probe_pose[-10:]) < np.mean(probe_pose[:10])
+    # the pose loss is logged next to the flow loss and falls; the trained head beats predicting the mean
+    rows = [json.loads(line) for line in (tmp_path / "aux.work" / "scalars.jsonl").read_text().splitlines()]
+    pose = [r["pose_loss"] for r in rows if "pose_loss" in r]
+    assert len(pose) == 60 and np.mean(pose[-10:]) < 0.3 * np.mean(pose[:10])
+    targets = np.clip(2 * (data.privileged - aux["pose_quantiles"][0])
+                      / np.maximum(aux["pose_quantiles"][1] - aux["pose_quantiles"][0], 1e-8) - 1, -1, 1)
+    err = pose_readout_error(aux["policy"], aux["pose_readout"], data, aux["pose_quantiles"])
+    assert err < 0.3 * float(targets.var(axis=0).mean())  # measured: 0.05 vs 0.58
+    # the checkpoint holds the same tensors as a plain SFT's: no readout, no hook; it loads and acts on pixels
+    keys = {}
+    for name in ("aux", "plain"):
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            keys[name] = set(f.keys())
+    assert keys["aux"] == keys["plain"]
+    pol = load_policy(tmp_path / "aux")
+    obs = data.observations([0, 5])
+    for o in obs:
+        o.pop("privileged", None)  # deployed: no object state
+    assert pol.act(obs).shape == (2, 10, 7)
+    # interrupted + resumed ends bit-identical (the readout and its Adam moments are in the training state)
+    cfg = SFTConfig(out=str(tmp_path / "resumed"), pose_aux=1.0, **common)
+    assert train_sft(cfg, data=data, stop_after=30, progress=False)["manifest"] is None
+    with pytest.raises(ValueError, match="pose_aux"):  # resuming with another weight is refused
+        train_sft(SFTConfig(out=str(tmp_path / "resumed"), work_dir=str(cfg.work), pose_aux=0.5, **common),
+                  data=data, resume=True, progress=False)
+    resumed = train_sft(cfg, data=data, resume=True, progress=False)
+    r = resumed["policy"].state_dict()
+    assert all(torch.equal(r[k], a[k]) for k in a)
+    ro, ra = resumed["pose_readout"].state_dict(), aux["pose_readout"].state_dict()
+    assert all(torch.equal(ro[k], ra[k]) for k in ra)
+    # the CLI flag
+    assert main(["sft", "--dataset", str(ds), "--config", "pi05-tiny", "--out", str(tmp_path / "cli"), "--steps",
+                 "3", "--batch-size", "4", "--no-progress", "--threads", "1", "--pose-aux", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+    assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["summary"]["pose_aux"] == 0.5
+
+
+def test_pose_aux_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pose_aux"):
+        SFTConfig(datasets=["x"], pose_aux=-1.0)
+    with pytest.raises(ValueError, match="pose_aux"):
+        SFTConfig(datasets=["x"], pose_aux=float("nan"))
+    with pytest.raises(ValueError, match="pose_aux > 0"):
+        SFTConfig(datasets=["x"], pose_probe=True)
+    assert "pose_aux" not in SFTConfig(datasets=["x"]).training_key()  # old training states still resume
+    ds = tmp_path / "cam"
+    collect_demos("push", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    with pytest.raises(ValueError, match="pi05 backbone"):  # the state backbone has no image tokens
+        train_sft(SFTConfig(datasets=[str(ds)], config="state", out=str(tmp_path / "s"), steps=2, pose_aux=1.0),
+                  data=load_demo_data([ds], horizon=10, with_images=False), progress=False)
+    no_priv = type(data)(**{**data.__dict__, "privileged": None})
+    with pytest.raises(ValueError, match="privileged"):
+        train_sft(SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "p"), steps=2, pose_aux=1.0),
+                  data=no_priv, progress=False)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
