@@ -52,6 +52,7 @@ from qvgm.devices import resolve_device  # noqa: E402
 DEMO_SEED0 = 0
 EVAL_SEED0 = 100_000
 HELDOUT_DEMO_SEED0 = 200_000  # fresh expert demos for the open-loop held-out flow loss (--heldout-demos)
+POSE_SCENE_SEED0 = 600_000  # extra scripted episodes whose frames feed only the pose readout (--pose-scenes)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -113,7 +114,7 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
-                   "image_shift", "render_size", "pose_aux", "pose_probe")
+                   "image_shift", "render_size", "pose_aux", "pose_probe", "pose_scenes")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")
     ap.add_argument("--pose-probe", action="store_true",
                     help="with --pose-aux: train the readout on detached tokens (plain SFT + a localisation probe)")
+    ap.add_argument("--pose-scenes", type=int, default=0, metavar="N",
+                    help="with --pose-aux: N more scripted episodes (scene seeds 600000+) whose frames feed only the "
+                         "pose readout, never the action loss (SFTConfig.pose_datasets)")
     ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
                     help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
                          "model told the object state (privileged_dim) also with those values shuffled across "
@@ -214,6 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
                 collect_demos(task, args.heldout_demos, hroot, noise=args.noise, seed=HELDOUT_DEMO_SEED0,
                               image_size=tuple(args.image_size), render=not state_only)
                 heldout = load_demo_data([hroot], 10, with_images=not state_only)
+            pose_datasets = []
+            if args.pose_scenes:
+                proot = Path(tmp) / f"{task}-pose-scenes"
+                collect_demos(task, args.pose_scenes, proot, noise=args.noise, seed=POSE_SCENE_SEED0,
+                              image_size=tuple(args.image_size), render=True)
+                pose_datasets = [str(proot)]
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
             for n in args.demos:
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     warmup=args.warmup,
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
                                     device=args.device, image_shift=args.image_shift, pose_aux=args.pose_aux,
-                                    pose_probe=args.pose_probe)
+                                    pose_probe=args.pose_probe, pose_datasets=pose_datasets)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
@@ -278,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "pose_aux": args.pose_aux, "pose_probe": args.pose_probe,
+           "pose_scenes": args.pose_scenes,
+           **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),
            "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
            "demo_video": None if state_only else sim_video(),
            "n_exec": args.n_exec, "device": str(device),

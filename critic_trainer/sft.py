@@ -222,6 +222,11 @@ class SFTConfig:
     # and the policy trains exactly as without pose_aux (bit-identical): a probe of how well plain SFT's image
     # tokens already locate the objects (bench/sft_success.py reports the readout's error on fresh scenes).
     pose_probe: bool = False
+    # With pose_aux > 0: more datasets whose frames feed the pose readout only (images + privileged object state;
+    # their actions are never used): scenes the few action demos do not cover, as the stand-in for the pretrained
+    # vision that a published pi0.5 brings. Each step adds a batch of them to the readout's loss (the mean of the
+    # two batches' losses). The targets are normalised with these frames' quantiles.
+    pose_datasets: list[str] = field(default_factory=list)
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -238,8 +243,8 @@ class SFTConfig:
             raise ValueError(f"image_shift must be >= 0 px, got {self.image_shift}")
         if not (self.pose_aux >= 0 and math.isfinite(self.pose_aux)):
             raise ValueError(f"pose_aux must be a finite weight >= 0, got {self.pose_aux}")
-        if self.pose_probe and not self.pose_aux:
-            raise ValueError("pose_probe trains the pose readout: it needs pose_aux > 0")
+        if (self.pose_probe or self.pose_datasets) and not self.pose_aux:
+            raise ValueError("pose_probe / pose_datasets train the pose readout: they need pose_aux > 0")
 
     @property
     def work(self) -> Path:
@@ -251,7 +256,7 @@ class SFTConfig:
         for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version", "device"):
             d.pop(k)
         # keys of runs saved before these existed stay valid
-        for k in ("ema_decay", "image_shift", "pose_aux", "pose_probe"):
+        for k in ("ema_decay", "image_shift", "pose_aux", "pose_probe", "pose_datasets"):
             if not d[k]:
                 d.pop(k)
         return d
@@ -292,6 +297,9 @@ class ImageTokenTap:
 
     def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
         self._out = output
+
+    def clear(self) -> None:
+        self._out = None
 
     def tokens(self, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._out is None:
@@ -538,9 +546,25 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     fingerprint = data.fingerprint()
     tap: ImageTokenTap | None = None
     readout: PoseReadout | None = None
-    targets = torch.zeros(0)
+    targets = pose_extra_targets = torch.zeros(0)
+    pose_extra: DemoData | None = None
+    pose_extra_inputs: dict[str, torch.Tensor] = {}
     if cfg.pose_aux > 0:
-        targets, pose_quantiles = pose_targets(data)
+        quantiles = None
+        if cfg.pose_datasets:
+            pose_extra = load_demo_data(cfg.pose_datasets, horizon, with_images=True)
+            pose_extra_targets, quantiles = pose_targets(pose_extra)
+            if data.privileged is not None and data.privileged.shape[1] != pose_extra_targets.shape[1]:
+                raise ValueError(f"pose_datasets have {pose_extra_targets.shape[1]} privileged values per frame, the "
+                                 f"training data {data.privileged.shape[1]}")
+            if sorted(pose_extra.images) != sorted(data.images):
+                raise ValueError(f"pose_datasets have cameras {sorted(pose_extra.images)}, the training data "
+                                 f"{sorted(data.images)}")
+            # images only: the readout needs nothing else of these frames
+            pose_extra_inputs = {k: v for k, v in encode_inputs(policy, pose_extra).items()
+                                 if k in ("images", "image_masks")}
+            fingerprint += "+pose:" + pose_extra.fingerprint()
+        targets, pose_quantiles = pose_targets(data, quantiles)
         tap = ImageTokenTap(policy)
         readout = PoseReadout(tap.width, targets.shape[1]).to(dev)
     readout_params = list(readout.parameters()) if readout is not None else []
@@ -578,6 +602,18 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                 if cfg.pose_probe:
                     tokens = tokens.detach()
                 pose_loss = ((readout(tokens, tok_valid) - targets[rows].to(dev)) ** 2).mean()
+                if pose_extra is not None:  # a batch of the extra scenes, straight through the vision tower
+                    # rows drawn from (seed, step) alone: the main stream of draws is the plain run's, and a resume
+                    # needs no more state
+                    prow = torch.from_numpy(np.random.default_rng([cfg.seed, step, 7]).integers(
+                        0, len(pose_extra), size=b))
+                    pb = batch_inputs(pose_extra_inputs, prow, dev)
+                    tokens, tok_valid = policy.model.image_tokens(pb["images"], pb["image_masks"])
+                    tap.clear()
+                    if cfg.pose_probe:
+                        tokens = tokens.detach()
+                    extra = ((readout(tokens, tok_valid) - pose_extra_targets[prow].to(dev)) ** 2).mean()
+                    pose_loss = 0.5 * (pose_loss + extra)
                 pose_v = float(pose_loss.item())
                 loss = loss + cfg.pose_aux * pose_loss
             if not torch.isfinite(loss):

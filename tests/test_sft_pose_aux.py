@@ -76,10 +76,18 @@ def test_sft_with_pose_aux_trains_the_vision_and_saves_a_pixels_only_policy(
     a, p = aux["policy"].state_dict(), plain["policy"].state_dict()
     vision = [k for k in a if "vision_tower" in k]
     assert vision and any(not torch.equal(a[k], p[k]) for k in vision)
-    # pose_probe: the readout learns from detached tokens, so the policy is exactly the plain run's, and the
-    # readout still learns (it measures what plain SFT's image tokens hold)
-    probe = train_sft(SFTConfig(out=str(tmp_path / "probe"), pose_aux=1.0, pose_probe=True, **common), data=data,
-                      progress=False)
+    # pose_datasets: frames of other scenes feed the readout (not the action loss) and change what is learnt
+    extra = tmp_path / "extra"
+    collect_demos("pick_place", 1, extra, noise=0.005, seed=600_000, image_size=(32, 32))
+    more = train_sft(SFTConfig(out=str(tmp_path / "more"), pose_aux=1.0, pose_datasets=[str(extra)], **common),
+                     data=data, progress=False)
+    m = more["policy"].state_dict()
+    assert any(not torch.equal(m[k], a[k]) for k in vision)
+    assert more["manifest"]["summary"]["data_sha256"] != aux["manifest"]["summary"]["data_sha256"]
+    # pose_probe: the readout learns from detached tokens (here with the extra scenes too), so the policy is
+    # exactly the plain run's, and the readout still learns (it measures what plain SFT's image tokens hold)
+    probe = train_sft(SFTConfig(out=str(tmp_path / "probe"), pose_aux=1.0, pose_probe=True,
+                                pose_datasets=[str(extra)], **common), data=data, progress=False)
     q = probe["policy"].state_dict()
     assert all(torch.equal(q[k], p[k]) for k in p)
     assert probe["manifest"]["summary"]["pose_probe"] is True
@@ -130,6 +138,8 @@ def test_pose_aux_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         SFTConfig(datasets=["x"], pose_aux=float("nan"))
     with pytest.raises(ValueError, match="pose_aux > 0"):
         SFTConfig(datasets=["x"], pose_probe=True)
+    with pytest.raises(ValueError, match="pose_aux > 0"):
+        SFTConfig(datasets=["x"], pose_datasets=["y"])
     assert "pose_aux" not in SFTConfig(datasets=["x"]).training_key()  # old training states still resume
     ds = tmp_path / "cam"
     collect_demos("push", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
@@ -141,4 +151,9 @@ def test_pose_aux_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="privileged"):
         train_sft(SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "p"), steps=2, pose_aux=1.0),
                   data=no_priv, progress=False)
-    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
+    front_only = tmp_path / "front_only"  # extra scenes must be seen by the same cameras
+    collect_demos("push", 1, front_only, noise=0.005, seed=600_000, image_size=(32, 32), cameras=("front",))
+    with pytest.raises(ValueError, match="cameras"):
+        train_sft(SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "c"), steps=2, pose_aux=1.0,
+                            pose_datasets=[str(front_only)]), data=data, progress=False)
+    assert not any((tmp_path / n).exists() for n in ("s", "p", "c"))

@@ -193,19 +193,24 @@ class Pi05Model(nn.Module):
         emb[ids] = feats.to(emb.dtype).to(emb.device)
 
     # --- prefix -------------------------------------------------------------------------------------------
-    def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
-                     token_mask: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N], tokens [B, L], token_mask [B, L]
-        -> (embeddings [B, N * T + L, width], valid mask [B, N * T + L]). Text embeddings scaled by sqrt(width).
-        With `continuous_state`, `state` [B, state_dim + privileged_dim] adds one token at the end (+1 on both)."""
+    def image_tokens(self, images: torch.Tensor, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N] -> (SigLIP tokens projected to the LM width
+        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera, cameras in order."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
         feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = pm.multi_modal_projector(feats)  # [B * N, T, width]
         tpi = img.shape[1]
-        img = img.reshape(b, n * tpi, -1)
-        img_mask = image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
+        return img.reshape(b, n * tpi, -1), image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
+
+    def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
+                     token_mask: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N], tokens [B, L], token_mask [B, L]
+        -> (embeddings [B, N * T + L, width], valid mask [B, N * T + L]). Text embeddings scaled by sqrt(width).
+        With `continuous_state`, `state` [B, state_dim + privileged_dim] adds one token at the end (+1 on both)."""
+        b = images.shape[0]
+        img, img_mask = self.image_tokens(images, image_masks)
         txt = self.lm.embed_tokens(tokens) * math.sqrt(self.cfg.width)
         parts, masks = [img, txt.to(img.dtype)], [img_mask, token_mask.bool()]
         if self.state_proj is not None:
