@@ -114,7 +114,8 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
-                   "image_shift", "render_size", "pose_aux", "pose_probe", "pose_scenes")
+                   "image_shift", "render_size", "pose_aux", "pose_probe", "pose_scenes",
+                   "pose_pretrain_steps")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pose-scenes", type=int, default=0, metavar="N",
                     help="with --pose-aux: N more scripted episodes (scene seeds 600000+) whose frames feed only the "
                          "pose readout, never the action loss (SFTConfig.pose_datasets)")
+    ap.add_argument("--pose-pretrain-steps", type=int, default=0, metavar="N",
+                    help="with --pose-aux: N vision-only steps on the pose targets before SFT "
+                         "(SFTConfig.pose_pretrain_steps)")
     ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
                     help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
                          "model told the object state (privileged_dim) also with those values shuffled across "
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     warmup=args.warmup,
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
                                     device=args.device, image_shift=args.image_shift, pose_aux=args.pose_aux,
-                                    pose_probe=args.pose_probe, pose_datasets=pose_datasets)
+                                    pose_probe=args.pose_probe, pose_datasets=pose_datasets,
+                                    pose_pretrain_steps=args.pose_pretrain_steps)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "pose_aux": args.pose_aux, "pose_probe": args.pose_probe,
-           "pose_scenes": args.pose_scenes,
+           "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),
            "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
            "demo_video": None if state_only else sim_video(),

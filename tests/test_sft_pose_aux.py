@@ -16,7 +16,17 @@ from safetensors import safe_open
 
 from critic_trainer.cli import main
 from critic_trainer.demos import collect_demos
-from critic_trainer.sft import PoseReadout, SFTConfig, load_demo_data, pose_readout_error, train_sft
+from critic_trainer.sft import (
+    PoseReadout,
+    SFTConfig,
+    build_policy_for,
+    encode_inputs,
+    load_demo_data,
+    pose_pretrain,
+    pose_readout_error,
+    pose_targets,
+    train_sft,
+)
 from qvgm.policy import load_policy
 
 torch.set_num_threads(1)  # 2 shared CPU cores
@@ -157,3 +167,39 @@ def test_pose_aux_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         train_sft(SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "c"), steps=2, pose_aux=1.0,
                             pose_datasets=[str(front_only)]), data=data, progress=False)
     assert not any((tmp_path / n).exists() for n in ("s", "p", "c"))
+
+
+def test_pose_pretraining_trains_only_the_vision_and_resumes(tmp_path: Path) -> None:
+    ds = tmp_path / "cam"
+    collect_demos("pick_place", 2, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    cfg = SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "pre"), steps=20, seed=1,
+                    batch_size=8, checkpoint_every=10, warmup=2, lr=1e-3, pose_aux=1.0, pose_pretrain_steps=60,
+                    overrides={"delta_actions": True})
+    torch.manual_seed(0)
+    policy = build_policy_for(data, cfg)
+    inputs = encode_inputs(policy, data)
+    targets, quantiles = pose_targets(data)
+    readout = PoseReadout(policy.model.paligemma.model.multi_modal_projector.linear.out_features, targets.shape[1])
+    before_w = {k: v.clone() for k, v in policy.state_dict().items()}
+    before = pose_readout_error(policy, readout, data, quantiles)
+    pose_pretrain(policy, readout, [(inputs, targets)], cfg)
+    after = pose_readout_error(policy, readout, data, quantiles)
+    assert after < 0.5 * before
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before_w[k])}
+    assert changed and all("vision_tower" in k or "multi_modal_projector" in k for k in changed)
+    # inside SFT: logged as its own stage, recorded in the summary; a resume after it ends bit-identical
+    full = train_sft(cfg, data=data, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "pre.work" / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "pose_pretrain"][-1] == 60
+    summary = full["manifest"]["summary"]
+    assert summary["pose_pretrain_steps"] == 60 and summary["pose_pretrain_final_loss"] > 0
+    part = SFTConfig(**{**cfg.__dict__, "out": str(tmp_path / "part")})
+    assert train_sft(part, data=data, stop_after=10, progress=False)["manifest"] is None
+    resumed = train_sft(part, data=data, resume=True, progress=False)
+    a, r = full["policy"].state_dict(), resumed["policy"].state_dict()
+    assert all(torch.equal(a[k], r[k]) for k in a)
+    with pytest.raises(ValueError, match="pose_probe"):
+        SFTConfig(datasets=["x"], pose_aux=1.0, pose_probe=True, pose_pretrain_steps=5)
+    with pytest.raises(ValueError, match=">= 0"):
+        SFTConfig(datasets=["x"], pose_aux=1.0, pose_pretrain_steps=-1)
