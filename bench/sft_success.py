@@ -115,7 +115,7 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "render_size", "pose_aux", "pose_probe", "pose_scenes",
-                   "pose_pretrain_steps")
+                   "pose_pretrain_steps", "pose_readout", "pose_values")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pose-scenes", type=int, default=0, metavar="N",
                     help="with --pose-aux: N more scripted episodes (scene seeds 600000+) whose frames feed only the "
                          "pose readout, never the action loss (SFTConfig.pose_datasets)")
+    ap.add_argument("--pose-readout", choices=["image", "prefix"], default="image",
+                    help="with --pose-aux: what the readout reads (SFTConfig.pose_readout)")
+    ap.add_argument("--pose-values", choices=["all", "xyz"], default="all",
+                    help="with --pose-aux: xyz + quaternion per role, or positions only (SFTConfig.pose_values)")
     ap.add_argument("--pose-pretrain-steps", type=int, default=0, metavar="N",
                     help="with --pose-aux: N vision-only steps on the pose targets before SFT "
                          "(SFTConfig.pose_pretrain_steps)")
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
                                     device=args.device, image_shift=args.image_shift, pose_aux=args.pose_aux,
                                     pose_probe=args.pose_probe, pose_datasets=pose_datasets,
-                                    pose_pretrain_steps=args.pose_pretrain_steps)
+                                    pose_pretrain_steps=args.pose_pretrain_steps,
+                                    pose_readout=args.pose_readout, pose_values=args.pose_values)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                         probe["final_pose_loss"] = round(res["final_pose_loss"], 4)
                         if heldout is not None:
                             probe["heldout_pose_mse"] = round(pose_readout_error(
-                                res["policy"], res["pose_readout"], heldout, res["pose_quantiles"]), 4)
+                                res["policy"], res["pose_readout"], heldout, res["pose_quantiles"],
+                                where=args.pose_readout, values=args.pose_values), 4)
                     cfg_d = res["policy"].config.to_dict()
                     policy_flags = {k: cfg_d[k] for k in ("delta_actions", "privileged_norm", "tool_features",
                                                           "hidden", "head_hidden", "head_depth", "image_size",
@@ -294,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "pose_aux": args.pose_aux, "pose_probe": args.pose_probe,
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
+           "pose_readout": args.pose_readout, "pose_values": args.pose_values,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),
            "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
            "demo_video": None if state_only else sim_video(),

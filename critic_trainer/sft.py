@@ -232,6 +232,13 @@ class SFTConfig:
     # step than SFT for pi05-tiny), own AdamW, lr warm-up then cosine with peak `lr`. Pretrains the vision the way
     # a published pi0.5 arrives pretrained. Runs only when SFT starts from step 0 (a resume restores its result).
     pose_pretrain_steps: int = 0
+    # What the readout reads: "image" = the image tokens entering the LM (vision only; it cannot know which cube
+    # the prompt names); "prefix" = the LM's final prefix embeddings (image + prompt tokens after the prefix
+    # attention), so "where is the object the prompt names" is learnable and its gradient teaches the grounding.
+    pose_readout: str = "image"
+    # The targets: "all" = xyz + quaternion per role; "xyz" = positions only (the quaternions of symmetric cubes
+    # are not visible at small sizes, and a readout can only memorise them per scene).
+    pose_values: str = "all"
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -251,6 +258,11 @@ class SFTConfig:
         if (self.pose_probe or self.pose_datasets or self.pose_pretrain_steps) and not self.pose_aux:
             raise ValueError("pose_probe / pose_datasets / pose_pretrain_steps train the pose readout: they need "
                              "pose_aux > 0")
+        if self.pose_readout not in ("image", "prefix") or self.pose_values not in ("all", "xyz"):
+            raise ValueError(f"pose_readout must be image|prefix and pose_values all|xyz, got {self.pose_readout!r}, "
+                             f"{self.pose_values!r}")
+        if self.pose_readout == "prefix" and self.pose_pretrain_steps:
+            raise ValueError("pose_pretrain_steps trains the vision only: it needs pose_readout='image'")
         if self.pose_pretrain_steps < 0:
             raise ValueError(f"pose_pretrain_steps must be >= 0, got {self.pose_pretrain_steps}")
         if self.pose_pretrain_steps and self.pose_probe:
@@ -268,6 +280,9 @@ class SFTConfig:
         # keys of runs saved before these existed stay valid
         for k in ("ema_decay", "image_shift", "pose_aux", "pose_probe", "pose_datasets", "pose_pretrain_steps"):
             if not d[k]:
+                d.pop(k)
+        for k, default in (("pose_readout", "image"), ("pose_values", "all")):
+            if d[k] == default:
                 d.pop(k)
         return d
 
@@ -296,14 +311,18 @@ class ImageTokenTap:
     """Captures the image tokens a pi05 feeds its LM (the multi-modal projector's output [B * N, T, width]) during
     a forward pass, without a second vision pass. `tokens(image_masks [B, N])` -> ([B, N * T, width], [B, N * T])."""
 
-    def __init__(self, policy: FlowPolicyBase) -> None:
+    def __init__(self, policy: FlowPolicyBase, where: str = "image") -> None:
         model = getattr(policy, "model", None)
         projector = getattr(getattr(getattr(model, "paligemma", None), "model", None), "multi_modal_projector", None)
         if projector is None:
             raise ValueError("pose_aux needs a pi05 backbone (image tokens); this policy has none")
         self.width = int(projector.linear.out_features)
+        self.where = where
+        self.extra = 1 if getattr(policy.config, "continuous_state", False) else 0
         self._out: torch.Tensor | None = None
-        self._handle = projector.register_forward_hook(self._hook)
+        # "prefix": the LM's final norm, whose output is the prefix embedding [B, P, width] (images, prompt, state)
+        module = model.lm.norm if where == "prefix" else projector
+        self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
         self._out = output
@@ -311,11 +330,21 @@ class ImageTokenTap:
     def clear(self) -> None:
         self._out = None
 
-    def tokens(self, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, image_masks: torch.Tensor, token_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [B, P', width], valid [B, P']); "prefix" needs the batch's token_mask [B, L] too."""
         if self._out is None:
             raise RuntimeError("no forward pass captured")
         b, n = image_masks.shape
         out, self._out = self._out, None
+        if self.where == "prefix":
+            if token_mask is None:
+                raise ValueError("the prefix readout needs the token mask")
+            t = (out.shape[1] - token_mask.shape[1] - self.extra) // n
+            img = image_masks[:, :, None].expand(b, n, t).reshape(b, n * t).bool()
+            valid = torch.cat([img, token_mask.bool(), torch.ones(b, self.extra, dtype=torch.bool,
+                                                                   device=img.device)], dim=1)
+            return out, valid
         t = out.shape[1]
         return out.reshape(b, n * t, -1), image_masks[:, :, None].expand(b, n, t).reshape(b, n * t).bool()
 
@@ -323,26 +352,31 @@ class ImageTokenTap:
         self._handle.remove()
 
 
-def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None = None
+def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None = None, values: str = "all"
                  ) -> tuple[torch.Tensor, tuple[np.ndarray, np.ndarray]]:
-    """The dataset's privileged object state normalised with `quantiles` (default: its own 1%/99% quantiles),
-    clipped to [-1, 1]: (float32 [N, k], (q01, q99))."""
+    """The dataset's privileged object state (xyz + quat wxyz per role; `values="xyz"`: positions only) normalised
+    with `quantiles` (default: its own 1%/99% quantiles), clipped to [-1, 1]: (float32 [N, k], (q01, q99))."""
     if data.privileged is None:
         raise ValueError("pose_aux needs the sim's privileged object state: the dataset has no "
                          "meta/qvgm_privileged side files (record it with `critic_trainer demos`)")
     p = np.asarray(data.privileged, dtype=np.float64)
+    if values == "xyz":
+        if p.shape[1] % 7:
+            raise ValueError(f"pose_values='xyz' needs 7 values (xyz + quat) per role, got {p.shape[1]}")
+        p = p.reshape(len(p), -1, 7)[:, :, :3].reshape(len(p), -1)
     q01, q99 = quantiles if quantiles is not None else (np.quantile(p, 0.01, axis=0), np.quantile(p, 0.99, axis=0))
     return torch.from_numpy(np.clip(normalize(p, q01, q99), -1.0, 1.0).astype(np.float32)), (q01, q99)
 
 
 @torch.no_grad()
 def pose_readout_error(policy: FlowPolicyBase, readout: PoseReadout, data: DemoData,
-                       quantiles: tuple[np.ndarray, np.ndarray], chunk: int = 128) -> float:
+                       quantiles: tuple[np.ndarray, np.ndarray], chunk: int = 128, where: str = "image",
+                       values: str = "all") -> float:
     """Mean squared error (normalised units, [-1, 1] per value) of a trained PoseReadout on `data`'s frames: how well
     the image tokens locate the objects on scenes the model was not trained on (a held-out probe)."""
-    targets, _ = pose_targets(data, quantiles)
+    targets, _ = pose_targets(data, quantiles, values)
     inputs = encode_inputs(policy, data)
-    tap = ImageTokenTap(policy)
+    tap = ImageTokenTap(policy, where)
     dev = policy.device
     total = 0.0
     try:
@@ -350,7 +384,7 @@ def pose_readout_error(policy: FlowPolicyBase, readout: PoseReadout, data: DemoD
             rows = torch.arange(s, min(s + chunk, len(data)))
             batch = batch_inputs(inputs, rows, dev)
             policy.encode(batch)
-            pred = readout(*tap.tokens(batch["image_masks"]))
+            pred = readout(*tap.tokens(batch["image_masks"], batch.get("token_mask")))
             total += float(((pred - targets[rows].to(dev)) ** 2).sum())
     finally:
         tap.close()
@@ -602,19 +636,20 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         quantiles = None
         if cfg.pose_datasets:
             pose_extra = load_demo_data(cfg.pose_datasets, horizon, with_images=True)
-            pose_extra_targets, quantiles = pose_targets(pose_extra)
-            if data.privileged is not None and data.privileged.shape[1] != pose_extra_targets.shape[1]:
-                raise ValueError(f"pose_datasets have {pose_extra_targets.shape[1]} privileged values per frame, the "
-                                 f"training data {data.privileged.shape[1]}")
+            pose_extra_targets, quantiles = pose_targets(pose_extra, values=cfg.pose_values)
+            if (pose_extra.privileged is not None and data.privileged is not None
+                    and data.privileged.shape[1] != pose_extra.privileged.shape[1]):
+                raise ValueError(f"pose_datasets have {pose_extra.privileged.shape[1]} privileged values per frame, "
+                                 f"the training data {data.privileged.shape[1]}")
             if sorted(pose_extra.images) != sorted(data.images):
                 raise ValueError(f"pose_datasets have cameras {sorted(pose_extra.images)}, the training data "
                                  f"{sorted(data.images)}")
-            # images only: the readout needs nothing else of these frames
+            # images only for the image readout; the prefix readout needs the prompt (and state) too
             pose_extra_inputs = {k: v for k, v in encode_inputs(policy, pose_extra).items()
-                                 if k in ("images", "image_masks")}
+                                 if cfg.pose_readout == "prefix" or k in ("images", "image_masks")}
             fingerprint += "+pose:" + pose_extra.fingerprint()
-        targets, pose_quantiles = pose_targets(data, quantiles)
-        tap = ImageTokenTap(policy)
+        targets, pose_quantiles = pose_targets(data, quantiles, cfg.pose_values)
+        tap = ImageTokenTap(policy, cfg.pose_readout)
         readout = PoseReadout(tap.width, targets.shape[1]).to(dev)
     readout_params = list(readout.parameters()) if readout is not None else []
     opt = torch.optim.AdamW(list(policy.parameters()) + readout_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -632,7 +667,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         if tap is not None:
             tap.close()  # the pretraining reads image_tokens directly
         pretrain_v = pose_pretrain(policy, readout, frames, cfg, log)
-        tap = ImageTokenTap(policy)
+        tap = ImageTokenTap(policy, cfg.pose_readout)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
     loss_v = pose_v = float("nan")
@@ -654,7 +689,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                                     time=t, action_mask=valid[rows].to(dev))
             flow_v = float(loss.item())
             if readout is not None and tap is not None:
-                tokens, tok_valid = tap.tokens(batch["image_masks"])
+                tokens, tok_valid = tap.tokens(batch["image_masks"], batch.get("token_mask"))
                 if cfg.pose_probe:
                     tokens = tokens.detach()
                 pose_loss = ((readout(tokens, tok_valid) - targets[rows].to(dev)) ** 2).mean()
@@ -664,7 +699,11 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                     prow = torch.from_numpy(np.random.default_rng([cfg.seed, step, 7]).integers(
                         0, len(pose_extra), size=b))
                     pb = batch_inputs(pose_extra_inputs, prow, dev)
-                    tokens, tok_valid = policy.model.image_tokens(pb["images"], pb["image_masks"])
+                    if cfg.pose_readout == "prefix":
+                        ctx = policy.encode(pb)
+                        tokens, tok_valid = ctx.prefix_out, ctx.prefix_mask
+                    else:
+                        tokens, tok_valid = policy.model.image_tokens(pb["images"], pb["image_masks"])
                     tap.clear()
                     if cfg.pose_probe:
                         tokens = tokens.detach()
@@ -715,7 +754,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
     out = {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}
     if readout is not None:  # training-only, not in the checkpoint: for held-out probes (pose_readout_error)
-        out.update(final_pose_loss=pose_v, pose_readout=readout.eval(), pose_quantiles=pose_quantiles)
+        out.update(final_pose_loss=pose_v, pose_readout=readout.eval(), pose_quantiles=pose_quantiles,
+                   pose_readout_where=cfg.pose_readout, pose_values=cfg.pose_values)
     return out
 
 
@@ -811,6 +851,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --pose-aux: a dataset whose frames feed only the pose readout (repeatable)")
     p.add_argument("--pose-pretrain-steps", type=int, default=0, metavar="N",
                    help="with --pose-aux: N vision-only steps on the pose targets before SFT")
+    p.add_argument("--pose-readout", choices=["image", "prefix"], default="image",
+                   help="with --pose-aux: read the image tokens (vision only) or the LM's prefix embeddings "
+                        "(image + prompt: learns which object the prompt names)")
+    p.add_argument("--pose-values", choices=["all", "xyz"], default="all",
+                   help="with --pose-aux: the targets, xyz + quaternion per role or positions only")
     p.add_argument("--pose-probe", action="store_true",
                    help="with --pose-aux: the readout learns from detached image tokens (no gradient into the "
                         "policy; plain SFT plus a localisation probe)")
@@ -833,7 +878,8 @@ def run(args: argparse.Namespace) -> int:
                                **({"delta_actions": True} if args.delta_actions else {})}, device=args.device,
                     image_shift=args.image_shift, pose_aux=args.pose_aux,
                     pose_probe=args.pose_probe, pose_datasets=list(args.pose_dataset),
-                    pose_pretrain_steps=args.pose_pretrain_steps)
+                    pose_pretrain_steps=args.pose_pretrain_steps, pose_readout=args.pose_readout,
+                    pose_values=args.pose_values)
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

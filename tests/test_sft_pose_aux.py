@@ -203,3 +203,39 @@ def test_pose_pretraining_trains_only_the_vision_and_resumes(tmp_path: Path) -> 
         SFTConfig(datasets=["x"], pose_aux=1.0, pose_probe=True, pose_pretrain_steps=5)
     with pytest.raises(ValueError, match=">= 0"):
         SFTConfig(datasets=["x"], pose_aux=1.0, pose_pretrain_steps=-1)
+
+
+def test_prefix_readout_on_positions_reads_the_prompt_aware_prefix(tmp_path: Path) -> None:
+    """pose_readout="prefix": the head reads the LM's final prefix embeddings (images + prompt), so the gradient of
+    "where is the object the prompt names" reaches the LM too; pose_values="xyz" keeps the positions only."""
+    ds = tmp_path / "cam"
+    collect_demos("pick_place", 2, ds, noise=0.005, seed=0, image_size=(32, 32))
+    extra = tmp_path / "extra"
+    collect_demos("pick_place", 1, extra, noise=0.005, seed=600_000, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    common = dict(datasets=[str(ds)], config="pi05-tiny", steps=40, seed=2, batch_size=8, checkpoint_every=20,
+                  warmup=4, lr=1e-3, log_every=1, pose_aux=1.0, overrides={"delta_actions": True})
+    image = train_sft(SFTConfig(out=str(tmp_path / "image"), pose_values="xyz", **common), data=data, progress=False)
+    prefix = train_sft(SFTConfig(out=str(tmp_path / "prefix"), pose_values="xyz", pose_readout="prefix",
+                                 pose_datasets=[str(extra)], **common), data=data, progress=False)
+    assert prefix["pose_readout"].out.out_features == 9  # 3 roles x xyz
+    a, b = image["policy"].state_dict(), prefix["policy"].state_dict()
+    lm = [k for k in a if "language_model" in k and "embed" not in k]
+    assert any(not torch.equal(a[k], b[k]) for k in lm)
+    rows = [json.loads(line) for line in (tmp_path / "prefix.work" / "scalars.jsonl").read_text().splitlines()]
+    pose = [r["pose_loss"] for r in rows if "pose_loss" in r]
+    assert np.mean(pose[-8:]) < 0.7 * np.mean(pose[:8])
+    err = pose_readout_error(prefix["policy"], prefix["pose_readout"], data, prefix["pose_quantiles"],
+                             where="prefix", values="xyz")
+    assert np.isfinite(err) and err < 1.0
+    # resumes bit-identically, and the saved policy is a plain one
+    cfg = SFTConfig(out=str(tmp_path / "resumed"), pose_values="xyz", pose_readout="prefix",
+                    pose_datasets=[str(extra)], **common)
+    assert train_sft(cfg, data=data, stop_after=20, progress=False)["manifest"] is None
+    r = train_sft(cfg, data=data, resume=True, progress=False)["policy"].state_dict()
+    assert all(torch.equal(r[k], b[k]) for k in b)
+    assert load_policy(tmp_path / "prefix").act(data.observations([0])).shape == (1, 10, 7)
+    with pytest.raises(ValueError, match="image\\|prefix"):
+        SFTConfig(datasets=["x"], pose_aux=1.0, pose_readout="lm")
+    with pytest.raises(ValueError, match="vision only"):
+        SFTConfig(datasets=["x"], pose_aux=1.0, pose_readout="prefix", pose_pretrain_steps=10)
