@@ -29,38 +29,19 @@ import torch  # noqa: E402
 
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import (  # noqa: E402
-    ImageTokenTap,
     PoseReadout,
     SFTConfig,
-    batch_inputs,
     build_policy_for,
     encode_inputs,
     load_demo_data,
     pose_pretrain,
+    pose_readout_error,
     pose_targets,
 )
 from qvgm.sim.tasks import ROLES  # noqa: E402
 
 POSE_SCENE_SEED0 = 600_000
 HELDOUT_SEED0 = 200_000
-
-
-@torch.no_grad()
-def per_value_error(policy: torch.nn.Module, readout: PoseReadout, data, quantiles) -> np.ndarray:  # noqa: ANN001
-    """Mean squared error per target value [k] (normalised units) over every frame of `data`."""
-    targets, _ = pose_targets(data, quantiles)
-    inputs = encode_inputs(policy, data)
-    tap = ImageTokenTap(policy)
-    sq = torch.zeros(targets.shape[1])
-    try:
-        for s in range(0, len(data), 128):
-            rows = torch.arange(s, min(s + 128, len(data)))
-            b = batch_inputs(inputs, rows, policy.device)
-            policy.encode(b)
-            sq += ((readout(*tap.tokens(b["image_masks"])) - targets[rows]) ** 2).sum(0)
-    finally:
-        tap.close()
-    return (sq / len(data)).numpy()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     mean = targets.mean(0)
     rows = {}
     for split, data in (("train", train), ("validation", val), ("heldout", held)):
-        err = per_value_error(policy, readout, data, quantiles)
+        err = pose_readout_error(policy, readout, data, quantiles, per_value=True)
         guess = ((pose_targets(data, quantiles)[0] - mean) ** 2).mean(0).numpy()
         rows[split] = {"frames": len(data), "mse": round(float(err.mean()), 4),
                        "mse_mean_guess": round(float(guess.mean()), 4),

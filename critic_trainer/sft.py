@@ -371,24 +371,26 @@ def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None
 @torch.no_grad()
 def pose_readout_error(policy: FlowPolicyBase, readout: PoseReadout, data: DemoData,
                        quantiles: tuple[np.ndarray, np.ndarray], chunk: int = 128, where: str = "image",
-                       values: str = "all") -> float:
+                       values: str = "all", per_value: bool = False) -> Any:
     """Mean squared error (normalised units, [-1, 1] per value) of a trained PoseReadout on `data`'s frames: how well
-    the image tokens locate the objects on scenes the model was not trained on (a held-out probe)."""
+    the tokens locate the objects on scenes the model was not trained on (a held-out probe). A float, or with
+    `per_value` the error of each target value, float64 [k]."""
     targets, _ = pose_targets(data, quantiles, values)
     inputs = encode_inputs(policy, data)
     tap = ImageTokenTap(policy, where)
     dev = policy.device
-    total = 0.0
+    sq = torch.zeros(targets.shape[1], dtype=torch.float64)
     try:
         for s in range(0, len(data), chunk):
             rows = torch.arange(s, min(s + chunk, len(data)))
             batch = batch_inputs(inputs, rows, dev)
             policy.encode(batch)
             pred = readout(*tap.tokens(batch["image_masks"], batch.get("token_mask")))
-            total += float(((pred - targets[rows].to(dev)) ** 2).sum())
+            sq += ((pred - targets[rows].to(dev)) ** 2).sum(0).double().cpu()
     finally:
         tap.close()
-    return total / targets.numel()
+    err = (sq / len(data)).numpy()
+    return err if per_value else float(err.mean())
 
 
 class WeightEMA:
@@ -434,13 +436,12 @@ def pose_pretrain(policy: FlowPolicyBase, readout: PoseReadout, frames: list[tup
               + list(model.paligemma.model.multi_modal_projector.parameters()) + list(readout.parameters()))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, dev = cfg.pose_pretrain_steps, policy.device
-    warm = max(1, min(100, n // 10))
+    schedule = dataclasses.replace(cfg, steps=max(1, n), warmup=max(1, min(100, n // 10)))  # lr_at over N steps
     rng = np.random.default_rng([cfg.seed, 11])
     per = max(1, cfg.batch_size // len(frames))
     loss_v = float("nan")
     for step in range(n):
-        lr = cfg.lr * ((step + 1) / warm if step < warm else
-                       0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, n - warm))))
+        lr = lr_at(step, schedule)
         for g in opt.param_groups:
             g["lr"] = lr
         losses = []
