@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pose-pretrain-steps", type=int, default=0, metavar="N",
                     help="with --pose-aux: N vision-only steps on the pose targets before SFT "
                          "(SFTConfig.pose_pretrain_steps)")
+    ap.add_argument("--colors", choices=["random", "fixed"], default="random",
+                    help="sim object colours for demos, pose scenes and evaluation: random per scene and named in "
+                         "the prompt (the task), or fixed per role (a diagnostic: no colour grounding needed)")
     ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
                     help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
                          "model told the object state (privileged_dim) also with those values shuffled across "
@@ -218,19 +221,20 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             root = Path(tmp) / task
             demo = collect_demos(task, max(args.demos), root, noise=args.noise, seed=DEMO_SEED0,
-                                 image_size=tuple(args.image_size), render=not state_only)
+                                 image_size=tuple(args.image_size), render=not state_only,
+                             colors=args.colors)
             print(json.dumps({"demos": demo}), flush=True)
             heldout = None
             if args.heldout_demos:
                 hroot = Path(tmp) / f"{task}-heldout"
                 collect_demos(task, args.heldout_demos, hroot, noise=args.noise, seed=HELDOUT_DEMO_SEED0,
-                              image_size=tuple(args.image_size), render=not state_only)
+                              image_size=tuple(args.image_size), render=not state_only, colors=args.colors)
                 heldout = load_demo_data([hroot], 10, with_images=not state_only)
             pose_datasets = []
             if args.pose_scenes:
                 proot = Path(tmp) / f"{task}-pose-scenes"
                 collect_demos(task, args.pose_scenes, proot, noise=args.noise, seed=POSE_SCENE_SEED0,
-                              image_size=tuple(args.image_size), render=True)
+                              image_size=tuple(args.image_size), render=True, colors=args.colors)
                 pose_datasets = [str(proot)]
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 break
                             runs.append(rollout(res["policy"], task, e, n_exec=args.n_exec,
                                                 image_size=tuple(args.image_size), noise_seed=e,
-                                                compare_expert=args.action_error))
+                                                compare_expert=args.action_error, colors=args.colors))
                         stopped = stop.is_set()
                     if not runs:
                         raise SystemExit(f"{task}/{n} seed {s}: stopped before the first evaluation episode")
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "pose_aux": args.pose_aux, "pose_probe": args.pose_probe,
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
-           "pose_readout": args.pose_readout, "pose_values": args.pose_values,
+           "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),
            "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
            "demo_video": None if state_only else sim_video(),

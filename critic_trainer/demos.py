@@ -75,14 +75,15 @@ def demo_seeds(seed: int, episodes: int) -> list[int]:
 def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01, seed: int = 0,
                   image_size: tuple[int, int] = (224, 224), cameras: tuple[str, ...] = ("front", "wrist"),
                   control_hz: int = 10, append: bool = False, render: bool = True,
-                  video: dict[str, Any] | None = None) -> dict[str, Any]:
+                  video: dict[str, Any] | None = None, colors: str = "random") -> dict[str, Any]:
     """Run `episodes` noisy expert episodes of `task` and write them to the dataset at `out`.
 
     image_size: (height, width) px, both even (video encoding). noise: expert noise std in m (qvgm.sim.expert).
     video: ReplayBuffer.create's pix_fmt / crf (default qvgm.data.video.sim_video(): near-lossless, so the frames
     trained on are the frames the policy sees at run time); ignored with `append` (the dataset's own settings).
-    render=False records no cameras (state-only dataset, much faster). Returns a summary dict
-    {task, episodes, successes, frames, seeds, wall_s}. `out` must not hold a dataset unless `append`.
+    render=False records no cameras (state-only dataset, much faster). colors: TabletopEnv's "random" (the task) or
+    "fixed" (same colour per role in every scene, a diagnostic). Returns a summary dict
+    {task, episodes, successes, frames, seeds, colors, wall_s}. `out` must not hold a dataset unless `append`.
     """
     from qvgm.sim import TASKS, TabletopEnv, make_expert
 
@@ -101,7 +102,7 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
         raise FileExistsError(f"{out} already holds a dataset; pass --append to add episodes")
     cams = tuple(cameras) if render else ()
     env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=(h, w), control_hz=float(control_hz),
-                      render=render)
+                      render=render, colors=colors)
     if exists:
         buf = ReplayBuffer.open(out)
         want = {c: (h, w) for c in cams}
@@ -115,7 +116,8 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
                                   **(sim_video() if video is None else video))
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"task": task, "episodes": episodes, "successes": 0, "frames": 0,
-                               "seeds": demo_seeds(seed, episodes), "noise": noise}
+                               "seeds": demo_seeds(seed, episodes), "noise": noise,
+                               "colors": colors}
     try:
         for s in summary["seeds"]:
             expert = make_expert(task, noise=noise, seed=s, control_hz=float(control_hz))
@@ -183,6 +185,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hz", type=int, default=None, help="control rate = dataset fps (default: profile's, else 10)")
     p.add_argument("--no-render", action="store_true", help="record no cameras (state-only dataset)")
     p.add_argument("--append", action="store_true", help="add episodes to an existing dataset")
+    p.add_argument("--colors", choices=["random", "fixed"], default="random",
+                   help="object colours: random per scene, named in the prompt (the task), or fixed per role "
+                        "(a diagnostic that needs no colour grounding)")
     p.add_argument("--pix-fmt", choices=PIX_FMTS, default=None,
                    help="video pixel format (default yuv444p: the sim renders at model size, where yuv420p's "
                         "half-resolution colour blurs small objects)")
@@ -205,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     if args.env_spec is not None:
         from critic_trainer.env_demos import collect_env_demos
 
+        if args.colors != "random":
+            raise ValueError("--colors applies to the built-in sim (--task), not to --env-spec")
         if args.profile or args.image_size or args.cameras or args.hz:
             raise ValueError("--profile/--image-size/--cameras/--hz do not apply to --env-spec: cameras and rate "
                              "come from the spec (observation.images, control_hz)")
@@ -219,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     noise = 0.01 if args.noise is None else args.noise
     summary = collect_demos(args.task, args.episodes, args.out, noise=noise, seed=args.seed,
                             image_size=image_size, cameras=cameras, control_hz=hz, append=args.append,
-                            render=not args.no_render, video=video_settings(args.pix_fmt, args.crf))
+                            render=not args.no_render, video=video_settings(args.pix_fmt, args.crf),
+                            colors=args.colors)
     print(json.dumps(summary))
     return 0

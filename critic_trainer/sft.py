@@ -786,12 +786,13 @@ def heldout_flow_loss(policy: FlowPolicyBase, data: DemoData, seed: int = 0, sam
 @torch.no_grad()
 def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image_size: tuple[int, int] = (224, 224),
             env: Any = None, compare_expert: bool = False, noise_seed: int = 0,
-            max_steps: int | None = None) -> dict[str, Any]:
+            max_steps: int | None = None, colors: str = "random") -> dict[str, Any]:
     """One closed-loop episode of `policy` in the sim (scene seed `seed`): infer a chunk, execute its first
     `n_exec` actions, repeat until success or the time limit. With `compare_expert` the noiseless scripted
     expert is queried at every executed step (it tracks its own set-point, so this is an approximate reference)
     and the mean absolute error (rad / m) of the policy's action vs the expert's is reported (`action_error`).
-    Sampling noise is seeded by `noise_seed`; `max_steps` shortens the task's time limit (own env only).
+    Sampling noise is seeded by `noise_seed`; `max_steps` shortens the task's time limit and `colors` picks the
+    scene colours (TabletopEnv's "random" | "fixed"), both for an env built here only.
     Returns {success, steps, action_error}."""
     from qvgm.sim import TabletopEnv, make_expert
 
@@ -799,7 +800,7 @@ def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image
     own = env is None
     if own:
         env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=bool(cams),
-                          max_episode_steps=max_steps)
+                          max_episode_steps=max_steps, colors=colors)
     expert = make_expert(task, noise=0.0, seed=seed) if compare_expert else None
     gen = torch.Generator().manual_seed(noise_seed)
     try:

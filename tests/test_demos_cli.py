@@ -78,3 +78,21 @@ def test_demos_cli_takes_cameras_from_a_profile(tmp_path: Path) -> None:
     r = ReplayReader(out)
     assert r.video_keys == ["observation.images.wrist"] and r.fps == 10
     assert r.observation(0)["images"]["wrist"].shape == (24, 40, 3)
+
+
+def test_demos_cli_fixed_colors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--colors fixed records the no-grounding variant: one prompt for every episode, the random variant's layouts."""
+    out = tmp_path / "fixed"
+    assert main(["demos", "--task", "pick_place", "--episodes", "3", "--seed", "4", "--out", str(out), "--no-render",
+                 "--colors", "fixed"]) == 0
+    assert '"colors": "fixed"' in capsys.readouterr().out
+    r = ReplayReader(out, decode_images=False)
+    assert r.tasks == ["pick up the red cube and put it in the bowl"]
+    rand = tmp_path / "random"
+    assert main(["demos", "--task", "pick_place", "--episodes", "3", "--seed", "4", "--out", str(rand),
+                 "--no-render"]) == 0
+    assert np.array_equal(load_privileged(r), load_privileged(ReplayReader(rand, decode_images=False)))
+    with pytest.raises(SystemExit):  # argparse: invalid choice, named in the message
+        main(["demos", "--task", "pick_place", "--episodes", "1", "--out", str(tmp_path / "x"), "--colors", "sepia"])
+    assert "invalid choice: 'sepia'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

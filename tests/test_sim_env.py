@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qvgm.sim import TASKS, TabletopEnv
-from qvgm.sim.tasks import BOWL_INNER, BOWL_WALL_TOP, COLORS, ROLES, success, yaw_quat
+from qvgm.sim.tasks import BOWL_INNER, BOWL_WALL_TOP, COLORS, FIXED_COLORS, ROLES, success, yaw_quat
 
 
 def _state(env: TabletopEnv) -> dict[str, np.ndarray]:
@@ -164,6 +164,31 @@ def test_prompts_name_the_target_and_vary():
             assert np.allclose(rgba, COLORS[colors["target_cube"]])
             targets.setdefault(task, set()).add(colors["target_cube"])
     assert all(len(v) >= 3 for v in targets.values())
+
+
+def test_fixed_colors_keep_the_layout_and_paint_every_scene_alike():
+    """colors="fixed" (the no-grounding diagnostic): the same poses as the random-colour task for a seed, one prompt
+    per task, and the rendered colours are the fixed ones."""
+    rand = TabletopEnv(task="pick_place", render=False)
+    fixed = TabletopEnv(task="pick_place", image_size=(32, 32), colors="fixed")
+    for task in TASKS:
+        prompts = set()
+        for seed in range(6):
+            rand.reset(seed=seed, options={"task": task})
+            obs, _ = fixed.reset(seed=seed, options={"task": task})
+            assert np.array_equal(rand.data.qpos, fixed.data.qpos)  # same layout and arm start
+            assert np.array_equal(rand.data.mocap_pos, fixed.data.mocap_pos)
+            for role, color in fixed.object_colors.items():
+                assert color == FIXED_COLORS[role]
+                assert np.allclose(fixed.model.geom(f"{role}_geom").rgba, COLORS[color])
+            assert f"{FIXED_COLORS['target_cube']} cube" in fixed.prompt
+            prompts.add(fixed.prompt)
+            assert obs["images"]["front"].shape == (32, 32, 3)
+        assert len(prompts) == 1
+    with pytest.raises(ValueError, match="colors must be one of"):
+        TabletopEnv(task="push", render=False, colors="rainbow")
+    rand.close()
+    fixed.close()
 
 
 @pytest.mark.parametrize("task", TASKS)

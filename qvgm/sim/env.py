@@ -32,7 +32,17 @@ from qvgm.sim.robot import (
     robot_spec,
     urdf_path,
 )
-from qvgm.sim.tasks import COLORS, ROLES, TIME_LIMIT_S, add_scene, check_task, sample_layout, success, yaw_quat
+from qvgm.sim.tasks import (
+    COLOR_MODES,
+    COLORS,
+    ROLES,
+    TIME_LIMIT_S,
+    add_scene,
+    check_task,
+    sample_layout,
+    success,
+    yaw_quat,
+)
 from qvgm.sim.tasks import CUBE_HALF as _CUBE_HALF
 
 CAMERAS: tuple[str, ...] = ("front", "wrist")
@@ -69,8 +79,13 @@ class TabletopEnv(gym.Env):
     def __init__(self, task: str = "pick_place", cameras: tuple[str, ...] = CAMERAS,
                  image_size: tuple[int, int] = (224, 224), control_hz: float = 10.0, physics_hz: float = 500.0,
                  max_episode_steps: int | None = None, render: bool = True,
-                 render_mode: str | None = "rgb_array") -> None:
+                 render_mode: str | None = "rgb_array", colors: str = "random") -> None:
+        """colors: "random" (the task: a random colour per object, named in the prompt) or "fixed" (the same
+        colour per role in every scene, qvgm.sim.tasks.FIXED_COLORS: a diagnostic without colour grounding)."""
         super().__init__()
+        if colors not in COLOR_MODES:
+            raise ValueError(f"colors must be one of {COLOR_MODES}, got {colors!r}")
+        self.colors = colors
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
         self._task = check_task(task)
@@ -148,7 +163,7 @@ class TabletopEnv(gym.Env):
     def _reset_scene(self, rng: np.random.Generator) -> None:
         m, d = self.model, self.data
         mujoco.mj_resetData(m, d)
-        layout = sample_layout(self._task, rng)
+        layout = sample_layout(self._task, rng, self.colors)
         q0 = HOME_Q.copy()
         q0[:6] += rng.uniform(-0.03, 0.03, size=6)
         d.qpos[self._qadr] = q0

@@ -35,6 +35,10 @@ ROLES: dict[str, tuple[str, ...]] = {
     "stack": ("target_cube", "base_cube", "distractor_0"),
 }
 TIME_LIMIT_S: dict[str, float] = {"pick_place": 25.0, "push": 25.0, "stack": 25.0}
+# colours="fixed": every scene paints the roles alike (the prompt is then the same for every scene of a task), so
+# a policy need not ground the colour word in the image. A diagnostic / curriculum variant; "random" is the task.
+FIXED_COLORS: dict[str, str] = {"target_cube": "red", "distractor_0": "green", "base_cube": "blue", "goal": "blue"}
+COLOR_MODES: tuple[str, ...] = ("random", "fixed")
 WORKSPACE_X = (0.30, 0.52)
 WORKSPACE_Y = (-0.20, 0.20)
 
@@ -161,10 +165,19 @@ def _seg_dist(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(p - (a + t * ab)))
 
 
-def sample_layout(task: str, rng: np.random.Generator) -> Layout:
-    """Random object poses and colours for ``task`` (all randomness comes from ``rng``)."""
+def sample_layout(task: str, rng: np.random.Generator, colors: str = "random") -> Layout:
+    """Random object poses and colours for ``task`` (all randomness comes from ``rng``).
+
+    colors="fixed": the roles get FIXED_COLORS instead of a random permutation; the rng is consumed the same way,
+    so a seed gives the same poses in both modes."""
+    if colors not in COLOR_MODES:
+        raise ValueError(f"colors must be one of {COLOR_MODES}, got {colors!r}")
     names = list(COLORS)
     perm = [names[i] for i in rng.permutation(len(names))]
+    if colors == "fixed":
+        role_order = {"pick_place": ("target_cube", "distractor_0"), "push": ("target_cube", "distractor_0", "goal"),
+                      "stack": ("target_cube", "base_cube", "distractor_0")}.get(task, ())
+        perm = [FIXED_COLORS[r] for r in role_order] + perm[len(role_order):]
     poses: dict[str, tuple[float, float, float]] = {}
     if task == "pick_place":
         bx, by = _sample_xy(rng, [], 0.0, margin=0.02)
