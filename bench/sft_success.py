@@ -33,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
+import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -53,6 +54,27 @@ DEMO_SEED0 = 0
 EVAL_SEED0 = 100_000
 HELDOUT_DEMO_SEED0 = 200_000  # fresh expert demos for the open-loop held-out flow loss (--heldout-demos)
 POSE_SCENE_SEED0 = 600_000  # extra scripted episodes whose frames feed only the pose readout (--pose-scenes)
+
+
+class PoseOffset(gym.ObservationWrapper):
+    """Evaluation of a policy told the object poses, with those poses wrong by a constant horizontal offset per
+    object and episode (x, y ~ N(0, sigma_m) m each, drawn from default_rng([reset seed, 11])): how precisely must a
+    pose estimate (e.g. read from pixels) locate the objects? `privileged` is 7 values per role, xyz first (m)."""
+
+    def __init__(self, env: gym.Env, sigma_m: float) -> None:
+        super().__init__(env)
+        self.sigma_m = float(sigma_m)
+        self._offset = np.zeros((0, 2))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        n_roles = self.env.observation_space["privileged"].shape[0] // 7
+        self._offset = np.random.default_rng([int(seed or 0), 11]).normal(0.0, self.sigma_m, (n_roles, 2))
+        return super().reset(seed=seed, options=options)
+
+    def observation(self, obs: dict) -> dict:
+        priv = np.array(obs["privileged"], dtype=np.float32).reshape(-1, 7)
+        priv[:, :2] += self._offset.astype(np.float32)
+        return {**obs, "privileged": priv.reshape(-1)}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -186,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--colors", choices=["random", "fixed"], default="random",
                     help="sim object colours for demos, pose scenes and evaluation: random per scene and named in "
                          "the prompt (the task), or fixed per role (a diagnostic: no colour grounding needed)")
+    ap.add_argument("--told-pose-noise", type=float, nargs="+", default=[], metavar="M",
+                    help="policies told the object poses: also evaluate each on the same scenes with the poses "
+                         "offset by N(0, M) m in x and y per object and episode (PoseOffset)")
     ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
                     help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
                          "model told the object state (privileged_dim) also with those values shuffled across "
@@ -288,6 +313,23 @@ def main(argv: list[str] | None = None) -> dict:
                         stopped = stop.is_set()
                     if not runs:
                         raise SystemExit(f"{task}/{n} seed {s}: stopped before the first evaluation episode")
+                    offset_evals = {}
+                    for sigma in args.told_pose_noise:  # the same scenes and sampling noise, poses offset
+                        if not getattr(res["policy"].config, "privileged_dim", 0):
+                            raise SystemExit("--told-pose-noise needs a policy told the poses (privileged_dim)")
+                        from qvgm.sim import TabletopEnv
+
+                        cams = tuple(res["policy"].config.camera_names or ())
+                        env = PoseOffset(TabletopEnv(task=task, cameras=cams or ("front",),
+                                                     image_size=tuple(args.image_size), render=bool(cams),
+                                                     colors=args.colors), sigma)
+                        try:
+                            wins = sum(rollout(res["policy"], task, e, n_exec=args.n_exec, env=env,
+                                               noise_seed=e)["success"] for e in eval_seeds[:len(runs)])
+                        finally:
+                            env.close()
+                        offset_evals[str(sigma)] = wins
+                        print(json.dumps({"pose_offset_m": sigma, "success": wins}), flush=True)
                     k = sum(r["success"] for r in runs)
                     errs = [r["action_error"] for r in runs if r["action_error"] is not None]
                     per_seed.append({"seed": s, "success": k, "episodes": len(runs), "rate": k / len(runs),
@@ -295,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      "final_loss": round(res["final_loss"], 4), "train_s": round(t_train, 1),
                                      "eval_s": round(time.perf_counter() - t0 - t_train, 1),
                                      **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {}),
+                                     **({"success_with_pose_offset_m": offset_evals} if offset_evals else {}),
                                      **probe})
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 if per_seed:

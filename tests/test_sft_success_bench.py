@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,33 @@ def test_heldout_probe_reports_open_loop_losses(tmp_path):
     s = told["results"][0]["per_seed"][0]
     assert told["policy"]["privileged_dim"] == 21 and told["policy"]["privileged_quantiles"] is True
     assert s["heldout_loss_shuffled_privileged"] > 0 and s["heldout_loss_shuffled_privileged"] != s["heldout_loss"]
+
+
+def test_pose_offset_wrapper_shifts_told_positions_per_episode():
+    """PoseOffset (--told-pose-noise): a constant x/y offset per object for a whole episode, reproducible from the
+    scene seed, nothing else of the observation changed; sigma 0 is the identity."""
+    from qvgm.sim import TabletopEnv
+
+    bench = _bench()
+    raw = TabletopEnv(task="push", render=False)
+    env = bench.PoseOffset(TabletopEnv(task="push", render=False), 0.02)
+    zero = bench.PoseOffset(TabletopEnv(task="push", render=False), 0.0)
+    try:
+        offsets = []
+        for seed in (3, 3, 4):
+            o_raw, _ = raw.reset(seed=seed)
+            o, _ = env.reset(seed=seed)
+            o0, _ = zero.reset(seed=seed)
+            assert np.array_equal(o0["privileged"], o_raw["privileged"])
+            d = (o["privileged"] - o_raw["privileged"]).reshape(-1, 7)
+            assert np.allclose(d[:, 2:], 0) and np.abs(d[:, :2]).max() > 1e-4  # x, y only
+            assert np.array_equal(o["state"], o_raw["state"]) and o["prompt"] == o_raw["prompt"]
+            a = o_raw["state"]
+            o_raw2 = raw.step(a)[0]
+            o2 = env.step(a)[0]
+            assert np.allclose((o2["privileged"] - o_raw2["privileged"]).reshape(-1, 7), d, atol=1e-6)  # constant
+            offsets.append(d[:, :2])
+        assert np.array_equal(offsets[0], offsets[1]) and not np.allclose(offsets[0], offsets[2])
+    finally:
+        for e in (raw, env, zero):
+            e.close()
