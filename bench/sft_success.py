@@ -77,6 +77,62 @@ class PoseOffset(gym.ObservationWrapper):
         return {**obs, "privileged": priv.reshape(-1)}
 
 
+class FailureTrace(gym.Wrapper):
+    """Why closed-loop episodes fail: tracks, per step, the finger pads' midpoint and every cube's position (m), and
+    classifies the finished episode (`classify`). A cube counts as reached when the midpoint comes within REACH_M
+    of its centre, as lifted when its centre rises LIFT_M above its resting height."""
+
+    REACH_M = 0.03
+    LIFT_M = 0.02
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.trace: dict[str, list[float]] = {}
+
+    def _record(self) -> None:
+        from qvgm.sim.robot import FINGER_LINKS
+
+        u = self.env.unwrapped
+        m = u.model
+        pads = [g for g in range(m.ngeom) if m.body(m.geom_bodyid[g]).name in FINGER_LINKS]
+        mid = np.mean(u.data.geom_xpos[pads], axis=0)  # between the finger pads' centres
+        for role, pose in u.object_poses().items():
+            if role.endswith("cube") or role.startswith("distractor"):
+                self.trace.setdefault(f"{role}.dist", []).append(float(np.linalg.norm(mid - pose[:3])))
+                self.trace.setdefault(f"{role}.z", []).append(float(pose[2]))
+
+    def reset(self, **kw):
+        out = super().reset(**kw)
+        self.trace = {}
+        self._record()
+        return out
+
+    def step(self, action):
+        out = super().step(action)
+        self._record()
+        return out
+
+    def classify(self, success: bool) -> str:
+        """success | wrong cube lifted | went for the wrong cube | never reached the target | reached, not lifted |
+        lifted, not placed (checked in this order)."""
+        if success:
+            return "success"
+        tr = self.trace
+        others = [k[:-5] for k in tr if k.endswith(".dist") and k != "target_cube.dist"]
+
+        def lifted(r: str) -> bool:
+            return max(tr[f"{r}.z"]) - tr[f"{r}.z"][0] > self.LIFT_M
+
+        def reached(r: str) -> bool:
+            return min(tr[f"{r}.dist"]) < self.REACH_M
+
+        if any(lifted(r) for r in others) and not lifted("target_cube"):
+            return "wrong cube lifted"
+        if not reached("target_cube"):
+            return "went for the wrong cube" if any(reached(r) for r in others) else "never reached the target"
+        return "lifted, not placed" if lifted("target_cube") else "reached, not lifted"
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval for k successes out of n."""
     if n == 0:
@@ -208,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--colors", choices=["random", "fixed"], default="random",
                     help="sim object colours for demos, pose scenes and evaluation: random per scene and named in "
                          "the prompt (the task), or fixed per role (a diagnostic: no colour grounding needed)")
+    ap.add_argument("--failure-modes", action="store_true",
+                    help="classify each evaluation episode (FailureTrace: wrong cube, never reached, reached but not "
+                         "lifted, lifted but not placed) and count the classes per training seed")
     ap.add_argument("--told-pose-noise", type=float, nargs="+", default=[], metavar="M",
                     help="policies told the object poses: also evaluate each on the same scenes with the poses "
                          "offset by N(0, M) m in x and y per object and episode (PoseOffset)")
@@ -304,12 +363,27 @@ def main(argv: list[str] | None = None) -> dict:
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
                         print(json.dumps({"evaluating": task, "demos": n, "seed": s, "episodes": len(eval_seeds)}),
                               flush=True)
+                        trace_env = None
+                        if args.failure_modes:
+                            from qvgm.sim import TabletopEnv
+
+                            cams = tuple(getattr(res["policy"].config, "camera_names", []) or [])
+                            trace_env = FailureTrace(TabletopEnv(task=task, cameras=cams or ("front",),
+                                                                 image_size=tuple(args.image_size),
+                                                                 render=bool(cams), colors=args.colors))
+                        modes: dict[str, int] = {}
                         for e in eval_seeds:
                             if stop.is_set():
                                 break
                             runs.append(rollout(res["policy"], task, e, n_exec=args.n_exec,
                                                 image_size=tuple(args.image_size), noise_seed=e,
-                                                compare_expert=args.action_error, colors=args.colors))
+                                                compare_expert=args.action_error, colors=args.colors,
+                                                env=trace_env))
+                            if trace_env is not None:
+                                mode = trace_env.classify(runs[-1]["success"])
+                                modes[mode] = modes.get(mode, 0) + 1
+                        if trace_env is not None:
+                            trace_env.close()
                         stopped = stop.is_set()
                     if not runs:
                         raise SystemExit(f"{task}/{n} seed {s}: stopped before the first evaluation episode")
@@ -324,20 +398,22 @@ def main(argv: list[str] | None = None) -> dict:
                                                      image_size=tuple(args.image_size), render=bool(cams),
                                                      colors=args.colors), sigma)
                         try:
-                            wins = sum(rollout(res["policy"], task, e, n_exec=args.n_exec, env=env,
-                                               noise_seed=e)["success"] for e in eval_seeds[:len(runs)])
+                            outcomes = [int(rollout(res["policy"], task, e, n_exec=args.n_exec, env=env,
+                                                    noise_seed=e)["success"]) for e in eval_seeds[:len(runs)]]
                         finally:
                             env.close()
-                        offset_evals[str(sigma)] = wins
-                        print(json.dumps({"pose_offset_m": sigma, "success": wins}), flush=True)
+                        offset_evals[str(sigma)] = {"success": sum(outcomes), "outcomes": outcomes}
+                        print(json.dumps({"pose_offset_m": sigma, "success": sum(outcomes)}), flush=True)
                     k = sum(r["success"] for r in runs)
                     errs = [r["action_error"] for r in runs if r["action_error"] is not None]
                     per_seed.append({"seed": s, "success": k, "episodes": len(runs), "rate": k / len(runs),
+                                     "outcomes": [int(bool(r["success"])) for r in runs],
                                      **({"stopped_early": True} if len(runs) < len(eval_seeds) else {}),
                                      "final_loss": round(res["final_loss"], 4), "train_s": round(t_train, 1),
                                      "eval_s": round(time.perf_counter() - t0 - t_train, 1),
                                      **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {}),
                                      **({"success_with_pose_offset_m": offset_evals} if offset_evals else {}),
+                                     **({"failure_modes": modes} if args.failure_modes else {}),
                                      **probe})
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 if per_seed:

@@ -179,3 +179,36 @@ def test_pose_offset_wrapper_shifts_told_positions_per_episode():
     finally:
         for e in (raw, env, zero):
             e.close()
+
+
+def test_failure_trace_classifies_real_episodes():
+    """FailureTrace (--failure-modes) on real sim episodes: the expert succeeds; holding still never reaches the
+    target; the expert stopped once the cube is up is 'lifted, not placed'."""
+    from qvgm.sim import TabletopEnv, make_expert
+
+    bench = _bench()
+    env = bench.FailureTrace(TabletopEnv(task="pick_place", render=False))
+    try:
+        obs, _ = env.reset(seed=2)
+        hold = obs["state"].copy()
+        for _ in range(30):
+            env.step(hold)
+        assert env.classify(False) == "never reached the target"
+
+        expert = make_expert("pick_place", noise=0.0, seed=2)
+        obs, _ = env.reset(seed=2)
+        ok, lifted_at = False, None
+        for _ in range(env.unwrapped.max_episode_steps):
+            obs, _, ok, trunc, _ = env.step(expert.act(obs["state"], env.unwrapped.object_poses()))
+            z = env.trace["target_cube.z"]
+            if lifted_at is None and z[-1] - z[0] > 0.05:
+                lifted_at = len(z)
+            if ok or trunc:
+                break
+        assert ok and env.classify(True) == "success" and lifted_at is not None
+        # the same episode cut where the cube is in the air: lifted, not placed
+        env.trace = {k: v[:lifted_at] for k, v in env.trace.items()}
+        assert env.classify(False) == "lifted, not placed"
+        assert min(env.trace["target_cube.dist"]) < bench.FailureTrace.REACH_M
+    finally:
+        env.close()
