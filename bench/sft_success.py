@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
                             if trace_env is not None:
                                 mode = trace_env.classify(runs[-1]["success"])
                                 modes[mode] = modes.get(mode, 0) + 1
+                                runs[-1]["min_target_dist_m"] = round(min(trace_env.trace["target_cube.dist"]), 4)
                         if trace_env is not None:
                             trace_env.close()
                         stopped = stop.is_set()
@@ -413,7 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      "eval_s": round(time.perf_counter() - t0 - t_train, 1),
                                      **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {}),
                                      **({"success_with_pose_offset_m": offset_evals} if offset_evals else {}),
-                                     **({"failure_modes": modes} if args.failure_modes else {}),
+                                     **({"failure_modes": modes,
+                                         "min_target_dist_m": [r["min_target_dist_m"] for r in runs]}
+                                        if args.failure_modes else {}),
                                      **probe})
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 if per_seed:
