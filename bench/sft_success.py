@@ -54,6 +54,7 @@ DEMO_SEED0 = 0
 EVAL_SEED0 = 100_000
 HELDOUT_DEMO_SEED0 = 200_000  # fresh expert demos for the open-loop held-out flow loss (--heldout-demos)
 POSE_SCENE_SEED0 = 600_000  # extra scripted episodes whose frames feed only the pose readout (--pose-scenes)
+RECOVERY_SEED0 = 700_000  # recovery demos: the trained policy leads, the expert takes over (--recovery-demos)
 
 
 class PoseOffset(gym.ObservationWrapper):
@@ -267,6 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--failure-modes", action="store_true",
                     help="classify each evaluation episode (FailureTrace: wrong cube, never reached, reached but not "
                          "lifted, lifted but not placed) and count the classes per training seed")
+    ap.add_argument("--recovery-demos", type=int, default=0, metavar="N",
+                    help="after each evaluation: N recovery demos (scenes 700000+: the trained policy runs 1..K "
+                         "chunks, a fresh expert takes over and only its part is recorded), SFT again from scratch on "
+                         "demos + recovery demos, and evaluate that on the same scenes (one DAgger-style round)")
+    ap.add_argument("--recovery-chunks", type=int, default=6, metavar="K")
     ap.add_argument("--told-pose-noise", type=float, nargs="+", default=[], metavar="M",
                     help="policies told the object poses: also evaluate each on the same scenes with the poses "
                          "offset by N(0, M) m in x and y per object and episode (PoseOffset)")
@@ -418,6 +424,26 @@ def main(argv: list[str] | None = None) -> dict:
                                          "min_target_dist_m": [r["min_target_dist_m"] for r in runs]}
                                         if args.failure_modes else {}),
                                      **probe})
+                    if args.recovery_demos and not stopped:
+                        rroot = Path(tmp) / f"{task}-recovery-{n}-{s}"
+                        rec = collect_demos(task, args.recovery_demos, rroot, noise=args.noise, seed=RECOVERY_SEED0,
+                                            image_size=tuple(args.image_size), render=not state_only,
+                                            colors=args.colors, lead_policy=res["policy"].eval(),
+                                            lead_chunks=args.recovery_chunks, n_exec=args.n_exec)
+                        print(json.dumps({"recovery_demos": {k: v for k, v in rec.items() if k != "seeds"}}),
+                              flush=True)
+                        data2 = load_demo_data([root, rroot], 10, with_images=not state_only, max_episodes=n)
+                        res2 = train_sft(dataclasses.replace(cfg, datasets=[str(root), str(rroot)], out=ck + "-rec"),
+                                         data=data2, progress=False)
+                        out2 = [int(rollout(res2["policy"], task, e, n_exec=args.n_exec,
+                                            image_size=tuple(args.image_size), noise_seed=e,
+                                            colors=args.colors)["success"]) for e in eval_seeds]
+                        per_seed[-1]["recovery"] = {
+                            "demos": {k: v for k, v in rec.items() if k != "seeds"}, "frames": len(data2),
+                            "success": sum(out2), "episodes": len(out2), "outcomes": out2,
+                            "final_loss": round(res2["final_loss"], 4),
+                            **({"heldout_loss": round(heldout_flow_loss(res2["policy"], heldout, seed=s), 4)}
+                               if heldout is not None else {})}
                     print(json.dumps({"task": task, "demos": n, **per_seed[-1]}), flush=True)
                 if per_seed:
                     results.append(summarise(task, n, len(data), per_seed))

@@ -75,7 +75,8 @@ def demo_seeds(seed: int, episodes: int) -> list[int]:
 def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01, seed: int = 0,
                   image_size: tuple[int, int] = (224, 224), cameras: tuple[str, ...] = ("front", "wrist"),
                   control_hz: int = 10, append: bool = False, render: bool = True,
-                  video: dict[str, Any] | None = None, colors: str = "random") -> dict[str, Any]:
+                  video: dict[str, Any] | None = None, colors: str = "random", lead_policy: Any = None,
+                  lead_chunks: int = 6, n_exec: int = 5) -> dict[str, Any]:
     """Run `episodes` noisy expert episodes of `task` and write them to the dataset at `out`.
 
     image_size: (height, width) px, both even (video encoding). noise: expert noise std in m (qvgm.sim.expert).
@@ -83,7 +84,14 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
     trained on are the frames the policy sees at run time); ignored with `append` (the dataset's own settings).
     render=False records no cameras (state-only dataset, much faster). colors: TabletopEnv's "random" (the task) or
     "fixed" (same colour per role in every scene, a diagnostic). Returns a summary dict
-    {task, episodes, successes, frames, seeds, colors, wall_s}. `out` must not hold a dataset unless `append`.
+    {task, episodes, successes, frames, seeds, colors, wall_s}.
+
+    lead_policy (a FlowPolicy; recovery demos, sim only): each episode first runs this policy for k chunks (k uniform
+    in 1..lead_chunks from default_rng([scene seed, 13]); n_exec steps each, sampling noise seeded by the scene
+    seed), unrecorded; then a fresh expert plans from wherever the arm is and only its part is recorded. The demos
+    then start in states the policy itself reaches (DAgger-style data, labelled by the expert). Episodes the policy
+    ends (success or time limit) before the hand-over are skipped (summary["skipped"]).
+    `out` must not hold a dataset unless `append`.
     """
     from qvgm.sim import TASKS, TabletopEnv, make_expert
 
@@ -122,7 +130,12 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
         for s in summary["seeds"]:
             expert = make_expert(task, noise=noise, seed=s, control_hz=float(control_hz))
             obs, _ = env.reset(seed=s)
-            ep = buf.begin_episode(task=env.prompt, start_stamp=0.0)
+            if lead_policy is not None:
+                obs = _lead(lead_policy, env, obs, s, lead_chunks, n_exec)
+                if obs is None:
+                    summary["skipped"] = summary.get("skipped", 0) + 1
+                    continue
+            ep = buf.begin_episode(task=env.prompt, start_stamp=float(obs["stamp"]))
             priv = []
             while True:
                 action = expert.act(obs["state"], env.object_poses()).astype(np.float32)
@@ -142,6 +155,27 @@ def collect_demos(task: str, episodes: int, out: str | Path, noise: float = 0.01
         env.close()
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _lead(policy: Any, env: Any, obs: dict[str, Any], seed: int, lead_chunks: int,
+          n_exec: int) -> dict[str, Any] | None:
+    """Run `policy` for k in 1..lead_chunks chunks (collect_demos' lead_policy); the observation after it, or None
+    when the episode ended first."""
+    import torch
+
+    k = int(np.random.default_rng([seed, 13]).integers(1, lead_chunks + 1))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(k):
+        o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
+             "privileged": obs["privileged"]}
+        noise = torch.randn(1, policy.horizon, policy.action_dim, generator=gen)
+        with torch.no_grad():
+            chunk = policy.act([o], noise=noise.to(policy.device))[0]
+        for a in chunk[: max(1, n_exec)]:
+            obs, _, term, trunc, _ = env.step(np.asarray(a, dtype=np.float32))
+            if term or trunc:
+                return None
+    return obs
 
 
 def profile_camera_settings(path: str | Path) -> dict[str, Any]:

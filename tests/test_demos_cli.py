@@ -96,3 +96,33 @@ def test_demos_cli_fixed_colors(tmp_path: Path, capsys: pytest.CaptureFixture[st
         main(["demos", "--task", "pick_place", "--episodes", "1", "--out", str(tmp_path / "x"), "--colors", "sepia"])
     assert "invalid choice: 'sepia'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_recovery_demos_start_where_the_policy_left_the_arm(tmp_path: Path) -> None:
+    """collect_demos(lead_policy=...): the policy runs 1..K chunks unrecorded, then a fresh expert takes over from
+    that arm pose; only the expert's part is recorded (a `state` policy, untrained: it moves the arm somewhere)."""
+    import torch
+
+    from critic_trainer.demos import collect_demos
+    from critic_trainer.sft import SFTConfig, build_policy_for, load_demo_data
+
+    base = tmp_path / "base"
+    collect_demos("pick_place", 2, base, seed=0, render=False)
+    data = load_demo_data([base], 10, with_images=False)
+    torch.manual_seed(0)
+    policy = build_policy_for(data, SFTConfig(datasets=[str(base)], config="state")).eval()
+    rec = tmp_path / "rec"
+    summary = collect_demos("pick_place", 3, rec, seed=700, render=False, lead_policy=policy, lead_chunks=3)
+    r = ReplayReader(rec, decode_images=False)
+    plain = ReplayReader(base, decode_images=False)
+    assert summary["episodes"] == 3 and len(r.episodes) + summary.get("skipped", 0) == 3 and len(r.episodes) >= 1
+    for row in r.episodes:
+        s = int(r.ep_start[row["episode_index"]])
+        assert r.stamp[s] > 0  # the recording starts after the policy's chunks (sim time > 0)
+        assert set(r.policy_version) == {"expert"}
+    # the first recorded state is not a reset pose: the policy moved the arm away from home first
+    assert np.abs(r.state[int(r.ep_start[0])] - plain.state[0]).max() > 1e-3
+    # reproducible: same seeds, same policy -> same recovery demos
+    rec2 = tmp_path / "rec2"
+    collect_demos("pick_place", 3, rec2, seed=700, render=False, lead_policy=policy, lead_chunks=3)
+    assert np.array_equal(ReplayReader(rec2, decode_images=False).action, r.action)
