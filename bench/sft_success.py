@@ -134,6 +134,15 @@ class FailureTrace(gym.Wrapper):
         return "lifted, not placed" if lifted("target_cube") else "reached, not lifted"
 
 
+def eval_env(policy: torch.nn.Module, task: str, args: argparse.Namespace) -> gym.Env:
+    """The evaluation TabletopEnv of a policy: its cameras (none: state only) at --image-size, --colors."""
+    from qvgm.sim import TabletopEnv
+
+    cams = tuple(getattr(policy.config, "camera_names", []) or [])
+    return TabletopEnv(task=task, cameras=cams or ("front",), image_size=tuple(args.image_size), render=bool(cams),
+                       colors=args.colors)
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval for k successes out of n."""
     if n == 0:
@@ -369,14 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
                         print(json.dumps({"evaluating": task, "demos": n, "seed": s, "episodes": len(eval_seeds)}),
                               flush=True)
-                        trace_env = None
-                        if args.failure_modes:
-                            from qvgm.sim import TabletopEnv
-
-                            cams = tuple(getattr(res["policy"].config, "camera_names", []) or [])
-                            trace_env = FailureTrace(TabletopEnv(task=task, cameras=cams or ("front",),
-                                                                 image_size=tuple(args.image_size),
-                                                                 render=bool(cams), colors=args.colors))
+                        trace_env = FailureTrace(eval_env(res["policy"], task, args)) if args.failure_modes else None
                         modes: dict[str, int] = {}
                         for e in eval_seeds:
                             if stop.is_set():
@@ -398,12 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for sigma in args.told_pose_noise:  # the same scenes and sampling noise, poses offset
                         if not getattr(res["policy"].config, "privileged_dim", 0):
                             raise SystemExit("--told-pose-noise needs a policy told the poses (privileged_dim)")
-                        from qvgm.sim import TabletopEnv
-
-                        cams = tuple(res["policy"].config.camera_names or ())
-                        env = PoseOffset(TabletopEnv(task=task, cameras=cams or ("front",),
-                                                     image_size=tuple(args.image_size), render=bool(cams),
-                                                     colors=args.colors), sigma)
+                        env = PoseOffset(eval_env(res["policy"], task, args), sigma)
                         try:
                             outcomes = [int(rollout(res["policy"], task, e, n_exec=args.n_exec, env=env,
                                                     noise_seed=e)["success"]) for e in eval_seeds[:len(runs)]]

@@ -212,3 +212,17 @@ def test_failure_trace_classifies_real_episodes():
         assert min(env.trace["target_cube.dist"]) < bench.FailureTrace.REACH_M
     finally:
         env.close()
+
+
+def test_diagnostic_options_end_to_end(tmp_path):
+    """--failure-modes, --told-pose-noise and --recovery-demos in one tiny run (`state` backbone, told the poses):
+    every episode is classed, the offset evaluation and the recovery round report per-scene outcomes."""
+    out, _ = _run(tmp_path, "diag", "--episodes", "2", "--failure-modes", "--told-pose-noise", "0.02",
+                  "--recovery-demos", "2", "--recovery-chunks", "2")
+    row = out["results"][0]["per_seed"][0]
+    assert sum(row["failure_modes"].values()) == 2 and len(row["min_target_dist_m"]) == 2
+    assert all(d >= 0 for d in row["min_target_dist_m"]) and len(row["outcomes"]) == 2
+    off = row["success_with_pose_offset_m"]["0.02"]
+    assert len(off["outcomes"]) == 2 and off["success"] == sum(off["outcomes"])
+    rec = row["recovery"]
+    assert rec["demos"]["episodes"] == 2 and len(rec["outcomes"]) == 2 and rec["frames"] > 0
