@@ -397,9 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
                     if not runs:
                         raise SystemExit(f"{task}/{n} seed {s}: stopped before the first evaluation episode")
                     offset_evals = {}
+                    if args.told_pose_noise and not getattr(res["policy"].config, "privileged_dim", 0):
+                        raise SystemExit("--told-pose-noise needs a policy told the poses (privileged_dim)")
                     for sigma in args.told_pose_noise:  # the same scenes and sampling noise, poses offset
-                        if not getattr(res["policy"].config, "privileged_dim", 0):
-                            raise SystemExit("--told-pose-noise needs a policy told the poses (privileged_dim)")
                         env = PoseOffset(eval_env(res["policy"], task, args), sigma)
                         try:
                             outcomes = [int(rollout(res["policy"], task, e, n_exec=args.n_exec, env=env,

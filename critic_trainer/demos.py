@@ -163,15 +163,12 @@ def _lead(policy: Any, env: Any, obs: dict[str, Any], seed: int, lead_chunks: in
     when the episode ended first."""
     import torch
 
+    from critic_trainer.sft import sample_chunk
+
     k = int(np.random.default_rng([seed, 13]).integers(1, lead_chunks + 1))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(k):
-        o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
-             "privileged": obs["privileged"]}
-        noise = torch.randn(1, policy.horizon, policy.action_dim, generator=gen)
-        with torch.no_grad():
-            chunk = policy.act([o], noise=noise.to(policy.device))[0]
-        for a in chunk[: max(1, n_exec)]:
+        for a in sample_chunk(policy, obs, gen)[: max(1, n_exec)]:
             obs, _, term, trunc, _ = env.step(np.asarray(a, dtype=np.float32))
             if term or trunc:
                 return None

@@ -784,6 +784,16 @@ def heldout_flow_loss(policy: FlowPolicyBase, data: DemoData, seed: int = 0, sam
 
 # ---------------------------------------------------------------------------------------------------- closed loop
 @torch.no_grad()
+def sample_chunk(policy: FlowPolicyBase, obs: dict[str, Any], gen: torch.Generator) -> np.ndarray:
+    """One action chunk float[H, real action dims] for a sim observation (images, state, prompt, privileged), its
+    flow noise drawn from `gen` (so a seeded generator reproduces an episode)."""
+    o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
+         "privileged": obs["privileged"]}
+    noise = torch.randn(1, policy.horizon, policy.action_dim, generator=gen)
+    return policy.act([o], noise=noise.to(policy.device))[0]
+
+
+@torch.no_grad()
 def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image_size: tuple[int, int] = (224, 224),
             env: Any = None, compare_expert: bool = False, noise_seed: int = 0,
             max_steps: int | None = None, colors: str = "random") -> dict[str, Any]:
@@ -807,10 +817,7 @@ def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image
         obs, _ = env.reset(seed=seed, options={"task": task})
         steps, ok, errs = 0, False, []
         while True:
-            o = {"images": obs.get("images", {}), "state": obs["state"], "prompt": obs["prompt"],
-                 "privileged": obs["privileged"]}
-            noise = torch.randn(1, policy.horizon, policy.action_dim, generator=gen)
-            chunk = policy.act([o], noise=noise.to(policy.device))[0]
+            chunk = sample_chunk(policy, obs, gen)
             for a in chunk[: max(1, n_exec)]:
                 if expert is not None:
                     errs.append(float(np.abs(a - expert.act(obs["state"], env.object_poses())).mean()))

@@ -210,6 +210,14 @@ def test_failure_trace_classifies_real_episodes():
         env.trace = {k: v[:lifted_at] for k, v in env.trace.items()}
         assert env.classify(False) == "lifted, not placed"
         assert min(env.trace["target_cube.dist"]) < bench.FailureTrace.REACH_M
+        # the wrong-cube classes, on traces built by hand (closest approach m, heights m)
+        far, near, rest, up = [0.2, 0.1], [0.2, 0.01], [0.02, 0.02], [0.02, 0.08]
+        env.trace = {"target_cube.dist": far, "target_cube.z": rest, "distractor_0.dist": near, "distractor_0.z": up}
+        assert env.classify(False) == "wrong cube lifted"
+        env.trace["distractor_0.z"] = rest
+        assert env.classify(False) == "went for the wrong cube"
+        env.trace["target_cube.dist"] = near
+        assert env.classify(False) == "reached, not lifted"
     finally:
         env.close()
 

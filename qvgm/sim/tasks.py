@@ -174,10 +174,9 @@ def sample_layout(task: str, rng: np.random.Generator, colors: str = "random") -
         raise ValueError(f"colors must be one of {COLOR_MODES}, got {colors!r}")
     names = list(COLORS)
     perm = [names[i] for i in rng.permutation(len(names))]
-    if colors == "fixed":
-        role_order = {"pick_place": ("target_cube", "distractor_0"), "push": ("target_cube", "distractor_0", "goal"),
-                      "stack": ("target_cube", "base_cube", "distractor_0")}.get(task, ())
-        perm = [FIXED_COLORS[r] for r in role_order] + perm[len(role_order):]
+    if colors == "fixed":  # ROLES lists the coloured roles in the order they take perm[0], perm[1], ... below
+        painted = [FIXED_COLORS[r] for r in ROLES.get(task, ()) if r in FIXED_COLORS]
+        perm = painted + perm[len(painted):]
     poses: dict[str, tuple[float, float, float]] = {}
     if task == "pick_place":
         bx, by = _sample_xy(rng, [], 0.0, margin=0.02)
