@@ -89,6 +89,8 @@ class FailureTrace(gym.Wrapper):
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
         self.trace: dict[str, list[float]] = {}
+        self.grasp_step: int | None = None  # trace index of the first closing gripper command
+        self.target_xy0 = np.zeros(2)
 
     def _record(self) -> None:
         from qvgm.sim.robot import FINGER_LINKS
@@ -97,6 +99,8 @@ class FailureTrace(gym.Wrapper):
         m = u.model
         pads = [g for g in range(m.ngeom) if m.body(m.geom_bodyid[g]).name in FINGER_LINKS]
         mid = np.mean(u.data.geom_xpos[pads], axis=0)  # between the finger pads' centres
+        for axis, v in zip("xyz", mid, strict=True):
+            self.trace.setdefault(f"mid.{axis}", []).append(float(v))
         for role, pose in u.object_poses().items():
             if role.endswith("cube") or role.startswith("distractor"):
                 self.trace.setdefault(f"{role}.dist", []).append(float(np.linalg.norm(mid - pose[:3])))
@@ -104,14 +108,27 @@ class FailureTrace(gym.Wrapper):
 
     def reset(self, **kw):
         out = super().reset(**kw)
-        self.trace = {}
+        self.trace, self.grasp_step = {}, None
+        self.target_xy0 = np.asarray(self.env.unwrapped.object_poses()["target_cube"][:2], dtype=np.float64)
         self._record()
         return out
 
     def step(self, action):
+        from qvgm.sim.robot import GRIPPER_OPEN
+
         out = super().step(action)
         self._record()
+        if self.grasp_step is None and float(action[-1]) < GRIPPER_OPEN / 2:
+            self.grasp_step = len(self.trace["mid.x"]) - 1
         return out
+
+    def aim(self) -> dict:
+        """Where the episode tried to grasp: the finger pads' midpoint x/y (m) at the first closing gripper command
+        ("grasp"), or, with none, where the midpoint was lowest ("lowest"); and the target cube's x/y at reset."""
+        tr = self.trace
+        i, how = (self.grasp_step, "grasp") if self.grasp_step is not None else (int(np.argmin(tr["mid.z"])), "lowest")
+        return {"target_xy": [round(float(v), 4) for v in self.target_xy0],
+                "aim_xy": [round(tr["mid.x"][i], 4), round(tr["mid.y"][i], 4)], "how": how}
 
     def classify(self, success: bool) -> str:
         """success | wrong cube lifted | went for the wrong cube | never reached the target | reached, not lifted |
@@ -134,6 +151,55 @@ class FailureTrace(gym.Wrapper):
         return "lifted, not placed" if lifted("target_cube") else "reached, not lifted"
 
 
+def aim_summary(aims: list[dict]) -> dict:
+    """How much the grasp point follows the target over episodes (FailureTrace.aim): per axis the least-squares
+    slope and correlation of aim on target x/y (1 / 1: aims where the cube is; 0: the same place whatever the
+    scene), the median aim error (m) and, for scale, the median error of always aiming at the targets' mean."""
+    t = np.array([a["target_xy"] for a in aims], dtype=np.float64)
+    p = np.array([a["aim_xy"] for a in aims], dtype=np.float64)
+    out: dict = {"episodes": len(aims), "grasp_attempts": sum(a["how"] == "grasp" for a in aims)}
+    if len(aims) >= 3:
+        tc, pc = t - t.mean(0), p - p.mean(0)
+        out["slope_xy"] = [round(float((tc[:, i] @ pc[:, i]) / max(tc[:, i] @ tc[:, i], 1e-12)), 3) for i in (0, 1)]
+        out["corr_xy"] = [round(float(np.corrcoef(t[:, i], p[:, i])[0, 1]), 3) if pc[:, i].std() > 0 else 0.0
+                          for i in (0, 1)]
+    out["aim_error_m_median"] = round(float(np.median(np.linalg.norm(p - t, axis=1))), 4)
+    out["mean_target_error_m_median"] = round(float(np.median(np.linalg.norm(t - t.mean(0), axis=1))), 4)
+    return out
+
+
+class ImageAblation(gym.ObservationWrapper):
+    """Closed-loop evaluation with the camera images altered, to see whether (and which) images the policy reads
+    once the arm moves. Modes, each for every camera or for one (`MODE:CAM`): "frozen" holds the image of the reset
+    frame for the whole episode; "blank" replaces it by mid grey (128)."""
+
+    MODES = ("frozen", "blank")
+
+    def __init__(self, env: gym.Env, spec: str) -> None:
+        super().__init__(env)
+        mode, _, cam = spec.partition(":")
+        if mode not in self.MODES:
+            raise ValueError(f"image ablation {spec!r}: mode must be one of {self.MODES} (optionally MODE:CAMERA)")
+        cams = tuple(env.unwrapped.cameras)
+        if cam and cam not in cams:
+            raise ValueError(f"image ablation {spec!r}: no camera {cam!r} (cameras: {', '.join(cams)})")
+        self.mode, self.cams = mode, (cam,) if cam else cams
+        self._first: dict[str, np.ndarray] = {}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self._first = {}
+        return super().reset(seed=seed, options=options)
+
+    def observation(self, obs: dict) -> dict:
+        images = dict(obs["images"])
+        for c in self.cams:
+            if self.mode == "blank":
+                images[c] = np.full_like(images[c], 128)
+            else:
+                images[c] = self._first.setdefault(c, images[c].copy())
+        return {**obs, "images": images}
+
+
 def eval_env(policy: torch.nn.Module, task: str, args: argparse.Namespace) -> gym.Env:
     """The evaluation TabletopEnv of a policy: its cameras (none: state only) at --image-size, --colors."""
     from qvgm.sim import TabletopEnv
@@ -141,6 +207,23 @@ def eval_env(policy: torch.nn.Module, task: str, args: argparse.Namespace) -> gy
     cams = tuple(getattr(policy.config, "camera_names", []) or [])
     return TabletopEnv(task=task, cameras=cams or ("front",), image_size=tuple(args.image_size), render=bool(cams),
                        colors=args.colors)
+
+
+def traced_eval(policy: torch.nn.Module, task: str, seeds: list[int], env: gym.Env, args: argparse.Namespace) -> dict:
+    """Closed-loop episodes on `seeds` in `env` (wrapped here in a FailureTrace; closed after): outcomes, failure
+    modes and the aim summary."""
+    env = FailureTrace(env)
+    outcomes, modes, aims = [], {}, []
+    try:
+        for e in seeds:
+            ok = bool(rollout(policy, task, e, n_exec=args.n_exec, env=env, noise_seed=e)["success"])
+            outcomes.append(int(ok))
+            mode = env.classify(ok)
+            modes[mode] = modes.get(mode, 0) + 1
+            aims.append(env.aim())
+    finally:
+        env.close()
+    return {"success": sum(outcomes), "outcomes": outcomes, "failure_modes": modes, "aim": aim_summary(aims)}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -191,13 +274,19 @@ def summarise(task: str, demos: int, frames: int, per_seed: list[dict]) -> dict:
 def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, seed: int) -> dict[str, float]:
     """Open-loop flow loss (fixed noise and flow-time draws) on the training frames and on fresh demos; for a policy
     that reads the object state (`privileged_dim`: the `state` backbone, pi05 told it), also on the fresh demos with
-    those values permuted across frames: a model that uses them loses accuracy (`..._shuffled_privileged` higher)."""
+    those values permuted across frames: a model that uses them loses accuracy (`..._shuffled_privileged` higher);
+    likewise for a pixel policy with its images permuted, all cameras together and each alone (`..._shuffled_<cam>`)."""
     out = {"train_loss": round(heldout_flow_loss(policy, train, seed=seed, samples=1), 4),
            "heldout_loss": round(heldout_flow_loss(policy, heldout, seed=seed), 4)}
+    perm = np.random.default_rng(seed).permutation(len(heldout))
     if getattr(policy.config, "privileged_dim", 0):
-        perm = np.random.default_rng(seed).permutation(len(heldout))
         shuffled = dataclasses.replace(heldout, privileged=heldout.privileged[perm])
         out["heldout_loss_shuffled_privileged"] = round(heldout_flow_loss(policy, shuffled, seed=seed), 4)
+    cams = list(getattr(policy.config, "camera_names", None) or [])
+    for name, which in ([("images", cams)] if len(cams) > 1 else []) + [(c, [c]) for c in cams]:
+        shuffled = dataclasses.replace(heldout, images={c: v[perm] if c in which else v
+                                                        for c, v in heldout.images.items()})
+        out[f"heldout_loss_shuffled_{name}"] = round(heldout_flow_loss(policy, shuffled, seed=seed), 4)
     return out
 
 
@@ -285,6 +374,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--told-pose-noise", type=float, nargs="+", default=[], metavar="M",
                     help="policies told the object poses: also evaluate each on the same scenes with the poses "
                          "offset by N(0, M) m in x and y per object and episode (PoseOffset)")
+    ap.add_argument("--image-ablation", nargs="+", default=[], metavar="MODE[:CAM]",
+                    help="also evaluate a pixel policy on the same scenes with its images altered: frozen (the reset "
+                         "frame held) or blank (mid grey), for every camera or one (e.g. blank:wrist); with failure "
+                         "modes and where it aims")
     ap.add_argument("--heldout-demos", type=int, default=0, metavar="N",
                     help="also report the flow loss on N fresh expert demos (scene seeds 200000+), open loop; for a "
                          "model told the object state (privileged_dim) also with those values shuffled across "
@@ -380,6 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
                               flush=True)
                         trace_env = FailureTrace(eval_env(res["policy"], task, args)) if args.failure_modes else None
                         modes: dict[str, int] = {}
+                        aims: list[dict] = []
                         for e in eval_seeds:
                             if stop.is_set():
                                 break
@@ -391,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 mode = trace_env.classify(runs[-1]["success"])
                                 modes[mode] = modes.get(mode, 0) + 1
                                 runs[-1]["min_target_dist_m"] = round(min(trace_env.trace["target_cube.dist"]), 4)
+                                aims.append(trace_env.aim())
                         if trace_env is not None:
                             trace_env.close()
                         stopped = stop.is_set()
@@ -408,6 +503,14 @@ def main(argv: list[str] | None = None) -> dict:
                             env.close()
                         offset_evals[str(sigma)] = {"success": sum(outcomes), "outcomes": outcomes}
                         print(json.dumps({"pose_offset_m": sigma, "success": sum(outcomes)}), flush=True)
+                    ablations = {}
+                    if args.image_ablation and not getattr(res["policy"].config, "camera_names", None):
+                        raise SystemExit("--image-ablation needs a policy that reads images")
+                    for spec in args.image_ablation:  # the same scenes and sampling noise, images altered
+                        ablations[spec] = traced_eval(res["policy"], task, eval_seeds[:len(runs)],
+                                                      ImageAblation(eval_env(res["policy"], task, args), spec), args)
+                        print(json.dumps({"image_ablation": spec, "success": ablations[spec]["success"],
+                                          "aim": ablations[spec]["aim"]}), flush=True)
                     k = sum(r["success"] for r in runs)
                     errs = [r["action_error"] for r in runs if r["action_error"] is not None]
                     per_seed.append({"seed": s, "success": k, "episodes": len(runs), "rate": k / len(runs),
@@ -418,8 +521,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {}),
                                      **({"success_with_pose_offset_m": offset_evals} if offset_evals else {}),
                                      **({"failure_modes": modes,
-                                         "min_target_dist_m": [r["min_target_dist_m"] for r in runs]}
+                                         "min_target_dist_m": [r["min_target_dist_m"] for r in runs],
+                                         "aim": aim_summary(aims)}
                                         if args.failure_modes else {}),
+                                     **({"image_ablation": ablations} if ablations else {}),
                                      **probe})
                     if args.recovery_demos and not stopped:
                         rroot = Path(tmp) / f"{task}-recovery-{n}-{s}"

@@ -143,12 +143,19 @@ def test_heldout_probe_reports_open_loop_losses(tmp_path):
                         "pick_place", "--demos", "2", "--seeds", "1", "--steps", "40", "--batch-size", "8",
                         "--lr", "2e-3", "--episodes", "1", "--image-size", "32", "32", "--device", "cpu",
                         "--override", "privileged_dim=21", "--override", "max_token_len=56", "--heldout-demos", "2",
+                        "--failure-modes", "--image-ablation", "frozen", "blank:wrist",
                         "--out", str(out)], env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-2000:]
     told = json.loads(out.read_text())
     s = told["results"][0]["per_seed"][0]
     assert told["policy"]["privileged_dim"] == 21 and told["policy"]["privileged_quantiles"] is True
     assert s["heldout_loss_shuffled_privileged"] > 0 and s["heldout_loss_shuffled_privileged"] != s["heldout_loss"]
+    # a pixel policy: the images shuffled across the fresh frames, both cameras and each alone
+    assert all(s[f"heldout_loss_shuffled_{k}"] > 0 for k in ("images", "front", "wrist"))
+    # the closed loop again with the images altered: outcomes, classes and the aim per ablation
+    assert set(s["image_ablation"]) == {"frozen", "blank:wrist"} and s["aim"]["episodes"] == 1
+    for abl in s["image_ablation"].values():
+        assert len(abl["outcomes"]) == 1 and sum(abl["failure_modes"].values()) == 1 and abl["aim"]["episodes"] == 1
 
 
 def test_pose_offset_wrapper_shifts_told_positions_per_episode():
@@ -194,6 +201,7 @@ def test_failure_trace_classifies_real_episodes():
         for _ in range(30):
             env.step(hold)
         assert env.classify(False) == "never reached the target"
+        assert env.aim()["how"] == "lowest"  # no closing command: where the fingers were lowest
 
         expert = make_expert("pick_place", noise=0.0, seed=2)
         obs, _ = env.reset(seed=2)
@@ -206,6 +214,8 @@ def test_failure_trace_classifies_real_episodes():
             if ok or trunc:
                 break
         assert ok and env.classify(True) == "success" and lifted_at is not None
+        aim = env.aim()  # the expert closes the gripper over the target
+        assert aim["how"] == "grasp" and np.linalg.norm(np.subtract(aim["aim_xy"], aim["target_xy"])) < 0.02
         # the same episode cut where the cube is in the air: lifted, not placed
         env.trace = {k: v[:lifted_at] for k, v in env.trace.items()}
         assert env.classify(False) == "lifted, not placed"
@@ -234,3 +244,65 @@ def test_diagnostic_options_end_to_end(tmp_path):
     assert len(off["outcomes"]) == 2 and off["success"] == sum(off["outcomes"])
     rec = row["recovery"]
     assert rec["demos"]["episodes"] == 2 and len(rec["outcomes"]) == 2 and rec["frames"] > 0
+
+
+def test_aim_summary_slope_follows_the_target_or_not():
+    """aim_summary: an aim on the target has slope and correlation 1 and no error; a constant aim slope 0, and its
+    error is the mean-target baseline's."""
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    targets = rng.uniform(-0.1, 0.1, (20, 2)) + [0.5, 0.0]
+    on = bench.aim_summary([{"target_xy": list(t), "aim_xy": list(t), "how": "grasp"} for t in targets])
+    assert on["slope_xy"] == [1.0, 1.0] and on["corr_xy"] == [1.0, 1.0] and on["aim_error_m_median"] == 0.0
+    assert on["grasp_attempts"] == 20 and on["mean_target_error_m_median"] > 0.03
+    mean = targets.mean(0)
+    const = bench.aim_summary([{"target_xy": list(t), "aim_xy": list(mean), "how": "lowest"} for t in targets])
+    assert const["slope_xy"] == [0.0, 0.0] and const["grasp_attempts"] == 0
+    assert const["aim_error_m_median"] == pytest.approx(const["mean_target_error_m_median"], abs=1e-4)
+    half = bench.aim_summary([{"target_xy": list(t), "aim_xy": list((t + mean) / 2), "how": "grasp"} for t in targets])
+    assert half["slope_xy"] == pytest.approx([0.5, 0.5], abs=1e-3)
+
+
+def test_image_ablation_freezes_or_blanks_the_chosen_cameras():
+    """ImageAblation (--image-ablation) on the real renderer: frozen holds the reset frame while the arm moves,
+    blank is mid grey, MODE:CAM touches one camera only; state and prompt pass unchanged; bad specs are refused."""
+    from qvgm.sim import TabletopEnv
+
+    def make():
+        return TabletopEnv(task="pick_place", cameras=("front", "wrist"), image_size=(32, 32))
+
+    bench = _bench()
+    raw = make()
+    frozen, blank_wrist = bench.ImageAblation(make(), "frozen"), bench.ImageAblation(make(), "blank:wrist")
+    try:
+        o_raw, _ = raw.reset(seed=1)
+        o_f, _ = frozen.reset(seed=1)
+        o_b, _ = blank_wrist.reset(seed=1)
+        assert all(np.array_equal(o_f["images"][c], o_raw["images"][c]) for c in ("front", "wrist"))
+        assert np.all(o_b["images"]["wrist"] == 128)
+        assert np.array_equal(o_b["images"]["front"], o_raw["images"]["front"])
+        first = {c: o_raw["images"][c].copy() for c in ("front", "wrist")}
+        target = o_raw["state"].copy()
+        target[1] -= 0.4  # swing the shoulder: both views change
+        for _ in range(15):
+            o_raw = raw.step(target)[0]
+            o_f = frozen.step(target)[0]
+            o_b = blank_wrist.step(target)[0]
+        assert not np.array_equal(o_raw["images"]["wrist"], first["wrist"])
+        assert all(np.array_equal(o_f["images"][c], first[c]) for c in ("front", "wrist"))
+        assert np.array_equal(o_f["state"], o_raw["state"]) and o_f["prompt"] == o_raw["prompt"]
+        assert np.all(o_b["images"]["wrist"] == 128)
+        assert np.array_equal(o_b["images"]["front"], o_raw["images"]["front"])
+        o_f2, _ = frozen.reset(seed=2)  # a new episode freezes its own first frame
+        assert not np.array_equal(o_f2["images"]["front"], first["front"])
+    finally:
+        for e in (raw, frozen, blank_wrist):
+            e.close()
+    env = make()
+    try:
+        with pytest.raises(ValueError, match="mode must be one of"):
+            bench.ImageAblation(env, "shuffle")
+        with pytest.raises(ValueError, match="no camera 'top'"):
+            bench.ImageAblation(env, "blank:top")
+    finally:
+        env.close()
