@@ -291,7 +291,7 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
-                   "image_shift", "render_size", "pose_aux", "pose_probe", "pose_scenes",
+                   "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
                    "pose_pretrain_steps", "pose_readout", "pose_values")
 
 
@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
     ap.add_argument("--image-shift", type=int, default=0, metavar="PX",
                     help="SFT random-shift image augmentation, up to PX px at the model's resolution (0 = off)")
+    ap.add_argument("--camera-dropout", type=float, default=0.0, metavar="P",
+                    help="SFT camera dropout: each sample's cameras masked with probability P "
+                         "(SFTConfig.camera_dropout)")
     ap.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
                     help="sim-only SFT aid: weight of the auxiliary loss reading the object state from the image "
                          "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")
@@ -445,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     warmup=args.warmup,
                                     checkpoint_every=args.steps, max_episodes=n, overrides=overrides,
                                     device=args.device, image_shift=args.image_shift, pose_aux=args.pose_aux,
+                                    camera_dropout=args.camera_dropout,
                                     pose_probe=args.pose_probe, pose_datasets=pose_datasets,
                                     pose_pretrain_steps=args.pose_pretrain_steps,
                                     pose_readout=args.pose_readout, pose_values=args.pose_values)
@@ -462,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "hidden", "head_hidden", "head_depth", "image_size",
                                                           "privileged_dim", "ordinal_state_bins", "continuous_state",
                                                           "state_film", "zero_padded_actions", "head",
-                                                          "head_width", "head_layers", "encoder")
+                                                          "head_width", "head_layers", "encoder", "camera_names")
                                     if k in cfg_d}
                     if cfg_d.get("backbone") == "pi05" and cfg_d.get("privileged_dim"):  # told the poses
                         policy_flags["privileged_quantiles"] = (
@@ -552,7 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
-           "image_shift": args.image_shift, "pose_aux": args.pose_aux, "pose_probe": args.pose_probe,
+           "image_shift": args.image_shift, "camera_dropout": args.camera_dropout, "pose_aux": args.pose_aux,
+           "pose_probe": args.pose_probe,
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
            "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),

@@ -239,6 +239,11 @@ class SFTConfig:
     # The targets: "all" = xyz + quaternion per role; "xyz" = positions only (the quaternions of symmetric cubes
     # are not visible at small sizes, and a readout can only memorise them per scene).
     pose_values: str = "all"
+    # Camera dropout (0 = off): each training sample's cameras are masked, independently with this probability, as
+    # a missing camera is at inference (its tokens leave the attention); a sample never loses all its cameras. A
+    # policy that can lean on one view (the wrist camera) then also has to learn from the others, and it keeps
+    # working when a camera drops out on the robot. Pixel backbones only.
+    camera_dropout: float = 0.0
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -253,6 +258,8 @@ class SFTConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.image_shift < 0:
             raise ValueError(f"image_shift must be >= 0 px, got {self.image_shift}")
+        if not 0.0 <= self.camera_dropout < 1.0:
+            raise ValueError(f"camera_dropout must be a probability in [0, 1), got {self.camera_dropout}")
         if not (self.pose_aux >= 0 and math.isfinite(self.pose_aux)):
             raise ValueError(f"pose_aux must be a finite weight >= 0, got {self.pose_aux}")
         if (self.pose_probe or self.pose_datasets or self.pose_pretrain_steps) and not self.pose_aux:
@@ -278,7 +285,8 @@ class SFTConfig:
         for k in ("out", "work_dir", "steps", "checkpoint_every", "log_every", "version", "device"):
             d.pop(k)
         # keys of runs saved before these existed stay valid
-        for k in ("ema_decay", "image_shift", "pose_aux", "pose_probe", "pose_datasets", "pose_pretrain_steps"):
+        for k in ("ema_decay", "image_shift", "camera_dropout", "pose_aux", "pose_probe", "pose_datasets",
+                  "pose_pretrain_steps"):
             if not d[k]:
                 d.pop(k)
         for k, default in (("pose_readout", "image"), ("pose_values", "all")):
@@ -523,6 +531,17 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return out.permute(0, 3, 1, 2).reshape(*lead, c, h, w)
 
 
+def drop_cameras(image_masks: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Camera dropout: image_masks bool [B, N] with each present camera masked with probability `p` (draws on the CPU
+    from `generator`); a sample that would lose every camera keeps its own unchanged. p = 0 returns the input."""
+    if p <= 0:
+        return image_masks
+    drop = (torch.rand(image_masks.shape, generator=generator) < p).to(image_masks.device)
+    kept = image_masks & ~drop
+    none_left = ~kept.any(dim=1, keepdim=True)
+    return torch.where(none_left, image_masks, kept)
+
+
 def batch_inputs(inputs: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: (v[rows].float() if k == "images" else v[rows]).to(device) for k, v in inputs.items()}
 
@@ -686,6 +705,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             batch = batch_inputs(inputs, rows, dev)
             if cfg.image_shift and "images" in batch:
                 batch["images"] = random_shift(batch["images"], cfg.image_shift, gen)
+            if cfg.camera_dropout and "image_masks" in batch:
+                batch["image_masks"] = drop_cameras(batch["image_masks"], cfg.camera_dropout, gen)
             loss = policy.flow_loss(batch, actions[rows].to(dev), noise=noise.to(dev),
                                     time=t, action_mask=valid[rows].to(dev))
             flow_v = float(loss.item())
@@ -746,7 +767,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v, "device": str(dev),
                "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "image_shift": cfg.image_shift,
-               "data_sha256": fingerprint,
+               "data_sha256": fingerprint, **({"camera_dropout": cfg.camera_dropout} if cfg.camera_dropout else {}),
                **({"pose_aux": cfg.pose_aux, "pose_probe": cfg.pose_probe, "final_pose_loss": pose_v,
                    "pose_datasets": list(cfg.pose_datasets), "pose_pretrain_steps": cfg.pose_pretrain_steps,
                    "pose_pretrain_final_loss": None if math.isnan(pretrain_v) else pretrain_v}
@@ -853,6 +874,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predict the arm joints relative to the current joint state (gripper absolute; any backbone)")
     p.add_argument("--image-shift", type=int, default=0, metavar="PX",
                    help="random-shift image augmentation: up to PX pixels at the model's resolution (0 = off)")
+    p.add_argument("--camera-dropout", type=float, default=0.0, metavar="P",
+                   help="mask each training sample's cameras independently with probability P, as a missing camera "
+                        "(never all of a sample's): the policy learns from every view and survives a lost one")
     p.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
                    help="sim-only: weight of an auxiliary loss reading the object state from the image tokens "
                         "(training-only head, not saved; needs privileged state in the data; 0 = off)")
@@ -885,7 +909,7 @@ def run(args: argparse.Namespace) -> int:
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
                     overrides={**({"horizon": args.horizon} if args.horizon else {}),
                                **({"delta_actions": True} if args.delta_actions else {})}, device=args.device,
-                    image_shift=args.image_shift, pose_aux=args.pose_aux,
+                    image_shift=args.image_shift, camera_dropout=args.camera_dropout, pose_aux=args.pose_aux,
                     pose_probe=args.pose_probe, pose_datasets=list(args.pose_dataset),
                     pose_pretrain_steps=args.pose_pretrain_steps, pose_readout=args.pose_readout,
                     pose_values=args.pose_values)
