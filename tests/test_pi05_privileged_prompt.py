@@ -238,3 +238,56 @@ def test_padded_action_dims_are_denoised_or_zeroed_never_left_untrained(zero_pad
     else:
         assert pol.loss_dims == 32 and not torch.allclose(v_other[..., :7], v[..., :7])
         torch.testing.assert_close(loss, err.mean())  # the padded dims' velocity is trained too
+
+
+@torch.no_grad()
+def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> None:
+    """keypoint_tokens: the spatial softmax returns where a feature map peaks, in [-1, 1] image coordinates (x to
+    the right, y down); one token per camera joins the prefix (rl_token.prefix_length too); cached == uncached; a
+    masked camera's keypoint token is masked with it; the output depends on where a blob is; a checkpoint
+    round-trips."""
+    from qvgm.policy.pi05 import SpatialKeypoints
+
+    kp = SpatialKeypoints(1, 8)
+    for m in kp.net:  # a red detector by hand: map 0 = GELU(GELU(40 (R - G - B))), every other weight 0
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.zeros_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    c0, c1, c2 = (m for m in kp.net if isinstance(m, torch.nn.Conv2d))
+    c0.weight[0, 0, 1, 1], c0.weight[0, 1, 1, 1], c0.weight[0, 2, 1, 1] = 40.0, -40.0, -40.0
+    c1.weight[0, 0, 1, 1] = 1.0
+    c2.weight[0, 0, 0, 0] = 1.0
+    img = -torch.ones(2, 3, 32, 32)
+    img[0, 0, 4:8, 24:28] = 1.0  # red blob top right
+    img[1, 0, 20:24, 2:6] = 1.0  # bottom left
+    xy = kp.coordinates(img)[:, 0]
+    assert xy[0, 0] > 0.4 and xy[0, 1] < -0.4 and xy[1, 0] < -0.6 and xy[1, 1] > 0.1
+
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, keypoint_tokens=4).eval()
+    plain = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS).eval()
+    randomize_adarms(pol)
+    obs = [make_obs(i) for i in range(2)]
+    inp = pol.preprocess(obs)
+    ctx = pol.encode(inp)
+    assert ctx.prefix_mask.shape[1] == plain.encode(plain.preprocess(obs)).prefix_mask.shape[1] + 2  # 2 cameras
+    assert ctx.prefix_mask.shape[1] == prefix_length(pol.config)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 10, 32, generator=g), torch.tensor([0.8, 0.3])
+    v = pol.velocity(x, t, ctx)
+    torch.testing.assert_close(v, pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
+    tokens, valid = pol.model.image_tokens(inp["images"], inp["image_masks"])
+    per_cam = tokens.shape[1] // 2
+    keypoint_token = pol.model.keypoints(inp["images"][:, 1])
+    torch.testing.assert_close(tokens[:, 2 * per_cam - 1], keypoint_token)  # last token of camera 2
+    masked = {**inp, "image_masks": inp["image_masks"].clone()}
+    masked["image_masks"][:, 1] = False
+    assert not pol.model.image_tokens(masked["images"], masked["image_masks"])[1][:, per_cam:].any()
+    # the keypoint path alone moves the output: perturb the weights of its first map only
+    pol.model.keypoints.net[-1].weight[0] += 5.0 * torch.randn_like(pol.model.keypoints.net[-1].weight[0])
+    assert not torch.allclose(pol.velocity(x, t, pol.encode(inp)), v)
+    save_policy(pol, tmp_path / "kp", version="kp")
+    loaded = load_policy(tmp_path / "kp")
+    assert loaded.config.keypoint_tokens == 4
+    torch.testing.assert_close(loaded.velocity(x, t, loaded.encode(loaded.preprocess(obs))),
+                               pol.velocity(x, t, pol.encode(inp)), rtol=1e-4, atol=1e-5)

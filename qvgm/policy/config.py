@@ -81,6 +81,13 @@ class Pi05Config:
     # velocity is then never trained, so at sampling they drift away from the t * eps the expert saw in training,
     # worst at the low-noise steps that set the action.
     zero_padded_actions: bool = False
+    # From-scratch configs, 0 = off: K spatial-softmax keypoints per camera (Pi05Model.keypoints: a small conv net,
+    # each of its K maps turned into the expected image (x, y) in [-1, 1]; Levine et al. 2016, as robomimic and
+    # Diffusion Policy encode images), projected to one more token per camera after its SigLIP tokens. Where a
+    # small blob is in the image becomes two numbers the network reads linearly, which a SigLIP tower trained from
+    # scratch on a few demos does not learn (docs/RESULTS.md). Published weights have no such layer: leave it off
+    # with them. Opt-in: older checkpoints load unchanged.
+    keypoint_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

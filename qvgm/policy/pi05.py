@@ -29,6 +29,30 @@ from qvgm.policy.processor import STATE_BINS, NormStats, Processor
 from qvgm.policy.rl_token import RLToken, RLTokenConfig
 
 
+class SpatialKeypoints(nn.Module):
+    """Images [B, 3, S, S] in [-1, 1] -> one token [B, width] each: a small conv net (3x3, 3x3, 1x1; `channels` wide)
+    gives K feature maps; a spatial softmax turns each into its expected (x, y) in [-1, 1] (x left to right, y top to
+    bottom); the 2K numbers are projected linearly to the LM width."""
+
+    def __init__(self, k: int, width: int, channels: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, k, 1))
+        self.proj = nn.Linear(2 * k, width)
+
+    def coordinates(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> expected keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
+        f = self.net(images)
+        b, k, h, w = f.shape
+        p = torch.softmax(f.flatten(2).float(), dim=-1).view(b, k, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=f.device)
+        ys = torch.linspace(-1.0, 1.0, h, device=f.device)
+        return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.coordinates(images).flatten(1).to(self.proj.weight.dtype))
+
+
 class AdaRMSNorm(nn.Module):
     """RMSNorm conditioned on c: y = rms(x) * (1 + scale) + shift; also returns gate for x + gate * f(y).
 
@@ -168,6 +192,8 @@ class Pi05Model(nn.Module):
         if self.state_cond_proj is not None:
             nn.init.zeros_(self.state_cond_proj.weight)
             nn.init.zeros_(self.state_cond_proj.bias)
+        # keypoint_tokens: K spatial-softmax keypoints per camera -> one more token after its SigLIP tokens
+        self.keypoints = SpatialKeypoints(cfg.keypoint_tokens, cfg.width) if cfg.keypoint_tokens else None
 
     @property
     def lm(self) -> nn.Module:
@@ -195,12 +221,15 @@ class Pi05Model(nn.Module):
     # --- prefix -------------------------------------------------------------------------------------------
     def image_tokens(self, images: torch.Tensor, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N] -> (SigLIP tokens projected to the LM width
-        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera, cameras in order."""
+        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens), cameras in
+        order."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
         feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = pm.multi_modal_projector(feats)  # [B * N, T, width]
+        if self.keypoints is not None:  # + one keypoint token per camera: T + 1
+            img = torch.cat([img, self.keypoints(images.flatten(0, 1).to(dtype))[:, None].to(img.dtype)], dim=1)
         tpi = img.shape[1]
         return img.reshape(b, n * tpi, -1), image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
 

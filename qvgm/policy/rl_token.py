@@ -148,7 +148,8 @@ def attach_rl_token(policy: nn.Module, cfg: RLTokenConfig) -> RLToken:
 
 
 def prefix_length(pcfg: Any) -> int:
-    """Prefix length M of a pi05 config: image tokens of every camera + the token budget (+ 1 continuous state
-    token with `continuous_state`)."""
-    return (len(pcfg.camera_names) * (pcfg.image_size // pcfg.patch_size) ** 2 + pcfg.max_token_len
+    """Prefix length M of a pi05 config: image tokens of every camera (+ 1 keypoint token each with
+    `keypoint_tokens`) + the token budget (+ 1 continuous state token with `continuous_state`)."""
+    per_camera = (pcfg.image_size // pcfg.patch_size) ** 2 + int(bool(getattr(pcfg, "keypoint_tokens", 0)))
+    return (len(pcfg.camera_names) * per_camera + pcfg.max_token_len
             + int(bool(getattr(pcfg, "continuous_state", False))))
