@@ -249,11 +249,10 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> No
     from qvgm.policy.pi05 import SpatialKeypoints
 
     kp = SpatialKeypoints(1, 8)
-    for m in kp.net:  # a red detector by hand: map 0 = GELU(GELU(40 (R - G - B))), every other weight 0
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.zeros_(m.weight)
-            torch.nn.init.zeros_(m.bias)
-    c0, c1, c2 = (m for m in kp.net if isinstance(m, torch.nn.Conv2d))
+    for m in kp.conv:  # a red detector by hand: map 0 = GELU(GELU(40 (R - G - B))), every other weight 0
+        torch.nn.init.zeros_(m.weight)
+        torch.nn.init.zeros_(m.bias)
+    c0, c1, c2 = kp.conv
     c0.weight[0, 0, 1, 1], c0.weight[0, 1, 1, 1], c0.weight[0, 2, 1, 1] = 40.0, -40.0, -40.0
     c1.weight[0, 0, 1, 1] = 1.0
     c2.weight[0, 0, 0, 0] = 1.0
@@ -284,10 +283,39 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> No
     masked["image_masks"][:, 1] = False
     assert not pol.model.image_tokens(masked["images"], masked["image_masks"])[1][:, per_cam:].any()
     # the keypoint path alone moves the output: perturb the weights of its first map only
-    pol.model.keypoints.net[-1].weight[0] += 5.0 * torch.randn_like(pol.model.keypoints.net[-1].weight[0])
+    pol.model.keypoints.conv[-1].weight[0] += 5.0 * torch.randn_like(pol.model.keypoints.conv[-1].weight[0])
     assert not torch.allclose(pol.velocity(x, t, pol.encode(inp)), v)
     save_policy(pol, tmp_path / "kp", version="kp")
     loaded = load_policy(tmp_path / "kp")
     assert loaded.config.keypoint_tokens == 4
     torch.testing.assert_close(loaded.velocity(x, t, loaded.encode(loaded.preprocess(obs))),
                                pol.velocity(x, t, pol.encode(inp)), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_keypoint_film_reads_the_prompt() -> None:
+    """keypoint_film: the keypoint net is FiLM-conditioned on the prompt (zero-initialised: at first the same as
+    without it); once its weights are set, two prompts over the same images give different keypoint tokens; it
+    refuses to run without the prompt tokens; cached == uncached."""
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, keypoint_tokens=4, keypoint_film=True).eval()
+    randomize_adarms(pol)
+    m = pol.model
+    obs = [make_obs(0), {**make_obs(0), "prompt": TASKS[1]}]  # same images and state, two prompts
+    inp = pol.preprocess(obs)
+    args = (inp["images"], inp["image_masks"], inp["tokens"], inp["token_mask"])
+    tok0 = m.image_tokens(*args)[0]
+    torch.testing.assert_close(tok0[0], tok0[1])  # zero-init FiLM: the prompt does not matter yet
+    with pytest.raises(ValueError, match="keypoint_film"):
+        m.image_tokens(inp["images"], inp["image_masks"])
+    torch.nn.init.normal_(m.keypoints.film.weight, std=0.5)
+    m.keypoint_query.normal_()
+    pooled = m.prompt_vector(inp["tokens"], inp["token_mask"])
+    assert pooled.shape == (2, pol.config.width) and not torch.allclose(pooled[0], pooled[1])
+    tok = m.image_tokens(*args)[0]
+    per_cam = tok.shape[1] // 2
+    assert not torch.allclose(tok[0, per_cam - 1], tok[1, per_cam - 1])  # keypoint token: prompt-dependent
+    torch.testing.assert_close(tok[0, : per_cam - 1], tok[1, : per_cam - 1])  # SigLIP tokens: not
+    x, t = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0.8, 0.3])
+    torch.testing.assert_close(pol.velocity(x, t, pol.encode(inp)), pol.velocity_uncached(inp, x, t),
+                               rtol=1e-4, atol=1e-5)

@@ -88,6 +88,10 @@ class Pi05Config:
     # scratch on a few demos does not learn (docs/RESULTS.md). Published weights have no such layer: leave it off
     # with them. Opt-in: older checkpoints load unchanged.
     keypoint_tokens: int = 0
+    # With keypoint_tokens: the keypoint net is FiLM-conditioned on the prompt (SpatialKeypoints; its token
+    # embeddings pooled by a learned query), so its maps can find the object the prompt names by colour: the sim
+    # tasks name the target among cubes of random colours. Opt-in.
+    keypoint_film: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

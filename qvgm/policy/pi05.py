@@ -32,25 +32,41 @@ from qvgm.policy.rl_token import RLToken, RLTokenConfig
 class SpatialKeypoints(nn.Module):
     """Images [B, 3, S, S] in [-1, 1] -> one token [B, width] each: a small conv net (3x3, 3x3, 1x1; `channels` wide)
     gives K feature maps; a spatial softmax turns each into its expected (x, y) in [-1, 1] (x left to right, y top to
-    bottom); the 2K numbers are projected linearly to the LM width."""
+    bottom); the 2K numbers are projected linearly to the LM width. With `cond_width`, a conditioning vector
+    [B, cond_width] (the prompt) scales and shifts both hidden layers' channels (FiLM, as RT-1 conditions its image
+    tokenizer on the instruction; zero-initialised, so unconditioned at first): the maps can follow the object the
+    prompt names."""
 
-    def __init__(self, k: int, width: int, channels: int = 32) -> None:
+    def __init__(self, k: int, width: int, channels: int = 32, cond_width: int = 0) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, k, 1))
+        self.conv = nn.ModuleList([nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1),
+                                   nn.Conv2d(channels, k, 1)])
         self.proj = nn.Linear(2 * k, width)
+        self.film = nn.Linear(cond_width, 4 * channels) if cond_width else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
-    def coordinates(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> expected keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
-        f = self.net(images)
-        b, k, h, w = f.shape
-        p = torch.softmax(f.flatten(2).float(), dim=-1).view(b, k, h, w)
-        xs = torch.linspace(-1.0, 1.0, w, device=f.device)
-        ys = torch.linspace(-1.0, 1.0, h, device=f.device)
+    def coordinates(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
+        if (self.film is None) != (cond is None):
+            raise ValueError("SpatialKeypoints: a conditioning vector is needed exactly when the keypoints have FiLM")
+        film = self.film(cond.to(self.film.weight.dtype)).chunk(4, dim=-1) if self.film is not None else None
+        h = images
+        for i, conv in enumerate(self.conv):
+            h = conv(h)
+            if i < 2:
+                if film is not None:
+                    h = h * (1 + film[2 * i][:, :, None, None]) + film[2 * i + 1][:, :, None, None]
+                h = F.gelu(h)
+        b, k, hh, ww = h.shape
+        p = torch.softmax(h.flatten(2).float(), dim=-1).view(b, k, hh, ww)
+        xs = torch.linspace(-1.0, 1.0, ww, device=h.device)
+        ys = torch.linspace(-1.0, 1.0, hh, device=h.device)
         return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=-1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.coordinates(images).flatten(1).to(self.proj.weight.dtype))
+    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.coordinates(images, cond).flatten(1).to(self.proj.weight.dtype))
 
 
 class AdaRMSNorm(nn.Module):
@@ -193,7 +209,12 @@ class Pi05Model(nn.Module):
             nn.init.zeros_(self.state_cond_proj.weight)
             nn.init.zeros_(self.state_cond_proj.bias)
         # keypoint_tokens: K spatial-softmax keypoints per camera -> one more token after its SigLIP tokens
-        self.keypoints = SpatialKeypoints(cfg.keypoint_tokens, cfg.width) if cfg.keypoint_tokens else None
+        # (keypoint_film: FiLM-conditioned on the prompt, pooled by a learned query over its token embeddings)
+        self.keypoints = (SpatialKeypoints(cfg.keypoint_tokens, cfg.width,
+                                           cond_width=cfg.width if cfg.keypoint_film else 0)
+                          if cfg.keypoint_tokens else None)
+        self.keypoint_query = (nn.Parameter(torch.zeros(cfg.width)) if cfg.keypoint_tokens and cfg.keypoint_film
+                               else None)
 
     @property
     def lm(self) -> nn.Module:
@@ -219,17 +240,31 @@ class Pi05Model(nn.Module):
         emb[ids] = feats.to(emb.dtype).to(emb.device)
 
     # --- prefix -------------------------------------------------------------------------------------------
-    def image_tokens(self, images: torch.Tensor, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_vector(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L], token_mask [B, L] -> [B, width]: the prompt's token embeddings pooled by softmax attention
+        to a learned query (keypoint_film's conditioning; zero query = the mean over the valid tokens)."""
+        e = self.lm.embed_tokens(tokens).float()
+        scores = (e @ self.keypoint_query.float()).masked_fill(~token_mask.bool(), float("-inf"))
+        return torch.einsum("bl,blw->bw", scores.softmax(dim=1), e)
+
+    def image_tokens(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor | None = None,
+                     token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N] -> (SigLIP tokens projected to the LM width
         [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens), cameras in
-        order."""
+        order. With keypoint_film the keypoints read the prompt: `tokens` / `token_mask` [B, L] are then needed."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
         feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = pm.multi_modal_projector(feats)  # [B * N, T, width]
         if self.keypoints is not None:  # + one keypoint token per camera: T + 1
-            img = torch.cat([img, self.keypoints(images.flatten(0, 1).to(dtype))[:, None].to(img.dtype)], dim=1)
+            cond = None
+            if self.keypoint_query is not None:
+                if tokens is None or token_mask is None:
+                    raise ValueError("keypoint_film: the keypoint tokens read the prompt; pass tokens and token_mask")
+                cond = self.prompt_vector(tokens, token_mask).repeat_interleave(n, dim=0)
+            kp = self.keypoints(images.flatten(0, 1).to(dtype), cond)
+            img = torch.cat([img, kp[:, None].to(img.dtype)], dim=1)
         tpi = img.shape[1]
         return img.reshape(b, n * tpi, -1), image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
 
@@ -239,7 +274,7 @@ class Pi05Model(nn.Module):
         -> (embeddings [B, N * T + L, width], valid mask [B, N * T + L]). Text embeddings scaled by sqrt(width).
         With `continuous_state`, `state` [B, state_dim + privileged_dim] adds one token at the end (+1 on both)."""
         b = images.shape[0]
-        img, img_mask = self.image_tokens(images, image_masks)
+        img, img_mask = self.image_tokens(images, image_masks, tokens, token_mask)
         txt = self.lm.embed_tokens(tokens) * math.sqrt(self.cfg.width)
         parts, masks = [img, txt.to(img.dtype)], [img_mask, token_mask.bool()]
         if self.state_proj is not None:
