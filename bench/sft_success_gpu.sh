@@ -8,7 +8,9 @@
 # state in the prompt, a diagnostic: can the model learn the task when it need not localise; "ord" / "told_ord" =
 # delta / told with the state-bin embeddings initialised in order; "cont" / "told_cont" = delta / told with the state
 # (and told object state) also as one continuous prefix token; "film" / "told_film" / "told_cont_film" = delta /
-# told / told_cont with that vector also conditioning the action expert's adaRMS norms, Pi05Config.state_film), TASKS ("pick_place push stack"),
+# told / told_cont with that vector also conditioning the action expert's adaRMS norms, Pi05Config.state_film;
+# "kp" = delta + 16 spatial-softmax keypoints per camera (Pi05Config.keypoint_tokens); "kp_film" = kp with the
+# keypoints FiLM-conditioned on the prompt; "kp_fixed" = kp on the fixed-colour diagnostic), TASKS ("pick_place push stack"),
 # DEMOS ("10 20"), SEEDS ("0 1 2"), STEPS (1000), EPISODES (20), JOB_LIMIT (seconds per process, 450: its SIGTERM
 # stops the evaluation after the episode in progress and the seed is reported on the episodes done), EXTRA (more
 # sft_success.py arguments). DIR gets sft_<config>_<variant>.json (pooled) and sft_runs.tar.gz (every process's JSON
@@ -34,7 +36,10 @@ declare -A flags=([default]="" [delta]="--override delta_actions=true"
   [told_film]="--override delta_actions=true --override privileged_dim=21 --override max_token_len=56
     --override state_film=true"
   [told_cont_film]="--override delta_actions=true --override privileged_dim=21 --override max_token_len=56
-    --override continuous_state=true --override state_film=true")
+    --override continuous_state=true --override state_film=true"
+  [kp]="--override delta_actions=true --override keypoint_tokens=16"
+  [kp_film]="--override delta_actions=true --override keypoint_tokens=16 --override keypoint_film=true"
+  [kp_fixed]="--override delta_actions=true --override keypoint_tokens=16 --colors fixed")
 for v in ${VARIANTS:-delta}; do
   [[ -v "flags[$v]" ]] || { echo "unknown variant '$v' (known: ${!flags[*]})" >&2; exit 2; }
 done
