@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -76,8 +77,9 @@ SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
 # options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
 NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos",
-               "delta_actions")
-PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "delta_actions")
+               "delta_actions", "colors", "policy_override")
+PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "delta_actions", "colors",
+              "policy_override")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
 
 
@@ -87,22 +89,29 @@ def is_pixels(args: argparse.Namespace) -> bool:
 
 def tier_prefix(args: argparse.Namespace) -> str:
     """Prefix of every work-dir name: '' for `state` (names of earlier runs unchanged), else
-    'pixels-<config>-<H>x<W>-<cam+cam>-' so state and pixel runs (and other configs / sizes) never collide."""
+    'pixels-<config>-<H>x<W>-<cam+cam>-' (+ 'fixedcolors-' with --colors fixed) so state and pixel runs (and other
+    configs / sizes / colours) never collide."""
     if not is_pixels(args):
         return ""
     h, w = args.image_size
-    return f"pixels-{args.config}-{h}x{w}-{'+'.join(args.cameras)}-"
+    colors = "" if args.colors in (None, "random") else f"{args.colors}colors-"
+    return f"pixels-{args.config}-{h}x{w}-{'+'.join(args.cameras)}-{colors}"
+
+
+def override_tag(overrides: dict[str, Any]) -> str:
+    """Work-name suffix of --policy-override: '-<key><value>' per override, sorted, path-safe ('' without any)."""
+    return "".join("-" + re.sub(r"[^A-Za-z0-9_.]", "", f"{k}{json.dumps(v)}") for k, v in sorted(overrides.items()))
 
 
 def render_settings(args: argparse.Namespace) -> dict[str, Any]:
     """collect_rollouts keyword arguments of the tier: {} for `state`, cameras + image size (H, W) for `pixels`."""
-    return {"render": True, "cameras": tuple(args.cameras), "image_size": tuple(args.image_size)} if is_pixels(args) \
-        else {}
+    return {"render": True, "cameras": tuple(args.cameras), "image_size": tuple(args.image_size),
+            "colors": args.colors} if is_pixels(args) else {}
 
 
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     """pipeline.evaluate keyword arguments of the tier ({} for `state`: no cameras)."""
-    return {"render": True, "image_size": tuple(args.image_size)} if is_pixels(args) else {}
+    return {"render": True, "image_size": tuple(args.image_size), "colors": args.colors} if is_pixels(args) else {}
 
 
 class CameraCheck:
@@ -219,7 +228,8 @@ def record_demos(task: str, n_demos: int, noise: float, seed: int, root: Path,
     first n_demos episodes of the --env-spec demo dataset (seeds unknown: [])."""
     if is_pixels(args):
         return root, collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=True,
-                                   image_size=tuple(args.image_size), cameras=tuple(args.cameras))
+                                   image_size=tuple(args.image_size), cameras=tuple(args.cameras),
+                                   colors=args.colors)
     if getattr(args, "env_spec", None) is None:
         return root, collect_demos(task, n_demos, root, noise=noise, seed=demo_seeds(seed, n_demos)[0], render=False)
     from critic_trainer.env_demos import collect_env_demos
@@ -281,7 +291,8 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     t0 = time.perf_counter()
     root = demo_dir(task, n_demos, noise, seed, work, args)
     ck = work / (f"{tier_prefix(args)}sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}"
-                 f"-b{args.sft_batch}-lr{args.sft_lr}{'-delta' if args.delta_actions else ''}{sft_tag(st)}")
+                 f"-b{args.sft_batch}-lr{args.sft_lr}{'-delta' if args.delta_actions else ''}{sft_tag(st)}"
+                 f"{override_tag(args.policy_override)}")
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
@@ -296,12 +307,14 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=str(ck), steps=st["sft_steps"], seed=seed,
                     batch_size=args.sft_batch, lr=args.sft_lr, checkpoint_every=st["sft_steps"],
                     version=f"sft-{task}-s{seed}", ema_decay=st["ema"], success_only=st.get("success_only", False),
-                    device=args.device, overrides={"delta_actions": True} if args.delta_actions else {})
+                    device=args.device, overrides={**({"delta_actions": True} if args.delta_actions else {}),
+                                                   **args.policy_override})
     t1 = time.perf_counter()
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
             "images": {c: list(v.shape[1:]) for c, v in sorted(data.images.items())},
             "config": args.config, "device": args.device, "delta_actions": bool(args.delta_actions),
+            "colors": args.colors, "policy_override": args.policy_override,
             "sft_steps": st["sft_steps"], "batch": args.sft_batch,
             "lr": args.sft_lr, "ema": st["ema"], "success_only": st.get("success_only", False),
             "episodes_used": int(len(np.unique(data.episode))), "final_loss": round(res["final_loss"], 4),
@@ -494,6 +507,17 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.sft_batch < 1 or not args.sft_lr > 0:
         ap.error("--sft-batch must be >= 1 and --sft-lr > 0")
     args.critic_features = args.critic_features or "pooled"
+    args.colors = args.colors or "random"
+    overrides = {}
+    for o in args.policy_override or []:
+        key, sep, val = o.partition("=")
+        try:
+            if not sep or not hasattr(cfg, key):
+                raise ValueError(f"{key!r} is not a field of the {args.config} config")
+            overrides[key] = json.loads(val)
+        except ValueError as e:
+            ap.error(f"--policy-override {o!r}: want KEY=JSON with KEY a pi05 config field ({e})")
+    args.policy_override = overrides
     try:
         args.device = str(resolve_device(args.device or "auto"))
     except ValueError as e:
@@ -513,6 +537,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     px.add_argument("--cameras", nargs="+", default=None, help="rendered cameras (default: front wrist)")
     px.add_argument("--sft-batch", type=int, default=None, help=f"SFT batch size (default {PIXEL_SFT_BATCH})")
     px.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate (default {PIXEL_SFT_LR})")
+    px.add_argument("--colors", default=None, choices=["random", "fixed"],
+                    help="scene colours of demos, rollouts and evaluation: random (the task, default) or fixed per "
+                         "role (the diagnostic without colour grounding, TabletopEnv(colors='fixed'))")
+    px.add_argument("--policy-override", action="append", default=None, metavar="KEY=JSON",
+                    help="pi05 config override for SFT, e.g. keypoint_tokens=16 (repeatable)")
     px.add_argument("--delta-actions", action="store_const", const=True, default=None,
                     help="pi05 predicts the arm joints relative to the current joint state (the state tier's "
                     "delta_actions flag; default off)")

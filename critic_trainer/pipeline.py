@@ -936,13 +936,14 @@ def branch_noise_seed(noise_seed: int, seed: int, branch: int) -> int:
 
 def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, render: bool = False,
              image_size: tuple[int, int] = (224, 224), noise_seed: int = 0, env: Any = None,
-             progress: bool = False, max_episode_steps: int | None = None) -> dict[str, Any]:
+             progress: bool = False, max_episode_steps: int | None = None, colors: str = "random") -> dict[str, Any]:
     """Closed-loop success of `actor` (a FlowPolicy or a test-time wrapper) on scene seeds `seeds`.
 
     Returns {success_rate, ci95: [lo, hi] (Wilson), successes, episodes, seeds, outcomes (1/0 per seed, same order:
     methods on the same seeds compare pairwise with paired_comparison), mean_steps, wall_s}.
     render=False for the `state` backbone (no cameras); pixel policies need render=True. max_episode_steps: time
-    limit in control steps for an env built here (default: the task's).
+    limit in control steps for an env built here (default: the task's); colors: its scene colours (TabletopEnv's
+    "random", the task, or the "fixed" diagnostic).
     """
     from qvgm.sim import TabletopEnv
 
@@ -953,7 +954,7 @@ def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, rende
     own = env is None
     if own:
         env = TabletopEnv(task=task, cameras=cams or ("front",), image_size=image_size, render=render,
-                          max_episode_steps=max_episode_steps)
+                          max_episode_steps=max_episode_steps, colors=colors)
     t0 = time.perf_counter()
     results = []
     try:
@@ -974,7 +975,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                      noise_seed: int = 0, progress: bool = False,
                      max_episode_steps: int | None = None, env: Any = None, render: bool = False,
                      cameras: Sequence[str] = ("front", "wrist"), image_size: tuple[int, int] = (224, 224),
-                     append: bool = False, branches: int = 0, branch_frac: float = 0.7) -> dict[str, Any]:
+                     append: bool = False, branches: int = 0, branch_frac: float = 0.7,
+                     colors: str = "random") -> dict[str, Any]:
     """Run `actor` on scene seeds and record every episode into a replay buffer at `out` (sparse reward, success
     label from the sim detector, privileged side files). Returns a summary.
     max_episode_steps: time limit in control steps (default: the task's). env: an env to run in instead of a
@@ -983,7 +985,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     image_size (H, W) px, even (video encoding), and every frame's images go into the buffer's videos through the
     same EpisodeWriter path as critic_trainer.demos (a given `env` must render; its `cameras` / `image_size` are
     used). append=True adds the episodes to the dataset already at `out` (e.g. a copy of the SFT demos), whose
-    cameras and fps must match; otherwise `out` must not hold a dataset.
+    cameras and fps must match; otherwise `out` must not hold a dataset. colors: the scene colours of a TabletopEnv
+    built here ("random", the task, or the "fixed" diagnostic).
 
     branches=K > 0 (simulation only: the env must have get_sim_state / set_sim_state, as TabletopEnv): after each
     episode, K more episodes from one of its states, so the buffer holds K + 1 different chunks at that state and
@@ -1011,8 +1014,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
             raise ValueError(f"image size must be even and >= 2 px for video encoding, got {h}x{w}")
     if own:
         env = (TabletopEnv(task=task, cameras=tuple(cameras), image_size=(h, w), render=True,
-                           max_episode_steps=max_episode_steps) if render
-               else TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps))
+                           max_episode_steps=max_episode_steps, colors=colors) if render
+               else TabletopEnv(task=task, render=False, max_episode_steps=max_episode_steps, colors=colors))
     cams = ({str(c): tuple(int(x) for x in getattr(env, "image_size", (h, w))) for c in getattr(env, "cameras", ())}
             if render else {})
     try:

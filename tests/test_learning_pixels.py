@@ -179,3 +179,54 @@ def test_state_tier_unchanged_and_buffer_demos(tmp_path):
     assert seed["rollouts"]["successes"] == 0 and seed["critic"]["transitions"] > 0
     assert (tmp_path / "w" / "buffer-sft-push-s0-n2-noise0.01-steps5-delta_actions1-privileged_norm1-tool_features1"
             "-r2-demos" / "roll_info.json").exists()
+
+
+def test_fixed_colours_and_policy_overrides_reach_every_stage(tmp_path):
+    """--colors fixed and --policy-override: the demos, the SFT (its config), the rollouts (their frames are the
+    fixed-colour scene) and the work names all follow them; a bad override is refused with its name."""
+    from qvgm.data import ReplayReader
+    from qvgm.policy import load_policy
+    from qvgm.sim import TabletopEnv
+
+    work = tmp_path / "w"
+    res = bench().main(["--tier", "pixels", "--config", "pi05-tiny", "--device", "cpu", "--tasks", "push",
+                        "--demos", "2", "--sft-steps", "2", "--sft-batch", "8", "--max-episode-steps", "5",
+                        "--rollouts", "1", "--eval-episodes", "1", "--methods", "sft", "--critic-steps", "2",
+                        "--critic-batch", "8", "--colors", "fixed", "--policy-override", "keypoint_tokens=2",
+                        "--first-seed", "1", "--work", str(work)])  # seed 1: rollout scene 301000, whose
+    # random colours (target blue, goal red) differ from the fixed ones (seed 0's scene happens to match them)
+    seed = res["tasks"]["push"]["seeds"][0]
+    assert seed["rollouts"]["seeds"] == [301_000]
+    assert seed["sft"]["colors"] == "fixed" and seed["sft"]["policy_override"] == {"keypoint_tokens": 2}
+    assert res["settings"]["colors"] == "fixed"
+    names = sorted(p.name for p in work.iterdir())
+    prefix = "pixels-pi05-tiny-32x32-front+wrist-fixedcolors-"
+    assert names and all(n.startswith((prefix, "buffer-" + prefix)) for n in names)
+    ck = next(work / n for n in names if n.startswith(prefix + "sft-") and n.endswith("-keypoint_tokens2"))
+    assert load_policy(ck).config.keypoint_tokens == 2
+    buf = next(work / n for n in names if n.startswith("buffer-"))
+    r = ReplayReader(buf, decode_images=True)
+    try:
+        first = r.images([0])[0]["front"].astype(int)  # the rollout's first frame, scene rollouts.seeds[0]
+    finally:
+        r.close()
+    scene = seed["rollouts"]["seeds"][0]
+    renders = {}
+    for colors in ("fixed", "random"):
+        env = TabletopEnv(task="push", cameras=("front", "wrist"), image_size=(32, 32), colors=colors)
+        try:
+            renders[colors] = env.reset(seed=scene)[0]["images"]["front"].astype(int)
+        finally:
+            env.close()
+    # lossless video: the fixed-colour scene to a few levels; the random-colour one differs at the objects
+    assert np.abs(first - renders["fixed"]).max() <= 4
+    assert (np.abs(first - renders["random"]).max(axis=-1) > 40).sum() >= 3
+
+
+def test_bad_policy_override_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench().main(["--tier", "pixels", "--config", "pi05-tiny", "--policy-override", "nope=1"])
+    assert "--policy-override 'nope=1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench().main(["--colors", "fixed"])
+    assert "apply to --tier pixels only" in capsys.readouterr().err
