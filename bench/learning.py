@@ -77,10 +77,13 @@ SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
 # options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
 NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos",
-               "delta_actions", "colors", "policy_override")
-PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "delta_actions", "colors",
-              "policy_override")
+               "delta_actions", "colors", "policy_override", "sft_warmup")
+PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "sft_warmup", "delta_actions",
+              "colors", "policy_override")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
+# pixel SFT lr warm-up steps: keypoint-token SFT (Pi05Config.keypoint_tokens) succeeds in 65 % of fixed-colour
+# pick_place episodes with 100 and 20 % with 50 (docs/RESULTS.md, "Where does the pixel policy aim?")
+PIXEL_SFT_WARMUP = 100
 
 
 def is_pixels(args: argparse.Namespace) -> bool:
@@ -292,7 +295,7 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     root = demo_dir(task, n_demos, noise, seed, work, args)
     ck = work / (f"{tier_prefix(args)}sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}"
                  f"-b{args.sft_batch}-lr{args.sft_lr}{'-delta' if args.delta_actions else ''}{sft_tag(st)}"
-                 f"{override_tag(args.policy_override)}")
+                 f"{'' if args.sft_warmup == 50 else f'-wu{args.sft_warmup}'}{override_tag(args.policy_override)}")
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
@@ -305,7 +308,7 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     data = load_demo_data([root], get_config(args.config).horizon, with_images=True, max_episodes=n_demos,
                           success_only=st.get("success_only", False))
     cfg = SFTConfig(datasets=[str(root)], config=args.config, out=str(ck), steps=st["sft_steps"], seed=seed,
-                    batch_size=args.sft_batch, lr=args.sft_lr, checkpoint_every=st["sft_steps"],
+                    batch_size=args.sft_batch, lr=args.sft_lr, warmup=args.sft_warmup, checkpoint_every=st["sft_steps"],
                     version=f"sft-{task}-s{seed}", ema_decay=st["ema"], success_only=st.get("success_only", False),
                     device=args.device, overrides={**({"delta_actions": True} if args.delta_actions else {}),
                                                    **args.policy_override})
@@ -315,7 +318,7 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
             "images": {c: list(v.shape[1:]) for c, v in sorted(data.images.items())},
             "config": args.config, "device": args.device, "delta_actions": bool(args.delta_actions),
             "colors": args.colors, "policy_override": args.policy_override,
-            "sft_steps": st["sft_steps"], "batch": args.sft_batch,
+            "sft_steps": st["sft_steps"], "batch": args.sft_batch, "warmup": args.sft_warmup,
             "lr": args.sft_lr, "ema": st["ema"], "success_only": st.get("success_only", False),
             "episodes_used": int(len(np.unique(data.episode))), "final_loss": round(res["final_loss"], 4),
             "demos_s": round(t_demos, 1), "sft_train_s": round(time.perf_counter() - t1, 1),
@@ -504,6 +507,9 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
         ap.error(f"--cameras: unknown or repeated {bad or args.cameras}; the tabletop renders {list(CAMERAS)}")
     args.sft_batch = PIXEL_SFT_BATCH if args.sft_batch is None else args.sft_batch
     args.sft_lr = PIXEL_SFT_LR if args.sft_lr is None else args.sft_lr
+    args.sft_warmup = PIXEL_SFT_WARMUP if args.sft_warmup is None else args.sft_warmup
+    if args.sft_warmup < 0:
+        ap.error("--sft-warmup must be >= 0")
     if args.sft_batch < 1 or not args.sft_lr > 0:
         ap.error("--sft-batch must be >= 1 and --sft-lr > 0")
     args.critic_features = args.critic_features or "pooled"
@@ -537,6 +543,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     px.add_argument("--cameras", nargs="+", default=None, help="rendered cameras (default: front wrist)")
     px.add_argument("--sft-batch", type=int, default=None, help=f"SFT batch size (default {PIXEL_SFT_BATCH})")
     px.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate (default {PIXEL_SFT_LR})")
+    px.add_argument("--sft-warmup", type=int, default=None,
+                    help=f"SFT linear lr warm-up steps (default {PIXEL_SFT_WARMUP})")
     px.add_argument("--colors", default=None, choices=["random", "fixed"],
                     help="scene colours of demos, rollouts and evaluation: random (the task, default) or fixed per "
                          "role (the diagnostic without colour grounding, TabletopEnv(colors='fixed'))")

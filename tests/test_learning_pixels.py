@@ -115,7 +115,7 @@ def test_camera_check_refuses_a_policy_run_blind(run):
     ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
               and not p.name.endswith(".work"))
     pol = load_policy(ck)
-    assert ck.name.endswith("-delta") and pol.config.delta_actions and pol.delta_dims == 6
+    assert ck.name.endswith("-delta-wu100") and pol.config.delta_actions and pol.delta_dims == 6
     # an env that renders nothing: pi05 would mask the missing cameras and act blind; the tier's check refuses
     with pytest.raises(RuntimeError, match="no 'front' image"):
         evaluate(bench().CameraCheck(pol, (32, 32)), "push", [900_000], render=False, max_episode_steps=5)
@@ -202,7 +202,8 @@ def test_fixed_colours_and_policy_overrides_reach_every_stage(tmp_path):
     names = sorted(p.name for p in work.iterdir())
     prefix = "pixels-pi05-tiny-32x32-front+wrist-fixedcolors-"
     assert names and all(n.startswith((prefix, "buffer-" + prefix)) for n in names)
-    ck = next(work / n for n in names if n.startswith(prefix + "sft-") and n.endswith("-keypoint_tokens2"))
+    ck = next(work / n for n in names if n.startswith(prefix + "sft-") and n.endswith("-wu100-keypoint_tokens2"))
+    assert seed["sft"]["warmup"] == 100  # the pixel tier's default lr warm-up
     assert load_policy(ck).config.keypoint_tokens == 2
     buf = next(work / n for n in names if n.startswith("buffer-"))
     r = ReplayReader(buf, decode_images=True)
