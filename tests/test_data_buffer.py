@@ -311,3 +311,34 @@ def test_chunk_rollover_and_camera_less_buffer(tmp_path: Path, cams: dict) -> No
     if cams:
         assert abs(int(obs["images"]["top"].mean()) - 42) <= 2
     r.close()
+
+
+def test_episode_index_reads_one_version_while_a_writer_replaces_it(tmp_path):
+    """read_parquet_snapshot (the episode index, tasks): a reader racing a writer that atomically replaces the file
+    sees whole versions only, never a footer of one and pages of another."""
+    import threading
+
+    import pyarrow as pa
+
+    from qvgm.data import layout as L
+
+    path = tmp_path / "file-000.parquet"
+    versions = [pa.table({"episode_index": list(range(n)), "task": [f"t{i}" * n for i in range(n)]})
+                for n in (3, 40)]
+    L.atomic_write_parquet(path, versions[0])
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            L.atomic_write_parquet(path, versions[i % 2])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(300):
+            assert L.read_parquet_snapshot(path).num_rows in (3, 40)
+    finally:
+        stop.set()
+        t.join()

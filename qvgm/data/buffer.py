@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qvgm.checkpoints import fsync_dir
 from qvgm.data import layout as L
@@ -74,7 +73,7 @@ def read_episode_rows(root: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for p in paths:
         try:
-            rows.extend(pq.read_table(p).to_pylist())
+            rows.extend(L.read_parquet_snapshot(p).to_pylist())
         except (OSError, pa.ArrowException) as exc:
             raise L.DatasetError(f"{p}: unreadable episode index ({exc}); nothing was changed") from exc
     rows.sort(key=lambda r: r["episode_index"])

@@ -215,12 +215,19 @@ def tasks_table(tasks: list[str]) -> pa.Table:
                     schema=schema)
 
 
+def read_parquet_snapshot(path: Path) -> pa.Table:
+    """A parquet file that writers replace atomically (the episode index, tasks), read through one open: the bytes
+    first, then parsed. pq.read_table(path) may open the path more than once (footer, then pages), and a rename
+    in between mixes two versions ("Page was smaller than expected")."""
+    return pq.read_table(pa.BufferReader(Path(path).read_bytes()))
+
+
 def read_tasks(root: Path) -> list[str]:
     """Task strings ordered by task_index ([] when tasks.parquet does not exist)."""
     path = root / TASKS_PATH
     if not path.exists():
         return []
-    table = pq.read_table(path)
+    table = read_parquet_snapshot(path)
     names = "task" if "task" in table.column_names else "__index_level_0__"
     pairs = sorted(zip(table.column("task_index").to_pylist(), table.column(names).to_pylist(), strict=True))
     if [i for i, _ in pairs] != list(range(len(pairs))):
