@@ -209,21 +209,32 @@ def eval_env(policy: torch.nn.Module, task: str, args: argparse.Namespace) -> gy
                        colors=args.colors)
 
 
-def traced_eval(policy: torch.nn.Module, task: str, seeds: list[int], env: gym.Env, args: argparse.Namespace) -> dict:
-    """Closed-loop episodes on `seeds` in `env` (wrapped here in a FailureTrace; closed after): outcomes, failure
-    modes and the aim summary."""
-    env = FailureTrace(env)
-    outcomes, modes, aims = [], {}, []
+def traced_eval(policy: torch.nn.Module, task: str, seeds: list[int], env: gym.Env, args: argparse.Namespace, *,
+                trace: bool = True, stop: threading.Event | None = None, compare_expert: bool = False) -> dict:
+    """Closed-loop episodes on `seeds` in `env` (closed after), sampling noise seeded by the scene seed. Returns
+    {success, outcomes, runs: rollout's dict per episode}; with `trace` (env wrapped in a FailureTrace) also
+    failure_modes, aim (aim_summary) and each run's min_target_dist_m (m). A set `stop` event (SIGTERM, see
+    _stop_after_episode) ends the loop before the next episode; `compare_expert` adds each run's action_error."""
+    if trace:
+        env = FailureTrace(env)
+    runs, modes, aims = [], {}, []
     try:
         for e in seeds:
-            ok = bool(rollout(policy, task, e, n_exec=args.n_exec, env=env, noise_seed=e)["success"])
-            outcomes.append(int(ok))
-            mode = env.classify(ok)
-            modes[mode] = modes.get(mode, 0) + 1
-            aims.append(env.aim())
+            if stop is not None and stop.is_set():
+                break
+            run = rollout(policy, task, e, n_exec=args.n_exec, env=env, noise_seed=e, compare_expert=compare_expert)
+            run["success"] = bool(run["success"])
+            if trace:
+                mode = env.classify(run["success"])
+                modes[mode] = modes.get(mode, 0) + 1
+                run["min_target_dist_m"] = round(min(env.trace["target_cube.dist"]), 4)
+                aims.append(env.aim())
+            runs.append(run)
     finally:
         env.close()
-    return {"success": sum(outcomes), "outcomes": outcomes, "failure_modes": modes, "aim": aim_summary(aims)}
+    outcomes = [int(r["success"]) for r in runs]
+    return {"success": sum(outcomes), "outcomes": outcomes, "runs": runs,
+            **({"failure_modes": modes, "aim": aim_summary(aims)} if trace else {})}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -271,21 +282,28 @@ def summarise(task: str, demos: int, frames: int, per_seed: list[dict]) -> dict:
             "per_seed": per_seed}
 
 
-def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, seed: int) -> dict[str, float]:
-    """Open-loop flow loss (fixed noise and flow-time draws) on the training frames and on fresh demos; for a policy
-    that reads the object state (`privileged_dim`: the `state` backbone, pi05 told it), also on the fresh demos with
-    those values permuted across frames: a model that uses them loses accuracy (`..._shuffled_privileged` higher);
-    likewise for a pixel policy with its images permuted, all cameras together and each alone (`..._shuffled_<cam>`)."""
-    out = {"train_loss": round(heldout_flow_loss(policy, train, seed=seed, samples=1), 4),
-           "heldout_loss": round(heldout_flow_loss(policy, heldout, seed=seed), 4)}
+def shuffled_variants(policy: torch.nn.Module, heldout: DemoData, seed: int) -> list[tuple[str, DemoData]]:
+    """The held-out frames with one input permuted across frames (one permutation, seeded): the object state
+    (`privileged`, for a policy that reads it), all cameras together (two or more) and each camera alone. A model
+    that uses an input loses accuracy on its variant; a constant input gives back the plain loss exactly."""
     perm = np.random.default_rng(seed).permutation(len(heldout))
+    out = []
     if getattr(policy.config, "privileged_dim", 0):
-        shuffled = dataclasses.replace(heldout, privileged=heldout.privileged[perm])
-        out["heldout_loss_shuffled_privileged"] = round(heldout_flow_loss(policy, shuffled, seed=seed), 4)
+        out.append(("privileged", dataclasses.replace(heldout, privileged=heldout.privileged[perm])))
     cams = list(getattr(policy.config, "camera_names", None) or [])
     for name, which in ([("images", cams)] if len(cams) > 1 else []) + [(c, [c]) for c in cams]:
-        shuffled = dataclasses.replace(heldout, images={c: v[perm] if c in which else v
-                                                        for c, v in heldout.images.items()})
+        out.append((name, dataclasses.replace(heldout, images={c: v[perm] if c in which else v
+                                                               for c, v in heldout.images.items()})))
+    return out
+
+
+def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, seed: int) -> dict[str, float]:
+    """Open-loop flow loss (fixed noise and flow-time draws) on the training frames, on fresh demos, and on the fresh
+    demos with each input shuffled (`heldout_loss_shuffled_<input>`, see shuffled_variants): higher than
+    `heldout_loss` when the model uses that input."""
+    out = {"train_loss": round(heldout_flow_loss(policy, train, seed=seed, samples=1), 4),
+           "heldout_loss": round(heldout_flow_loss(policy, heldout, seed=seed), 4)}
+    for name, shuffled in shuffled_variants(policy, heldout, seed):
         out[f"heldout_loss_shuffled_{name}"] = round(heldout_flow_loss(policy, shuffled, seed=seed), 4)
     return out
 
@@ -467,32 +485,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "privileged_dim", "ordinal_state_bins", "continuous_state",
                                                           "state_film", "zero_padded_actions", "head",
                                                           "head_width", "head_layers", "encoder", "camera_names",
-                                                          "keypoint_tokens", "keypoint_film")
+                                                          "keypoint_tokens", "keypoint_film", "keypoint_per_token")
                                     if k in cfg_d}
                     if cfg_d.get("backbone") == "pi05" and cfg_d.get("privileged_dim"):  # told the poses
                         policy_flags["privileged_quantiles"] = (
                             res["policy"].processor.norm_stats.privileged_q01 is not None)
-                    runs = []
                     with _stop_after_episode() as stop:  # SIGTERM (a time limit) ends the evaluation early
                         print(json.dumps({"evaluating": task, "demos": n, "seed": s, "episodes": len(eval_seeds)}),
                               flush=True)
-                        trace_env = FailureTrace(eval_env(res["policy"], task, args)) if args.failure_modes else None
-                        modes: dict[str, int] = {}
-                        aims: list[dict] = []
-                        for e in eval_seeds:
-                            if stop.is_set():
-                                break
-                            runs.append(rollout(res["policy"], task, e, n_exec=args.n_exec,
-                                                image_size=tuple(args.image_size), noise_seed=e,
-                                                compare_expert=args.action_error, colors=args.colors,
-                                                env=trace_env))
-                            if trace_env is not None:
-                                mode = trace_env.classify(runs[-1]["success"])
-                                modes[mode] = modes.get(mode, 0) + 1
-                                runs[-1]["min_target_dist_m"] = round(min(trace_env.trace["target_cube.dist"]), 4)
-                                aims.append(trace_env.aim())
-                        if trace_env is not None:
-                            trace_env.close()
+                        ev = traced_eval(res["policy"], task, eval_seeds, eval_env(res["policy"], task, args), args,
+                                         trace=args.failure_modes, stop=stop, compare_expert=args.action_error)
+                        runs = ev["runs"]
                         stopped = stop.is_set()
                     if not runs:
                         raise SystemExit(f"{task}/{n} seed {s}: stopped before the first evaluation episode")
@@ -500,20 +503,18 @@ def main(argv: list[str] | None = None) -> dict:
                     if args.told_pose_noise and not getattr(res["policy"].config, "privileged_dim", 0):
                         raise SystemExit("--told-pose-noise needs a policy told the poses (privileged_dim)")
                     for sigma in args.told_pose_noise:  # the same scenes and sampling noise, poses offset
-                        env = PoseOffset(eval_env(res["policy"], task, args), sigma)
-                        try:
-                            outcomes = [int(rollout(res["policy"], task, e, n_exec=args.n_exec, env=env,
-                                                    noise_seed=e)["success"]) for e in eval_seeds[:len(runs)]]
-                        finally:
-                            env.close()
+                        ev_off = traced_eval(res["policy"], task, eval_seeds[:len(runs)],
+                                             PoseOffset(eval_env(res["policy"], task, args), sigma), args, trace=False)
+                        outcomes = ev_off["outcomes"]
                         offset_evals[str(sigma)] = {"success": sum(outcomes), "outcomes": outcomes}
                         print(json.dumps({"pose_offset_m": sigma, "success": sum(outcomes)}), flush=True)
                     ablations = {}
                     if args.image_ablation and not getattr(res["policy"].config, "camera_names", None):
                         raise SystemExit("--image-ablation needs a policy that reads images")
                     for spec in args.image_ablation:  # the same scenes and sampling noise, images altered
-                        ablations[spec] = traced_eval(res["policy"], task, eval_seeds[:len(runs)],
-                                                      ImageAblation(eval_env(res["policy"], task, args), spec), args)
+                        abl = traced_eval(res["policy"], task, eval_seeds[:len(runs)],
+                                          ImageAblation(eval_env(res["policy"], task, args), spec), args)
+                        ablations[spec] = {k: v for k, v in abl.items() if k != "runs"}
                         print(json.dumps({"image_ablation": spec, "success": ablations[spec]["success"],
                                           "aim": ablations[spec]["aim"]}), flush=True)
                     k = sum(r["success"] for r in runs)
@@ -525,9 +526,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      "eval_s": round(time.perf_counter() - t0 - t_train, 1),
                                      **({"action_error_mean": round(float(np.mean(errs)), 4)} if errs else {}),
                                      **({"success_with_pose_offset_m": offset_evals} if offset_evals else {}),
-                                     **({"failure_modes": modes,
+                                     **({"failure_modes": ev["failure_modes"],
                                          "min_target_dist_m": [r["min_target_dist_m"] for r in runs],
-                                         "aim": aim_summary(aims)}
+                                         "aim": ev["aim"]}
                                         if args.failure_modes else {}),
                                      **({"image_ablation": ablations} if ablations else {}),
                                      **probe})
@@ -542,9 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
                         data2 = load_demo_data([root, rroot], 10, with_images=not state_only, max_episodes=n)
                         res2 = train_sft(dataclasses.replace(cfg, datasets=[str(root), str(rroot)], out=ck + "-rec"),
                                          data=data2, progress=False)
-                        out2 = [int(rollout(res2["policy"], task, e, n_exec=args.n_exec,
-                                            image_size=tuple(args.image_size), noise_seed=e,
-                                            colors=args.colors)["success"]) for e in eval_seeds]
+                        out2 = traced_eval(res2["policy"], task, eval_seeds, eval_env(res2["policy"], task, args),
+                                           args, trace=False)["outcomes"]
                         per_seed[-1]["recovery"] = {
                             "demos": {k: v for k, v in rec.items() if k != "seeds"}, "frames": len(data2),
                             "success": sum(out2), "episodes": len(out2), "outcomes": out2,

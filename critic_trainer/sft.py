@@ -841,7 +841,7 @@ def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image
             chunk = sample_chunk(policy, obs, gen)
             for a in chunk[: max(1, n_exec)]:
                 if expert is not None:
-                    errs.append(float(np.abs(a - expert.act(obs["state"], env.object_poses())).mean()))
+                    errs.append(float(np.abs(a - expert.act(obs["state"], env.unwrapped.object_poses())).mean()))
                 obs, _, term, trunc, _ = env.step(a.astype(np.float32))
                 steps += 1
                 if term or trunc:

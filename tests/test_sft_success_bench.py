@@ -118,7 +118,7 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     assert pooled["policy"] == {"delta_actions": True, "image_size": 32, "privileged_dim": 0,
                                 "ordinal_state_bins": False, "continuous_state": False, "state_film": False,
                                 "zero_padded_actions": True, "camera_names": ["front", "wrist"],
-                                "keypoint_tokens": 0, "keypoint_film": False}
+                                "keypoint_tokens": 0, "keypoint_film": False, "keypoint_per_token": False}
     assert pooled["image_shift"] == 0 and pooled["render_size"] == [64, 64]
     shifted = json.loads((out / "sft_pi05-tiny_shift4.json").read_text())
     assert shifted["image_shift"] == 4 and shifted["pooled_from"] == 2
@@ -157,6 +157,38 @@ def test_heldout_probe_reports_open_loop_losses(tmp_path):
     assert set(s["image_ablation"]) == {"frozen", "blank:wrist"} and s["aim"]["episodes"] == 1
     for abl in s["image_ablation"].values():
         assert len(abl["outcomes"]) == 1 and sum(abl["failure_modes"].values()) == 1 and abl["aim"]["episodes"] == 1
+
+
+def test_shuffled_variants_permute_one_input_and_the_loss_sees_it(tmp_path):
+    """The held-out probe's shuffled inputs (shuffled_variants) on real rendered demos and a real pi05-tiny: each
+    variant permutes exactly its camera(s) with one non-trivial permutation and leaves the rest alone; a constant
+    camera shuffled gives back the plain loss exactly, a varying one changes it (unrounded: barely trained)."""
+    import torch
+
+    from critic_trainer.demos import collect_demos
+    from critic_trainer.sft import SFTConfig, heldout_flow_loss, load_demo_data, train_sft
+
+    torch.set_num_threads(1)
+    collect_demos("push", 2, tmp_path / "d", noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([tmp_path / "d"], horizon=10, with_images=True)
+    res = train_sft(SFTConfig(datasets=[str(tmp_path / "d")], out=str(tmp_path / "ck"), config="pi05-tiny", steps=2,
+                              seed=0, batch_size=4, checkpoint_every=2, warmup=1), data=data, progress=False)
+    held = data.subset(np.flatnonzero(data.episode == 1))
+    held.images["front"][:] = held.images["front"][0]  # the front camera shows one frame throughout
+    variants = dict(_bench().shuffled_variants(res["policy"], held, seed=0))
+    assert list(variants) == ["images", "front", "wrist"]  # not told the poses: no "privileged"
+    perm = np.random.default_rng(0).permutation(len(held))
+    assert not np.array_equal(perm, np.arange(len(held)))
+    for name, changed in (("images", {"front", "wrist"}), ("front", {"front"}), ("wrist", {"wrist"})):
+        v = variants[name]
+        for cam in ("front", "wrist"):
+            want = held.images[cam][perm] if cam in changed else held.images[cam]
+            assert np.array_equal(v.images[cam], want), (name, cam)
+        assert np.array_equal(v.state, held.state) and np.array_equal(v.actions, held.actions)
+    plain = heldout_flow_loss(res["policy"], held, seed=0)
+    assert heldout_flow_loss(res["policy"], variants["front"], seed=0) == plain
+    assert heldout_flow_loss(res["policy"], variants["wrist"], seed=0) != plain
+    assert heldout_flow_loss(res["policy"], variants["images"], seed=0) != plain
 
 
 def test_pose_offset_wrapper_shifts_told_positions_per_episode():
@@ -234,13 +266,14 @@ def test_failure_trace_classifies_real_episodes():
 
 
 def test_diagnostic_options_end_to_end(tmp_path):
-    """--failure-modes, --told-pose-noise and --recovery-demos in one tiny run (`state` backbone, told the poses):
+    """--failure-modes, --action-error, --told-pose-noise and --recovery-demos in one tiny run (`state`, told poses):
     every episode is classed, the offset evaluation and the recovery round report per-scene outcomes."""
-    out, _ = _run(tmp_path, "diag", "--episodes", "2", "--failure-modes", "--told-pose-noise", "0.02",
-                  "--recovery-demos", "2", "--recovery-chunks", "2")
+    out, _ = _run(tmp_path, "diag", "--episodes", "2", "--failure-modes", "--action-error", "--told-pose-noise",
+                  "0.02", "--recovery-demos", "2", "--recovery-chunks", "2")
     row = out["results"][0]["per_seed"][0]
     assert sum(row["failure_modes"].values()) == 2 and len(row["min_target_dist_m"]) == 2
     assert all(d >= 0 for d in row["min_target_dist_m"]) and len(row["outcomes"]) == 2
+    assert 0 < row["action_error_mean"] < 1  # --action-error alongside the traced environment
     off = row["success_with_pose_offset_m"]["0.02"]
     assert len(off["outcomes"]) == 2 and off["success"] == sum(off["outcomes"])
     rec = row["recovery"]
