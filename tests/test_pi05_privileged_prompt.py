@@ -241,14 +241,16 @@ def test_padded_action_dims_are_denoised_or_zeroed_never_left_untrained(zero_pad
 
 
 @torch.no_grad()
-def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_token", [False, True], ids=["pooled", "per_token"])
+def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path, per_token: bool) -> None:
     """keypoint_tokens: the spatial softmax returns where a feature map peaks, in [-1, 1] image coordinates (x to
-    the right, y down); one token per camera joins the prefix (rl_token.prefix_length too); cached == uncached; a
-    masked camera's keypoint token is masked with it; the output depends on where a blob is; a checkpoint
-    round-trips."""
+    the right, y down), and (per_token) the colour under it; one token per camera (K with keypoint_per_token, each
+    from its keypoint's (x, y), features, RGB and an index embedding) joins the prefix (rl_token.prefix_length too);
+    cached == uncached; a masked camera's keypoint tokens are masked with it; the output depends on where a blob is;
+    a checkpoint round-trips; the keypoint flags without keypoints are refused."""
     from qvgm.policy.pi05 import SpatialKeypoints
 
-    kp = SpatialKeypoints(1, 8)
+    kp = SpatialKeypoints(1, 8, per_token=per_token)
     for m in kp.conv:  # a red detector by hand: map 0 = GELU(GELU(40 (R - G - B))), every other weight 0
         torch.nn.init.zeros_(m.weight)
         torch.nn.init.zeros_(m.bias)
@@ -257,19 +259,27 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> No
     c1.weight[0, 0, 1, 1] = 1.0
     c2.weight[0, 0, 0, 0] = 1.0
     img = -torch.ones(2, 3, 32, 32)
+    img[:, 1:, 10:14, 10:14] = 1.0  # a cyan distractor (G + B) in both images
     img[0, 0, 4:8, 24:28] = 1.0  # red blob top right
     img[1, 0, 20:24, 2:6] = 1.0  # bottom left
-    xy = kp.coordinates(img)[:, 0]
+    xy, feats, rgb = kp.keypoints(img)
+    assert xy.shape == (2, 1, 2) and feats.shape == (2, 1, 32) and rgb.shape == (2, 1, 3)
+    xy = xy[:, 0]
     assert xy[0, 0] > 0.4 and xy[0, 1] < -0.4 and xy[1, 0] < -0.6 and xy[1, 1] > 0.1
+    torch.testing.assert_close(rgb[:, 0], torch.tensor([[1.0, -1.0, -1.0]] * 2), atol=1e-3, rtol=0)  # red
+    assert kp(img).shape == (2, 1, 8)
 
     torch.manual_seed(0)
-    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, keypoint_tokens=4).eval()
+    k = 4
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, keypoint_tokens=k,
+                      keypoint_per_token=per_token).eval()
     plain = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS).eval()
     randomize_adarms(pol)
     obs = [make_obs(i) for i in range(2)]
     inp = pol.preprocess(obs)
     ctx = pol.encode(inp)
-    assert ctx.prefix_mask.shape[1] == plain.encode(plain.preprocess(obs)).prefix_mask.shape[1] + 2  # 2 cameras
+    extra = k if per_token else 1  # per camera
+    assert ctx.prefix_mask.shape[1] == plain.encode(plain.preprocess(obs)).prefix_mask.shape[1] + 2 * extra
     assert ctx.prefix_mask.shape[1] == prefix_length(pol.config)
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 10, 32, generator=g), torch.tensor([0.8, 0.3])
@@ -277,8 +287,11 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> No
     torch.testing.assert_close(v, pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
     tokens, valid = pol.model.image_tokens(inp["images"], inp["image_masks"])
     per_cam = tokens.shape[1] // 2
-    keypoint_token = pol.model.keypoints(inp["images"][:, 1])
-    torch.testing.assert_close(tokens[:, 2 * per_cam - 1], keypoint_token)  # last token of camera 2
+    keypoint_tokens = pol.model.keypoints(inp["images"][:, 1])
+    assert keypoint_tokens.shape == (2, extra, pol.config.width)
+    torch.testing.assert_close(tokens[:, 2 * per_cam - extra:], keypoint_tokens)  # the last tokens of camera 2
+    if per_token:
+        assert not torch.allclose(keypoint_tokens[:, 0], keypoint_tokens[:, 1])  # the index embedding
     masked = {**inp, "image_masks": inp["image_masks"].clone()}
     masked["image_masks"][:, 1] = False
     assert not pol.model.image_tokens(masked["images"], masked["image_masks"])[1][:, per_cam:].any()
@@ -287,9 +300,12 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path) -> No
     assert not torch.allclose(pol.velocity(x, t, pol.encode(inp)), v)
     save_policy(pol, tmp_path / "kp", version="kp")
     loaded = load_policy(tmp_path / "kp")
-    assert loaded.config.keypoint_tokens == 4
+    assert loaded.config.keypoint_tokens == k and loaded.config.keypoint_per_token == per_token
     torch.testing.assert_close(loaded.velocity(x, t, loaded.encode(loaded.preprocess(obs))),
                                pol.velocity(x, t, pol.encode(inp)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="need keypoint_tokens"):
+        make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS,
+                    **({"keypoint_per_token": True} if per_token else {"keypoint_film": True}))
 
 
 @torch.no_grad()

@@ -92,6 +92,10 @@ class Pi05Config:
     # embeddings pooled by a learned query), so its maps can find the object the prompt names by colour: the sim
     # tasks name the target among cubes of random colours. Opt-in.
     keypoint_film: bool = False
+    # With keypoint_tokens: one token per keypoint (its (x, y), the features and RGB under it, an index embedding)
+    # instead of one per camera, so the LM can select the keypoint whose colour the prompt names by attention.
+    # Opt-in.
+    keypoint_per_token: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,43 +30,65 @@ from qvgm.policy.rl_token import RLToken, RLTokenConfig
 
 
 class SpatialKeypoints(nn.Module):
-    """Images [B, 3, S, S] in [-1, 1] -> one token [B, width] each: a small conv net (3x3, 3x3, 1x1; `channels` wide)
-    gives K feature maps; a spatial softmax turns each into its expected (x, y) in [-1, 1] (x left to right, y top to
-    bottom); the 2K numbers are projected linearly to the LM width. With `cond_width`, a conditioning vector
+    """Images [B, 3, S, S] in [-1, 1] -> keypoint tokens [B, T, width]: a small conv net (3x3, 3x3, 1x1; `channels`
+    wide) gives K feature maps; a spatial softmax turns each into its expected (x, y) in [-1, 1] (x left to right,
+    y top to bottom). Pooled (T = 1): the 2K numbers are projected linearly to one token. `per_token` (T = K): one
+    token per keypoint from its (x, y), what the image holds there (the softmax-weighted mean of the hidden features
+    and of the RGB) and a learned embedding of its index, so the LM can pick a keypoint by attention (the one whose
+    colour the prompt names) instead of reading a fixed mix of all. With `cond_width`, a conditioning vector
     [B, cond_width] (the prompt) scales and shifts both hidden layers' channels (FiLM, as RT-1 conditions its image
     tokenizer on the instruction; zero-initialised, so unconditioned at first): the maps can follow the object the
     prompt names."""
 
-    def __init__(self, k: int, width: int, channels: int = 32, cond_width: int = 0) -> None:
+    def __init__(self, k: int, width: int, channels: int = 32, cond_width: int = 0, per_token: bool = False) -> None:
         super().__init__()
         self.conv = nn.ModuleList([nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1),
                                    nn.Conv2d(channels, k, 1)])
-        self.proj = nn.Linear(2 * k, width)
+        self.per_token = per_token
+        self.proj = nn.Linear(2 + channels + 3 if per_token else 2 * k, width)
+        self.index = nn.Parameter(torch.randn(k, width) * 0.02) if per_token else None
         self.film = nn.Linear(cond_width, 4 * channels) if cond_width else None
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
-    def coordinates(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
+    def keypoints(self, images: torch.Tensor, cond: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> (coordinates [B, K, 2] (x, y) in [-1, 1], the
+        hidden features under each keypoint's softmax [B, K, channels], the RGB under it [B, K, 3] in [-1, 1])."""
         if (self.film is None) != (cond is None):
             raise ValueError("SpatialKeypoints: a conditioning vector is needed exactly when the keypoints have FiLM")
         film = self.film(cond.to(self.film.weight.dtype)).chunk(4, dim=-1) if self.film is not None else None
         h = images
         for i, conv in enumerate(self.conv):
+            if i == 2:
+                hidden = h
             h = conv(h)
             if i < 2:
                 if film is not None:
                     h = h * (1 + film[2 * i][:, :, None, None]) + film[2 * i + 1][:, :, None, None]
                 h = F.gelu(h)
         b, k, hh, ww = h.shape
-        p = torch.softmax(h.flatten(2).float(), dim=-1).view(b, k, hh, ww)
+        p = torch.softmax(h.flatten(2).float(), dim=-1)  # [B, K, S * S]
         xs = torch.linspace(-1.0, 1.0, ww, device=h.device)
         ys = torch.linspace(-1.0, 1.0, hh, device=h.device)
-        return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=-1)
+        pm = p.view(b, k, hh, ww)
+        xy = torch.stack([(pm.sum(2) * xs).sum(-1), (pm.sum(3) * ys).sum(-1)], dim=-1)
+        feats = torch.einsum("bkp,bcp->bkc", p, hidden.flatten(2).float())
+        rgb = torch.einsum("bkp,bcp->bkc", p, images.flatten(2).float())
+        return xy, feats, rgb
+
+    def coordinates(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
+        return self.keypoints(images, cond)[0]
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj(self.coordinates(images, cond).flatten(1).to(self.proj.weight.dtype))
+        """-> tokens [B, 1, width] (pooled) or [B, K, width] (per_token)."""
+        xy, feats, rgb = self.keypoints(images, cond)
+        dtype = self.proj.weight.dtype
+        if not self.per_token:
+            return self.proj(xy.flatten(1).to(dtype))[:, None]
+        return self.proj(torch.cat([xy, feats, rgb], dim=-1).to(dtype)) + self.index.to(dtype)
 
 
 class AdaRMSNorm(nn.Module):
@@ -208,10 +230,14 @@ class Pi05Model(nn.Module):
         if self.state_cond_proj is not None:
             nn.init.zeros_(self.state_cond_proj.weight)
             nn.init.zeros_(self.state_cond_proj.bias)
-        # keypoint_tokens: K spatial-softmax keypoints per camera -> one more token after its SigLIP tokens
+        # keypoint_tokens: K spatial-softmax keypoints per camera -> one more token after its SigLIP tokens (K more
+        # with keypoint_per_token)
         # (keypoint_film: FiLM-conditioned on the prompt, pooled by a learned query over its token embeddings)
+        if (cfg.keypoint_film or cfg.keypoint_per_token) and not cfg.keypoint_tokens:
+            raise ValueError("keypoint_film / keypoint_per_token need keypoint_tokens > 0 (the keypoints they shape)")
         self.keypoints = (SpatialKeypoints(cfg.keypoint_tokens, cfg.width,
-                                           cond_width=cfg.width if cfg.keypoint_film else 0)
+                                           cond_width=cfg.width if cfg.keypoint_film else 0,
+                                           per_token=cfg.keypoint_per_token)
                           if cfg.keypoint_tokens else None)
         self.keypoint_query = (nn.Parameter(torch.zeros(cfg.width)) if cfg.keypoint_tokens and cfg.keypoint_film
                                else None)
@@ -250,21 +276,22 @@ class Pi05Model(nn.Module):
     def image_tokens(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor | None = None,
                      token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N] -> (SigLIP tokens projected to the LM width
-        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens), cameras in
+        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens, + K with
+        keypoint_per_token), cameras in
         order. With keypoint_film the keypoints read the prompt: `tokens` / `token_mask` [B, L] are then needed."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
         feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = pm.multi_modal_projector(feats)  # [B * N, T, width]
-        if self.keypoints is not None:  # + one keypoint token per camera: T + 1
+        if self.keypoints is not None:  # + keypoint tokens per camera: T + 1 (T + K per keypoint)
             cond = None
             if self.keypoint_query is not None:
                 if tokens is None or token_mask is None:
                     raise ValueError("keypoint_film: the keypoint tokens read the prompt; pass tokens and token_mask")
                 cond = self.prompt_vector(tokens, token_mask).repeat_interleave(n, dim=0)
             kp = self.keypoints(images.flatten(0, 1).to(dtype), cond)
-            img = torch.cat([img, kp[:, None].to(img.dtype)], dim=1)
+            img = torch.cat([img, kp.to(img.dtype)], dim=1)
         tpi = img.shape[1]
         return img.reshape(b, n * tpi, -1), image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
 

@@ -149,7 +149,10 @@ def attach_rl_token(policy: nn.Module, cfg: RLTokenConfig) -> RLToken:
 
 def prefix_length(pcfg: Any) -> int:
     """Prefix length M of a pi05 config: image tokens of every camera (+ 1 keypoint token each with
-    `keypoint_tokens`) + the token budget (+ 1 continuous state token with `continuous_state`)."""
-    per_camera = (pcfg.image_size // pcfg.patch_size) ** 2 + int(bool(getattr(pcfg, "keypoint_tokens", 0)))
+    `keypoint_tokens`, + K with `keypoint_per_token`) + the token budget (+ 1 continuous state token with
+    `continuous_state`)."""
+    k = int(getattr(pcfg, "keypoint_tokens", 0) or 0)
+    per_camera = (pcfg.image_size // pcfg.patch_size) ** 2 + (k if getattr(pcfg, "keypoint_per_token", False)
+                                                                else int(k > 0))
     return (len(pcfg.camera_names) * per_camera + pcfg.max_token_len
             + int(bool(getattr(pcfg, "continuous_state", False))))
