@@ -5,8 +5,10 @@ paired comparison against SFT on the same scenes (wins / losses, exact sign test
 
     .venv/bin/python bench/learning_pool.py run_a.json run_b.json --out pooled.json --markdown table.md
 
-Refused (clear error, nothing written): a training seed present in two inputs, inputs evaluated on different
-scenes, a method's per-scene outcomes missing where a paired comparison needs them.
+A training seed may appear in several inputs when they ran different methods from the same SFT policy and buffer
+(a method run later on the cached --work): its methods are joined. Refused (clear error, nothing written): a
+training seed in two inputs with the same method or a different SFT/buffer, inputs evaluated on different scenes, a
+method's per-scene outcomes missing where a paired comparison needs them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from critic_trainer.pipeline import paired_comparison, wilson_interval  # noqa: E402
 
 
+def _same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs of one training seed used the same SFT policy and rollout buffer (as a later run on the same
+    --work does: both cached): the same demos, SFT loss and buffer episodes, outcomes and frames."""
+    keys_sft, keys_roll = ("demo_seeds", "final_loss", "sft_steps"), ("seeds", "successes", "frames")
+    return (all(a.get("sft", {}).get(k) == b.get("sft", {}).get(k) for k in keys_sft)
+            and all(a.get("rollouts", {}).get(k) == b.get("rollouts", {}).get(k) for k in keys_roll))
+
+
+def merge_seed(task: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One training seed's results from two inputs: allowed when they ran different methods from the same SFT
+    policy and buffer (e.g. a method added later on the cached work dir); the methods are joined."""
+    overlap = sorted(set(a["methods"]) & set(b["methods"]))
+    if overlap:
+        raise ValueError(f"{task}: training seed {a['seed']} appears in two inputs with the same methods {overlap}")
+    if not _same_training(a, b):
+        raise ValueError(f"{task}: training seed {a['seed']} appears in two inputs with a different SFT policy or "
+                         "buffer (demos, SFT loss or rollouts differ)")
+    return {**a, "methods": {**a["methods"], **b["methods"]}, "critic": a.get("critic") or b.get("critic")}
+
+
 def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Pooled summary {task: {"seeds": [...], "methods": {m: {...}}}} of learning.py outputs."""
     if not runs:
@@ -31,13 +53,11 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"inputs were evaluated on different scenes: {sorted(map(str, scenes))}")
     tasks: dict[str, Any] = {}
     for task in sorted({t for r in runs for t in r.get("tasks", {})}):
-        seeds: list[dict[str, Any]] = []
+        by_seed: dict[int, dict[str, Any]] = {}
         for r in runs:
-            seeds += r.get("tasks", {}).get(task, {}).get("seeds", [])
-        ids = [s["seed"] for s in seeds]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{task}: a training seed appears in two inputs: {sorted(ids)}")
-        seeds.sort(key=lambda s: s["seed"])
+            for s in r.get("tasks", {}).get(task, {}).get("seeds", []):
+                by_seed[s["seed"]] = merge_seed(task, by_seed[s["seed"]], s) if s["seed"] in by_seed else s
+        seeds = [by_seed[k] for k in sorted(by_seed)]
         methods = [m for m in seeds[0]["methods"] if all(m in s["methods"] for s in seeds)]
         out: dict[str, Any] = {}
         for m in methods:

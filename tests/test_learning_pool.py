@@ -45,8 +45,20 @@ def test_pooling_two_processes_reproduces_the_recorded_figures(tmp_path: Path) -
 
 def test_pooling_refuses_overlapping_seeds_other_scenes_and_missing_outcomes() -> None:
     runs = json.loads(PAIRED.read_text())["runs"]
-    with pytest.raises(ValueError, match="appears in two inputs"):
+    with pytest.raises(ValueError, match="appears in two inputs with the same methods"):
         learning_pool.pool([runs[0], runs[0]])
+    # one seed's methods split over two inputs (a method run later on the cached work dir): joined ...
+    first, later = copy.deepcopy(runs[0]), copy.deepcopy(runs[0])
+    for s in first["tasks"]["pick_place"]["seeds"]:
+        del s["methods"]["qvgm"]
+    for s in later["tasks"]["pick_place"]["seeds"]:
+        s["methods"] = {"qvgm": s["methods"]["qvgm"]}
+    joined = learning_pool.pool([first, later, runs[1]])["tasks"]["pick_place"]["methods"]
+    assert joined == learning_pool.pool(runs)["tasks"]["pick_place"]["methods"]
+    # ... unless the later run trained from another SFT policy or buffer
+    later["tasks"]["pick_place"]["seeds"][0]["rollouts"]["successes"] += 1
+    with pytest.raises(ValueError, match="different SFT policy or buffer"):
+        learning_pool.pool([first, later])
     other = copy.deepcopy(runs[1])
     other["eval_seeds"] = "200000..200099"
     with pytest.raises(ValueError, match="different scenes"):
