@@ -1,0 +1,111 @@
+"""What a trained keypoint policy (pi05 with `keypoint_tokens`) sees and where it aims.
+
+Open loop, on the frames of a demo dataset (every `--stride`-th frame of its first `--episodes-data` episodes): per
+camera, the spread of each keypoint's (x, y) across frames (mean std, image units in [-1, 1]), the largest |corr|
+of a keypoint coordinate with the target cube's table x / y (m; the first role of the sim's privileged object
+poses), and the R^2 of a linear read-out of the target's x / y from all keypoint coordinates; the spread of the
+keypoint token itself across frames against its mean norm. A policy whose keypoints locate the target but which
+fails in closed loop does not use them. With `--episodes N`, the closed loop on scenes `--first-scene` + j
+(sft_success's traced evaluation: success, failure modes, the aim summary: does the grasp point follow the target).
+Prints one JSON object (and writes --out). Usage::
+
+    .venv/bin/python bench/keypoint_probe.py --checkpoint CK --dataset DEMOS --colors fixed --episodes 20 --out p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from critic_trainer.sft import load_demo_data  # noqa: E402
+from qvgm.policy import load_policy  # noqa: E402
+
+TUNING_SCENE0 = 200_000  # closed-loop scenes: the tuning range, never the benchmark's held-out 900000+
+
+
+def _sft_success():
+    spec = importlib.util.spec_from_file_location("bench_sft_success", Path(__file__).with_name("sft_success.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.no_grad()
+def open_loop(policy: torch.nn.Module, data, rows: np.ndarray) -> dict:
+    """Keypoint statistics on frames `rows` of `data` (see the module docstring)."""
+    kp = policy.model.keypoints
+    if kp is None:
+        raise SystemExit("the checkpoint has no keypoints (keypoint_tokens = 0)")
+    if data.privileged is None:
+        raise SystemExit("the dataset has no privileged object poses (the target's position is unknown)")
+    inp = policy.preprocess(data.observations(rows))
+    target = data.privileged[rows][:, :2].astype(np.float64)
+    out: dict = {"frames": len(rows)}
+    for ci, cam in enumerate(policy.config.camera_names):
+        images = inp["images"][:, ci]
+        xy = kp.keypoints(images)[0].double().numpy()  # [F, K, 2]
+        coords = xy.reshape(len(rows), -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.abs(np.corrcoef(np.c_[coords, target].T)[: coords.shape[1], coords.shape[1]:])
+        design = np.c_[coords, np.ones(len(rows))]
+        beta, *_ = np.linalg.lstsq(design, target, rcond=None)
+        r2 = 1.0 - ((design @ beta - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+        tokens = kp(images).float()  # [F, T, width]
+        out[cam] = {"coord_std": round(float(xy.std(0).mean()), 4),
+                    "max_abs_corr_target_xy": round(float(np.nanmax(corr)), 3),
+                    "linear_r2_target_xy": [round(float(v), 3) for v in r2],
+                    "token_std_over_frames": round(float(tokens.std(0).mean()), 4),
+                    "token_norm": round(float(tokens.norm(dim=-1).mean()), 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--dataset", required=True, type=Path, help="demos recorded with privileged object poses")
+    ap.add_argument("--episodes-data", type=int, default=20, help="first N episodes of the dataset")
+    ap.add_argument("--stride", type=int, default=3, help="every k-th frame")
+    ap.add_argument("--task", default="pick_place")
+    ap.add_argument("--colors", choices=["random", "fixed"], default="random")
+    ap.add_argument("--episodes", type=int, default=0, help="closed-loop episodes (0 = open loop only)")
+    ap.add_argument("--first-scene", type=int, default=TUNING_SCENE0)
+    ap.add_argument("--n-exec", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    policy = load_policy(args.checkpoint).eval()
+    if not getattr(policy.config, "keypoint_tokens", 0):
+        raise SystemExit(f"{args.checkpoint}: no keypoints (keypoint_tokens = 0)")
+    data = load_demo_data([args.dataset], policy.horizon, with_images=True, max_episodes=args.episodes_data)
+    rows = np.arange(0, len(data), max(1, args.stride))
+    result: dict = {"bench": "keypoint_probe", "checkpoint": str(args.checkpoint), "dataset": str(args.dataset),
+                    "keypoint_tokens": policy.config.keypoint_tokens,
+                    "keypoint_per_token": bool(getattr(policy.config, "keypoint_per_token", False)),
+                    "open_loop": open_loop(policy, data, rows)}
+    if args.episodes:
+        bench = _sft_success()
+        ns = argparse.Namespace(n_exec=args.n_exec, image_size=[policy.config.image_size] * 2, colors=args.colors)
+        seeds = list(range(args.first_scene, args.first_scene + args.episodes))
+        ev = bench.traced_eval(policy, args.task, seeds, bench.eval_env(policy, args.task, ns), ns)
+        result["closed_loop"] = {"scenes": f"{seeds[0]}..{seeds[-1]}", "colors": args.colors,
+                                 **{k: v for k, v in ev.items() if k != "runs"}}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
