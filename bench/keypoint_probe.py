@@ -4,9 +4,11 @@ Open loop, on the frames of a demo dataset (every `--stride`-th frame of its fir
 camera, the spread of each keypoint's (x, y) across frames (mean std, image units in [-1, 1]), the largest |corr|
 of a keypoint coordinate with the target cube's table x / y (m; the first role of the sim's privileged object
 poses), and the R^2 of a linear read-out of the target's x / y from all keypoint coordinates; the spread of the
-keypoint token itself across frames against its mean norm. A policy whose keypoints locate the target but which
-fails in closed loop does not use them. With `--episodes N`, the closed loop on scenes `--first-scene` + j
-(sft_success's traced evaluation: success, failure modes, the aim summary: does the grasp point follow the target).
+keypoint token itself across frames against its mean norm; and the keypoint reliance: the open-loop flow loss with
+each frame's keypoint tokens swapped for another frame's (keypoint_reliance). A policy whose keypoints locate the
+target but whose loss does not rise when they are swapped does not use them. With `--episodes N`, the closed loop
+on scenes `--first-scene` + j (sft_success's traced evaluation: success, failure modes, the aim summary: does the
+grasp point follow the target).
 Prints one JSON object (and writes --out). Usage::
 
     .venv/bin/python bench/keypoint_probe.py --checkpoint CK --dataset DEMOS --colors fixed --episodes 20 --out p.json
@@ -27,7 +29,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from critic_trainer.sft import load_demo_data  # noqa: E402
+from critic_trainer.sft import heldout_flow_loss, load_demo_data  # noqa: E402
 from qvgm.policy import load_policy  # noqa: E402
 
 TUNING_SCENE0 = 200_000  # closed-loop scenes: the tuning range, never the benchmark's held-out 900000+
@@ -69,6 +71,29 @@ def open_loop(policy: torch.nn.Module, data, rows: np.ndarray) -> dict:
     return out
 
 
+def keypoint_reliance(policy: torch.nn.Module, data, seed: int = 0) -> dict:
+    """Open-loop flow loss on `data` (fixed noise / flow-time draws) as is, and with every frame's keypoint tokens
+    replaced by those of another frame of its batch (the same camera; the SigLIP tokens untouched). The increase is
+    how much the policy's actions depend on what the keypoints say: ~0 = the policy ignores them."""
+    kp = policy.model.keypoints
+    n_cams = len(policy.config.camera_names)
+    gen = torch.Generator().manual_seed(seed)
+
+    def swap(_module, _inputs, out):  # out [B * N, T, width], cameras innermost
+        b = out.shape[0] // n_cams
+        perm = torch.randperm(b, generator=gen).to(out.device)
+        return out.view(b, n_cams, *out.shape[1:])[perm].reshape(out.shape)
+
+    plain = heldout_flow_loss(policy, data, seed=seed)
+    handle = kp.register_forward_hook(swap)
+    try:
+        swapped = heldout_flow_loss(policy, data, seed=seed)
+    finally:
+        handle.remove()
+    return {"flow_loss": round(plain, 4), "flow_loss_keypoints_swapped": round(swapped, 4),
+            "increase": round(swapped - plain, 4)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, type=Path)
@@ -92,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"bench": "keypoint_probe", "checkpoint": str(args.checkpoint), "dataset": str(args.dataset),
                     "keypoint_tokens": policy.config.keypoint_tokens,
                     "keypoint_per_token": bool(getattr(policy.config, "keypoint_per_token", False)),
-                    "open_loop": open_loop(policy, data, rows)}
+                    "open_loop": open_loop(policy, data, rows),
+                    "keypoint_reliance": keypoint_reliance(policy, data.subset(rows))}
     if args.episodes:
         bench = _sft_success()
         ns = argparse.Namespace(n_exec=args.n_exec, image_size=[policy.config.image_size] * 2, colors=args.colors)

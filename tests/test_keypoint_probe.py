@@ -40,6 +40,9 @@ def test_keypoint_probe_open_and_closed_loop(tmp_path: Path) -> None:
         assert s["coord_std"] > 0 and 0 <= s["max_abs_corr_target_xy"] <= 1
         assert len(s["linear_r2_target_xy"]) == 2 and all(r <= 1 for r in s["linear_r2_target_xy"])
         assert s["token_std_over_frames"] > 0 and s["token_norm"] > 0
+    rel = out["keypoint_reliance"]
+    assert rel["flow_loss"] > 0 and rel["increase"] == pytest.approx(rel["flow_loss_keypoints_swapped"]
+                                                                      - rel["flow_loss"], abs=2e-4)
     cl = out["closed_loop"]
     assert cl["scenes"] == "200000..200000" and len(cl["outcomes"]) == 1 and sum(cl["failure_modes"].values()) == 1
     assert cl["aim"]["episodes"] == 1
