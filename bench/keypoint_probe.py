@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"bench": "keypoint_probe", "checkpoint": str(args.checkpoint), "dataset": str(args.dataset),
                     "keypoint_tokens": policy.config.keypoint_tokens,
                     "keypoint_per_token": bool(getattr(policy.config, "keypoint_per_token", False)),
+                    "patch_token_dropout": float(getattr(policy.config, "patch_token_dropout", 0.0)),
                     "open_loop": open_loop(policy, data, rows),
                     "keypoint_reliance": keypoint_reliance(policy, data.subset(rows))}
     if args.episodes:

@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "privileged_dim", "ordinal_state_bins", "continuous_state",
                                                           "state_film", "zero_padded_actions", "head",
                                                           "head_width", "head_layers", "encoder", "camera_names",
-                                                          "keypoint_tokens", "keypoint_film", "keypoint_per_token")
+                                                          "keypoint_tokens", "keypoint_film", "keypoint_per_token",
+                                                          "patch_token_dropout")
                                     if k in cfg_d}
                     if cfg_d.get("backbone") == "pi05" and cfg_d.get("privileged_dim"):  # told the poses
                         policy_flags["privileged_quantiles"] = (

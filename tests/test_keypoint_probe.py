@@ -27,12 +27,12 @@ def test_keypoint_probe_open_and_closed_loop(tmp_path: Path) -> None:
     data = load_demo_data([ds], horizon=10, with_images=True)
     common = dict(datasets=[str(ds)], config="pi05-tiny", steps=3, seed=0, batch_size=4, checkpoint_every=3,
                   warmup=1)
-    train_sft(SFTConfig(out=str(tmp_path / "kp"), overrides={"keypoint_tokens": 4, "keypoint_per_token": True},
-                        **common), data=data, progress=False)
+    kp_flags = {"keypoint_tokens": 4, "keypoint_per_token": True, "patch_token_dropout": 0.5}
+    train_sft(SFTConfig(out=str(tmp_path / "kp"), overrides=kp_flags, **common), data=data, progress=False)
     out = keypoint_probe.main(["--checkpoint", str(tmp_path / "kp"), "--dataset", str(ds), "--colors", "fixed",
                                "--episodes", "1", "--first-scene", "200000", "--out", str(tmp_path / "p.json")])
     assert json.loads((tmp_path / "p.json").read_text()) == out
-    assert out["keypoint_tokens"] == 4 and out["keypoint_per_token"]
+    assert out["keypoint_tokens"] == 4 and out["keypoint_per_token"] and out["patch_token_dropout"] == 0.5
     ol = out["open_loop"]
     assert ol["frames"] == len(range(0, len(data), 3))
     for cam in ("front", "wrist"):

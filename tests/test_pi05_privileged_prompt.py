@@ -309,6 +309,40 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path, per_t
 
 
 @torch.no_grad()
+def test_patch_token_dropout_masks_patches_in_training_only() -> None:
+    """patch_token_dropout: in training mode each (sample, camera)'s SigLIP patch tokens are masked with probability
+    p, its keypoint tokens never (nor a missing camera's revived); in eval mode nothing is dropped; refused without
+    keypoints or outside [0, 1)."""
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, keypoint_tokens=2,
+                      patch_token_dropout=0.5)
+    obs = [make_obs(i % 2) for i in range(64)]
+    inp = pol.preprocess(obs)
+    inp["image_masks"][:8, 1] = False  # a missing camera stays missing
+    m = pol.model
+    m.eval()
+    _, full = m.image_tokens(inp["images"], inp["image_masks"])
+    per_cam = full.shape[1] // 2
+    torch.testing.assert_close(full.view(64, 2, per_cam), inp["image_masks"][:, :, None].expand(64, 2, per_cam))
+    m.train()
+    torch.manual_seed(1)
+    _, dropped = m.image_tokens(inp["images"], inp["image_masks"])
+    torch.manual_seed(1)
+    assert torch.equal(m.image_tokens(inp["images"], inp["image_masks"])[1], dropped)  # seeded
+    d = dropped.view(64, 2, per_cam)
+    assert torch.equal(d[:, :, -1], inp["image_masks"])  # keypoint tokens: as the camera mask says
+    patches = d[:, :, :-1]
+    assert (patches.all(dim=2) | ~patches.any(dim=2)).all()  # all of a camera's patches go together
+    kept = patches.all(dim=2)[inp["image_masks"]].float().mean().item()
+    assert 0.35 < kept < 0.65
+    assert not (patches & ~inp["image_masks"][:, :, None]).any()
+    for bad, kw in (("need keypoint_tokens", {"patch_token_dropout": 0.5}),
+                    ("probability", {"keypoint_tokens": 2, "patch_token_dropout": 1.0})):
+        with pytest.raises(ValueError, match=bad):
+            make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=TASKS, **kw)
+
+
+@torch.no_grad()
 def test_keypoint_film_reads_the_prompt() -> None:
     """keypoint_film: the keypoint net is FiLM-conditioned on the prompt (zero-initialised: at first the same as
     without it); once its weights are set, two prompts over the same images give different keypoint tokens; it

@@ -96,6 +96,10 @@ class Pi05Config:
     # instead of one per camera, so the LM can select the keypoint whose colour the prompt names by attention.
     # Opt-in.
     keypoint_per_token: bool = False
+    # With keypoint_tokens, training only (model.train(), like dropout): each sample's SigLIP patch tokens of a camera
+    # are masked with this probability, its keypoint tokens kept, so the policy must learn to act from the
+    # keypoints (a policy that fits the demos through the patch tokens alone ignores them; docs/RESULTS.md). 0 = off.
+    patch_token_dropout: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

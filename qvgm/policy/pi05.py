@@ -233,8 +233,11 @@ class Pi05Model(nn.Module):
         # keypoint_tokens: K spatial-softmax keypoints per camera -> one more token after its SigLIP tokens (K more
         # with keypoint_per_token)
         # (keypoint_film: FiLM-conditioned on the prompt, pooled by a learned query over its token embeddings)
-        if (cfg.keypoint_film or cfg.keypoint_per_token) and not cfg.keypoint_tokens:
-            raise ValueError("keypoint_film / keypoint_per_token need keypoint_tokens > 0 (the keypoints they shape)")
+        if (cfg.keypoint_film or cfg.keypoint_per_token or cfg.patch_token_dropout) and not cfg.keypoint_tokens:
+            raise ValueError("keypoint_film / keypoint_per_token / patch_token_dropout need keypoint_tokens > 0 (the "
+                             "keypoints they shape)")
+        if not 0.0 <= cfg.patch_token_dropout < 1.0:
+            raise ValueError(f"patch_token_dropout must be a probability in [0, 1), got {cfg.patch_token_dropout}")
         self.keypoints = (SpatialKeypoints(cfg.keypoint_tokens, cfg.width,
                                            cond_width=cfg.width if cfg.keypoint_film else 0,
                                            per_token=cfg.keypoint_per_token)
@@ -292,8 +295,12 @@ class Pi05Model(nn.Module):
                 cond = self.prompt_vector(tokens, token_mask).repeat_interleave(n, dim=0)
             kp = self.keypoints(images.flatten(0, 1).to(dtype), cond)
             img = torch.cat([img, kp.to(img.dtype)], dim=1)
-        tpi = img.shape[1]
-        return img.reshape(b, n * tpi, -1), image_masks[:, :, None].expand(b, n, tpi).reshape(b, n * tpi)
+        patches, tpi = feats.shape[1], img.shape[1]
+        valid = image_masks[:, :, None].expand(b, n, tpi)
+        if self.training and self.cfg.patch_token_dropout > 0:  # the keypoint tokens must carry the camera
+            keep = torch.rand(b, n, device=valid.device) >= self.cfg.patch_token_dropout
+            valid = torch.cat([valid[:, :, :patches] & keep[:, :, None], valid[:, :, patches:]], dim=2)
+        return img.reshape(b, n * tpi, -1), valid.reshape(b, n * tpi)
 
     def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
                      token_mask: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
