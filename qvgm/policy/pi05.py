@@ -280,14 +280,15 @@ class Pi05Model(nn.Module):
                      token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N] -> (SigLIP tokens projected to the LM width
         [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens, + K with
-        keypoint_per_token), cameras in
-        order. With keypoint_film the keypoints read the prompt: `tokens` / `token_mask` [B, L] are then needed."""
+        keypoint_per_token), cameras in order. With keypoint_film the keypoints read the prompt: `tokens` /
+        `token_mask` [B, L] are then needed. In training mode, patch_token_dropout masks a camera's patch tokens
+        (not its keypoint tokens) per sample."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
         feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = pm.multi_modal_projector(feats)  # [B * N, T, width]
-        if self.keypoints is not None:  # + keypoint tokens per camera: T + 1 (T + K per keypoint)
+        if self.keypoints is not None:  # + keypoint tokens per camera: T + 1 (T + K with keypoint_per_token)
             cond = None
             if self.keypoint_query is not None:
                 if tokens is None or token_mask is None:
