@@ -55,7 +55,7 @@ def open_loop(policy: torch.nn.Module, data, rows: np.ndarray) -> dict:
     out: dict = {"frames": len(rows)}
     for ci, cam in enumerate(policy.config.camera_names):
         images = inp["images"][:, ci]
-        xy = kp.keypoints(images)[0].double().numpy()  # [F, K, 2]
+        xy = kp.coordinates(images).double().numpy()  # [F, K, 2]
         coords = xy.reshape(len(rows), -1)
         with np.errstate(invalid="ignore", divide="ignore"):
             corr = np.abs(np.corrcoef(np.c_[coords, target].T)[: coords.shape[1], coords.shape[1]:])

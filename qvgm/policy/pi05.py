@@ -52,10 +52,11 @@ class SpatialKeypoints(nn.Module):
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
-    def keypoints(self, images: torch.Tensor, cond: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def keypoints(self, images: torch.Tensor, cond: torch.Tensor | None = None, appearance: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> (coordinates [B, K, 2] (x, y) in [-1, 1], the
-        hidden features under each keypoint's softmax [B, K, channels], the RGB under it [B, K, 3] in [-1, 1])."""
+        hidden features under each keypoint's softmax [B, K, channels], the RGB under it [B, K, 3] in [-1, 1]);
+        without `appearance` the last two are None (not computed)."""
         if (self.film is None) != (cond is None):
             raise ValueError("SpatialKeypoints: a conditioning vector is needed exactly when the keypoints have FiLM")
         film = self.film(cond.to(self.film.weight.dtype)).chunk(4, dim=-1) if self.film is not None else None
@@ -74,17 +75,19 @@ class SpatialKeypoints(nn.Module):
         ys = torch.linspace(-1.0, 1.0, hh, device=h.device)
         pm = p.view(b, k, hh, ww)
         xy = torch.stack([(pm.sum(2) * xs).sum(-1), (pm.sum(3) * ys).sum(-1)], dim=-1)
+        if not appearance:
+            return xy, None, None
         feats = torch.einsum("bkp,bcp->bkc", p, hidden.flatten(2).float())
         rgb = torch.einsum("bkp,bcp->bkc", p, images.flatten(2).float())
         return xy, feats, rgb
 
     def coordinates(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
-        return self.keypoints(images, cond)[0]
+        return self.keypoints(images, cond, appearance=False)[0]
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """-> tokens [B, 1, width] (pooled) or [B, K, width] (per_token)."""
-        xy, feats, rgb = self.keypoints(images, cond)
+        xy, feats, rgb = self.keypoints(images, cond, appearance=self.per_token)
         dtype = self.proj.weight.dtype
         if not self.per_token:
             return self.proj(xy.flatten(1).to(dtype))[:, None]
