@@ -583,7 +583,13 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
     torch.manual_seed(cfg.seed + 7)
     rng = np.random.default_rng(cfg.seed + 7)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    actor = copy.deepcopy(policy).train().requires_grad_(True)
+    # The critic methods roll out the actor's own denoising path and compare it with the frozen reference and the
+    # critic on the same inputs, so the actor must see what the deployed policy sees: it trains in eval mode, without
+    # training-time input noise (Pi05Config.patch_token_dropout; with it, Q-VGM at max_shift 0 would not start at
+    # loss 0 and its rollouts would follow paths the deployed policy never takes). sft / filtered-bc continue the
+    # SFT in training mode.
+    train_mode = cfg.method not in CRITIC_METHODS
+    actor = copy.deepcopy(policy).train(train_mode).requires_grad_(True)
     dev = actor.device
     inputs = encode_inputs(actor, buf.demo)
     chunks = actor.processor.normalize_actions(buf.demo.actions)  # [T, H, D]
@@ -635,7 +641,7 @@ def train_actor(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, cri
                     perm = torch.as_tensor(shuffle_rng.permutation(len(rows)))
                     z, p = z[perm], p[perm]
                 q_fn = bind_critic(critic, z.to(dev), p.to(dev), how=cfg.aggregate, lcb_beta=cfg.lcb_beta)
-            actor.train()
+            actor.train(train_mode)
             if cfg.method == "qvgm":
                 assert q_fn is not None
                 info = qvgm_update(actor, reference, opt, b_in, q_fn, qcfg,

@@ -231,3 +231,40 @@ def test_bad_policy_override_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench().main(["--colors", "fixed"])
     assert "apply to --tier pixels only" in capsys.readouterr().err
+
+
+def test_critic_methods_train_the_actor_as_deployed(run, tmp_path):
+    """patch_token_dropout is training-time input noise. The critic methods' actor trains without it (eval mode), so
+    Q-VGM with max_shift 0 (its target is then the frozen reference's own velocity) starts at loss exactly 0; with
+    the masking on, the actor's rollout and velocities would differ from the reference's on the same inputs."""
+    import copy
+    import dataclasses
+
+    from critic_trainer import pipeline as P
+    from critic_trainer.qvgm import qvgm_loss
+    from qvgm.policy import load_policy
+    from qvgm.policy.checkpoint_io import build_policy
+
+    tmp, _, _ = run
+    ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
+              and not p.name.endswith(".work"))
+    sft = load_policy(ck)
+    torch.manual_seed(0)
+    pol = build_policy(dataclasses.replace(sft.config, keypoint_tokens=2, patch_token_dropout=0.5),
+                       sft.processor.norm_stats, sft.processor.tokenizer).eval()
+    missing, unexpected = pol.load_state_dict(sft.state_dict(), strict=False)  # the SFT weights + new keypoint net
+    assert not unexpected and missing and all(".keypoints." in k for k in missing)
+    buf = P.load_buffer(next(p for p in (tmp / "w").iterdir() if p.name.startswith("buffer-")), pol.horizon,
+                        with_images=True)
+    feats, _ = P.extract_features(pol, buf, tmp_path / "feat", 5, num_ref=2, features="pooled")
+    cfg = P.ImproveConfig(method="qvgm", n_exec=5, critic_steps=5, critic_batch=16, critic_hidden=(16, 16),
+                          critic_features="pooled", actor_steps=1, actor_batch=8, num_ref=2, max_shift=0.0)
+    critic, _ = P.train_critic(pol, feats, P.buffer_transitions(pol, buf, 5, 0.99), cfg)
+    _, summ = P.train_actor(pol, buf, cfg, critic, feats)
+    assert summ["actor_first"]["loss"] == 0.0 and summ["actor_first"]["h_norm"] == 0.0
+    # the same loss with the masking on (what training mode would do) is not 0
+    inputs = P.batch_inputs(P.encode_inputs(pol, buf.demo), torch.arange(8), pol.device)
+    actor = copy.deepcopy(pol).train()
+    torch.manual_seed(1)
+    loss, _ = qvgm_loss(actor, pol, actor.encode(inputs), pol.encode(inputs), lambda a: a.sum(-1), cfg.qvgm())
+    assert loss.item() > 0.0  # small (3 SFT steps barely use the images), but not the exact 0 above
