@@ -10,7 +10,9 @@
 # (and told object state) also as one continuous prefix token; "film" / "told_film" / "told_cont_film" = delta /
 # told / told_cont with that vector also conditioning the action expert's adaRMS norms, Pi05Config.state_film;
 # "kp" = delta + 16 spatial-softmax keypoints per camera (Pi05Config.keypoint_tokens); "kp_film" = kp with the
-# keypoints FiLM-conditioned on the prompt; "kp_fixed" = kp on the fixed-colour diagnostic), TASKS ("pick_place push stack"),
+# keypoints FiLM-conditioned on the prompt; "kp_fixed" = kp on the fixed-colour diagnostic; "kp_pd" / "kp_fixed_pd" =
+# kp / kp_fixed with half of each camera's SigLIP patch tokens masked per training sample,
+# Pi05Config.patch_token_dropout), TASKS ("pick_place push stack"),
 # DEMOS ("10 20"), SEEDS ("0 1 2"), STEPS (1000), EPISODES (20), JOB_LIMIT (seconds per process, 450: its SIGTERM
 # stops the evaluation after the episode in progress and the seed is reported on the episodes done), EXTRA (more
 # sft_success.py arguments). DIR gets sft_<config>_<variant>.json (pooled) and sft_runs.tar.gz (every process's JSON
@@ -39,7 +41,10 @@ declare -A flags=([default]="" [delta]="--override delta_actions=true"
     --override continuous_state=true --override state_film=true"
   [kp]="--override delta_actions=true --override keypoint_tokens=16"
   [kp_film]="--override delta_actions=true --override keypoint_tokens=16 --override keypoint_film=true"
-  [kp_fixed]="--override delta_actions=true --override keypoint_tokens=16 --colors fixed")
+  [kp_fixed]="--override delta_actions=true --override keypoint_tokens=16 --colors fixed"
+  [kp_pd]="--override delta_actions=true --override keypoint_tokens=16 --override patch_token_dropout=0.5"
+  [kp_fixed_pd]="--override delta_actions=true --override keypoint_tokens=16 --override patch_token_dropout=0.5
+    --colors fixed")
 for v in ${VARIANTS:-delta}; do
   [[ -v "flags[$v]" ]] || { echo "unknown variant '$v' (known: ${!flags[*]})" >&2; exit 2; }
 done
