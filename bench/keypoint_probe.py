@@ -53,22 +53,32 @@ def open_loop(policy: torch.nn.Module, data, rows: np.ndarray) -> dict:
     inp = policy.preprocess(data.observations(rows))
     target = data.privileged[rows][:, :2].astype(np.float64)
     out: dict = {"frames": len(rows)}
+    # what the keypoints read from the prompt (FiLM vector, prompt queries), one camera at a time
+    cond, queries = policy.model.keypoint_conditioning(inp["tokens"], inp["token_mask"], 1)
+    q = queries.shape[1] if queries is not None else 0
     for ci, cam in enumerate(policy.config.camera_names):
         images = inp["images"][:, ci]
-        xy = kp.coordinates(images).double().numpy()  # [F, K, 2]
+        xy = kp.coordinates(images, cond, queries=queries).double().numpy()  # [F, K + Q, 2]
         coords = xy.reshape(len(rows), -1)
         with np.errstate(invalid="ignore", divide="ignore"):
             corr = np.abs(np.corrcoef(np.c_[coords, target].T)[: coords.shape[1], coords.shape[1]:])
-        design = np.c_[coords, np.ones(len(rows))]
-        beta, *_ = np.linalg.lstsq(design, target, rcond=None)
-        r2 = 1.0 - ((design @ beta - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
-        tokens = kp(images).float()  # [F, T, width]
+        tokens = kp(images, cond, queries=queries).float()  # [F, T, width]
         out[cam] = {"coord_std": round(float(xy.std(0).mean()), 4),
                     "max_abs_corr_target_xy": round(float(np.nanmax(corr)), 3),
-                    "linear_r2_target_xy": [round(float(v), 3) for v in r2],
+                    "linear_r2_target_xy": _linear_r2(coords, target),
                     "token_std_over_frames": round(float(tokens.std(0).mean()), 4),
                     "token_norm": round(float(tokens.norm(dim=-1).mean()), 3)}
+        if q:  # the prompt-query keypoints alone: do they find the cube the prompt names?
+            out[cam]["prompt_query_r2_target_xy"] = _linear_r2(xy[:, -q:].reshape(len(rows), -1), target)
     return out
+
+
+def _linear_r2(coords: np.ndarray, target: np.ndarray) -> list[float]:
+    """R^2 per target column of a least-squares linear read-out (with intercept) of target [F, 2] from coords [F, C]."""
+    design = np.c_[coords, np.ones(len(coords))]
+    beta, *_ = np.linalg.lstsq(design, target, rcond=None)
+    r2 = 1.0 - ((design @ beta - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+    return [round(float(v), 3) for v in r2]
 
 
 def keypoint_reliance(policy: torch.nn.Module, data, seed: int = 0) -> dict:
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "keypoint_tokens": policy.config.keypoint_tokens,
                     "keypoint_per_token": bool(getattr(policy.config, "keypoint_per_token", False)),
                     "patch_token_dropout": float(getattr(policy.config, "patch_token_dropout", 0.0)),
+                    "keypoint_prompt_queries": int(getattr(policy.config, "keypoint_prompt_queries", 0)),
                     "open_loop": open_loop(policy, data, rows),
                     "keypoint_reliance": keypoint_reliance(policy, data.subset(rows))}
     if args.episodes:

@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "state_film", "zero_padded_actions", "head",
                                                           "head_width", "head_layers", "encoder", "camera_names",
                                                           "keypoint_tokens", "keypoint_film", "keypoint_per_token",
-                                                          "patch_token_dropout")
+                                                          "patch_token_dropout", "keypoint_prompt_queries")
                                     if k in cfg_d}
                     if cfg_d.get("backbone") == "pi05" and cfg_d.get("privileged_dim"):  # told the poses
                         policy_flags["privileged_quantiles"] = (

@@ -12,7 +12,8 @@
 # "kp" = delta + 16 spatial-softmax keypoints per camera (Pi05Config.keypoint_tokens); "kp_film" = kp with the
 # keypoints FiLM-conditioned on the prompt; "kp_fixed" = kp on the fixed-colour diagnostic; "kp_pd" / "kp_fixed_pd" =
 # kp / kp_fixed with half of each camera's SigLIP patch tokens masked per training sample,
-# Pi05Config.patch_token_dropout), TASKS ("pick_place push stack"),
+# Pi05Config.patch_token_dropout; "kp_pq" = kp + 2 keypoints asked by the prompt, Pi05Config.keypoint_prompt_queries),
+# TASKS ("pick_place push stack"),
 # DEMOS ("10 20"), SEEDS ("0 1 2"), STEPS (1000), EPISODES (20), JOB_LIMIT (seconds per process, 450: its SIGTERM
 # stops the evaluation after the episode in progress and the seed is reported on the episodes done), EXTRA (more
 # sft_success.py arguments). DIR gets sft_<config>_<variant>.json (pooled) and sft_runs.tar.gz (every process's JSON
@@ -44,7 +45,8 @@ declare -A flags=([default]="" [delta]="--override delta_actions=true"
   [kp_fixed]="--override delta_actions=true --override keypoint_tokens=16 --colors fixed"
   [kp_pd]="--override delta_actions=true --override keypoint_tokens=16 --override patch_token_dropout=0.5"
   [kp_fixed_pd]="--override delta_actions=true --override keypoint_tokens=16 --override patch_token_dropout=0.5
-    --colors fixed")
+    --colors fixed"
+  [kp_pq]="--override delta_actions=true --override keypoint_tokens=16 --override keypoint_prompt_queries=2")
 for v in ${VARIANTS:-delta}; do
   [[ -v "flags[$v]" ]] || { echo "unknown variant '$v' (known: ${!flags[*]})" >&2; exit 2; }
 done

@@ -27,12 +27,14 @@ def test_keypoint_probe_open_and_closed_loop(tmp_path: Path) -> None:
     data = load_demo_data([ds], horizon=10, with_images=True)
     common = dict(datasets=[str(ds)], config="pi05-tiny", steps=3, seed=0, batch_size=4, checkpoint_every=3,
                   warmup=1)
-    kp_flags = {"keypoint_tokens": 4, "keypoint_per_token": True, "patch_token_dropout": 0.5}
+    kp_flags = {"keypoint_tokens": 4, "keypoint_per_token": True, "patch_token_dropout": 0.5,
+                "keypoint_prompt_queries": 2}
     train_sft(SFTConfig(out=str(tmp_path / "kp"), overrides=kp_flags, **common), data=data, progress=False)
     out = keypoint_probe.main(["--checkpoint", str(tmp_path / "kp"), "--dataset", str(ds), "--colors", "fixed",
                                "--episodes", "1", "--first-scene", "200000", "--out", str(tmp_path / "p.json")])
     assert json.loads((tmp_path / "p.json").read_text()) == out
     assert out["keypoint_tokens"] == 4 and out["keypoint_per_token"] and out["patch_token_dropout"] == 0.5
+    assert out["keypoint_prompt_queries"] == 2
     ol = out["open_loop"]
     assert ol["frames"] == len(range(0, len(data), 3))
     for cam in ("front", "wrist"):
@@ -40,6 +42,7 @@ def test_keypoint_probe_open_and_closed_loop(tmp_path: Path) -> None:
         assert s["coord_std"] > 0 and 0 <= s["max_abs_corr_target_xy"] <= 1
         assert len(s["linear_r2_target_xy"]) == 2 and all(r <= 1 for r in s["linear_r2_target_xy"])
         assert s["token_std_over_frames"] > 0 and s["token_norm"] > 0
+        assert len(s["prompt_query_r2_target_xy"]) == 2  # the prompt-asked keypoints alone
     rel = out["keypoint_reliance"]
     assert rel["flow_loss"] > 0 and rel["increase"] == pytest.approx(rel["flow_loss_keypoints_swapped"]
                                                                       - rel["flow_loss"], abs=2e-4)

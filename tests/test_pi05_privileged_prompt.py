@@ -309,6 +309,74 @@ def test_keypoint_tokens_locate_a_blob_and_join_the_prefix(tmp_path: Path, per_t
 
 
 @torch.no_grad()
+def test_prompt_query_keypoints_find_the_named_colour(tmp_path: Path) -> None:
+    """keypoint_prompt_queries: Q more keypoints whose maps are the prompt's query dotted with the keypoint net's
+    features. With the net set by hand to a red and a blue detector and the word embeddings of "red" / "blue" along
+    two axes the query reads, the query keypoint lands on the red blob for "... red cube" and on the blue one for
+    "... blue cube", in the same image. It joins the prefix (rl_token.prefix_length), cached == uncached, round-trips
+    a checkpoint, and is refused without keypoints, with a negative Q, or with queries of the wrong shape."""
+    from qvgm.policy.pi05 import SpatialKeypoints
+
+    tasks = ["pick up the red cube", "pick up the blue cube"]
+    torch.manual_seed(0)
+    pol = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=tasks, keypoint_tokens=2,
+                      keypoint_prompt_queries=1).eval()
+    m = pol.model
+    kp = m.keypoints
+    for c in kp.conv:
+        torch.nn.init.zeros_(c.weight)
+        torch.nn.init.zeros_(c.bias)
+    c0, c1, _ = kp.conv
+    c0.weight[0, :, 1, 1] = torch.tensor([40.0, -40.0, -40.0])  # hidden channel 0: red
+    c0.weight[1, :, 1, 1] = torch.tensor([-40.0, -40.0, 40.0])  # hidden channel 1: blue
+    c1.weight[0, 0, 1, 1] = c1.weight[1, 1, 1, 1] = 1.0
+    emb = m.lm.embed_tokens.weight
+    emb[:, :2] = 0.0  # no word but the two colours has a component on axes 0 / 1
+    tok = pol.processor.tokenizer
+    emb[tok.token_to_id("red"), 0] = emb[tok.token_to_id("blue"), 1] = 1.0
+    torch.nn.init.zeros_(m.keypoint_prompt.proj)
+    m.keypoint_prompt.proj[0, 0, 0] = m.keypoint_prompt.proj[0, 1, 1] = 400.0  # axis 0 -> red feature, 1 -> blue
+    obs = [{**make_obs(0), "prompt": tasks[0]}, {**make_obs(0), "prompt": tasks[1]}]
+    inp = pol.preprocess(obs)
+    cond, queries = m.keypoint_conditioning(inp["tokens"], inp["token_mask"], 1)
+    assert cond is None and queries.shape == (2, 1, kp.channels)
+    img = -torch.ones(2, 3, 32, 32)
+    img[:, 0, 4:8, 24:28] = 1.0  # a red blob top right in both images
+    img[:, 2, 20:24, 2:6] = 1.0  # a blue blob bottom left
+    xy = kp.coordinates(img, queries=queries)
+    assert xy.shape == (2, 3, 2)  # the 2 learned keypoints, then the query's
+    red, blue = xy[0, -1], xy[1, -1]
+    assert red[0] > 0.4 and red[1] < -0.4 and blue[0] < -0.6 and blue[1] > 0.1
+    with pytest.raises(ValueError, match="prompt queries"):
+        kp.coordinates(img)
+    with pytest.raises(ValueError, match="prompt queries"):
+        SpatialKeypoints(2, 8).coordinates(img, queries=queries)
+    with pytest.raises(ValueError, match="read the prompt"):
+        m.image_tokens(inp["images"], inp["image_masks"])
+    # the whole policy: one keypoint token per camera, prompt-dependent; cached == uncached; checkpoint round trip
+    ctx = pol.encode(inp)
+    assert ctx.prefix_mask.shape[1] == prefix_length(pol.config)
+    tokens = m.image_tokens(inp["images"], inp["image_masks"], inp["tokens"], inp["token_mask"])[0]
+    per_cam = tokens.shape[1] // 2
+    assert not torch.allclose(tokens[0, per_cam - 1], tokens[1, per_cam - 1])
+    randomize_adarms(pol)
+    x, t = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0.8, 0.3])
+    v = pol.velocity(x, t, pol.encode(inp))
+    torch.testing.assert_close(v, pol.velocity_uncached(inp, x, t), rtol=1e-4, atol=1e-5)
+    save_policy(pol, tmp_path / "pq", version="pq")
+    loaded = load_policy(tmp_path / "pq")
+    assert loaded.config.keypoint_prompt_queries == 1
+    torch.testing.assert_close(loaded.velocity(x, t, loaded.encode(loaded.preprocess(obs))), v, rtol=1e-4, atol=1e-5)
+    per_token = make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=tasks, keypoint_tokens=2,
+                            keypoint_prompt_queries=3, keypoint_per_token=True).eval()
+    assert per_token.encode(per_token.preprocess(obs)).prefix_mask.shape[1] == prefix_length(per_token.config)
+    for bad, kw in (("need keypoint_tokens", {"keypoint_prompt_queries": 1}),
+                    (">= 0", {"keypoint_tokens": 2, "keypoint_prompt_queries": -1})):
+        with pytest.raises(ValueError, match=bad):
+            make_policy("pi05-tiny", NormStats.identity(7, 7), tasks=tasks, **kw)
+
+
+@torch.no_grad()
 def test_patch_token_dropout_masks_patches_in_training_only() -> None:
     """patch_token_dropout: in training mode each (sample, camera)'s SigLIP patch tokens are masked with probability
     p, its keypoint tokens never (nor a missing camera's revived); in eval mode nothing is dropped; refused without

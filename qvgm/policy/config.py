@@ -96,6 +96,12 @@ class Pi05Config:
     # instead of one per camera, so the LM can select the keypoint whose colour the prompt names by attention.
     # Opt-in.
     keypoint_per_token: bool = False
+    # With keypoint_tokens: Q more keypoints per camera whose maps are asked by the prompt: map_j(p) = q_j . f(p),
+    # f the keypoint net's hidden features at pixel p, q_j a query pooled from the prompt's token embeddings by a
+    # learned attention (with positions, so a query can take the word in one slot of the template: the target's
+    # colour) and projected to the feature width. The prompt-times-image product that grounding a colour word
+    # needs is then in the architecture, not left to the LM. Spatial softmax and tokens as for the others. Opt-in.
+    keypoint_prompt_queries: int = 0
     # With keypoint_tokens, training only (model.train(), like dropout): each sample's SigLIP patch tokens of a camera
     # are masked with this probability, its keypoint tokens kept, so the policy must learn to act from the
     # keypoints (a policy that fits the demos through the patch tokens alone ignores them; docs/RESULTS.md). 0 = off.

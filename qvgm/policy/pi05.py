@@ -40,25 +40,35 @@ class SpatialKeypoints(nn.Module):
     tokenizer on the instruction; zero-initialised, so unconditioned at first): the maps can follow the object the
     prompt names."""
 
-    def __init__(self, k: int, width: int, channels: int = 32, cond_width: int = 0, per_token: bool = False) -> None:
+    def __init__(self, k: int, width: int, channels: int = 32, cond_width: int = 0, per_token: bool = False,
+                 prompt_queries: int = 0) -> None:
         super().__init__()
         self.conv = nn.ModuleList([nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1),
                                    nn.Conv2d(channels, k, 1)])
         self.per_token = per_token
-        self.proj = nn.Linear(2 + channels + 3 if per_token else 2 * k, width)
-        self.index = nn.Parameter(torch.randn(k, width) * 0.02) if per_token else None
+        self.channels, self.prompt_queries = channels, prompt_queries
+        n = k + prompt_queries  # keypoints: the K learned maps, then the Q prompt-query maps
+        self.proj = nn.Linear(2 + channels + 3 if per_token else 2 * n, width)
+        self.index = nn.Parameter(torch.randn(n, width) * 0.02) if per_token else None
         self.film = nn.Linear(cond_width, 4 * channels) if cond_width else None
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
-    def keypoints(self, images: torch.Tensor, cond: torch.Tensor | None = None, appearance: bool = True
+    def keypoints(self, images: torch.Tensor, cond: torch.Tensor | None = None, appearance: bool = True,
+                  queries: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> (coordinates [B, K, 2] (x, y) in [-1, 1], the
-        hidden features under each keypoint's softmax [B, K, channels], the RGB under it [B, K, 3] in [-1, 1]);
-        without `appearance` the last two are None (not computed)."""
+        """[B, 3, S, S] (and cond [B, cond_width] with FiLM, queries [B, Q, channels] with prompt queries) ->
+        (coordinates [B, K + Q, 2] (x, y) in [-1, 1], the hidden features under each keypoint's softmax
+        [B, K + Q, channels], the RGB under it [B, K + Q, 3] in [-1, 1]); without `appearance` the last two are None
+        (not computed)."""
         if (self.film is None) != (cond is None):
             raise ValueError("SpatialKeypoints: a conditioning vector is needed exactly when the keypoints have FiLM")
+        if (queries is None) != (self.prompt_queries == 0) or (
+                queries is not None and tuple(queries.shape[1:]) != (self.prompt_queries, self.channels)):
+            raise ValueError(f"SpatialKeypoints: expected prompt queries [B, {self.prompt_queries}, {self.channels}]"
+                             f"{' (none)' if not self.prompt_queries else ''}, got "
+                             f"{None if queries is None else tuple(queries.shape)}")
         film = self.film(cond.to(self.film.weight.dtype)).chunk(4, dim=-1) if self.film is not None else None
         h = images
         for i, conv in enumerate(self.conv):
@@ -70,7 +80,12 @@ class SpatialKeypoints(nn.Module):
                     h = h * (1 + film[2 * i][:, :, None, None]) + film[2 * i + 1][:, :, None, None]
                 h = F.gelu(h)
         b, k, hh, ww = h.shape
-        p = torch.softmax(h.flatten(2).float(), dim=-1)  # [B, K, S * S]
+        maps = h.flatten(2).float()  # [B, K, S * S]
+        if queries is not None:  # + one map per prompt query: its dot product with the features at each pixel
+            asked = torch.einsum("bqc,bcp->bqp", queries.float(), hidden.flatten(2).float()) / math.sqrt(self.channels)
+            maps = torch.cat([maps, asked], dim=1)
+            k = maps.shape[1]
+        p = torch.softmax(maps, dim=-1)  # [B, K (+ Q), S * S]
         xs = torch.linspace(-1.0, 1.0, ww, device=h.device)
         ys = torch.linspace(-1.0, 1.0, hh, device=h.device)
         pm = p.view(b, k, hh, ww)
@@ -81,17 +96,41 @@ class SpatialKeypoints(nn.Module):
         rgb = torch.einsum("bkp,bcp->bkc", p, images.flatten(2).float())
         return xy, feats, rgb
 
-    def coordinates(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 3, S, S] (and cond [B, cond_width] with FiLM) -> keypoint coordinates [B, K, 2] (x, y) in [-1, 1]."""
-        return self.keypoints(images, cond, appearance=False)[0]
+    def coordinates(self, images: torch.Tensor, cond: torch.Tensor | None = None,
+                    queries: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, S, S] (cond / queries as for keypoints) -> keypoint coordinates [B, K + Q, 2] (x, y) in [-1, 1]."""
+        return self.keypoints(images, cond, appearance=False, queries=queries)[0]
 
-    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """-> tokens [B, 1, width] (pooled) or [B, K, width] (per_token)."""
-        xy, feats, rgb = self.keypoints(images, cond, appearance=self.per_token)
+    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
+        """-> tokens [B, 1, width] (pooled) or [B, K + Q, width] (per_token)."""
+        xy, feats, rgb = self.keypoints(images, cond, appearance=self.per_token, queries=queries)
         dtype = self.proj.weight.dtype
         if not self.per_token:
             return self.proj(xy.flatten(1).to(dtype))[:, None]
         return self.proj(torch.cat([xy, feats, rgb], dim=-1).to(dtype)) + self.index.to(dtype)
+
+
+class PromptQueries(nn.Module):
+    """The prompt's token embeddings [B, L, width] and mask [B, L] -> Q query vectors [B, Q, channels] for
+    SpatialKeypoints' prompt-query maps. Query j pools the embeddings with its own softmax attention, scored on the
+    embedding plus a learned position embedding (so it can take the word in one slot of a template, e.g. the target's
+    colour in "pick up the red cube ..."), and projects the pooled embedding (no position) to the feature width."""
+
+    def __init__(self, q: int, width: int, channels: int, max_len: int) -> None:
+        super().__init__()
+        self.position = nn.Parameter(torch.zeros(max_len, width))
+        self.attention = nn.Parameter(torch.randn(q, width) * 0.02)
+        self.proj = nn.Parameter(torch.randn(q, width, channels) * width ** -0.5)
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        e = embeddings.float()
+        if e.shape[1] > self.position.shape[0]:
+            raise ValueError(f"PromptQueries: {e.shape[1]} prompt tokens, positions for {self.position.shape[0]}")
+        scores = torch.einsum("blw,qw->bql", e + self.position[: e.shape[1]].float(), self.attention.float())
+        scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+        pooled = torch.einsum("bql,blw->bqw", scores.softmax(dim=-1), e)
+        return torch.einsum("bqw,qwc->bqc", pooled, self.proj.float())
 
 
 class AdaRMSNorm(nn.Module):
@@ -236,17 +275,25 @@ class Pi05Model(nn.Module):
         # keypoint_tokens: K spatial-softmax keypoints per camera -> one more token after its SigLIP tokens (K more
         # with keypoint_per_token)
         # (keypoint_film: FiLM-conditioned on the prompt, pooled by a learned query over its token embeddings)
-        if (cfg.keypoint_film or cfg.keypoint_per_token or cfg.patch_token_dropout) and not cfg.keypoint_tokens:
-            raise ValueError("keypoint_film / keypoint_per_token / patch_token_dropout need keypoint_tokens > 0 (the "
-                             "keypoints they shape)")
+        # (keypoint_prompt_queries: Q more maps per camera asked by the prompt, PromptQueries)
+        if (cfg.keypoint_film or cfg.keypoint_per_token or cfg.patch_token_dropout
+                or cfg.keypoint_prompt_queries) and not cfg.keypoint_tokens:
+            raise ValueError("keypoint_film / keypoint_per_token / patch_token_dropout / keypoint_prompt_queries need "
+                             "keypoint_tokens > 0 (the keypoints they shape)")
         if not 0.0 <= cfg.patch_token_dropout < 1.0:
             raise ValueError(f"patch_token_dropout must be a probability in [0, 1), got {cfg.patch_token_dropout}")
+        if cfg.keypoint_prompt_queries < 0:
+            raise ValueError(f"keypoint_prompt_queries must be >= 0, got {cfg.keypoint_prompt_queries}")
         self.keypoints = (SpatialKeypoints(cfg.keypoint_tokens, cfg.width,
                                            cond_width=cfg.width if cfg.keypoint_film else 0,
-                                           per_token=cfg.keypoint_per_token)
+                                           per_token=cfg.keypoint_per_token,
+                                           prompt_queries=cfg.keypoint_prompt_queries)
                           if cfg.keypoint_tokens else None)
         self.keypoint_query = (nn.Parameter(torch.zeros(cfg.width)) if cfg.keypoint_tokens and cfg.keypoint_film
                                else None)
+        self.keypoint_prompt = (PromptQueries(cfg.keypoint_prompt_queries, cfg.width, self.keypoints.channels,
+                                              cfg.max_token_len)
+                                if self.keypoints is not None and cfg.keypoint_prompt_queries else None)
 
     @property
     def lm(self) -> nn.Module:
@@ -279,25 +326,38 @@ class Pi05Model(nn.Module):
         scores = (e @ self.keypoint_query.float()).masked_fill(~token_mask.bool(), float("-inf"))
         return torch.einsum("bl,blw->bw", scores.softmax(dim=1), e)
 
+    def keypoint_conditioning(self, tokens: torch.Tensor | None, token_mask: torch.Tensor | None, n: int
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the keypoint net reads from the prompt, repeated for each of the n cameras (batch-major, as the
+        images are flattened): (FiLM vector [B * n, width] with keypoint_film, prompt queries [B * n, Q, channels]
+        with keypoint_prompt_queries), None where off. tokens / token_mask [B, L] are needed when either is on."""
+        if self.keypoint_query is None and self.keypoint_prompt is None:
+            return None, None
+        if tokens is None or token_mask is None:
+            raise ValueError("keypoint_film / keypoint_prompt_queries: the keypoints read the prompt; pass tokens and "
+                             "token_mask")
+        cond = (self.prompt_vector(tokens, token_mask).repeat_interleave(n, dim=0)
+                if self.keypoint_query is not None else None)
+        queries = None
+        if self.keypoint_prompt is not None:
+            queries = self.keypoint_prompt(self.lm.embed_tokens(tokens), token_mask).repeat_interleave(n, dim=0)
+        return cond, queries
+
     def image_tokens(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor | None = None,
                      token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, S, S] in [-1, 1], image_masks [B, N] -> (SigLIP tokens projected to the LM width
-        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens, + K with
-        keypoint_per_token), cameras in order. With keypoint_film the keypoints read the prompt: `tokens` /
-        `token_mask` [B, L] are then needed. In training mode, patch_token_dropout masks a camera's patch tokens
-        (not its keypoint tokens) per sample."""
+        [B, N * T, width], valid [B, N * T]); T = (S / patch)^2 per camera (+ 1 with keypoint_tokens, + K + Q with
+        keypoint_per_token), cameras in order. With keypoint_film or keypoint_prompt_queries the keypoints read the
+        prompt: `tokens` / `token_mask` [B, L] are then needed. In training mode, patch_token_dropout masks a
+        camera's patch tokens (not its keypoint tokens) per sample."""
         b, n = images.shape[:2]
         pm = self.paligemma.model
         dtype = pm.multi_modal_projector.linear.weight.dtype
         feats = pm.vision_tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = pm.multi_modal_projector(feats)  # [B * N, T, width]
-        if self.keypoints is not None:  # + keypoint tokens per camera: T + 1 (T + K with keypoint_per_token)
-            cond = None
-            if self.keypoint_query is not None:
-                if tokens is None or token_mask is None:
-                    raise ValueError("keypoint_film: the keypoint tokens read the prompt; pass tokens and token_mask")
-                cond = self.prompt_vector(tokens, token_mask).repeat_interleave(n, dim=0)
-            kp = self.keypoints(images.flatten(0, 1).to(dtype), cond)
+        if self.keypoints is not None:  # + keypoint tokens per camera: T + 1 (T + K + Q with keypoint_per_token)
+            cond, queries = self.keypoint_conditioning(tokens, token_mask, n)
+            kp = self.keypoints(images.flatten(0, 1).to(dtype), cond, queries=queries)
             img = torch.cat([img, kp.to(img.dtype)], dim=1)
         patches, tpi = feats.shape[1], img.shape[1]
         valid = image_masks[:, :, None].expand(b, n, tpi)

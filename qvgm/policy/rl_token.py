@@ -149,9 +149,10 @@ def attach_rl_token(policy: nn.Module, cfg: RLTokenConfig) -> RLToken:
 
 def prefix_length(pcfg: Any) -> int:
     """Prefix length M of a pi05 config: image tokens of every camera (+ 1 keypoint token each with
-    `keypoint_tokens`, + K with `keypoint_per_token`) + the token budget (+ 1 continuous state token with
-    `continuous_state`)."""
+    `keypoint_tokens`, + K + Q with `keypoint_per_token`, Q = `keypoint_prompt_queries`) + the token budget (+ 1
+    continuous state token with `continuous_state`)."""
     k = int(getattr(pcfg, "keypoint_tokens", 0) or 0)
+    k += int(getattr(pcfg, "keypoint_prompt_queries", 0) or 0) if k else 0
     per_camera = (pcfg.image_size // pcfg.patch_size) ** 2 + (k if getattr(pcfg, "keypoint_per_token", False)
                                                                 else int(k > 0))
     return (len(pcfg.camera_names) * per_camera + pcfg.max_token_len
