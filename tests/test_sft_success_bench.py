@@ -119,7 +119,7 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
                                 "ordinal_state_bins": False, "continuous_state": False, "state_film": False,
                                 "zero_padded_actions": True, "camera_names": ["front", "wrist"],
                                 "keypoint_tokens": 0, "keypoint_film": False, "keypoint_per_token": False,
-                                "patch_token_dropout": 0.0}
+                                "patch_token_dropout": 0.0, "keypoint_prompt_queries": 0}
     assert pooled["image_shift"] == 0 and pooled["render_size"] == [64, 64]
     shifted = json.loads((out / "sft_pi05-tiny_shift4.json").read_text())
     assert shifted["image_shift"] == 4 and shifted["pooled_from"] == 2
