@@ -115,7 +115,8 @@ class PromptQueries(nn.Module):
     """The prompt's token embeddings [B, L, width] and mask [B, L] -> Q query vectors [B, Q, channels] for
     SpatialKeypoints' prompt-query maps. Query j pools the embeddings with its own softmax attention, scored on the
     embedding plus a learned position embedding (so it can take the word in one slot of a template, e.g. the target's
-    colour in "pick up the red cube ..."), and projects the pooled embedding (no position) to the feature width."""
+    colour in "pick up the red cube ..."), normalises it (zero mean, unit variance over the width) and projects it
+    (no position) to the feature width."""
 
     def __init__(self, q: int, width: int, channels: int, max_len: int) -> None:
         super().__init__()
@@ -130,6 +131,9 @@ class PromptQueries(nn.Module):
         scores = torch.einsum("blw,qw->bql", e + self.position[: e.shape[1]].float(), self.attention.float())
         scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
         pooled = torch.einsum("bql,blw->bqw", scores.softmax(dim=-1), e)
+        # unit scale per dim before the projection: the LM's embeddings start at ~0.02 per dim, which would leave
+        # every query ~0, every asked map flat and its keypoint at the image centre with almost no gradient
+        pooled = F.layer_norm(pooled, pooled.shape[-1:])
         return torch.einsum("bqw,qwc->bqc", pooled, self.proj.float())
 
 
