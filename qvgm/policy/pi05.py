@@ -38,7 +38,9 @@ class SpatialKeypoints(nn.Module):
     colour the prompt names) instead of reading a fixed mix of all. With `cond_width`, a conditioning vector
     [B, cond_width] (the prompt) scales and shifts both hidden layers' channels (FiLM, as RT-1 conditions its image
     tokenizer on the instruction; zero-initialised, so unconditioned at first): the maps can follow the object the
-    prompt names."""
+    prompt names. With `prompt_queries` Q > 0, Q more maps are given per image as queries [B, Q, channels]
+    (PromptQueries): map_j = query_j . hidden features per pixel / sqrt(channels); their keypoints follow the K
+    learned ones everywhere (coordinates, tokens)."""
 
     def __init__(self, k: int, width: int, channels: int = 32, cond_width: int = 0, per_token: bool = False,
                  prompt_queries: int = 0) -> None:
