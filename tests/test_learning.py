@@ -95,3 +95,36 @@ def test_branches_go_into_their_own_buffer(tmp_path):
     buf = load_buffer(buf_dir, 10)
     assert len(set(buf.episode.tolist())) == 6 and len(buf) == roll["frames"] + roll["branch_frames"]
     assert sorted(set(buf.root.tolist())) == [0, 3]  # each rollout and its two branches
+
+
+def test_sft_candidates_are_chosen_on_tuning_scenes(tmp_path):
+    """--sft-candidates 2: two SFT policies of one training seed on the same demos, with other init seeds (other
+    weights), each judged on tuning scenes; the most successful one (ties: the first) records the buffer and is
+    evaluated. A rerun reuses the checkpoints and the cached tuning records, and the choice follows those records."""
+    from safetensors.torch import load_file
+
+    work = tmp_path / "w"
+    args = [*TOY, "--rollouts", "1", "--eval-episodes", "1", "--methods", "sft", "--sft-candidates", "2",
+            "--tune-episodes", "2", "--work", str(work)]
+    res = bench().main(args)
+    seed = res["tasks"]["push"]["seeds"][0]
+    sel = seed["sft"]["selection"]
+    assert sel["tuning_seeds"] == "200000..200001" and [c["init"] for c in sel["candidates"]] == [0, 1]
+    assert [c["sft_seed"] for c in sel["candidates"]] == [0, 1_000_000]
+    assert all(c["tuning"]["episodes"] == 2 for c in sel["candidates"])
+    names = [c["checkpoint"] for c in sel["candidates"]]
+    assert names[1] == names[0] + "-init1"
+    w0, w1 = (load_file(work / n / "model.safetensors") for n in names)
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+    successes = [c["tuning"]["successes"] for c in sel["candidates"]]
+    assert sel["chosen"] == (1 if successes[1] > successes[0] else 0)
+    assert (work / f"buffer-{names[sel['chosen']]}-r1" / "meta" / "info.json").exists()
+    # rerun: nothing retrained or re-evaluated; a tuning record that favours candidate 1 decides the choice
+    record = work / f"{names[1]}.tuning2.json"
+    r = json.loads(record.read_text())
+    record.write_text(json.dumps({**r, "successes": successes[0] + 1}))
+    again = bench().main(args)["tasks"]["push"]["seeds"][0]
+    assert again["sft"]["reused"] and again["sft"]["selection"]["chosen"] == 1
+    assert (work / f"buffer-{names[1]}-r1" / "meta" / "info.json").exists()
+    with pytest.raises(SystemExit):
+        bench().main([*TOY, "--calibrate", "--sft-candidates", "2"])
