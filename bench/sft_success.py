@@ -310,7 +310,7 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
-                   "pose_pretrain_steps", "pose_readout", "pose_values")
+                   "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -366,6 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--camera-dropout", type=float, default=0.0, metavar="P",
                     help="SFT camera dropout: each sample's cameras masked with probability P "
                          "(SFTConfig.camera_dropout)")
+    ap.add_argument("--keypoint-aux", type=float, default=0.0, metavar="W",
+                    help="sim-only: + W x the squared distance of the first prompt-query keypoint (front camera) from "
+                         "the projected target cube (SFTConfig.keypoint_aux; needs --override "
+                         "keypoint_prompt_queries=Q and render size = model size)")
     ap.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
                     help="sim-only SFT aid: weight of the auxiliary loss reading the object state from the image "
                          "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")
@@ -469,10 +473,13 @@ def main(argv: list[str] | None = None) -> dict:
                                     camera_dropout=args.camera_dropout,
                                     pose_probe=args.pose_probe, pose_datasets=pose_datasets,
                                     pose_pretrain_steps=args.pose_pretrain_steps,
-                                    pose_readout=args.pose_readout, pose_values=args.pose_values)
+                                    pose_readout=args.pose_readout, pose_values=args.pose_values,
+                                    keypoint_aux=args.keypoint_aux)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
+                    if args.keypoint_aux:
+                        probe["final_keypoint_aux_loss"] = round(res["final_keypoint_aux_loss"], 4)
                     if "pose_readout" in res:  # how well the image tokens locate the objects, train / fresh scenes
                         probe["final_pose_loss"] = round(res["final_pose_loss"], 4)
                         if heldout is not None:
@@ -559,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bench": "sft_success", "config": args.config, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "camera_dropout": args.camera_dropout, "pose_aux": args.pose_aux,
-           "pose_probe": args.pose_probe,
+           "pose_probe": args.pose_probe, "keypoint_aux": args.keypoint_aux,
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
            "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),

@@ -10,7 +10,10 @@ Loss: flow matching in the openpi convention (t = 1 noise, t = 0 clean; x_t = t*
 eps - a, t ~ Beta(1.5, 1)*0.999 + 0.001), MSE over real action dims and unpadded steps. Sim-only option
 `--pose-aux W`: + W * MSE of a training-only head (PoseReadout, not saved) reading the normalised object state from
 the image tokens, which teaches a from-scratch vision tower where the objects are (`--pose-probe`: the head learns
-from detached tokens, a probe that leaves training unchanged).
+from detached tokens, a probe that leaves training unchanged). Sim-only option `--keypoint-aux W` (pi05 with
+keypoint_prompt_queries): + W * the squared distance between the first prompt-query keypoint in the front image and
+where the object the prompt names (role 0, the target cube) projects into it: it teaches the prompt to point at the
+named object (colour grounding).
 
 Determinism: one seed fixes the init (torch.manual_seed), the batch indices (numpy PCG64) and the
 noise/flow times (a torch.Generator); same seed + data + thread count -> identical weights.
@@ -244,6 +247,16 @@ class SFTConfig:
     # policy that can lean on one view (the wrist camera) then also has to learn from the others, and it keeps
     # working when a camera drops out on the robot. Pixel backbones only.
     camera_dropout: float = 0.0
+    # Sim-only grounding aid (0 = off): weight of an auxiliary loss on the first prompt-query keypoint
+    # (Pi05Config.keypoint_prompt_queries >= 1) of camera `keypoint_aux_camera`: its squared distance, in the
+    # keypoint convention ((x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom), from the
+    # projection of the object the prompt names first (role 0 of the privileged state: the target cube) into that
+    # camera. The flow loss alone did not teach the prompt queries to find the named cube on random colours
+    # (docs/RESULTS.md); this supervises exactly that binding. Frames where the object projects outside the image are
+    # left out. The camera must be fixed (front); the images must be rendered at the model's size (no resize or
+    # pad, no image_shift: the targets would not follow). Training only: the checkpoint and inference are unchanged.
+    keypoint_aux: float = 0.0
+    keypoint_aux_camera: str = "front"
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -274,6 +287,13 @@ class SFTConfig:
             raise ValueError(f"pose_pretrain_steps must be >= 0, got {self.pose_pretrain_steps}")
         if self.pose_pretrain_steps and self.pose_probe:
             raise ValueError("pose_probe leaves the policy as plain SFT trains it: no pose_pretrain_steps with it")
+        if not (self.keypoint_aux >= 0 and math.isfinite(self.keypoint_aux)):
+            raise ValueError(f"keypoint_aux must be a finite weight >= 0, got {self.keypoint_aux}")
+        if self.keypoint_aux and self.keypoint_aux_camera != "front":
+            raise ValueError(f"keypoint_aux needs a fixed camera (front), got {self.keypoint_aux_camera!r}: the "
+                             "wrist camera moves with the arm")
+        if self.keypoint_aux and self.image_shift:
+            raise ValueError("keypoint_aux with image_shift: the projected targets would not follow the shift")
 
     @property
     def work(self) -> Path:
@@ -286,10 +306,10 @@ class SFTConfig:
             d.pop(k)
         # keys of runs saved before these existed stay valid
         for k in ("ema_decay", "image_shift", "camera_dropout", "pose_aux", "pose_probe", "pose_datasets",
-                  "pose_pretrain_steps"):
+                  "pose_pretrain_steps", "keypoint_aux"):
             if not d[k]:
                 d.pop(k)
-        for k, default in (("pose_readout", "image"), ("pose_values", "all")):
+        for k, default in (("pose_readout", "image"), ("pose_values", "all"), ("keypoint_aux_camera", "front")):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -358,6 +378,33 @@ class ImageTokenTap:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+def grounding_targets(data: DemoData, camera: str, model_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFTConfig.keypoint_aux targets: where role 0 of the privileged state (the object the prompt names first, the
+    target cube) projects into the fixed camera `camera`, per frame -> (xy float32 [N, 2] in the keypoint convention:
+    (x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom; inside bool [N]: in front of the
+    camera and within the image). The frames must be rendered at the model's image size (model_size square)."""
+    from qvgm.sim.env import TabletopEnv
+
+    if data.privileged is None or data.privileged.shape[1] < 3:
+        raise ValueError("keypoint_aux needs the sim's privileged object state: the dataset has no "
+                         "meta/qvgm_privileged side files (record it with `critic_trainer demos`)")
+    if camera not in data.images:
+        raise ValueError(f"keypoint_aux: the data has no {camera!r} images (cameras {sorted(data.images)})")
+    h, w = data.images[camera].shape[1:3]
+    if (h, w) != (model_size, model_size):
+        raise ValueError(f"keypoint_aux: {camera} frames are {h}x{w} px, the model reads {model_size}x{model_size}; "
+                         "render the demos at the model's size (a resize or pad would move the targets)")
+    env = TabletopEnv("pick_place", cameras=(camera,), image_size=(h, w), render=False)
+    try:
+        env.reset(seed=0)
+        uv, depth = env.project(data.privileged[:, :3], camera)
+    finally:
+        env.close()
+    xy = np.stack([2 * uv[:, 0] / (w - 1) - 1, 2 * uv[:, 1] / (h - 1) - 1], axis=1)
+    inside = (depth > 0) & np.all(np.abs(xy) <= 1, axis=1)
+    return torch.from_numpy(np.nan_to_num(xy).astype(np.float32)), torch.from_numpy(inside)
 
 
 def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None = None, values: str = "all"
@@ -671,6 +718,18 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         targets, pose_quantiles = pose_targets(data, quantiles, cfg.pose_values)
         tap = ImageTokenTap(policy, cfg.pose_readout)
         readout = PoseReadout(tap.width, targets.shape[1]).to(dev)
+    kp_targets = kp_inside = torch.zeros(0)
+    kp_camera = kp_index = -1
+    if cfg.keypoint_aux > 0:
+        pcfg = policy.config
+        if getattr(pcfg, "backbone", None) != "pi05" or not getattr(pcfg, "keypoint_prompt_queries", 0):
+            raise ValueError("keypoint_aux trains the first prompt-query keypoint: it needs a pi05 config with "
+                             "keypoint_tokens > 0 and keypoint_prompt_queries >= 1")
+        if cfg.keypoint_aux_camera not in (pcfg.camera_names or []):
+            raise ValueError(f"keypoint_aux: the policy reads cameras {pcfg.camera_names}, not "
+                             f"{cfg.keypoint_aux_camera!r}")
+        kp_targets, kp_inside = grounding_targets(data, cfg.keypoint_aux_camera, pcfg.image_size)
+        kp_camera, kp_index = pcfg.camera_names.index(cfg.keypoint_aux_camera), pcfg.keypoint_tokens
     readout_params = list(readout.parameters()) if readout is not None else []
     opt = torch.optim.AdamW(list(policy.parameters()) + readout_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -690,7 +749,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         tap = ImageTokenTap(policy, cfg.pose_readout)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
-    loss_v = pose_v = float("nan")
+    loss_v = pose_v = kp_v = float("nan")
     b, h, d = cfg.batch_size, policy.horizon, policy.action_dim
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"sft {cfg.config}", disable=not progress,
                dynamic_ncols=True)
@@ -733,6 +792,16 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                     pose_loss = 0.5 * (pose_loss + extra)
                 pose_v = float(pose_loss.item())
                 loss = loss + cfg.pose_aux * pose_loss
+            if cfg.keypoint_aux > 0:  # the first prompt-query keypoint of the camera onto the named object
+                use = (kp_inside[rows] & batch["image_masks"][:, kp_camera].cpu()).to(dev)
+                cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
+                images = batch["images"][:, kp_camera]
+                xy = policy.model.keypoints.coordinates(images.to(policy.model.keypoints.proj.weight.dtype), cond,
+                                                        queries)[:, kp_index]
+                dist2 = ((xy - kp_targets[rows].to(dev)) ** 2).sum(-1)
+                kp_loss = (dist2 * use).sum() / use.sum().clamp(min=1)
+                kp_v = float(kp_loss.item())
+                loss = loss + cfg.keypoint_aux * kp_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"SFT loss became {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -748,6 +817,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 extra = {"pose_loss": pose_v} if readout is not None else {}
+                if cfg.keypoint_aux > 0:
+                    extra["keypoint_aux_loss"] = kp_v
                 log.log("sft", done, {"loss": loss_v, **extra, "lr": lr,
                                       "wall_s": round(time.perf_counter() - t0, 3)})
                 bar.set_postfix(loss=f"{loss_v:.4f}", **({"pose": f"{pose_v:.4f}"} if readout is not None else {}))
@@ -759,7 +830,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         if tap is not None:
             tap.close()
     if end < cfg.steps:
-        return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work), "final_pose_loss": pose_v}
+        return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work), "final_pose_loss": pose_v,
+                "final_keypoint_aux_loss": kp_v}
     policy.eval()
     if ema is not None:
         ema.copy_to(policy)
@@ -771,10 +843,14 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                **({"pose_aux": cfg.pose_aux, "pose_probe": cfg.pose_probe, "final_pose_loss": pose_v,
                    "pose_datasets": list(cfg.pose_datasets), "pose_pretrain_steps": cfg.pose_pretrain_steps,
                    "pose_pretrain_final_loss": None if math.isnan(pretrain_v) else pretrain_v}
-                  if cfg.pose_aux else {})}
+                  if cfg.pose_aux else {}),
+               **({"keypoint_aux": cfg.keypoint_aux, "keypoint_aux_camera": cfg.keypoint_aux_camera,
+                   "final_keypoint_aux_loss": kp_v, "keypoint_aux_frames_inside": int(kp_inside.sum())}
+                  if cfg.keypoint_aux else {})}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
-    out = {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy}
+    out = {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy,
+           "final_keypoint_aux_loss": kp_v}
     if readout is not None:  # training-only, not in the checkpoint: for held-out probes (pose_readout_error)
         out.update(final_pose_loss=pose_v, pose_readout=readout.eval(), pose_quantiles=pose_quantiles,
                    pose_readout_where=cfg.pose_readout, pose_values=cfg.pose_values)
@@ -870,6 +946,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--success-only", action="store_true", help="train on successful episodes only")
     p.add_argument("--max-episodes", type=int, default=None, help="first N episodes of each dataset")
     p.add_argument("--horizon", type=int, default=None, help="override the config's chunk length H")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                   help="policy config override, e.g. keypoint_tokens=16 (repeatable; a field of the --config)")
     p.add_argument("--delta-actions", action="store_true",
                    help="predict the arm joints relative to the current joint state (gripper absolute; any backbone)")
     p.add_argument("--image-shift", type=int, default=0, metavar="PX",
@@ -892,12 +970,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pose-probe", action="store_true",
                    help="with --pose-aux: the readout learns from detached image tokens (no gradient into the "
                         "policy; plain SFT plus a localisation probe)")
+    p.add_argument("--keypoint-aux", type=float, default=0.0, metavar="W",
+                   help="sim-only: weight of a loss pulling the first prompt-query keypoint of the front camera onto "
+                        "the object the prompt names (needs keypoint_prompt_queries and privileged state; 0 = off)")
     p.add_argument("--version", default=None, help="checkpoint version string")
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="auto", help=DEVICE_CHOICES_HELP)
     p.add_argument("--no-progress", action="store_true")
+
+
+def parse_overrides(items: list[str], config: str) -> dict[str, Any]:
+    """--override KEY=JSON items -> {key: value}; ValueError naming the item when KEY is not a field of `config`
+    or the value is not JSON."""
+    from qvgm.policy.config import get_config
+
+    fields = set(dataclasses.asdict(get_config(config)))
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--override {item!r}: want KEY=JSON with KEY a field of the {config} config")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--override {item!r}: the value is not JSON ({e})") from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -907,12 +1006,13 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     checkpoint_every=args.checkpoint_every, success_only=args.success_only,
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
-                    overrides={**({"horizon": args.horizon} if args.horizon else {}),
+                    overrides={**parse_overrides(args.override, args.config),
+                               **({"horizon": args.horizon} if args.horizon else {}),
                                **({"delta_actions": True} if args.delta_actions else {})}, device=args.device,
                     image_shift=args.image_shift, camera_dropout=args.camera_dropout, pose_aux=args.pose_aux,
                     pose_probe=args.pose_probe, pose_datasets=list(args.pose_dataset),
                     pose_pretrain_steps=args.pose_pretrain_steps, pose_readout=args.pose_readout,
-                    pose_values=args.pose_values)
+                    pose_values=args.pose_values, keypoint_aux=args.keypoint_aux)
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -351,6 +351,23 @@ class TabletopEnv(gym.Env):
         return {"width": w, "height": h, "fx": float(f), "fy": float(f), "cx": (w - 1) / 2.0, "cy": (h - 1) / 2.0,
                 "frame_id": f"{cam}_color_optical_frame"}
 
+    def project(self, points: np.ndarray, cam: str) -> tuple[np.ndarray, np.ndarray]:
+        """World points float[N, 3] (m, base_link frame) -> (pixel coordinates float64[N, 2] (u right, v down; pixel
+        centres at integers, as camera_info), depth float64[N] in m along the optical axis (<= 0: behind the camera))
+        in camera ``cam`` at ``image_size``, as it is posed now (the front camera is fixed to the base; the wrist
+        camera moves with the arm)."""
+        info = self.camera_info(cam)
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        with self.lock:
+            c = self.model.camera(cam).id
+            pos, rot = self.data.cam_xpos[c].copy(), self.data.cam_xmat[c].reshape(3, 3).copy()
+        local = (p - pos) @ rot  # camera frame: x right, y up, looking along -z (MuJoCo)
+        depth = -local[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = info["cx"] + info["fx"] * local[:, 0] / depth
+            v = info["cy"] - info["fy"] * local[:, 1] / depth
+        return np.stack([u, v], axis=1), depth
+
     def object_poses(self) -> dict[str, np.ndarray]:
         """Role -> float64[7] xyz (m) + quat (w, x, y, z) in the world (= base_link) frame."""
         with self.lock:
