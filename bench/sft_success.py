@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keypoint-aux", type=float, default=0.0, metavar="W",
                     help="sim-only: + W x the squared distance of the first prompt-query keypoint (front camera) from "
                          "the projected target cube (SFTConfig.keypoint_aux; needs --override "
-                         "keypoint_prompt_queries=Q and render size = model size)")
+                         "keypoint_prompt_queries=Q and square renders)")
     ap.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
                     help="sim-only SFT aid: weight of the auxiliary loss reading the object state from the image "
                          "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")

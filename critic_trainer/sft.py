@@ -253,8 +253,8 @@ class SFTConfig:
     # projection of the object the prompt names first (role 0 of the privileged state: the target cube) into that
     # camera. The flow loss alone did not teach the prompt queries to find the named cube on random colours
     # (docs/RESULTS.md); this supervises exactly that binding. Frames where the object projects outside the image are
-    # left out. The camera must be fixed (front); the images must be rendered at the model's size (no resize or
-    # pad, no image_shift: the targets would not follow). Training only: the checkpoint and inference are unchanged.
+    # left out. The camera must be fixed (front), its frames square (resized to the model's size, never padded), and
+    # no image_shift (the targets would not follow it). Training only: the checkpoint and inference are unchanged.
     keypoint_aux: float = 0.0
     keypoint_aux_camera: str = "front"
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
@@ -384,7 +384,8 @@ def grounding_targets(data: DemoData, camera: str, model_size: int) -> tuple[tor
     """SFTConfig.keypoint_aux targets: where role 0 of the privileged state (the object the prompt names first, the
     target cube) projects into the fixed camera `camera`, per frame -> (xy float32 [N, 2] in the keypoint convention:
     (x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom; inside bool [N]: in front of the
-    camera and within the image). The frames must be rendered at the model's image size (model_size square)."""
+    camera and within the image), at the model's input resolution (model_size square). The frames must be square:
+    they are then resized to the model's size without padding, which maps the image onto itself."""
     from qvgm.sim.env import TabletopEnv
 
     if data.privileged is None or data.privileged.shape[1] < 3:
@@ -393,16 +394,17 @@ def grounding_targets(data: DemoData, camera: str, model_size: int) -> tuple[tor
     if camera not in data.images:
         raise ValueError(f"keypoint_aux: the data has no {camera!r} images (cameras {sorted(data.images)})")
     h, w = data.images[camera].shape[1:3]
-    if (h, w) != (model_size, model_size):
-        raise ValueError(f"keypoint_aux: {camera} frames are {h}x{w} px, the model reads {model_size}x{model_size}; "
-                         "render the demos at the model's size (a resize or pad would move the targets)")
+    if h != w:
+        raise ValueError(f"keypoint_aux: {camera} frames are {h}x{w} px; it needs square frames (the model pads "
+                         "others to its square input, which would move the targets)")
     env = TabletopEnv("pick_place", cameras=(camera,), image_size=(h, w), render=False)
     try:
         env.reset(seed=0)
         uv, depth = env.project(data.privileged[:, :3], camera)
     finally:
         env.close()
-    xy = np.stack([2 * uv[:, 0] / (w - 1) - 1, 2 * uv[:, 1] / (h - 1) - 1], axis=1)
+    model_px = (uv + 0.5) * (model_size / w) - 0.5  # pixel centres of the frame -> those of the model's input
+    xy = 2 * model_px / (model_size - 1) - 1
     inside = (depth > 0) & np.all(np.abs(xy) <= 1, axis=1)
     return torch.from_numpy(np.nan_to_num(xy).astype(np.float32)), torch.from_numpy(inside)
 

@@ -65,6 +65,13 @@ def test_grounding_targets_follow_the_named_cube(tmp_path: Path) -> None:
     finally:
         env.close()
     np.testing.assert_allclose(xy[0].numpy(), [2 * uv[0, 0] / 31 - 1, 2 * uv[0, 1] / 31 - 1], atol=1e-5)
+    # frames rendered at 64 px and resized to the model's 32: the same scene points land on the same model pixels
+    ds64 = tmp_path / "demos64"
+    collect_demos("pick_place", 1, ds64, noise=0.005, seed=0, image_size=(64, 64))
+    data64 = load_demo_data([ds64], horizon=10, with_images=True)
+    xy64, _ = grounding_targets(data64, "front", 32)
+    n = int((data.episode == data.episode[0]).sum())
+    np.testing.assert_allclose(xy64[:n].numpy(), xy[:n].numpy(), atol=1e-5)
     colours = {"red": 0, "green": 1, "blue": 2}
     first = [int(np.flatnonzero(data.episode == e)[0]) for e in np.unique(data.episode)]
     checked = 0
@@ -115,8 +122,8 @@ def test_keypoint_aux_pulls_the_query_keypoint_onto_the_target(tmp_path: Path) -
             train_sft(SFTConfig(**{**common, "out": str(tmp_path / f"bad{i}"), "keypoint_aux": 1.0, **change}),
                       data=data, progress=False)
     big = tmp_path / "big"
-    collect_demos("pick_place", 1, big, noise=0.005, seed=0, image_size=(48, 48))
-    with pytest.raises(ValueError, match="model's size"):
+    collect_demos("pick_place", 1, big, noise=0.005, seed=0, image_size=(48, 64))
+    with pytest.raises(ValueError, match="square"):
         train_sft(SFTConfig(**{**common, "datasets": [str(big)], "out": str(tmp_path / "bad_size"),
                                "keypoint_aux": 1.0}), data=load_demo_data([big], 10, with_images=True),
                   progress=False)
