@@ -311,6 +311,8 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
                    "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux")
+# settings added after runs were recorded: a JSON without the key ran with this value
+POOLED_DEFAULTS = {"keypoint_aux": 0.0}
 
 
 def pool(runs: list[dict]) -> dict:
@@ -319,7 +321,8 @@ def pool(runs: list[dict]) -> dict:
     if not runs:
         raise ValueError("nothing to pool")
     for r in runs[1:]:
-        diff = [k for k in POOLED_SETTINGS if r.get(k) != runs[0].get(k)]
+        diff = [k for k in POOLED_SETTINGS
+                if r.get(k, POOLED_DEFAULTS.get(k)) != runs[0].get(k, POOLED_DEFAULTS.get(k))]
         if diff:
             raise ValueError(f"cannot pool runs with different settings: {diff}")
     rows: dict[tuple[str, int], dict] = {}

@@ -58,6 +58,11 @@ def test_per_seed_processes_pool_into_one_row(tmp_path):
         bench.pool([a, {**b, "steps": 4}])
     with pytest.raises(ValueError, match="different data"):
         bench.pool([a, {**b, "results": [{**b["results"][0], "frames": 1}]}])
+    # a run recorded before a setting existed pools with one that has it at its default, not with another value
+    older = {k: v for k, v in b.items() if k != "keypoint_aux"}
+    assert bench.pool([a, older])["pooled_from"] == 2
+    with pytest.raises(ValueError, match="different settings.*keypoint_aux"):
+        bench.pool([{**a, "keypoint_aux": 1.0}, older])
 
 
 def test_sigterm_stops_evaluation_after_the_episode_in_progress():
