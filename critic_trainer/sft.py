@@ -380,15 +380,17 @@ class ImageTokenTap:
         self._handle.remove()
 
 
-def grounding_targets(data: DemoData, camera: str, model_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SFTConfig.keypoint_aux targets: where role 0 of the privileged state (the object the prompt names first, the
-    target cube) projects into the fixed camera `camera`, per frame -> (xy float32 [N, 2] in the keypoint convention:
+def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFTConfig.keypoint_aux targets: where role `role` of the privileged state (0: the object the prompt names
+    first, the target cube; qvgm.sim.tasks.ROLES orders the rest) projects into the fixed camera `camera`, per
+    frame -> (xy float32 [N, 2] in the keypoint convention:
     (x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom; inside bool [N]: in front of the
     camera and within the image), at the model's input resolution (model_size square). The frames must be square:
     they are then resized to the model's size without padding, which maps the image onto itself."""
     from qvgm.sim.env import TabletopEnv
 
-    if data.privileged is None or data.privileged.shape[1] < 3:
+    if data.privileged is None or data.privileged.shape[1] < 7 * role + 3:
         raise ValueError("keypoint_aux needs the sim's privileged object state: the dataset has no "
                          "meta/qvgm_privileged side files (record it with `critic_trainer demos`)")
     if camera not in data.images:
@@ -400,7 +402,7 @@ def grounding_targets(data: DemoData, camera: str, model_size: int) -> tuple[tor
     env = TabletopEnv("pick_place", cameras=(camera,), image_size=(h, w), render=False)
     try:
         env.reset(seed=0)
-        uv, depth = env.project(data.privileged[:, :3], camera)
+        uv, depth = env.project(data.privileged[:, 7 * role: 7 * role + 3], camera)
     finally:
         env.close()
     model_px = (uv + 0.5) * (model_size / w) - 0.5  # pixel centres of the frame -> those of the model's input
