@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from helpers import wait_for
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -87,13 +88,6 @@ def ros() -> Iterator[tuple[Any, MultiThreadedExecutor]]:
     for node in nodes:
         node.destroy_node()
     rclpy.shutdown(context=ctx)
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def pattern(i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import rclpy
+from helpers import wait_for
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -45,16 +46,6 @@ def graph(*makers: Callable[[rclpy.Context], Node]) -> Iterator[list[Node]]:
             th.join(5.0)
             node.destroy_node()
             rclpy.shutdown(context=ctx)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise TimeoutError("condition not met")
 
 
 class Operator(Node):

@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import wait_for  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qvgm.checkpoints import MANIFEST, CheckpointStore, write_manifest  # noqa: E402
@@ -86,15 +87,6 @@ def publish(store: CheckpointStore, seed: int, **overrides: Any) -> str:
         write_checkpoint(staged.path, seed, **overrides)
     assert staged.version is not None
     return staged.version
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def swap_within(reloader: HotReloader, timeout: float = 10.0) -> tuple[Model, str]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import wait_for
 from safetensors.torch import load_file, save_file
 
 import qvgm.checkpoints as checkpoints
@@ -89,15 +90,6 @@ def swap_to(backend: StoreFlowBackend, version: str, timeout: float = 30.0) -> f
             return t
         time.sleep(0.005)
     raise AssertionError(f"{version} never swapped in: {backend.reloader.status()}")
-
-
-def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

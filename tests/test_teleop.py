@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from helpers import wait_for
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -50,16 +51,6 @@ def spun(make: Callable[[rclpy.Context], Node]) -> Iterator[Node]:
         th.join(5.0)
         node.destroy_node()
         rclpy.shutdown(context=ctx)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise TimeoutError("condition not met")
 
 
 class Rig(Node):

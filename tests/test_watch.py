@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from helpers import wait_for
 from test_pipeline import FAST, tiny_policy, write_buffer
 
 from critic_trainer.demos import write_privileged
@@ -49,14 +50,6 @@ def start_watch(buffer: Path, policy: Path, store: Path, *extra: str) -> subproc
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(pred, timeout: float = 120.0) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.2)
-
-
 def test_watch_improves_again_when_new_episodes_land(tmp_path: Path) -> None:
     buf = write_buffer(tmp_path / "buf", [True, False, True, False])
     pol = tiny_policy(tmp_path)
@@ -64,7 +57,7 @@ def test_watch_improves_again_when_new_episodes_land(tmp_path: Path) -> None:
     proc = start_watch(buf, pol, store, "--watch-rounds", "2")
     try:
         st = CheckpointStore(store)
-        wait_for(lambda: st.current() is not None and len(st.versions()) >= 2)  # init + round 1
+        wait_for(lambda: st.current() is not None and len(st.versions()) >= 2, 120, interval=0.2)  # init + round 1
         append_episodes(buf, [False])
         time.sleep(1.0)  # one new episode < --watch-min-episodes 2: no round
         assert len(st.versions()) == 2
@@ -90,11 +83,11 @@ def test_watch_waits_without_outcomes_and_stops_on_sigterm(tmp_path: Path) -> No
     proc = start_watch(buf, pol, store)
     try:
         st = CheckpointStore(store)
-        wait_for(lambda: (store / "work").exists() or proc.poll() is not None)
+        wait_for(lambda: (store / "work").exists() or proc.poll() is not None, 120, interval=0.2)
         time.sleep(2.0)
         assert proc.poll() is None and len(st.versions()) == 1  # only the init: nothing published
         append_episodes(buf, [True, False])
-        wait_for(lambda: len(st.versions()) == 2)
+        wait_for(lambda: len(st.versions()) == 2, 120, interval=0.2)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
