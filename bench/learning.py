@@ -82,9 +82,11 @@ SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
 # options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
 NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos",
-               "delta_actions", "colors", "policy_override", "sft_warmup")
+               "delta_actions", "colors", "policy_override", "sft_warmup", "sft_option")
 PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "sft_warmup", "delta_actions",
-              "colors", "policy_override")
+              "colors", "policy_override", "sft_option")
+# SFTConfig fields --sft-option may set (pixel tier): the training aids; the rest are the bench's own settings
+SFT_OPTIONS = ("image_shift", "camera_dropout", "keypoint_aux")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
 # pixel SFT lr warm-up steps: keypoint-token SFT (Pi05Config.keypoint_tokens) succeeds in 65 % of fixed-colour
 # pick_place episodes with 100 and 20 % with 50 (docs/RESULTS.md, "Where does the pixel policy aim?")
@@ -312,7 +314,7 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     ck = work / (f"{tier_prefix(args)}sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}"
                  f"-b{args.sft_batch}-lr{args.sft_lr}{'-delta' if args.delta_actions else ''}{sft_tag(st)}"
                  f"{'' if args.sft_warmup == 50 else f'-wu{args.sft_warmup}'}{override_tag(args.policy_override)}"
-                 f"{init_tag(init)}")
+                 f"{'-sft' + override_tag(args.sft_option) if args.sft_option else ''}{init_tag(init)}")
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
@@ -332,13 +334,13 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
                     batch_size=args.sft_batch, lr=args.sft_lr, warmup=args.sft_warmup, checkpoint_every=st["sft_steps"],
                     version=f"sft-{task}-s{seed}", ema_decay=st["ema"], success_only=st.get("success_only", False),
                     device=args.device, overrides={**({"delta_actions": True} if args.delta_actions else {}),
-                                                   **args.policy_override})
+                                                   **args.policy_override}, **args.sft_option)
     t1 = time.perf_counter()
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
             "images": {c: list(v.shape[1:]) for c, v in sorted(data.images.items())}, "sft_seed": cfg.seed,
             "config": args.config, "device": args.device, "delta_actions": bool(args.delta_actions),
-            "colors": args.colors, "policy_override": args.policy_override,
+            "colors": args.colors, "policy_override": args.policy_override, "sft_option": args.sft_option,
             "sft_steps": st["sft_steps"], "batch": args.sft_batch, "warmup": args.sft_warmup,
             "lr": args.sft_lr, "ema": st["ema"], "success_only": st.get("success_only", False),
             "episodes_used": int(len(np.unique(data.episode))), "final_loss": round(res["final_loss"], 4),
@@ -580,6 +582,16 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
         except ValueError as e:
             ap.error(f"--policy-override {o!r}: want KEY=JSON with KEY a pi05 config field ({e})")
     args.policy_override = overrides
+    options: dict[str, Any] = {}
+    for o in args.sft_option or []:
+        key, sep, val = o.partition("=")
+        try:
+            if not sep or key not in SFT_OPTIONS:
+                raise ValueError(f"{key!r} is not one of {', '.join(SFT_OPTIONS)}")
+            options[key] = json.loads(val)
+        except ValueError as e:
+            ap.error(f"--sft-option {o!r}: want KEY=JSON with KEY an SFT training aid ({e})")
+    args.sft_option = options
     try:
         args.device = str(resolve_device(args.device or "auto"))
     except ValueError as e:
@@ -606,6 +618,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "role (the diagnostic without colour grounding, TabletopEnv(colors='fixed'))")
     px.add_argument("--policy-override", action="append", default=None, metavar="KEY=JSON",
                     help="pi05 config override for SFT, e.g. keypoint_tokens=16 (repeatable)")
+    px.add_argument("--sft-option", action="append", default=None, metavar="KEY=JSON",
+                    help=f"pixel SFT training aid (critic_trainer.sft.SFTConfig field: {', '.join(SFT_OPTIONS)}), "
+                    "e.g. keypoint_aux=1 (repeatable; part of the SFT checkpoint's name)")
     px.add_argument("--delta-actions", action="store_const", const=True, default=None,
                     help="pi05 predicts the arm joints relative to the current joint state (the state tier's "
                     "delta_actions flag; default off)")

@@ -233,6 +233,35 @@ def test_bad_policy_override_is_refused(capsys):
     assert "apply to --tier pixels only" in capsys.readouterr().err
 
 
+def test_sft_option_reaches_the_sft_and_names_its_checkpoint(tmp_path, capsys):
+    """--sft-option keypoint_aux=1 (with prompt-query keypoints): the pixel SFT trains with the grounding aid (its
+    manifest says so), the option is part of the checkpoint's name (a run without it never reuses it), and a field
+    that is not a training aid is refused with its name."""
+    from qvgm.policy import load_policy
+
+    work = tmp_path / "w"
+    common = ["--tier", "pixels", "--config", "pi05-tiny", "--device", "cpu", "--tasks", "pick_place", "--demos", "1",
+              "--sft-steps", "2", "--sft-batch", "4", "--max-episode-steps", "5", "--rollouts", "1",
+              "--eval-episodes", "1", "--methods", "sft", "--policy-override", "keypoint_tokens=2",
+              "--policy-override", "keypoint_prompt_queries=1", "--work", str(work)]
+    res = bench().main([*common, "--sft-option", "keypoint_aux=1"])
+    seed = res["tasks"]["pick_place"]["seeds"][0]
+    assert seed["sft"]["sft_option"] == {"keypoint_aux": 1} and res["settings"]["sft_option"] == {"keypoint_aux": 1}
+    ck = next(p for p in work.iterdir() if p.name.endswith("-sft-keypoint_aux1") and p.is_dir())
+    summary = json.loads((ck / "manifest.json").read_text())["summary"]
+    assert summary["keypoint_aux"] == 1 and summary["final_keypoint_aux_loss"] >= 0
+    assert load_policy(ck).config.keypoint_prompt_queries == 1
+    plain = bench().main(common)["tasks"]["pick_place"]["seeds"][0]
+    assert not plain["sft"].get("reused") and plain["sft"]["sft_option"] == {}
+    for bad in ("lr=1", "nope=1", "keypoint_aux"):
+        with pytest.raises(SystemExit):
+            bench().main([*common, "--sft-option", bad])
+        assert f"--sft-option '{bad}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench().main(["--sft-option", "keypoint_aux=1"])
+    assert "apply to --tier pixels only" in capsys.readouterr().err
+
+
 def test_critic_methods_train_the_actor_as_deployed(run, tmp_path):
     """patch_token_dropout is training-time input noise. The critic methods' actor trains without it (eval mode), so
     Q-VGM with max_shift 0 (its target is then the frozen reference's own velocity) starts at loss exactly 0; with
