@@ -7,7 +7,7 @@ poses), and the R^2 of a linear read-out of the target's x / y from all keypoint
 keypoint token itself across frames against its mean norm; and the keypoint reliance: the open-loop flow loss with
 each frame's keypoint tokens swapped for another frame's (keypoint_reliance). A policy whose keypoints locate the
 target but whose loss does not rise when they are swapped does not use them. With prompt-query keypoints
-(keypoint_prompt_queries), the front camera's also report whether each query points at the cube the prompt names or
+(keypoint_prompt_queries), each camera also reports whether each query points at the cube the prompt names or
 at the other one (prompt_query_grounding: image distances to both cubes' projections). With `--episodes N`, the
 closed loop on scenes `--first-scene` + j (sft_success's traced evaluation: success, failure modes, the aim summary:
 does the grasp point follow the target).
@@ -44,20 +44,21 @@ def _sft_success():
     return mod
 
 
-def query_grounding(policy: torch.nn.Module, data, rows: np.ndarray, query_xy: np.ndarray, task: str) -> dict:
-    """Do the prompt-query keypoints of the front camera, query_xy [F, Q, 2] (keypoint convention), point at the
-    cube the prompt names or at the other one? Per query: the median image distance ([-1, 1] units) to each cube's
+def query_grounding(policy: torch.nn.Module, data, rows: np.ndarray, query_xy: np.ndarray, task: str,
+                    camera: str) -> dict:
+    """Do the prompt-query keypoints of `camera`, query_xy [F, Q, 2] (keypoint convention), point at the cube the
+    prompt names or at the other one? Per query: the median image distance ([-1, 1] units) to each cube's
     projection and the fraction of frames (both cubes inside the image) where it is nearer the named one."""
     from critic_trainer.sft import grounding_targets
     from qvgm.sim.tasks import ROLES
 
     other = ROLES[task].index("distractor_0")
     size = policy.config.image_size
-    target, t_in = (v.numpy()[rows] for v in grounding_targets(data, "front", size, role=0))
-    distractor, d_in = (v.numpy()[rows] for v in grounding_targets(data, "front", size, role=other))
+    target, t_in = (v.numpy()[rows] for v in grounding_targets(data, camera, size, role=0))
+    distractor, d_in = (v.numpy()[rows] for v in grounding_targets(data, camera, size, role=other))
     both = t_in & d_in
     out = {"frames_both_inside": int(both.sum())}
-    for j in range(query_xy.shape[1]):
+    for j in range(query_xy.shape[1] if both.any() else 0):
         dt = np.linalg.norm(query_xy[:, j] - target, axis=1)[both]
         dd = np.linalg.norm(query_xy[:, j] - distractor, axis=1)[both]
         out[f"query_{j}"] = {"median_dist_named_cube": round(float(np.median(dt)), 3),
@@ -94,8 +95,7 @@ def open_loop(policy: torch.nn.Module, data, rows: np.ndarray, task: str = "pick
                     "token_norm": round(float(tokens.norm(dim=-1).mean()), 3)}
         if q:  # the prompt-query keypoints alone: do they find the cube the prompt names?
             out[cam]["prompt_query_r2_target_xy"] = _linear_r2(xy[:, -q:].reshape(len(rows), -1), target)
-            if cam == "front":
-                out[cam]["prompt_query_grounding"] = query_grounding(policy, data, rows, xy[:, -q:], task)
+            out[cam]["prompt_query_grounding"] = query_grounding(policy, data, rows, xy[:, -q:], task, cam)
     return out
 
 

@@ -86,7 +86,7 @@ NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr
 PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "sft_warmup", "delta_actions",
               "colors", "policy_override", "sft_option")
 # SFTConfig fields --sft-option may set (pixel tier): the training aids; the rest are the bench's own settings
-SFT_OPTIONS = ("image_shift", "camera_dropout", "keypoint_aux")
+SFT_OPTIONS = ("image_shift", "camera_dropout", "keypoint_aux", "keypoint_aux_cameras")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
 # pixel SFT lr warm-up steps: keypoint-token SFT (Pi05Config.keypoint_tokens) succeeds in 65 % of fixed-colour
 # pick_place episodes with 100 and 20 % with 50 (docs/RESULTS.md, "Where does the pixel policy aim?")

@@ -310,9 +310,9 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
-                   "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux")
+                   "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux", "keypoint_aux_cameras")
 # settings added after runs were recorded: a JSON without the key ran with this value
-POOLED_DEFAULTS = {"keypoint_aux": 0.0}
+POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None}
 
 
 def pool(runs: list[dict]) -> dict:
@@ -370,9 +370,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="SFT camera dropout: each sample's cameras masked with probability P "
                          "(SFTConfig.camera_dropout)")
     ap.add_argument("--keypoint-aux", type=float, default=0.0, metavar="W",
-                    help="sim-only: + W x the squared distance of the first prompt-query keypoint (front camera) from "
+                    help="sim-only: + W x the squared distance of the first prompt-query keypoint (per camera) from "
                          "the projected target cube (SFTConfig.keypoint_aux; needs --override "
                          "keypoint_prompt_queries=Q and square renders)")
+    ap.add_argument("--keypoint-aux-cameras", nargs="+", default=["front"], metavar="CAM",
+                    help="with --keypoint-aux: cameras whose first query keypoint is supervised (default front)")
     ap.add_argument("--pose-aux", type=float, default=0.0, metavar="W",
                     help="sim-only SFT aid: weight of the auxiliary loss reading the object state from the image "
                          "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")
@@ -477,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     pose_probe=args.pose_probe, pose_datasets=pose_datasets,
                                     pose_pretrain_steps=args.pose_pretrain_steps,
                                     pose_readout=args.pose_readout, pose_values=args.pose_values,
-                                    keypoint_aux=args.keypoint_aux)
+                                    keypoint_aux=args.keypoint_aux,
+                                    keypoint_aux_cameras=list(args.keypoint_aux_cameras))
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
@@ -570,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
            "lr": args.lr, "warmup": args.warmup, "policy": policy_flags, "demo_noise_m": args.noise,
            "image_shift": args.image_shift, "camera_dropout": args.camera_dropout, "pose_aux": args.pose_aux,
            "pose_probe": args.pose_probe, "keypoint_aux": args.keypoint_aux,
+           **({"keypoint_aux_cameras": list(args.keypoint_aux_cameras)} if args.keypoint_aux else {}),
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
            "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),

@@ -11,9 +11,9 @@ eps - a, t ~ Beta(1.5, 1)*0.999 + 0.001), MSE over real action dims and unpadded
 `--pose-aux W`: + W * MSE of a training-only head (PoseReadout, not saved) reading the normalised object state from
 the image tokens, which teaches a from-scratch vision tower where the objects are (`--pose-probe`: the head learns
 from detached tokens, a probe that leaves training unchanged). Sim-only option `--keypoint-aux W` (pi05 with
-keypoint_prompt_queries): + W * the squared distance between the first prompt-query keypoint in the front image and
-where the object the prompt names (role 0, the target cube) projects into it: it teaches the prompt to point at the
-named object (colour grounding).
+keypoint_prompt_queries): + W * the squared distance between the first prompt-query keypoint of each camera in
+`--keypoint-aux-cameras` (default front) and where the object the prompt names (role 0, the target cube) projects into
+that image: it teaches the prompt to point at the named object (colour grounding).
 
 Determinism: one seed fixes the init (torch.manual_seed), the batch indices (numpy PCG64) and the
 noise/flow times (a torch.Generator); same seed + data + thread count -> identical weights.
@@ -248,15 +248,16 @@ class SFTConfig:
     # working when a camera drops out on the robot. Pixel backbones only.
     camera_dropout: float = 0.0
     # Sim-only grounding aid (0 = off): weight of an auxiliary loss on the first prompt-query keypoint
-    # (Pi05Config.keypoint_prompt_queries >= 1) of camera `keypoint_aux_camera`: its squared distance, in the
+    # (Pi05Config.keypoint_prompt_queries >= 1) of each camera in `keypoint_aux_cameras`: its squared distance, in the
     # keypoint convention ((x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom), from the
     # projection of the object the prompt names first (role 0 of the privileged state: the target cube) into that
-    # camera. The flow loss alone did not teach the prompt queries to find the named cube on random colours
+    # camera (the wrist camera posed by forward kinematics of the frame's joint state), averaged over the cameras.
+    # The flow loss alone did not teach the prompt queries to find the named cube on random colours
     # (docs/RESULTS.md); this supervises exactly that binding. Frames where the object projects outside the image are
-    # left out. The camera must be fixed (front), its frames square (resized to the model's size, never padded), and
-    # no image_shift (the targets would not follow it). Training only: the checkpoint and inference are unchanged.
+    # left out. Frames must be square (resized to the model's size, never padded), and no image_shift (the targets
+    # would not follow it). Training only: the checkpoint and inference are unchanged.
     keypoint_aux: float = 0.0
-    keypoint_aux_camera: str = "front"
+    keypoint_aux_cameras: list[str] = field(default_factory=lambda: ["front"])
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -289,9 +290,11 @@ class SFTConfig:
             raise ValueError("pose_probe leaves the policy as plain SFT trains it: no pose_pretrain_steps with it")
         if not (self.keypoint_aux >= 0 and math.isfinite(self.keypoint_aux)):
             raise ValueError(f"keypoint_aux must be a finite weight >= 0, got {self.keypoint_aux}")
-        if self.keypoint_aux and self.keypoint_aux_camera != "front":
-            raise ValueError(f"keypoint_aux needs a fixed camera (front), got {self.keypoint_aux_camera!r}: the "
-                             "wrist camera moves with the arm")
+        self.keypoint_aux_cameras = list(self.keypoint_aux_cameras)
+        if self.keypoint_aux and (not self.keypoint_aux_cameras
+                                  or len(set(self.keypoint_aux_cameras)) != len(self.keypoint_aux_cameras)):
+            raise ValueError(f"keypoint_aux_cameras must name one or more distinct cameras, got "
+                             f"{self.keypoint_aux_cameras}")
         if self.keypoint_aux and self.image_shift:
             raise ValueError("keypoint_aux with image_shift: the projected targets would not follow the shift")
 
@@ -309,7 +312,7 @@ class SFTConfig:
                   "pose_pretrain_steps", "keypoint_aux"):
             if not d[k]:
                 d.pop(k)
-        for k, default in (("pose_readout", "image"), ("pose_values", "all"), ("keypoint_aux_camera", "front")):
+        for k, default in (("pose_readout", "image"), ("pose_values", "all"), ("keypoint_aux_cameras", ["front"])):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -383,8 +386,9 @@ class ImageTokenTap:
 def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """SFTConfig.keypoint_aux targets: where role `role` of the privileged state (0: the object the prompt names
-    first, the target cube; qvgm.sim.tasks.ROLES orders the rest) projects into the fixed camera `camera`, per
-    frame -> (xy float32 [N, 2] in the keypoint convention:
+    first, the target cube; qvgm.sim.tasks.ROLES orders the rest) projects into camera `camera` (front: fixed;
+    wrist: posed by forward kinematics of each frame's joint state, data.state), per frame -> (xy float32 [N, 2] in
+    the keypoint convention:
     (x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom; inside bool [N]: in front of the
     camera and within the image), at the model's input resolution (model_size square). The frames must be square:
     they are then resized to the model's size without padding, which maps the image onto itself."""
@@ -402,7 +406,8 @@ def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 
     env = TabletopEnv("pick_place", cameras=(camera,), image_size=(h, w), render=False)
     try:
         env.reset(seed=0)
-        uv, depth = env.project(data.privileged[:, 7 * role: 7 * role + 3], camera)
+        joints = data.state[:, :7] if camera != "front" else None  # the camera rides on the arm
+        uv, depth = env.project(data.privileged[:, 7 * role: 7 * role + 3], camera, joints=joints)
     finally:
         env.close()
     model_px = (uv + 0.5) * (model_size / w) - 0.5  # pixel centres of the frame -> those of the model's input
@@ -722,18 +727,19 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         targets, pose_quantiles = pose_targets(data, quantiles, cfg.pose_values)
         tap = ImageTokenTap(policy, cfg.pose_readout)
         readout = PoseReadout(tap.width, targets.shape[1]).to(dev)
-    kp_targets = kp_inside = torch.zeros(0)
-    kp_camera = kp_index = -1
+    kp_targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # camera index -> (targets [N, 2], inside [N])
+    kp_index = -1
     if cfg.keypoint_aux > 0:
         pcfg = policy.config
         if getattr(pcfg, "backbone", None) != "pi05" or not getattr(pcfg, "keypoint_prompt_queries", 0):
             raise ValueError("keypoint_aux trains the first prompt-query keypoint: it needs a pi05 config with "
                              "keypoint_tokens > 0 and keypoint_prompt_queries >= 1")
-        if cfg.keypoint_aux_camera not in (pcfg.camera_names or []):
-            raise ValueError(f"keypoint_aux: the policy reads cameras {pcfg.camera_names}, not "
-                             f"{cfg.keypoint_aux_camera!r}")
-        kp_targets, kp_inside = grounding_targets(data, cfg.keypoint_aux_camera, pcfg.image_size)
-        kp_camera, kp_index = pcfg.camera_names.index(cfg.keypoint_aux_camera), pcfg.keypoint_tokens
+        missing = [c for c in cfg.keypoint_aux_cameras if c not in (pcfg.camera_names or [])]
+        if missing:
+            raise ValueError(f"keypoint_aux: the policy reads cameras {pcfg.camera_names}, not {missing}")
+        kp_targets = {pcfg.camera_names.index(c): grounding_targets(data, c, pcfg.image_size)
+                      for c in cfg.keypoint_aux_cameras}
+        kp_index = pcfg.keypoint_tokens
     readout_params = list(readout.parameters()) if readout is not None else []
     opt = torch.optim.AdamW(list(policy.parameters()) + readout_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -796,14 +802,15 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                     pose_loss = 0.5 * (pose_loss + extra)
                 pose_v = float(pose_loss.item())
                 loss = loss + cfg.pose_aux * pose_loss
-            if cfg.keypoint_aux > 0:  # the first prompt-query keypoint of the camera onto the named object
-                use = (kp_inside[rows] & batch["image_masks"][:, kp_camera].cpu()).to(dev)
+            if cfg.keypoint_aux > 0:  # each camera's first prompt-query keypoint onto the named object
                 cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
-                images = batch["images"][:, kp_camera]
-                xy = policy.model.keypoints.coordinates(images.to(policy.model.keypoints.proj.weight.dtype), cond,
-                                                        queries)[:, kp_index]
-                dist2 = ((xy - kp_targets[rows].to(dev)) ** 2).sum(-1)
-                kp_loss = (dist2 * use).sum() / use.sum().clamp(min=1)
+                kp_loss = torch.zeros((), device=dev)
+                for ci, (targets, inside) in kp_targets.items():
+                    use = (inside[rows] & batch["image_masks"][:, ci].cpu()).to(dev)
+                    images = batch["images"][:, ci].to(policy.model.keypoints.proj.weight.dtype)
+                    xy = policy.model.keypoints.coordinates(images, cond, queries)[:, kp_index]
+                    dist2 = ((xy - targets[rows].to(dev)) ** 2).sum(-1)
+                    kp_loss = kp_loss + (dist2 * use).sum() / use.sum().clamp(min=1) / len(kp_targets)
                 kp_v = float(kp_loss.item())
                 loss = loss + cfg.keypoint_aux * kp_loss
             if not torch.isfinite(loss):
@@ -848,8 +855,10 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                    "pose_datasets": list(cfg.pose_datasets), "pose_pretrain_steps": cfg.pose_pretrain_steps,
                    "pose_pretrain_final_loss": None if math.isnan(pretrain_v) else pretrain_v}
                   if cfg.pose_aux else {}),
-               **({"keypoint_aux": cfg.keypoint_aux, "keypoint_aux_camera": cfg.keypoint_aux_camera,
-                   "final_keypoint_aux_loss": kp_v, "keypoint_aux_frames_inside": int(kp_inside.sum())}
+               **({"keypoint_aux": cfg.keypoint_aux, "keypoint_aux_cameras": list(cfg.keypoint_aux_cameras),
+                   "final_keypoint_aux_loss": kp_v,
+                   "keypoint_aux_frames_inside": {policy.config.camera_names[ci]: int(inside.sum())
+                                                  for ci, (_, inside) in kp_targets.items()}}
                   if cfg.keypoint_aux else {})}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
@@ -975,8 +984,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --pose-aux: the readout learns from detached image tokens (no gradient into the "
                         "policy; plain SFT plus a localisation probe)")
     p.add_argument("--keypoint-aux", type=float, default=0.0, metavar="W",
-                   help="sim-only: weight of a loss pulling the first prompt-query keypoint of the front camera onto "
-                        "the object the prompt names (needs keypoint_prompt_queries and privileged state; 0 = off)")
+                   help="sim-only: weight of a loss pulling each camera's first prompt-query keypoint onto the object "
+                        "the prompt names (needs keypoint_prompt_queries and privileged state; 0 = off)")
+    p.add_argument("--keypoint-aux-cameras", nargs="+", default=["front"], metavar="CAM",
+                   help="with --keypoint-aux: the cameras whose query keypoint is supervised (default front)")
     p.add_argument("--version", default=None, help="checkpoint version string")
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
@@ -1016,7 +1027,8 @@ def run(args: argparse.Namespace) -> int:
                     image_shift=args.image_shift, camera_dropout=args.camera_dropout, pose_aux=args.pose_aux,
                     pose_probe=args.pose_probe, pose_datasets=list(args.pose_dataset),
                     pose_pretrain_steps=args.pose_pretrain_steps, pose_readout=args.pose_readout,
-                    pose_values=args.pose_values, keypoint_aux=args.keypoint_aux)
+                    pose_values=args.pose_values, keypoint_aux=args.keypoint_aux,
+                    keypoint_aux_cameras=list(args.keypoint_aux_cameras))
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -43,8 +43,9 @@ def test_keypoint_probe_open_and_closed_loop(tmp_path: Path) -> None:
         assert len(s["linear_r2_target_xy"]) == 2 and all(r <= 1 for r in s["linear_r2_target_xy"])
         assert s["token_std_over_frames"] > 0 and s["token_norm"] > 0
         assert len(s["prompt_query_r2_target_xy"]) == 2  # the prompt-asked keypoints alone
-    g = ol["front"]["prompt_query_grounding"]  # named cube or the other one, in the (fixed) front image
-    assert 0 < g["frames_both_inside"] <= ol["frames"] and "prompt_query_grounding" not in ol["wrist"]
+    g = ol["front"]["prompt_query_grounding"]  # named cube or the other one, in the front image (and the wrist's)
+    assert 0 < g["frames_both_inside"] <= ol["frames"]
+    assert 0 <= ol["wrist"]["prompt_query_grounding"]["frames_both_inside"] <= ol["frames"]
     for j in (0, 1):
         q = g[f"query_{j}"]
         assert 0 <= q["nearer_named_cube"] <= 1 and 0 <= q["median_dist_named_cube"] <= 2 * 2 ** 0.5

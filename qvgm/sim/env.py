@@ -351,17 +351,37 @@ class TabletopEnv(gym.Env):
         return {"width": w, "height": h, "fx": float(f), "fy": float(f), "cx": (w - 1) / 2.0, "cy": (h - 1) / 2.0,
                 "frame_id": f"{cam}_color_optical_frame"}
 
-    def project(self, points: np.ndarray, cam: str) -> tuple[np.ndarray, np.ndarray]:
+    def project(self, points: np.ndarray, cam: str, joints: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """World points float[N, 3] (m, base_link frame) -> (pixel coordinates float64[N, 2] (u right, v down; pixel
         centres at integers, as camera_info), depth float64[N] in m along the optical axis (<= 0: behind the camera))
-        in camera ``cam`` at ``image_size``, as it is posed now (the front camera is fixed to the base; the wrist
-        camera moves with the arm)."""
+        in camera ``cam`` at ``image_size``. The camera is posed as the arm is now, or, with ``joints`` float[N, 7]
+        (joint_1..joint_6 in rad, gripper opening in m: the observation's state), as the arm is in row i for point
+        i (forward kinematics on a scratch copy; the simulation is not touched). The front camera is fixed to the
+        base; the wrist camera moves with the arm."""
         info = self.camera_info(cam)
         p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        with self.lock:
-            c = self.model.camera(cam).id
-            pos, rot = self.data.cam_xpos[c].copy(), self.data.cam_xmat[c].reshape(3, 3).copy()
-        local = (p - pos) @ rot  # camera frame: x right, y up, looking along -z (MuJoCo)
+        c = self.model.camera(cam).id
+        if joints is None:
+            with self.lock:
+                pos = np.broadcast_to(self.data.cam_xpos[c], p.shape).copy()
+                rot = np.broadcast_to(self.data.cam_xmat[c].reshape(3, 3), (len(p), 3, 3)).copy()
+        else:
+            q = np.asarray(joints, dtype=np.float64).reshape(-1, len(JOINT_NAMES))
+            if len(q) != len(p):
+                raise ValueError(f"project: {len(p)} points but {len(q)} joint states")
+            scratch = mujoco.MjData(self.model)
+            with self.lock:
+                scratch.qpos[:] = self.data.qpos
+            pos, rot = np.empty((len(p), 3)), np.empty((len(p), 3, 3))
+            for i, qi in enumerate(q):
+                scratch.qpos[self._qadr] = qi
+                scratch.qpos[self._mimic_qadr] = qi[6]
+                mujoco.mj_kinematics(self.model, scratch)
+                mujoco.mj_comPos(self.model, scratch)
+                mujoco.mj_camlight(self.model, scratch)  # camera poses (mj_kinematics leaves them)
+                pos[i], rot[i] = scratch.cam_xpos[c], scratch.cam_xmat[c].reshape(3, 3)
+        local = np.einsum("nk,nkj->nj", p - pos, rot)  # camera frame: x right, y up, looking along -z (MuJoCo)
         depth = -local[:, 2]
         with np.errstate(divide="ignore", invalid="ignore"):
             u = info["cx"] + info["fx"] * local[:, 0] / depth
