@@ -388,10 +388,10 @@ def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 
     """SFTConfig.keypoint_aux targets: where role `role` of the privileged state (0: the object the prompt names
     first, the target cube; qvgm.sim.tasks.ROLES orders the rest) projects into camera `camera` (front: fixed;
     wrist: posed by forward kinematics of each frame's joint state, data.state), per frame -> (xy float32 [N, 2] in
-    the keypoint convention:
-    (x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom; inside bool [N]: in front of the
-    camera and within the image), at the model's input resolution (model_size square). The frames must be square:
-    they are then resized to the model's size without padding, which maps the image onto itself."""
+    the keypoint convention: (x, y) in [-1, 1] over the pixel centres, x left to right, y top to bottom; inside
+    bool [N]: in front of the camera and within the image), at the model's input resolution (model_size square).
+    The frames must be square: they are then resized to the model's size without padding, which maps the image
+    onto itself."""
     from qvgm.sim.env import TabletopEnv
 
     if data.privileged is None or data.privileged.shape[1] < 7 * role + 3:
@@ -805,11 +805,11 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             if cfg.keypoint_aux > 0:  # each camera's first prompt-query keypoint onto the named object
                 cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
                 kp_loss = torch.zeros((), device=dev)
-                for ci, (targets, inside) in kp_targets.items():
-                    use = (inside[rows] & batch["image_masks"][:, ci].cpu()).to(dev)
+                for ci, (kp_xy, kp_in) in kp_targets.items():  # (names apart from pose_aux's `targets`)
+                    use = (kp_in[rows] & batch["image_masks"][:, ci].cpu()).to(dev)
                     images = batch["images"][:, ci].to(policy.model.keypoints.proj.weight.dtype)
                     xy = policy.model.keypoints.coordinates(images, cond, queries)[:, kp_index]
-                    dist2 = ((xy - targets[rows].to(dev)) ** 2).sum(-1)
+                    dist2 = ((xy - kp_xy[rows].to(dev)) ** 2).sum(-1)
                     kp_loss = kp_loss + (dist2 * use).sum() / use.sum().clamp(min=1) / len(kp_targets)
                 kp_v = float(kp_loss.item())
                 loss = loss + cfg.keypoint_aux * kp_loss

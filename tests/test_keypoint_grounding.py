@@ -158,3 +158,15 @@ def test_keypoint_aux_pulls_the_query_keypoint_onto_the_target(tmp_path: Path) -
     assert main(["sft", "--dataset", str(ds), "--config", "pi05-tiny", "--out", str(tmp_path / "cli2"), "--steps",
                  "2", "--override", "no_such_field=1", "--no-progress"]) != 0
     assert not (tmp_path / "cli2").exists()
+
+
+def test_keypoint_aux_and_pose_aux_train_together(tmp_path: Path) -> None:
+    """Both sim-only aids in one run: each keeps its own targets from step to step (both losses logged, finite)."""
+    ds = tmp_path / "demos"
+    collect_demos("pick_place", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    train_sft(SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "both"), steps=4, seed=0,
+                        batch_size=4, checkpoint_every=4, warmup=1, log_every=1, overrides=KP, keypoint_aux=1.0,
+                        pose_aux=1.0), data=data, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "both.work" / "scalars.jsonl").read_text().splitlines()]
+    assert len(logged) == 4 and all(np.isfinite([r["pose_loss"], r["keypoint_aux_loss"]]).all() for r in logged)
