@@ -12,7 +12,8 @@
 # "kp" = delta + 16 spatial-softmax keypoints per camera (Pi05Config.keypoint_tokens); "kp_film" = kp with the
 # keypoints FiLM-conditioned on the prompt; "kp_fixed" = kp on the fixed-colour diagnostic; "kp_pd" / "kp_fixed_pd" =
 # kp / kp_fixed with half of each camera's SigLIP patch tokens masked per training sample,
-# Pi05Config.patch_token_dropout; "kp_pq" = kp + 2 keypoints asked by the prompt, Pi05Config.keypoint_prompt_queries),
+# Pi05Config.patch_token_dropout; "kp_pq" = kp + 2 keypoints asked by the prompt, Pi05Config.keypoint_prompt_queries;
+# "kp_pq_aux" = kp_pq with the first query of both cameras pulled onto the named cube, SFTConfig.keypoint_aux),
 # TASKS ("pick_place push stack"),
 # DEMOS ("10 20"), SEEDS ("0 1 2"), STEPS (1000), EPISODES (20), JOB_LIMIT (seconds per process, 450: its SIGTERM
 # stops the evaluation after the episode in progress and the seed is reported on the episodes done), EXTRA (more
@@ -46,7 +47,9 @@ declare -A flags=([default]="" [delta]="--override delta_actions=true"
   [kp_pd]="--override delta_actions=true --override keypoint_tokens=16 --override patch_token_dropout=0.5"
   [kp_fixed_pd]="--override delta_actions=true --override keypoint_tokens=16 --override patch_token_dropout=0.5
     --colors fixed"
-  [kp_pq]="--override delta_actions=true --override keypoint_tokens=16 --override keypoint_prompt_queries=2")
+  [kp_pq]="--override delta_actions=true --override keypoint_tokens=16 --override keypoint_prompt_queries=2"
+  [kp_pq_aux]="--override delta_actions=true --override keypoint_tokens=16 --override keypoint_prompt_queries=2
+    --keypoint-aux 2 --keypoint-aux-cameras front wrist")
 for v in ${VARIANTS:-delta}; do
   [[ -v "flags[$v]" ]] || { echo "unknown variant '$v' (known: ${!flags[*]})" >&2; exit 2; }
 done
