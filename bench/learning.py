@@ -268,6 +268,14 @@ def init_tag(init: int) -> str:
     return f"-init{init}" if init else ""
 
 
+def reused_demos(root: Path, seed: int, n_demos: int, init: int) -> dict[str, Any] | None:
+    """SFT candidate `init` > 0 trains on candidate 0's demos, recorded in `root` before it (select_sft trains the
+    candidates in order): their summary, or None when the demos are to be recorded (candidate 0, or none yet)."""
+    if init and (root / "meta" / "info.json").exists():
+        return {"seeds": demo_seeds(seed, n_demos), "successes": None, "reused": True}
+    return None
+
+
 def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Path, args: argparse.Namespace,
                      st: dict[str, Any], init: int = 0):
     """Record n noisy demos and SFT a `state` policy on them (steps, config flags, EMA and success-only from `st`,
@@ -281,10 +289,9 @@ def train_sft_policy(task: str, n_demos: int, noise: float, seed: int, work: Pat
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck), ck, {**json.loads(info_path.read_text()), "reused": True}
-    if not (root / "meta" / "info.json").exists() or not init:  # candidates j > 0 reuse candidate 0's demos
+    demo = reused_demos(root, seed, n_demos, init)
+    if demo is None:
         root, demo = record_demos(task, n_demos, noise, seed, root, args)
-    else:
-        demo = {"seeds": demo_seeds(seed, n_demos), "successes": None, "reused": True}
     data = load_demo_data([root], 10, with_images=False, max_episodes=n_demos,
                           success_only=st.get("success_only", False))
     cfg = SFTConfig(datasets=[str(root)], config="state", out=str(ck), steps=st["sft_steps"],
@@ -319,9 +326,8 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
     shutil.rmtree(ck, ignore_errors=True)
-    if init and (root / "meta" / "info.json").exists():  # candidates j > 0 reuse candidate 0's demos
-        demo = {"seeds": demo_seeds(seed, n_demos), "successes": None, "reused": True}
-    else:
+    demo = reused_demos(root, seed, n_demos, init)
+    if demo is None:
         shutil.rmtree(root, ignore_errors=True)  # a half-recorded dataset of an interrupted run
         root, demo = record_demos(task, n_demos, noise, seed, root, args)
     t_demos = time.perf_counter() - t0
@@ -351,6 +357,12 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     return load_policy(ck, device=args.device), ck, info
 
 
+def evaluate_sft(pol: Any, task: str, seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """pipeline.evaluate of an SFT policy on scene `seeds` with the tier's settings (pixels: through CameraCheck)."""
+    return P.evaluate(CameraCheck(pol, args.image_size) if is_pixels(args) else pol, task, seeds, n_exec=args.n_exec,
+                      max_episode_steps=args.max_episode_steps, **gym_env(args), **eval_settings(args))
+
+
 def select_sft(task: str, s: int, args: argparse.Namespace, work: Path, st: dict[str, Any]):
     """--sft-candidates K: K SFT policies of training seed s on the same demos (train_sft_policy init 0..K-1), each
     evaluated on the TUNING scenes TUNE0 + j (j < --tune-episodes; the result is cached next to its checkpoint), the
@@ -365,9 +377,7 @@ def select_sft(task: str, s: int, args: argparse.Namespace, work: Path, st: dict
         judged = {"n_exec": args.n_exec, "max_episode_steps": args.max_episode_steps}  # what else decides the record
         r = json.loads(cache.read_text()) if cache.exists() else {}
         if r.get("judged") != judged:
-            r = P.evaluate(CameraCheck(pol, args.image_size) if is_pixels(args) else pol, task, tune,
-                           n_exec=args.n_exec, max_episode_steps=args.max_episode_steps, **gym_env(args),
-                           **eval_settings(args))
+            r = evaluate_sft(pol, task, tune, args)
             r = {"judged": judged, **{k: r[k] for k in ("success_rate", "successes", "episodes", "outcomes", "wall_s")}}
             cache.write_text(json.dumps(r))
         records.append({"init": init, "checkpoint": ck.name, "sft_seed": s + init * SFT_INIT_STRIDE,
@@ -376,8 +386,6 @@ def select_sft(task: str, s: int, args: argparse.Namespace, work: Path, st: dict
                           "episodes": r["episodes"]}), flush=True)
         if best is None or r["successes"] > best[3]:
             best = (pol, ck, info, r["successes"], init)
-        else:
-            del pol
     pol, ck, info, _, chosen = best
     return pol, ck, {**info, "selection": {"tuning_seeds": f"{TUNE0}..{TUNE0 + args.tune_episodes - 1}",
                                            "chosen": chosen, "candidates": records}}
@@ -391,9 +399,7 @@ def calibrate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for n in st["demos"]:
             for noise in st["demo_noise"]:
                 pol, _, info = train_sft_policy(task, n, noise, 0, work, args, st)
-                r = P.evaluate(CameraCheck(pol, args.image_size) if is_pixels(args) else pol, task, tune,
-                               n_exec=args.n_exec, max_episode_steps=args.max_episode_steps, **gym_env(args),
-                               **eval_settings(args))
+                r = evaluate_sft(pol, task, tune, args)
                 rows.append({"task": task, "demos": n, "noise": noise, "sft": info, "tuning": r})
                 print(json.dumps({"task": task, "demos": n, "noise": noise, "rate": r["success_rate"],
                                   "ci95": r["ci95"], "sft_s": info["wall_s"], "eval_s": r["wall_s"]}), flush=True)

@@ -403,6 +403,7 @@ def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 
     if h != w:
         raise ValueError(f"keypoint_aux: {camera} frames are {h}x{w} px; it needs square frames (the model pads "
                          "others to its square input, which would move the targets)")
+    # the cameras and the arm are the same in every task's scene, so any task's model projects for all of them
     env = TabletopEnv("pick_place", cameras=(camera,), image_size=(h, w), render=False)
     try:
         env.reset(seed=0)
