@@ -49,7 +49,7 @@ FASTDDS_SHM_XML = (Path(__file__).resolve().parents[1] / "config" / "fastdds_shm
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -103,7 +103,7 @@ class Graph:
     def __init__(self) -> None:
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.ctx)
+        self.executor = SingleThreadedExecutor(context=self.ctx)  # as camera_node's main (see there)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
 

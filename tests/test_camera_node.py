@@ -16,7 +16,7 @@ import pytest
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from helpers import wait_for
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -75,10 +75,12 @@ class Probe(Node):
 
 
 @pytest.fixture
-def ros() -> Iterator[tuple[Any, MultiThreadedExecutor]]:
+def ros() -> Iterator[tuple[Any, SingleThreadedExecutor]]:
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
-    executor = MultiThreadedExecutor(num_threads=2, context=ctx)
+    # as camera_node's main: rclpy's MultiThreadedExecutor busy-waits holding the GIL and starved the feeder and
+    # capture threads to 2-5 fps in about half the runs (both CI failures of 2026-11-27)
+    executor = SingleThreadedExecutor(context=ctx)
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
     yield ctx, executor
@@ -129,7 +131,7 @@ class Feeder:
             self.stamps[int(round(ts * 1e3)) * 1000] = k
 
 
-def add_realsense_camera(executor: MultiThreadedExecutor, ctx: Any, name: str, get_device: Callable[[], Any],
+def add_realsense_camera(executor: SingleThreadedExecutor, ctx: Any, name: str, get_device: Callable[[], Any],
                          **params: Any) -> tuple[CameraNode, Probe]:
     probe = Probe(name, ctx)
     executor.add_node(probe)
@@ -141,7 +143,7 @@ def add_realsense_camera(executor: MultiThreadedExecutor, ctx: Any, name: str, g
     return node, probe
 
 
-def test_realsense_software_device_through_node(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+def test_realsense_software_device_through_node(ros: tuple[Any, SingleThreadedExecutor]) -> None:
     ctx, executor = ros
     sw = SoftwareRealSense("843112070001", W, H, FPS, focal_px=90.0)
     # read timeout 2 s: this test checks the data path; a feeder thread starved for 0.5 s on a loaded 2-core CI
@@ -185,7 +187,7 @@ def test_realsense_software_device_through_node(ros: tuple[Any, MultiThreadedExe
     assert hardware_id == "realsense:843112070001"
 
 
-def test_realsense_unplug_replug_and_frozen_stream(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+def test_realsense_unplug_replug_and_frozen_stream(ros: tuple[Any, SingleThreadedExecutor]) -> None:
     ctx, executor = ros
     plugged = {"dev": SoftwareRealSense("843112070002", W, H, FPS)}
 
@@ -242,7 +244,7 @@ class FlakySource(RealSenseSource):
         return frame
 
 
-def test_bad_frames_never_stop_the_node(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+def test_bad_frames_never_stop_the_node(ros: tuple[Any, SingleThreadedExecutor]) -> None:
     ctx, executor = ros
     sw = SoftwareRealSense("843112070003", W, H, FPS)
     probe = Probe("flaky", ctx)
@@ -270,7 +272,7 @@ def write_video(path: Path, n: int, fps: float) -> None:
     writer.release()
 
 
-def test_opencv_video_file_through_node_and_file_removed(ros: tuple[Any, MultiThreadedExecutor],
+def test_opencv_video_file_through_node_and_file_removed(ros: tuple[Any, SingleThreadedExecutor],
                                                          tmp_path: Path) -> None:
     ctx, executor = ros
     path = tmp_path / "usb_cam.avi"
@@ -300,7 +302,7 @@ def test_opencv_video_file_through_node_and_file_removed(ros: tuple[Any, MultiTh
     assert node.reconnects >= 1
 
 
-def test_unknown_backend_is_reported_not_raised(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+def test_unknown_backend_is_reported_not_raised(ros: tuple[Any, SingleThreadedExecutor]) -> None:
     ctx, executor = ros
     probe = Probe("odd", ctx)
     executor.add_node(probe)
@@ -314,7 +316,7 @@ def test_unknown_backend_is_reported_not_raised(ros: tuple[Any, MultiThreadedExe
         RealSenseSource("", W, H, FPS, device_factory=lambda: (_ for _ in ()).throw(SourceDisconnected("x"))).open()
 
 
-def test_node_process_with_ros_args(ros: tuple[Any, MultiThreadedExecutor], tmp_path: Path) -> None:
+def test_node_process_with_ros_args(ros: tuple[Any, SingleThreadedExecutor], tmp_path: Path) -> None:
     """`python -m qvgm_policy_node.camera_node --ros-args -p ...` as its own process, OpenCV backend."""
     import os
     import subprocess
@@ -341,7 +343,7 @@ def test_node_process_with_ros_args(ros: tuple[Any, MultiThreadedExecutor], tmp_
     assert "Traceback" not in out, out
 
 
-def test_several_cameras_at_once(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+def test_several_cameras_at_once(ros: tuple[Any, SingleThreadedExecutor]) -> None:
     """Two software devices, two nodes in one process: each topic carries its own device's frames."""
     ctx, executor = ros
     devs = {"left": SoftwareRealSense("843112070010", W, H, FPS), "right": SoftwareRealSense("843112070011", W, H, FPS)}
@@ -383,7 +385,7 @@ def test_qos_names() -> None:
         qos_by_name("FAST")
 
 
-def test_stale_stamps_are_not_published(ros: tuple[Any, MultiThreadedExecutor]) -> None:
+def test_stale_stamps_are_not_published(ros: tuple[Any, SingleThreadedExecutor]) -> None:
     """Frames stamped 2 s in the past (a device clock gone wrong) are held back and counted as stale."""
     ctx, executor = ros
     sw = SoftwareRealSense("843112070020", W, H, FPS)

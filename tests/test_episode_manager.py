@@ -13,7 +13,7 @@ from typing import Any
 
 import rclpy
 from helpers import wait_for
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile
@@ -33,7 +33,7 @@ def graph(*makers: Callable[[rclpy.Context], Node]) -> Iterator[list[Node]]:
         for make in makers:
             ctx = rclpy.Context()
             rclpy.init(context=ctx)
-            ex = MultiThreadedExecutor(num_threads=2, context=ctx)
+            ex = SingleThreadedExecutor(context=ctx)  # not Multi: it busy-waits holding the GIL (rclpy #1452)
             node = make(ctx)
             ex.add_node(node)
             th = threading.Thread(target=ex.spin, daemon=True)
