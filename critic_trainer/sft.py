@@ -491,6 +491,11 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
 
 
+# what the image readout (pose_aux "image") passes through the vision path: the images, and the prompt that keypoint
+# nets with FiLM or prompt queries read
+IMAGE_READOUT_INPUTS = ("images", "image_masks", "tokens", "token_mask")
+
+
 def pose_pretrain(policy: FlowPolicyBase, readout: PoseReadout, frames: list[tuple[dict[str, torch.Tensor],
                   torch.Tensor]], cfg: SFTConfig, log: Any = None) -> float:
     """SFTConfig.pose_pretrain_steps of vision-only training: pi05 image tokens -> readout -> normalised object
@@ -512,8 +517,9 @@ def pose_pretrain(policy: FlowPolicyBase, readout: PoseReadout, frames: list[tup
         losses = []
         for inputs, targets in frames:
             rows = torch.from_numpy(rng.integers(0, len(targets), size=per))
-            b = batch_inputs({k: inputs[k] for k in ("images", "image_masks")}, rows, dev)
-            tokens, valid = model.image_tokens(b["images"], b["image_masks"])
+            # (+ the prompt: keypoints with FiLM or prompt queries read it)
+            b = batch_inputs({k: inputs[k] for k in IMAGE_READOUT_INPUTS if k in inputs}, rows, dev)
+            tokens, valid = model.image_tokens(b["images"], b["image_masks"], b.get("tokens"), b.get("token_mask"))
             losses.append(((readout(tokens, valid) - targets[rows].to(dev)) ** 2).mean())
         loss = torch.stack(losses).mean()
         if not torch.isfinite(loss):
@@ -721,9 +727,10 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             if sorted(pose_extra.images) != sorted(data.images):
                 raise ValueError(f"pose_datasets have cameras {sorted(pose_extra.images)}, the training data "
                                  f"{sorted(data.images)}")
-            # images only for the image readout; the prefix readout needs the prompt (and state) too
+            # images (and the prompt, which prompt-reading keypoints need) for the image readout; the prefix readout
+            # needs the state too
             pose_extra_inputs = {k: v for k, v in encode_inputs(policy, pose_extra).items()
-                                 if cfg.pose_readout == "prefix" or k in ("images", "image_masks")}
+                                 if cfg.pose_readout == "prefix" or k in IMAGE_READOUT_INPUTS}
             fingerprint += "+pose:" + pose_extra.fingerprint()
         targets, pose_quantiles = pose_targets(data, quantiles, cfg.pose_values)
         tap = ImageTokenTap(policy, cfg.pose_readout)
@@ -741,6 +748,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         kp_targets = {pcfg.camera_names.index(c): grounding_targets(data, c, pcfg.image_size)
                       for c in cfg.keypoint_aux_cameras}
         kp_index = pcfg.keypoint_tokens
+        policy.model.keypoints.keep_coordinates = True  # the flow loss's own pass gives the coordinates
     readout_params = list(readout.parameters()) if readout is not None else []
     opt = torch.optim.AdamW(list(policy.parameters()) + readout_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -780,6 +788,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             loss = policy.flow_loss(batch, actions[rows].to(dev), noise=noise.to(dev),
                                     time=t, action_mask=valid[rows].to(dev))
             flow_v = float(loss.item())
+            # keypoint_aux: the coordinates of this pass, [B * cameras, K + Q, 2] batch-major (taken now: pose_aux's
+            # extra scenes go through the keypoint net too)
+            kp_coords = policy.model.keypoints.last_coordinates if kp_index >= 0 else None
             if readout is not None and tap is not None:
                 tokens, tok_valid = tap.tokens(batch["image_masks"], batch.get("token_mask"))
                 if cfg.pose_probe:
@@ -795,7 +806,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                         ctx = policy.encode(pb)
                         tokens, tok_valid = ctx.prefix_out, ctx.prefix_mask
                     else:
-                        tokens, tok_valid = policy.model.image_tokens(pb["images"], pb["image_masks"])
+                        tokens, tok_valid = policy.model.image_tokens(pb["images"], pb["image_masks"],
+                                                                      pb.get("tokens"), pb.get("token_mask"))
                     tap.clear()
                     if cfg.pose_probe:
                         tokens = tokens.detach()
@@ -804,12 +816,13 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                 pose_v = float(pose_loss.item())
                 loss = loss + cfg.pose_aux * pose_loss
             if cfg.keypoint_aux > 0:  # each camera's first prompt-query keypoint onto the named object
-                cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
+                if kp_coords is None or kp_coords.shape[0] != b * batch["images"].shape[1]:
+                    raise RuntimeError("keypoint_aux: the forward pass kept no keypoint coordinates for this batch")
+                coords = kp_coords.view(b, batch["images"].shape[1], *kp_coords.shape[1:])
                 kp_loss = torch.zeros((), device=dev)
                 for ci, (kp_xy, kp_in) in kp_targets.items():  # (names apart from pose_aux's `targets`)
                     use = (kp_in[rows] & batch["image_masks"][:, ci].cpu()).to(dev)
-                    images = batch["images"][:, ci].to(policy.model.keypoints.proj.weight.dtype)
-                    xy = policy.model.keypoints.coordinates(images, cond, queries)[:, kp_index]
+                    xy = coords[:, ci, kp_index]
                     dist2 = ((xy - kp_xy[rows].to(dev)) ** 2).sum(-1)
                     kp_loss = kp_loss + (dist2 * use).sum() / use.sum().clamp(min=1) / len(kp_targets)
                 kp_v = float(kp_loss.item())
@@ -841,6 +854,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         log.close()
         if tap is not None:
             tap.close()
+        if kp_index >= 0:
+            policy.model.keypoints.keep_coordinates, policy.model.keypoints.last_coordinates = False, None
     if end < cfg.steps:
         return {"manifest": None, "final_loss": loss_v, "steps": end, "work": str(work), "final_pose_loss": pose_v,
                 "final_keypoint_aux_loss": kp_v}

@@ -14,7 +14,15 @@ import torch
 
 from critic_trainer.cli import main
 from critic_trainer.demos import collect_demos
-from critic_trainer.sft import SFTConfig, encode_inputs, grounding_targets, load_demo_data, train_sft
+from critic_trainer.sft import (
+    SFTConfig,
+    batch_inputs,
+    build_policy_for,
+    encode_inputs,
+    grounding_targets,
+    load_demo_data,
+    train_sft,
+)
 from qvgm.sim.env import TabletopEnv
 
 torch.set_num_threads(1)  # 2 shared CPU cores
@@ -161,12 +169,51 @@ def test_keypoint_aux_pulls_the_query_keypoint_onto_the_target(tmp_path: Path) -
 
 
 def test_keypoint_aux_and_pose_aux_train_together(tmp_path: Path) -> None:
-    """Both sim-only aids in one run: each keeps its own targets from step to step (both losses logged, finite)."""
-    ds = tmp_path / "demos"
+    """Both sim-only aids in one run, pose_aux with extra scenes and pretraining (both pass images and prompts through
+    the prompt-reading keypoint net; they crashed before with prompt queries): each
+    keeps its own targets from step to step (both losses logged, finite), and keypoint_aux's loss is the one of the
+    training batch's own coordinates (taken from the flow loss's forward pass, not recomputed: checked at step 1
+    against a separate pass of the same initial policy over the same rows)."""
+    ds, extra = tmp_path / "demos", tmp_path / "extra"
     collect_demos("pick_place", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
+    collect_demos("pick_place", 1, extra, noise=0.005, seed=600000, image_size=(32, 32))
     data = load_demo_data([ds], horizon=10, with_images=True)
-    train_sft(SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "both"), steps=4, seed=0,
-                        batch_size=4, checkpoint_every=4, warmup=1, log_every=1, overrides=KP, keypoint_aux=1.0,
-                        pose_aux=1.0), data=data, progress=False)
-    logged = [json.loads(line) for line in (tmp_path / "both.work" / "scalars.jsonl").read_text().splitlines()]
+    cfg = SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "both"), steps=4, seed=0,
+                    batch_size=4, checkpoint_every=4, warmup=1, log_every=1, overrides=KP, keypoint_aux=1.0,
+                    pose_aux=1.0, pose_datasets=[str(extra)], pose_pretrain_steps=2)
+    out = train_sft(cfg, data=data, progress=False)
+    logged = [r for r in map(json.loads, (tmp_path / "both.work" / "scalars.jsonl").read_text().splitlines())
+              if r["stage"] == "sft"]
     assert len(logged) == 4 and all(np.isfinite([r["pose_loss"], r["keypoint_aux_loss"]]).all() for r in logged)
+    keypoints = out["policy"].model.keypoints
+    assert not keypoints.keep_coordinates and keypoints.last_coordinates is None  # switched off after training
+
+    # train_sft's initial policy and its first batch's rows (the pose pretraining leaves the keypoint net as it is)
+    torch.manual_seed(cfg.seed)
+    policy = build_policy_for(data, cfg)
+    rows = torch.from_numpy(np.random.default_rng(cfg.seed).integers(0, len(data), size=cfg.batch_size))
+    batch = batch_inputs(encode_inputs(policy, data), rows, torch.device("cpu"))
+    xy, inside = grounding_targets(data, "front", 32)
+    with torch.no_grad():
+        cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
+        kp = policy.model.keypoints.coordinates(batch["images"][:, 0].float(), cond, queries)[:, 4]
+    use = inside[rows] & batch["image_masks"][:, 0]
+    expected = float((((kp - xy[rows]) ** 2).sum(-1) * use).sum() / use.sum().clamp(min=1))
+    assert logged[0]["keypoint_aux_loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_keypoint_net_keeps_its_forward_coordinates_on_request() -> None:
+    """SpatialKeypoints.keep_coordinates: forward() leaves the coordinates it computed (with their graph) in
+    last_coordinates, equal to coordinates() of the same input; off (the default) it keeps nothing."""
+    from qvgm.policy.pi05 import SpatialKeypoints
+
+    torch.manual_seed(0)
+    net = SpatialKeypoints(k=4, width=16, channels=8, prompt_queries=1)
+    images, queries = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 1, 8)
+    net(images, queries=queries)
+    assert net.last_coordinates is None
+    net.keep_coordinates = True
+    tokens = net(images, queries=queries)
+    kept = net.last_coordinates
+    assert kept is not None and kept.shape == (3, 5, 2) and kept.requires_grad and tokens.shape == (3, 1, 16)
+    torch.testing.assert_close(kept, net.coordinates(images, queries=queries))

@@ -56,6 +56,10 @@ class SpatialKeypoints(nn.Module):
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
+        # With keep_coordinates, forward() keeps its coordinates [B, K + Q, 2] (with their graph) in
+        # last_coordinates, so a training loss on them needs no second pass through the conv net (SFT keypoint_aux)
+        self.keep_coordinates = False
+        self.last_coordinates: torch.Tensor | None = None
 
     def keypoints(self, images: torch.Tensor, cond: torch.Tensor | None = None, appearance: bool = True,
                   queries: torch.Tensor | None = None
@@ -107,6 +111,7 @@ class SpatialKeypoints(nn.Module):
                 queries: torch.Tensor | None = None) -> torch.Tensor:
         """-> tokens [B, 1, width] (pooled) or [B, K + Q, width] (per_token)."""
         xy, feats, rgb = self.keypoints(images, cond, appearance=self.per_token, queries=queries)
+        self.last_coordinates = xy if self.keep_coordinates else None
         dtype = self.proj.weight.dtype
         if not self.per_token:
             return self.proj(xy.flatten(1).to(dtype))[:, None]
