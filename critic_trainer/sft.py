@@ -254,8 +254,9 @@ class SFTConfig:
     # camera (the wrist camera posed by forward kinematics of the frame's joint state), averaged over the cameras.
     # The flow loss alone did not teach the prompt queries to find the named cube on random colours
     # (docs/RESULTS.md); this supervises exactly that binding. Frames where the object projects outside the image are
-    # left out. Frames must be square (resized to the model's size, never padded), and no image_shift (the targets
-    # would not follow it). Training only: the checkpoint and inference are unchanged.
+    # left out. Frames must be square (resized to the model's size, never padded). With image_shift the targets move
+    # with each shifted image (and leave out frames whose target the shift pushes out of it). Training only: the
+    # checkpoint and inference are unchanged.
     keypoint_aux: float = 0.0
     keypoint_aux_cameras: list[str] = field(default_factory=lambda: ["front"])
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
@@ -295,8 +296,6 @@ class SFTConfig:
                                   or len(set(self.keypoint_aux_cameras)) != len(self.keypoint_aux_cameras)):
             raise ValueError(f"keypoint_aux_cameras must name one or more distinct cameras, got "
                              f"{self.keypoint_aux_cameras}")
-        if self.keypoint_aux and self.image_shift:
-            raise ValueError("keypoint_aux with image_shift: the projected targets would not follow the shift")
 
     @property
     def work(self) -> Path:
@@ -574,24 +573,28 @@ def encode_inputs(policy: FlowPolicyBase, data: DemoData, chunk: int = 256) -> d
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift every image by a random whole number of pixels in [-pad, pad] along each axis, edges repeated.
 
     images: [..., C, S, S] (e.g. [B, n_cam, 3, S, S] in [-1, 1]), on any device; the offsets are drawn on the CPU
-    from `generator` (one (dy, dx) per image), so a seed gives the same shifts on every device. pad = 0 returns
-    `images` unchanged. A masked (constant) camera image stays constant.
+    from `generator` (one per image), so a seed gives the same shifts on every device. Returns (shifted images,
+    moves [..., 2] int64 on the CPU: (dx, dy) px that each image's content moved, x right, y down: a point at pixel
+    (u, v) is at (u + dx, v + dy) after, or clipped away). pad = 0 returns `images` itself and zero moves. A masked
+    (constant) camera image stays constant.
     """
-    if pad <= 0:
-        return images
     *lead, c, h, w = images.shape
+    if pad <= 0:
+        return images, torch.zeros(*lead, 2, dtype=torch.int64)
     x = torch.nn.functional.pad(images.reshape(-1, c, h, w), (pad, pad, pad, pad), mode="replicate")
     n = x.shape[0]
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(images.device)
-    rows = (offsets[:, 0:1] + torch.arange(h, device=images.device))[:, :, None]  # [n, h, 1]
-    cols = (offsets[:, 1:2] + torch.arange(w, device=images.device))[:, None, :]  # [n, 1, w]
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)  # (row, col) of the crop in the padded image
+    dev_offsets = offsets.to(images.device)
+    rows = (dev_offsets[:, 0:1] + torch.arange(h, device=images.device))[:, :, None]  # [n, h, 1]
+    cols = (dev_offsets[:, 1:2] + torch.arange(w, device=images.device))[:, None, :]  # [n, 1, w]
     idx = torch.arange(n, device=images.device)[:, None, None]
     out = x.permute(0, 2, 3, 1)[idx, rows, cols]  # [n, h, w, c]
-    return out.permute(0, 3, 1, 2).reshape(*lead, c, h, w)
+    moves = (pad - offsets).flip(-1).reshape(*lead, 2)  # output (r, c) shows input (r + row - pad, c + col - pad)
+    return out.permute(0, 3, 1, 2).reshape(*lead, c, h, w), moves
 
 
 def drop_cameras(image_masks: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -781,8 +784,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
             for g in opt.param_groups:
                 g["lr"] = lr
             batch = batch_inputs(inputs, rows, dev)
+            moves = None  # [B, n_cam, 2] px (dx, dy) the image shift moved each camera's content
             if cfg.image_shift and "images" in batch:
-                batch["images"] = random_shift(batch["images"], cfg.image_shift, gen)
+                batch["images"], moves = random_shift(batch["images"], cfg.image_shift, gen)
             if cfg.camera_dropout and "image_masks" in batch:
                 batch["image_masks"] = drop_cameras(batch["image_masks"], cfg.camera_dropout, gen)
             loss = policy.flow_loss(batch, actions[rows].to(dev), noise=noise.to(dev),
@@ -821,9 +825,13 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                 coords = kp_coords.view(b, batch["images"].shape[1], *kp_coords.shape[1:])
                 kp_loss = torch.zeros((), device=dev)
                 for ci, (kp_xy, kp_in) in kp_targets.items():  # (names apart from pose_aux's `targets`)
-                    use = (kp_in[rows] & batch["image_masks"][:, ci].cpu()).to(dev)
+                    target, use = kp_xy[rows], kp_in[rows] & batch["image_masks"][:, ci].cpu()
+                    if moves is not None:  # the targets follow the shifted images (keypoint units: 2 / (S - 1) per px)
+                        target = target + moves[:, ci].float() * (2.0 / (batch["images"].shape[-1] - 1))
+                        use = use & (target.abs() <= 1).all(-1)
                     xy = coords[:, ci, kp_index]
-                    dist2 = ((xy - kp_xy[rows].to(dev)) ** 2).sum(-1)
+                    dist2 = ((xy - target.to(dev)) ** 2).sum(-1)
+                    use = use.to(dev)
                     kp_loss = kp_loss + (dist2 * use).sum() / use.sum().clamp(min=1) / len(kp_targets)
                 kp_v = float(kp_loss.item())
                 loss = loss + cfg.keypoint_aux * kp_loss

@@ -146,7 +146,7 @@ def test_keypoint_aux_pulls_the_query_keypoint_onto_the_target(tmp_path: Path) -
     assert "keypoint_aux_loss" not in json.loads((tmp_path / "plain.work" / "scalars.jsonl").read_text()
                                                 .splitlines()[0])
     bad = [({"overrides": {"delta_actions": True, "keypoint_tokens": 4}}, "keypoint_prompt_queries"),
-           ({"keypoint_aux_cameras": ["front", "front"]}, "distinct cameras"), ({"image_shift": 2}, "image_shift")]
+           ({"keypoint_aux_cameras": ["front", "front"]}, "distinct cameras")]
     for i, (change, match) in enumerate(bad):
         with pytest.raises(ValueError, match=match):
             train_sft(SFTConfig(**{**common, "out": str(tmp_path / f"bad{i}"), "keypoint_aux": 1.0, **change}),
@@ -157,7 +157,7 @@ def test_keypoint_aux_pulls_the_query_keypoint_onto_the_target(tmp_path: Path) -
         train_sft(SFTConfig(**{**common, "datasets": [str(big)], "out": str(tmp_path / "bad_size"),
                                "keypoint_aux": 1.0}), data=load_demo_data([big], 10, with_images=True),
                   progress=False)
-    assert not any((tmp_path / f"bad{i}").exists() for i in range(3)) and not (tmp_path / "bad_size").exists()
+    assert not any((tmp_path / f"bad{i}").exists() for i in range(2)) and not (tmp_path / "bad_size").exists()
     # the CLI: --override sets the config fields, --keypoint-aux the weight; an unknown field is refused
     rc = main(["sft", "--dataset", str(ds), "--config", "pi05-tiny", "--out", str(tmp_path / "cli"), "--steps", "2",
                "--batch-size", "4", "--override", "keypoint_tokens=4", "--override", "keypoint_prompt_queries=1",
@@ -217,3 +217,45 @@ def test_keypoint_net_keeps_its_forward_coordinates_on_request() -> None:
     kept = net.last_coordinates
     assert kept is not None and kept.shape == (3, 5, 2) and kept.requires_grad and tokens.shape == (3, 1, 16)
     torch.testing.assert_close(kept, net.coordinates(images, queries=queries))
+
+
+def test_keypoint_aux_targets_follow_the_image_shift(tmp_path: Path) -> None:
+    """keypoint_aux with image_shift: each target moves with its shifted image. The loss logged at step 1 is the one
+    of the shifted batch against the moved targets (recomputed here from the same initial policy, rows and draws),
+    not the one against the unmoved targets."""
+    from critic_trainer.sft import random_shift
+    from qvgm.policy.flow import sample_flow_time
+
+    ds = tmp_path / "demos"
+    collect_demos("pick_place", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
+    data = load_demo_data([ds], horizon=10, with_images=True)
+    cfg = SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "shift"), steps=1, seed=5,
+                    batch_size=16, checkpoint_every=1, warmup=1, log_every=1, overrides=KP, keypoint_aux=1.0,
+                    keypoint_aux_cameras=["front", "wrist"], image_shift=4)
+    train_sft(cfg, data=data, progress=False)
+    logged = json.loads((tmp_path / "shift.work" / "scalars.jsonl").read_text().splitlines()[0])["keypoint_aux_loss"]
+
+    torch.manual_seed(cfg.seed)  # train_sft's initial policy, rows and generator draws (noise, flow time, shift)
+    policy = build_policy_for(data, cfg)
+    rows = torch.from_numpy(np.random.default_rng(cfg.seed).integers(0, len(data), size=cfg.batch_size))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.randn(cfg.batch_size, policy.horizon, policy.action_dim, generator=gen)
+    sample_flow_time(cfg.batch_size, generator=gen)
+    batch = batch_inputs(encode_inputs(policy, data), rows, torch.device("cpu"))
+    images, moves = random_shift(batch["images"], 4, gen)
+    assert moves.abs().max() > 0
+    with torch.no_grad():
+        cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
+
+        def loss(follow: bool) -> float:
+            total = 0.0
+            for ci, cam in enumerate(("front", "wrist")):
+                xy, inside = grounding_targets(data, cam, 32)
+                target = xy[rows] + (moves[:, ci].float() * 2 / 31 if follow else 0)
+                use = inside[rows] & batch["image_masks"][:, ci] & (target.abs() <= 1).all(-1)
+                kp = policy.model.keypoints.coordinates(images[:, ci].float(), cond, queries)[:, 4]
+                total += float((((kp - target) ** 2).sum(-1) * use).sum() / use.sum().clamp(min=1)) / 2
+            return total
+
+        followed, unmoved = loss(True), loss(False)
+    assert logged == pytest.approx(followed, rel=1e-5, abs=1e-7) and abs(followed - unmoved) > 1e-3

@@ -35,8 +35,8 @@ def test_random_shift_is_an_edge_repeated_translation() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 2, 3, 12, 12) * 2 - 1  # [B, n_cam, C, S, S]
     x[1, 1] = -1.0  # a masked camera: constant
-    y = random_shift(x, 2, g)
-    assert y.shape == x.shape and y.dtype == x.dtype
+    y, moves = random_shift(x, 2, g)
+    assert y.shape == x.shape and y.dtype == x.dtype and moves.shape == (3, 2, 2)
     assert torch.equal(y[1, 1], x[1, 1])  # constant stays constant
     shifted = 0
     for b in range(3):
@@ -44,13 +44,23 @@ def test_random_shift_is_an_edge_repeated_translation() -> None:
             refs = _translations(x[b, c], 2)
             match = [i for i, r in enumerate(refs) if torch.equal(r, y[b, c])]
             assert match, f"image {b},{c} is not a translation by <= 2 px"
+            # the reported move: reference i shows the input at (+dy, +dx), i.e. its content moved by (-dx, -dy)
+            if len(match) == 1:  # (the constant image matches every translation)
+                assert (-(match[0] % 5 - 2), -(match[0] // 5 - 2)) == tuple(moves[b, c].tolist())
             shifted += 12 not in match  # index 12 of 25 = (0, 0)
     assert shifted >= 3  # 6 images, each unshifted with probability 1/25
+    # a bright pixel lands where the move says (away from the edges)
+    dot = torch.full((1, 1, 12, 12), -1.0)
+    dot[0, 0, 5, 6] = 1.0
+    for seed in range(5):
+        moved, (dx, dy) = (t[0] for t in random_shift(dot, 2, torch.Generator().manual_seed(seed)))
+        assert moved[0, 5 + dy, 6 + dx] == 1.0 and moved.sum() == dot.sum()
     # reproducible from the generator, identity at pad 0, and larger pads reach further
-    assert torch.equal(random_shift(x, 2, torch.Generator().manual_seed(0)), y)
-    assert not torch.equal(random_shift(x, 2, torch.Generator().manual_seed(1)), y)
-    assert random_shift(x, 0, g) is x
-    big = random_shift(x[:1, :1].expand(64, 1, 3, 12, 12).contiguous(), 4, torch.Generator().manual_seed(2))
+    assert torch.equal(random_shift(x, 2, torch.Generator().manual_seed(0))[0], y)
+    assert not torch.equal(random_shift(x, 2, torch.Generator().manual_seed(1))[0], y)
+    same, none = random_shift(x, 0, g)
+    assert same is x and not none.any() and none.shape == (3, 2, 2)
+    big, _ = random_shift(x[:1, :1].expand(64, 1, 3, 12, 12).contiguous(), 4, torch.Generator().manual_seed(2))
     refs4 = _translations(x[0, 0], 4)
     far = {next(i for i, r in enumerate(refs4) if torch.equal(r, im[0])) for im in big}
     assert any(abs(i // 9 - 4) > 2 or abs(i % 9 - 4) > 2 for i in far)
