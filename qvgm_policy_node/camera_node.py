@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     name = next((a.split(":=", 1)[1] for a in args if a.startswith("camera_name:=")), None)
     node = CameraNode(name)
     # frames are captured and published on the node's own thread; the executor only runs the diagnostics timer and
-    # parameter services. Not rclpy's MultiThreadedExecutor: its spin loop can busy-wait holding the GIL and starve
-    # the capture thread (measured: 30 fps -> 2-5 fps in about half the runs; rclpy issue #1452)
+    # parameter services. Not rclpy's MultiThreadedExecutor: with image subscribers in the same executor (the tests)
+    # its spin loop busy-waited holding the GIL and starved the capture thread from 30 to 2-5 fps in about half the
+    # runs (rclpy issue #1452); one thread is all this node needs
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
