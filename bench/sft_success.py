@@ -54,6 +54,7 @@ DEMO_SEED0 = 0
 EVAL_SEED0 = 100_000
 HELDOUT_DEMO_SEED0 = 200_000  # fresh expert demos for the open-loop held-out flow loss (--heldout-demos)
 POSE_SCENE_SEED0 = 600_000  # extra scripted episodes whose frames feed only the pose readout (--pose-scenes)
+GROUNDING_SCENE_SEED0 = 650_000  # extra scripted episodes whose frames feed only keypoint_aux (--grounding-scenes)
 RECOVERY_SEED0 = 700_000  # recovery demos: the trained policy leads, the expert takes over (--recovery-demos)
 
 
@@ -310,9 +311,10 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
 
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
-                   "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux", "keypoint_aux_cameras")
+                   "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux", "keypoint_aux_cameras",
+                   "grounding_scenes")
 # settings added after runs were recorded: a JSON without the key ran with this value
-POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None}
+POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None, "grounding_scenes": 0}
 
 
 def pool(runs: list[dict]) -> dict:
@@ -380,6 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "tokens (SFTConfig.pose_aux; the head is not saved, evaluation sees pixels only)")
     ap.add_argument("--pose-probe", action="store_true",
                     help="with --pose-aux: train the readout on detached tokens (plain SFT + a localisation probe)")
+    ap.add_argument("--grounding-scenes", type=int, default=0, metavar="N",
+                    help=f"with --keypoint-aux: N more scripted episodes (scene seeds {GROUNDING_SCENE_SEED0}+) whose "
+                         "frames feed only the grounding loss (SFTConfig.grounding_datasets)")
     ap.add_argument("--pose-scenes", type=int, default=0, metavar="N",
                     help="with --pose-aux: N more scripted episodes (scene seeds 600000+) whose frames feed only the "
                          "pose readout, never the action loss (SFTConfig.pose_datasets)")
@@ -458,6 +463,12 @@ def main(argv: list[str] | None = None) -> dict:
                 collect_demos(task, args.pose_scenes, proot, noise=args.noise, seed=POSE_SCENE_SEED0,
                               image_size=tuple(args.image_size), render=True, colors=args.colors)
                 pose_datasets = [str(proot)]
+            grounding_datasets = []
+            if args.grounding_scenes:
+                groot = Path(tmp) / f"{task}-grounding-scenes"
+                collect_demos(task, args.grounding_scenes, groot, noise=args.noise, seed=GROUNDING_SCENE_SEED0,
+                              image_size=tuple(args.image_size), render=True, colors=args.colors)
+                grounding_datasets = [str(groot)]
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
             for n in args.demos:
@@ -480,7 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     pose_pretrain_steps=args.pose_pretrain_steps,
                                     pose_readout=args.pose_readout, pose_values=args.pose_values,
                                     keypoint_aux=args.keypoint_aux,
-                                    keypoint_aux_cameras=list(args.keypoint_aux_cameras))
+                                    keypoint_aux_cameras=list(args.keypoint_aux_cameras),
+                                    grounding_datasets=grounding_datasets)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
@@ -574,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
            "image_shift": args.image_shift, "camera_dropout": args.camera_dropout, "pose_aux": args.pose_aux,
            "pose_probe": args.pose_probe, "keypoint_aux": args.keypoint_aux,
            **({"keypoint_aux_cameras": list(args.keypoint_aux_cameras)} if args.keypoint_aux else {}),
+           "grounding_scenes": args.grounding_scenes,
+           **({"grounding_scene_seeds": f"{GROUNDING_SCENE_SEED0}+k"} if args.grounding_scenes else {}),
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
            "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),

@@ -13,7 +13,8 @@ the image tokens, which teaches a from-scratch vision tower where the objects ar
 from detached tokens, a probe that leaves training unchanged). Sim-only option `--keypoint-aux W` (pi05 with
 keypoint_prompt_queries): + W * the squared distance between the first prompt-query keypoint of each camera in
 `--keypoint-aux-cameras` (default front) and where the object the prompt names (role 0, the target cube) projects into
-that image: it teaches the prompt to point at the named object (colour grounding).
+that image: it teaches the prompt to point at the named object (colour grounding); `--grounding-dataset DIR` adds
+frames that train only that grounding.
 
 Determinism: one seed fixes the init (torch.manual_seed), the batch indices (numpy PCG64) and the
 noise/flow times (a torch.Generator); same seed + data + thread count -> identical weights.
@@ -259,6 +260,11 @@ class SFTConfig:
     # checkpoint and inference are unchanged.
     keypoint_aux: float = 0.0
     keypoint_aux_cameras: list[str] = field(default_factory=lambda: ["front"])
+    # With keypoint_aux > 0: more datasets (images, prompts and the sim's object state; their actions are never used)
+    # whose frames feed only keypoint_aux: each step adds a batch of them through the keypoint net alone (no LM, no
+    # action expert) and the grounding loss is the mean of the two batches'. Grounding learnt on many scenes, actions
+    # from the few demos: the sim's stand-in for the object grounding a pretrained VLM brings.
+    grounding_datasets: list[str] = field(default_factory=list)
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -292,6 +298,8 @@ class SFTConfig:
         if not (self.keypoint_aux >= 0 and math.isfinite(self.keypoint_aux)):
             raise ValueError(f"keypoint_aux must be a finite weight >= 0, got {self.keypoint_aux}")
         self.keypoint_aux_cameras = list(self.keypoint_aux_cameras)
+        if self.grounding_datasets and not self.keypoint_aux:
+            raise ValueError("grounding_datasets feed the keypoint_aux loss: they need keypoint_aux > 0")
         if self.keypoint_aux and (not self.keypoint_aux_cameras
                                   or len(set(self.keypoint_aux_cameras)) != len(self.keypoint_aux_cameras)):
             raise ValueError(f"keypoint_aux_cameras must name one or more distinct cameras, got "
@@ -308,7 +316,7 @@ class SFTConfig:
             d.pop(k)
         # keys of runs saved before these existed stay valid
         for k in ("ema_decay", "image_shift", "camera_dropout", "pose_aux", "pose_probe", "pose_datasets",
-                  "pose_pretrain_steps", "keypoint_aux"):
+                  "pose_pretrain_steps", "keypoint_aux", "grounding_datasets"):
             if not d[k]:
                 d.pop(k)
         for k, default in (("pose_readout", "image"), ("pose_values", "all"), ("keypoint_aux_cameras", ["front"])):
@@ -414,6 +422,14 @@ def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 
     xy = 2 * model_px / (model_size - 1) - 1
     inside = (depth > 0) & np.all(np.abs(xy) <= 1, axis=1)
     return torch.from_numpy(np.nan_to_num(xy).astype(np.float32)), torch.from_numpy(inside)
+
+
+def grounding_loss(xy: torch.Tensor, target: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """keypoint_aux's loss for one camera: mean squared distance (keypoint units) between keypoints xy [B, 2] and
+    their targets [B, 2] (CPU or device) over the frames `use` [B] bool marks (0 when none)."""
+    use = use.to(xy.device)
+    dist2 = ((xy - target.to(xy.device)) ** 2).sum(-1)
+    return (dist2 * use).sum() / use.sum().clamp(min=1)
 
 
 def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None = None, values: str = "all"
@@ -740,6 +756,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         readout = PoseReadout(tap.width, targets.shape[1]).to(dev)
     kp_targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # camera index -> (targets [N, 2], inside [N])
     kp_index = -1
+    grounding: DemoData | None = None  # grounding_datasets: frames for keypoint_aux only
+    grounding_inputs: dict[str, torch.Tensor] = {}
+    grounding_targets_: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if cfg.keypoint_aux > 0:
         pcfg = policy.config
         if getattr(pcfg, "backbone", None) != "pi05" or not getattr(pcfg, "keypoint_prompt_queries", 0):
@@ -751,6 +770,15 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
         kp_targets = {pcfg.camera_names.index(c): grounding_targets(data, c, pcfg.image_size)
                       for c in cfg.keypoint_aux_cameras}
         kp_index = pcfg.keypoint_tokens
+        if cfg.grounding_datasets:
+            grounding = load_demo_data(cfg.grounding_datasets, horizon, with_images=True)
+            if sorted(grounding.images) != sorted(data.images):
+                raise ValueError(f"grounding_datasets have cameras {sorted(grounding.images)}, the training data "
+                                 f"{sorted(data.images)}")
+            grounding_inputs = {k: v for k, v in encode_inputs(policy, grounding).items() if k in IMAGE_READOUT_INPUTS}
+            grounding_targets_ = {pcfg.camera_names.index(c): grounding_targets(grounding, c, pcfg.image_size)
+                                  for c in cfg.keypoint_aux_cameras}
+            fingerprint += "+grounding:" + grounding.fingerprint()
         policy.model.keypoints.keep_coordinates = True  # the flow loss's own pass gives the coordinates
     readout_params = list(readout.parameters()) if readout is not None else []
     opt = torch.optim.AdamW(list(policy.parameters()) + readout_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -829,10 +857,22 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                     if moves is not None:  # the targets follow the shifted images (keypoint units: 2 / (S - 1) per px)
                         target = target + moves[:, ci].float() * (2.0 / (batch["images"].shape[-1] - 1))
                         use = use & (target.abs() <= 1).all(-1)
-                    xy = coords[:, ci, kp_index]
-                    dist2 = ((xy - target.to(dev)) ** 2).sum(-1)
-                    use = use.to(dev)
-                    kp_loss = kp_loss + (dist2 * use).sum() / use.sum().clamp(min=1) / len(kp_targets)
+                    kp_loss = kp_loss + grounding_loss(coords[:, ci, kp_index], target, use) / len(kp_targets)
+                if grounding is not None:  # + a batch of the grounding scenes, through the keypoint net alone
+                    # rows drawn from (seed, step) alone, as for pose_aux's extra scenes
+                    grow = torch.from_numpy(np.random.default_rng([cfg.seed, step, 13]).integers(
+                        0, len(grounding), size=b))
+                    gb = batch_inputs(grounding_inputs, grow, dev)
+                    n_cam = gb["images"].shape[1]
+                    cond, queries = policy.model.keypoint_conditioning(gb["tokens"], gb["token_mask"], n_cam)
+                    gxy = policy.model.keypoints.coordinates(
+                        gb["images"].flatten(0, 1).to(policy.model.keypoints.proj.weight.dtype), cond, queries
+                    ).view(b, n_cam, -1, 2)
+                    extra = torch.zeros((), device=dev)
+                    for ci, (kp_xy, kp_in) in grounding_targets_.items():
+                        use = kp_in[grow] & gb["image_masks"][:, ci].cpu()
+                        extra = extra + grounding_loss(gxy[:, ci, kp_index], kp_xy[grow], use) / len(kp_targets)
+                    kp_loss = 0.5 * (kp_loss + extra)
                 kp_v = float(kp_loss.item())
                 loss = loss + cfg.keypoint_aux * kp_loss
             if not torch.isfinite(loss):
@@ -882,7 +922,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                **({"keypoint_aux": cfg.keypoint_aux, "keypoint_aux_cameras": list(cfg.keypoint_aux_cameras),
                    "final_keypoint_aux_loss": kp_v,
                    "keypoint_aux_frames_inside": {policy.config.camera_names[ci]: int(inside.sum())
-                                                  for ci, (_, inside) in kp_targets.items()}}
+                                                  for ci, (_, inside) in kp_targets.items()},
+                   **({"grounding_datasets": list(cfg.grounding_datasets), "grounding_frames": len(grounding)}
+                      if grounding is not None else {})}
                   if cfg.keypoint_aux else {})}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
@@ -1012,6 +1054,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the prompt names (needs keypoint_prompt_queries and privileged state; 0 = off)")
     p.add_argument("--keypoint-aux-cameras", nargs="+", default=["front"], metavar="CAM",
                    help="with --keypoint-aux: the cameras whose query keypoint is supervised (default front)")
+    p.add_argument("--grounding-dataset", action="append", default=[], metavar="DIR",
+                   help="with --keypoint-aux: a dataset whose frames feed only the grounding loss (more scenes than "
+                        "the demos; their actions are not used; repeatable)")
     p.add_argument("--version", default=None, help="checkpoint version string")
     p.add_argument("--work-dir", default=None, help="training state + logs (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/train_state")
@@ -1052,7 +1097,8 @@ def run(args: argparse.Namespace) -> int:
                     pose_probe=args.pose_probe, pose_datasets=list(args.pose_dataset),
                     pose_pretrain_steps=args.pose_pretrain_steps, pose_readout=args.pose_readout,
                     pose_values=args.pose_values, keypoint_aux=args.keypoint_aux,
-                    keypoint_aux_cameras=list(args.keypoint_aux_cameras))
+                    keypoint_aux_cameras=list(args.keypoint_aux_cameras),
+                    grounding_datasets=list(args.grounding_dataset))
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -259,3 +259,44 @@ def test_keypoint_aux_targets_follow_the_image_shift(tmp_path: Path) -> None:
 
         followed, unmoved = loss(True), loss(False)
     assert logged == pytest.approx(followed, rel=1e-5, abs=1e-7) and abs(followed - unmoved) > 1e-3
+
+
+def test_grounding_datasets_feed_only_the_grounding_loss(tmp_path: Path) -> None:
+    """SFTConfig.grounding_datasets: frames of more scenes train keypoint_aux only. The grounding loss logged at step
+    1 is the mean of the training batch's and the grounding batch's (recomputed here: same initial policy, rows
+    drawn as documented); the checkpoint summary names the datasets; without keypoint_aux they are refused."""
+    ds, more = tmp_path / "demos", tmp_path / "more"
+    collect_demos("pick_place", 1, ds, noise=0.005, seed=0, image_size=(32, 32))
+    collect_demos("pick_place", 1, more, noise=0.005, seed=650000, image_size=(32, 32))
+    data, extra = (load_demo_data([d], horizon=10, with_images=True) for d in (ds, more))
+    cfg = SFTConfig(datasets=[str(ds)], config="pi05-tiny", out=str(tmp_path / "g"), steps=2, seed=2, batch_size=8,
+                    checkpoint_every=2, warmup=1, log_every=1, overrides=KP, keypoint_aux=1.0,
+                    keypoint_aux_cameras=["front", "wrist"], grounding_datasets=[str(more)])
+    out = train_sft(cfg, data=data, progress=False)
+    logged = [json.loads(line)["keypoint_aux_loss"]
+              for line in (tmp_path / "g.work" / "scalars.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and np.isfinite(logged).all()
+    summary = out["manifest"]["summary"]
+    assert summary["grounding_datasets"] == [str(more)] and summary["grounding_frames"] == len(extra)
+
+    torch.manual_seed(cfg.seed)
+    policy = build_policy_for(data, cfg)
+
+    def batch_loss(d, rows: torch.Tensor) -> float:
+        batch = batch_inputs(encode_inputs(policy, d), rows, torch.device("cpu"))
+        total = 0.0
+        with torch.no_grad():
+            cond, queries = policy.model.keypoint_conditioning(batch["tokens"], batch["token_mask"], 1)
+            for ci, cam in enumerate(("front", "wrist")):
+                xy, inside = grounding_targets(d, cam, 32)
+                kp = policy.model.keypoints.coordinates(batch["images"][:, ci].float(), cond, queries)[:, 4]
+                use = inside[rows] & batch["image_masks"][:, ci]
+                total += float((((kp - xy[rows]) ** 2).sum(-1) * use).sum() / use.sum().clamp(min=1)) / 2
+        return total
+
+    rows = torch.from_numpy(np.random.default_rng(cfg.seed).integers(0, len(data), size=8))
+    grows = torch.from_numpy(np.random.default_rng([cfg.seed, 0, 13]).integers(0, len(extra), size=8))
+    expected = 0.5 * (batch_loss(data, rows) + batch_loss(extra, grows))
+    assert logged[0] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match="grounding_datasets"):
+        SFTConfig(datasets=[str(ds)], grounding_datasets=[str(more)])
