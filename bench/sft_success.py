@@ -309,6 +309,17 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
     return out
 
 
+def extra_scenes(task: str, kind: str, n: int, seed0: int, root: Path, args: argparse.Namespace) -> list[str]:
+    """[dataset dir] of n more scripted episodes of `task` (scene seeds seed0+, the demos' noise, render size and
+    colours) for an SFT aid (pose_aux / keypoint_aux scenes), or [] for n = 0."""
+    if not n:
+        return []
+    path = root / f"{task}-{kind}-scenes"
+    collect_demos(task, n, path, noise=args.noise, seed=seed0, image_size=tuple(args.image_size), render=True,
+                  colors=args.colors)
+    return [str(path)]
+
+
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
                    "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux", "keypoint_aux_cameras",
@@ -457,18 +468,9 @@ def main(argv: list[str] | None = None) -> dict:
                 collect_demos(task, args.heldout_demos, hroot, noise=args.noise, seed=HELDOUT_DEMO_SEED0,
                               image_size=tuple(args.image_size), render=not state_only, colors=args.colors)
                 heldout = load_demo_data([hroot], 10, with_images=not state_only)
-            pose_datasets = []
-            if args.pose_scenes:
-                proot = Path(tmp) / f"{task}-pose-scenes"
-                collect_demos(task, args.pose_scenes, proot, noise=args.noise, seed=POSE_SCENE_SEED0,
-                              image_size=tuple(args.image_size), render=True, colors=args.colors)
-                pose_datasets = [str(proot)]
-            grounding_datasets = []
-            if args.grounding_scenes:
-                groot = Path(tmp) / f"{task}-grounding-scenes"
-                collect_demos(task, args.grounding_scenes, groot, noise=args.noise, seed=GROUNDING_SCENE_SEED0,
-                              image_size=tuple(args.image_size), render=True, colors=args.colors)
-                grounding_datasets = [str(groot)]
+            pose_datasets = extra_scenes(task, "pose", args.pose_scenes, POSE_SCENE_SEED0, Path(tmp), args)
+            grounding_datasets = extra_scenes(task, "grounding", args.grounding_scenes, GROUNDING_SCENE_SEED0,
+                                              Path(tmp), args)
             eval_seeds = [EVAL_SEED0 + j for j in range(args.episodes)]
             assert not set(eval_seeds) & set(demo["seeds"])
             for n in args.demos:
