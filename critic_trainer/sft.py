@@ -424,12 +424,25 @@ def grounding_targets(data: DemoData, camera: str, model_size: int, role: int = 
     return torch.from_numpy(np.nan_to_num(xy).astype(np.float32)), torch.from_numpy(inside)
 
 
-def grounding_loss(xy: torch.Tensor, target: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
-    """keypoint_aux's loss for one camera: mean squared distance (keypoint units) between keypoints xy [B, 2] and
-    their targets [B, 2] (CPU or device) over the frames `use` [B] bool marks (0 when none)."""
-    use = use.to(xy.device)
-    dist2 = ((xy - target.to(xy.device)) ** 2).sum(-1)
-    return (dist2 * use).sum() / use.sum().clamp(min=1)
+def grounding_loss(coords: torch.Tensor, targets: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
+                   image_masks: torch.Tensor, index: int, moves: torch.Tensor | None = None,
+                   image_size: int = 0) -> torch.Tensor:
+    """keypoint_aux's loss for one batch: the squared distance (keypoint units) of keypoint `index` in coords
+    [B, n_cam, K + Q, 2] from its target, averaged over the frames that have one, then over the cameras of `targets`
+    (camera index -> (xy [N, 2], inside [N]) of grounding_targets, picked by the batch's `rows` [B]). image_masks
+    [B, n_cam] leaves out missing cameras. `moves` [B, n_cam, 2] px (random_shift of images `image_size` square)
+    moves the targets with the shifted images, 2 / (image_size - 1) keypoint units per px, and leaves out those
+    pushed off the image."""
+    total = coords.new_zeros(())
+    for ci, (xy, inside) in targets.items():
+        target, use = xy[rows], inside[rows] & image_masks[:, ci].cpu()
+        if moves is not None:
+            target = target + moves[:, ci].float() * (2.0 / (image_size - 1))
+            use = use & (target.abs() <= 1).all(-1)
+        use = use.to(coords.device)
+        dist2 = ((coords[:, ci, index] - target.to(coords.device)) ** 2).sum(-1)
+        total = total + (dist2 * use).sum() / use.sum().clamp(min=1)
+    return total / len(targets)
 
 
 def pose_targets(data: DemoData, quantiles: tuple[np.ndarray, np.ndarray] | None = None, values: str = "all"
@@ -758,7 +771,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     kp_index = -1
     grounding: DemoData | None = None  # grounding_datasets: frames for keypoint_aux only
     grounding_inputs: dict[str, torch.Tensor] = {}
-    grounding_targets_: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    grounding_kp_targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if cfg.keypoint_aux > 0:
         pcfg = policy.config
         if getattr(pcfg, "backbone", None) != "pi05" or not getattr(pcfg, "keypoint_prompt_queries", 0):
@@ -776,7 +789,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                 raise ValueError(f"grounding_datasets have cameras {sorted(grounding.images)}, the training data "
                                  f"{sorted(data.images)}")
             grounding_inputs = {k: v for k, v in encode_inputs(policy, grounding).items() if k in IMAGE_READOUT_INPUTS}
-            grounding_targets_ = {pcfg.camera_names.index(c): grounding_targets(grounding, c, pcfg.image_size)
+            grounding_kp_targets = {pcfg.camera_names.index(c): grounding_targets(grounding, c, pcfg.image_size)
                                   for c in cfg.keypoint_aux_cameras}
             fingerprint += "+grounding:" + grounding.fingerprint()
         policy.model.keypoints.keep_coordinates = True  # the flow loss's own pass gives the coordinates
@@ -851,13 +864,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                 if kp_coords is None or kp_coords.shape[0] != b * batch["images"].shape[1]:
                     raise RuntimeError("keypoint_aux: the forward pass kept no keypoint coordinates for this batch")
                 coords = kp_coords.view(b, batch["images"].shape[1], *kp_coords.shape[1:])
-                kp_loss = torch.zeros((), device=dev)
-                for ci, (kp_xy, kp_in) in kp_targets.items():  # (names apart from pose_aux's `targets`)
-                    target, use = kp_xy[rows], kp_in[rows] & batch["image_masks"][:, ci].cpu()
-                    if moves is not None:  # the targets follow the shifted images (keypoint units: 2 / (S - 1) per px)
-                        target = target + moves[:, ci].float() * (2.0 / (batch["images"].shape[-1] - 1))
-                        use = use & (target.abs() <= 1).all(-1)
-                    kp_loss = kp_loss + grounding_loss(coords[:, ci, kp_index], target, use) / len(kp_targets)
+                kp_loss = grounding_loss(coords, kp_targets, rows, batch["image_masks"], kp_index, moves,
+                                         batch["images"].shape[-1])
                 if grounding is not None:  # + a batch of the grounding scenes, through the keypoint net alone
                     # rows drawn from (seed, step) alone, as for pose_aux's extra scenes
                     grow = torch.from_numpy(np.random.default_rng([cfg.seed, step, 13]).integers(
@@ -868,10 +876,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                     gxy = policy.model.keypoints.coordinates(
                         gb["images"].flatten(0, 1).to(policy.model.keypoints.proj.weight.dtype), cond, queries
                     ).view(b, n_cam, -1, 2)
-                    extra = torch.zeros((), device=dev)
-                    for ci, (kp_xy, kp_in) in grounding_targets_.items():
-                        use = kp_in[grow] & gb["image_masks"][:, ci].cpu()
-                        extra = extra + grounding_loss(gxy[:, ci, kp_index], kp_xy[grow], use) / len(kp_targets)
+                    extra = grounding_loss(gxy, grounding_kp_targets, grow, gb["image_masks"], kp_index)
                     kp_loss = 0.5 * (kp_loss + extra)
                 kp_v = float(kp_loss.item())
                 loss = loss + cfg.keypoint_aux * kp_loss
