@@ -24,7 +24,8 @@ Tiers: `state` (the `state` backbone on privileged object poses, no cameras) and
 pi05-small, through the full stack: demos, the rollout buffer and every evaluation episode are rendered by MuJoCo at
 --image-size for --cameras, the policy reads the images; SFT, features, critic and methods run on --device). Pixel-tier
 work files carry the prefix `pixels-<config>-<H>x<W>-<cameras>-` (state-tier names unchanged, so runs never collide);
-its critic reads "pooled" features (mean final-layer prefix embedding: the bench trains no RL token), and every
+its critic reads "pooled" features (mean final-layer prefix embedding), or with --rl-token-steps N the z_rl of an RL
+token trained for N steps on the fixed buffer with the VLA frozen (METHOD.md §2; between steps 3 and 4), and every
 observation handed to a pixel policy is checked to carry a rendered, non-blank frame per camera (CameraCheck).
 --buffer-demos starts the fixed buffer as a copy of the SFT demos (the loop's layout) with the rollouts appended, so
 a critic can rank even when SFT never succeeds (off by default).
@@ -63,7 +64,7 @@ from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES, qvgm_ascent_lr  # noqa: E402
 from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E402
 from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device  # noqa: E402
-from qvgm.policy import load_policy  # noqa: E402
+from qvgm.policy import load_policy, save_policy  # noqa: E402
 
 DEMO0, TUNE0, ROLL0, EVAL0 = 0, 200_000, 300_000, 900_000
 SFT_INIT_STRIDE = 1_000_000  # --sft-candidates: candidate j trains with torch seed s + j * SFT_INIT_STRIDE (j = 0: s)
@@ -82,9 +83,9 @@ SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
 # options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
 NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos",
-               "delta_actions", "colors", "policy_override", "sft_warmup", "sft_option")
+               "delta_actions", "colors", "policy_override", "sft_warmup", "sft_option", "rl_token_steps")
 PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "sft_warmup", "delta_actions",
-              "colors", "policy_override", "sft_option")
+              "colors", "policy_override", "sft_option", "rl_token_steps")
 # SFTConfig fields --sft-option may set (pixel tier): the training aids; the rest are the bench's own settings
 SFT_OPTIONS = ("image_shift", "camera_dropout", "keypoint_aux", "keypoint_aux_cameras")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
@@ -421,6 +422,34 @@ def critic_dir(work: Path, task: str, s: int, sft_dir: Path, buf_dir: Path, cfg:
     return work / f"{prefix}critic-{task}-s{s}-{h}"
 
 
+def rl_token_policy(sft: Any, buf_dir: Path, buf: Any, task: str, s: int, args: argparse.Namespace,
+                    work: Path) -> tuple[Any, Path, dict[str, Any]]:
+    """Pixel tier, METHOD.md §2: the SFT policy plus an RL token trained for args.rl_token_steps on the fixed
+    buffer's observations with the VLA frozen (critic_trainer.rl_token.train_rl_token, its defaults, seed s; the
+    last 20 % of the episodes held out for the reconstruction cosine). Saved as a checkpoint
+    WORK/<prefix>rltoken-<task>-s<seed>-<hash of buffer + steps> (one a resumed --work reuses) and loaded from
+    there, so the critic features are keyed by its own weight hash. The token changes no action: SFT's outcomes
+    are the same with it. Returns (policy, checkpoint dir, report)."""
+    from critic_trainer.rl_token import train_rl_token
+
+    key = json.dumps({"buffer": buf_dir.name, "steps": args.rl_token_steps, "seed": s}, sort_keys=True)
+    ck = work / f"{tier_prefix(args)}rltoken-{task}-s{s}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    info_path = work / f"{ck.name}.info.json"
+    if (ck / "manifest.json").exists() and info_path.exists():
+        return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
+    t0 = time.perf_counter()
+    if sft.config.rl_token is not None:
+        raise RuntimeError(f"the SFT policy already has an RL token; {ck.name} would replace it")
+    report = train_rl_token(sft, buf.demo.observations(range(len(buf))), buf.episode, steps=args.rl_token_steps,
+                            seed=s)
+    info = {**{k: v for k, v in report.items() if k != "loss_curve"}, "frames": len(buf),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+    shutil.rmtree(ck, ignore_errors=True)  # a checkpoint without its info file: an interrupted run
+    save_policy(sft, ck, version=f"{sft.version}+rltok", parent=sft.version, summary={"kind": "rl_token", **info})
+    info_path.write_text(json.dumps(info))
+    return load_policy(ck, device=args.device), ck, info
+
+
 def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds: list[int]) -> dict[str, Any]:
     """One training seed of one task: SFT, buffer, critic, every method, evaluation."""
     torch.manual_seed(s)
@@ -464,6 +493,13 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         raise RuntimeError(f"buffer {buf_dir} holds camera frames {sorted(buf.demo.images)}, the tier records "
                            f"{sorted(args.cameras)}")
     load_s = time.perf_counter() - t_load
+    out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
+    critic_key_dir, feat_dir = sft_dir, work / f"{pre}features-{task}-s{s}"
+    if pixels and args.rl_token_steps:  # the critic reads z_rl of a token trained on this buffer
+        sft, critic_key_dir, out["rl_token"] = rl_token_policy(sft, buf_dir, buf, task, s, args, work)
+        feat_dir = work / f"{pre}features-{task}-s{s}-{critic_key_dir.name.rsplit('-', 1)[-1]}"
+        print(json.dumps({"task": task, "seed": s, "rl_token": {k: out["rl_token"][k] for k in
+                          ("heldout_cosine_untrained", "heldout_cosine", "wall_s")}}), flush=True)
     base = P.ImproveConfig(method="qvgm", n_exec=args.n_exec, seed=s, critic_steps=args.critic_steps,
                            critic_batch=args.critic_batch, critic_hidden=tuple(args.critic_hidden),
                            reg_weight=args.reg_weight,
@@ -472,7 +508,6 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m,
                            max_shift=args.max_shift, trust_origin=args.trust_origin, **P.baseline_settings(args),
                            **({"critic_features": args.critic_features} if args.critic_features else {}))
-    out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
     if pixels:
         out["buffer"] = {"frames": len(buf), "episodes": int(len(np.unique(buf.episode))),
                          "successful_episodes": int(len(np.unique(buf.episode[buf.success]))),
@@ -483,13 +518,13 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     if any(m in P.CRITIC_METHODS or m in (*METHOD_OVERRIDES, "best-of-n", "q-guided") for m in args.methods):
         P.check_outcomes(buf)
         tr = P.buffer_transitions(sft, buf, args.n_exec, base.gamma)
-        feats, rebuilt = P.extract_features(sft, buf, work / f"{pre}features-{task}-s{s}", args.n_exec,
+        feats, rebuilt = P.extract_features(sft, buf, feat_dir, args.n_exec,
                                             num_ref=base.num_ref, seed=s, features=base.critic_features)
         if pixels:
             out["features"] = {"kind": P.resolve_critic_features(sft, base.critic_features),
                                "dim": int(feats["z_rl"].shape[1]), "reused": rebuilt is None,
                                "wall_s": round(time.perf_counter() - t0, 1)}
-        cdir = critic_dir(work, task, s, sft_dir, buf_dir, base, prefix=pre)
+        cdir = critic_dir(work, task, s, critic_key_dir, buf_dir, base, prefix=pre)
         if (cdir / "critic_info.json").exists():  # resumed --work: the same critic settings on the same buffer
             critic, _ = P.load_critic(cdir)
             critic = critic.to(sft.device)
@@ -519,7 +554,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         else:
             cfg = P.ImproveConfig(**{**base.__dict__, "method": m, **METHOD_OVERRIDES.get(m, {})})
             actor, _, summ = P.improve(sft, buf, cfg, work=work / f"{pre}run-{task}-s{s}-{m}",
-                                       cache_dir=work / f"{pre}features-{task}-s{s}",  # same key: reused
+                                       cache_dir=feat_dir,  # same key: reused
                                        critic=critic if cfg.method in P.CRITIC_METHODS else None)
             train = summ["actor"]
         train_s = time.perf_counter() - t1
@@ -576,6 +611,12 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
         ap.error("--sft-warmup must be >= 0")
     if args.sft_batch < 1 or not args.sft_lr > 0:
         ap.error("--sft-batch must be >= 1 and --sft-lr > 0")
+    if args.rl_token_steps is not None:
+        if args.rl_token_steps < 1:
+            ap.error("--rl-token-steps must be >= 1")
+        if args.critic_features == "pooled":
+            ap.error("--rl-token-steps trains the RL token the critic reads: drop --critic-features pooled")
+        args.critic_features = "rl-token"
     args.critic_features = args.critic_features or "pooled"
     args.colors = args.colors or "random"
     overrides = {}
@@ -630,9 +671,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     px.add_argument("--delta-actions", action="store_const", const=True, default=None,
                     help="pi05 predicts the arm joints relative to the current joint state (the state tier's "
                     "delta_actions flag; default off)")
+    px.add_argument("--rl-token-steps", type=int, default=None, metavar="N",
+                    help="train the RL token (METHOD.md §2) for N steps on the fixed buffer, VLA frozen, and give "
+                    "the critic its z_rl (implies --critic-features rl-token; default: no token, pooled features)")
     ap.add_argument("--critic-features", default=None, choices=["rl-token", "pooled"],
                     help="critic state features (default: rl-token for state = the encoder embedding; pooled for "
-                    "pixels = mean final-layer prefix embedding, as the bench trains no RL token)")
+                    "pixels = mean final-layer prefix embedding, unless --rl-token-steps trains a token)")
     ap.add_argument("--buffer-demos", action="store_true",
                     help="the fixed buffer starts as a copy of the SFT demos, rollouts appended (default: rollouts "
                     "only)")

@@ -297,3 +297,43 @@ def test_critic_methods_train_the_actor_as_deployed(run, tmp_path):
     torch.manual_seed(1)
     loss, _ = qvgm_loss(actor, pol, actor.encode(inputs), pol.encode(inputs), lambda a: a.sum(-1), cfg.qvgm())
     assert loss.item() > 0.0  # small (3 SFT steps barely use the images), but not the exact 0 above
+
+
+def test_rl_token_is_trained_on_the_buffer_and_read_by_the_critic(run, capsys):
+    """--rl-token-steps N (METHOD.md §2): an RL token trained on the run's own buffer, VLA frozen, saved as a
+    checkpoint whose parent is the SFT; the critic reads its z_rl (dim 256) through a feature cache and a critic of
+    their own; SFT acts exactly as without the token; a second run reuses the token, features and critic."""
+    from qvgm.policy import load_policy
+
+    tmp, first, _ = run
+    argv = [*TOY[:TOY.index("--methods")], "--methods", "sft", "qvgm", *TOY[TOY.index("--methods") + 4:],
+            "--rl-token-steps", "5", "--work", str(tmp / "w")]
+    res = bench().main(argv)
+    assert res["critic_features"] == "rl-token" and res["settings"]["rl_token_steps"] == 5
+    seed = res["tasks"]["push"]["seeds"][0]
+    tok = seed["rl_token"]
+    assert tok["steps"] == 5 and tok["frames"] == seed["buffer"]["frames"] and tok["heldout_frames"] > 0
+    assert -1.0 <= tok["heldout_cosine"] <= 1.0 and not tok.get("reused")
+    assert seed["features"] == {**seed["features"], "kind": "rl-token", "dim": 256, "reused": False}
+    assert seed["sft"]["reused"] and seed["rollouts"]["reused"] and not seed["critic"].get("reused")
+    assert seed["methods"]["sft"]["outcomes"] == first["tasks"]["push"]["seeds"][0]["methods"]["sft"]["outcomes"]
+    ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "rltoken-push-s0-") and p.is_dir())
+    sft_ck = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
+                  and not p.name.endswith(".work"))
+    pol, sft = load_policy(ck), load_policy(sft_ck)
+    assert pol.config.rl_token is not None and pol.manifest["parent"] == sft.version
+    # the VLA is the SFT's, bit for bit: only the rl_token.* weights are new
+    sd, base = pol.state_dict(), sft.state_dict()
+    assert set(sd) - set(base) and all(k.startswith("rl_token.") for k in set(sd) - set(base))
+    assert all(torch.equal(sd[k], v) for k, v in base.items())
+    again = bench().main(argv)["tasks"]["push"]["seeds"][0]
+    assert again["rl_token"]["reused"] and again["features"]["reused"] and again["critic"]["reused"]
+    assert again["methods"]["sft"]["outcomes"] == seed["methods"]["sft"]["outcomes"]
+    for bad, msg in ((["--rl-token-steps", "0"], "must be >= 1"),
+                     (["--rl-token-steps", "5", "--critic-features", "pooled"], "drop --critic-features pooled")):
+        with pytest.raises(SystemExit):
+            bench().main(["--tier", "pixels", "--config", "pi05-tiny", *bad])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench().main(["--rl-token-steps", "5"])
+    assert "apply to --tier pixels only" in capsys.readouterr().err
