@@ -56,6 +56,7 @@ HELDOUT_DEMO_SEED0 = 200_000  # fresh expert demos for the open-loop held-out fl
 POSE_SCENE_SEED0 = 600_000  # extra scripted episodes whose frames feed only the pose readout (--pose-scenes)
 GROUNDING_SCENE_SEED0 = 650_000  # extra scripted episodes whose frames feed only keypoint_aux (--grounding-scenes)
 RECOVERY_SEED0 = 700_000  # recovery demos: the trained policy leads, the expert takes over (--recovery-demos)
+BASE_DEMO_SEED0 = 800_000  # demos of the other tasks a base policy is pretrained on (--base-tasks)
 
 
 class PoseOffset(gym.ObservationWrapper):
@@ -309,6 +310,40 @@ def heldout_probe(policy: torch.nn.Module, train: DemoData, heldout: DemoData, s
     return out
 
 
+def base_policy(root: Path, args: argparse.Namespace, overrides: dict) -> tuple[str | None, dict]:
+    """The checkpoint every SFT of the run fine-tunes (SFTConfig.init): --init as given, or with --base-tasks a base
+    pretrained here on --base-demos noisy demos of each base task (scene seeds BASE_DEMO_SEED0 + k, the run's
+    render size, colours, config, overrides and SFT aids; --base-steps steps, seed --base-seed), its tokenizer
+    knowing every word of the evaluated tasks' prompts; with --keep it stays in `root` for later runs' --init.
+    Returns (checkpoint dir or None, what to record in the JSON)."""
+    from qvgm.sim.tasks import prompt_vocabulary
+
+    if args.init is not None:
+        return str(args.init), {"init": str(args.init)}
+    if not args.base_tasks:
+        return None, {}
+    ck = root / f"base-{'+'.join(args.base_tasks)}-n{args.base_demos}-steps{args.base_steps}-s{args.base_seed}"
+    info = {"init": str(ck), "base_tasks": list(args.base_tasks), "base_demos": args.base_demos,
+            "base_steps": args.base_steps, "base_seed": args.base_seed, "base_demo_seeds": f"{BASE_DEMO_SEED0}+k"}
+    t0 = time.perf_counter()
+    datasets = []
+    for task in args.base_tasks:
+        path = root / f"base-{task}-demos"
+        collect_demos(task, args.base_demos, path, noise=args.noise, seed=BASE_DEMO_SEED0,
+                      image_size=tuple(args.image_size), render=args.config != "state", colors=args.colors)
+        datasets.append(str(path))
+    cfg = SFTConfig(datasets=datasets, config=args.config, out=str(ck), steps=args.base_steps, seed=args.base_seed,
+                    batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, checkpoint_every=args.base_steps,
+                    overrides=overrides, device=args.device, image_shift=args.image_shift,
+                    camera_dropout=args.camera_dropout, keypoint_aux=args.keypoint_aux,
+                    keypoint_aux_cameras=list(args.keypoint_aux_cameras), vocabulary=prompt_vocabulary(args.tasks),
+                    version=f"base-{'+'.join(args.base_tasks)}")
+    res = train_sft(cfg, progress=False)
+    info.update(base_final_loss=round(res["final_loss"], 4), base_train_s=round(time.perf_counter() - t0, 1))
+    print(json.dumps({"base": info}), flush=True)
+    return str(ck), info
+
+
 def extra_scenes(task: str, kind: str, n: int, seed0: int, root: Path, args: argparse.Namespace) -> list[str]:
     """[dataset dir] of n more scripted episodes of `task` (scene seeds seed0+, the demos' noise, render size and
     colours) for an SFT aid (pose_aux / keypoint_aux scenes), or [] for n = 0."""
@@ -323,9 +358,9 @@ def extra_scenes(task: str, kind: str, n: int, seed0: int, root: Path, args: arg
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
                    "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux", "keypoint_aux_cameras",
-                   "grounding_scenes")
+                   "grounding_scenes", "init")
 # settings added after runs were recorded: a JSON without the key ran with this value
-POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None, "grounding_scenes": 0}
+POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None, "grounding_scenes": 0, "init": None}
 
 
 def pool(runs: list[dict]) -> dict:
@@ -430,12 +465,26 @@ def main(argv: list[str] | None = None) -> dict:
                          "frames (how much the model uses them)")
     ap.add_argument("--action-error", action="store_true",
                     help="also report the mean |policy - noiseless expert| action error (rad / m) of each rollout")
+    ap.add_argument("--init", type=Path, default=None, metavar="CKPT",
+                    help="every SFT fine-tunes this checkpoint (SFTConfig.init) instead of fresh weights")
+    ap.add_argument("--base-tasks", nargs="+", default=[], metavar="TASK",
+                    help="first pretrain a base policy on demos of these tasks (same recipe and aids; scene seeds "
+                         f"{BASE_DEMO_SEED0}+), then fine-tune it on each --tasks (the few-shot SFT of a pretrained "
+                         "policy); with --keep it stays there for later runs' --init")
+    ap.add_argument("--base-demos", type=int, default=75, metavar="N", help="with --base-tasks: demos per base task")
+    ap.add_argument("--base-steps", type=int, default=3000, metavar="N", help="with --base-tasks: SFT steps")
+    ap.add_argument("--base-seed", type=int, default=0, help="with --base-tasks: the base's SFT seed")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep demos, checkpoints and SFT logs (scalars.jsonl) in this directory")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
                     help="instead of running: merge these outputs of one setting (per-seed processes) into one")
     args = ap.parse_args(argv)
+    if args.init is not None and args.base_tasks:
+        ap.error("--init and --base-tasks both name the checkpoint to fine-tune: give one")
+    if set(args.base_tasks) & set(args.tasks):
+        ap.error(f"--base-tasks {sorted(set(args.base_tasks) & set(args.tasks))} are also evaluated: a base must not "
+                 "have seen the task it is fine-tuned on")
     if args.pool:
         out = pool([json.loads(f.read_text()) for f in args.pool])
         text = json.dumps(out, indent=1)
@@ -454,6 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
             tmp = str(args.keep)
+        init, base_info = base_policy(Path(tmp), args, overrides)
         for task in args.tasks:
             if stopped:
                 break
@@ -494,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     pose_readout=args.pose_readout, pose_values=args.pose_values,
                                     keypoint_aux=args.keypoint_aux,
                                     keypoint_aux_cameras=list(args.keypoint_aux_cameras),
-                                    grounding_datasets=grounding_datasets)
+                                    grounding_datasets=grounding_datasets, init=init)
                     res = train_sft(cfg, data=data, progress=False)
                     t_train = time.perf_counter() - t0
                     probe = heldout_probe(res["policy"], data, heldout, s) if heldout is not None else {}
@@ -588,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
            "image_shift": args.image_shift, "camera_dropout": args.camera_dropout, "pose_aux": args.pose_aux,
            "pose_probe": args.pose_probe, "keypoint_aux": args.keypoint_aux,
            **({"keypoint_aux_cameras": list(args.keypoint_aux_cameras)} if args.keypoint_aux else {}),
-           "grounding_scenes": args.grounding_scenes,
+           "grounding_scenes": args.grounding_scenes, **base_info,
            **({"grounding_scene_seeds": f"{GROUNDING_SCENE_SEED0}+k"} if args.grounding_scenes else {}),
            "pose_scenes": args.pose_scenes, "pose_pretrain_steps": args.pose_pretrain_steps,
            "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,

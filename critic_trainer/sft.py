@@ -2,6 +2,13 @@
 
     critic_trainer sft --dataset DIR [--dataset DIR2 ...] --config state|pi05-tiny|pi05-small --out CKPT
                        --steps N --seed S [--batch-size B] [--lr LR] [--resume]
+    critic_trainer sft --dataset DIR --init BASE_CKPT --out CKPT ...   (fine-tune a pretrained checkpoint)
+
+`--init` starts from a checkpoint (an imported pi0.5, or a base SFT'd on other tasks) instead of fresh weights:
+its architecture, weights and tokenizer are kept, the norm stats are the new data's (openpi's convention for
+fine-tuning: the weights work in normalised units, and a base trained on other tasks may have seen a narrower range,
+e.g. a gripper that never closed), the data must fit it (state and action dims, cameras, every prompt word known to
+its tokenizer), and the new checkpoint names it as its parent.
 
 Data: every frame of every kept episode is a training sample: its observation and the chunk of H actions
 a_i..a_{i+H-1}; steps past the episode end repeat the last action and are masked out of the loss.
@@ -265,6 +272,13 @@ class SFTConfig:
     # action expert) and the grounding loss is the mean of the two batches'. Grounding learnt on many scenes, actions
     # from the few demos: the sim's stand-in for the object grounding a pretrained VLM brings.
     grounding_datasets: list[str] = field(default_factory=list)
+    # fine-tune this checkpoint directory (verified, safetensors) instead of building fresh weights: its config,
+    # weights and tokenizer are kept, the norm stats are the data's; `config` and `overrides` must not contradict it
+    # (init_policy_for)
+    init: str | None = None
+    # more texts whose words the word-level tokenizer of FRESH pi05 weights knows besides the data's prompts, e.g.
+    # the prompts of tasks a base checkpoint will later be fine-tuned on (its tokenizer cannot grow afterwards)
+    vocabulary: list[str] = field(default_factory=list)
     # where training runs: "auto" = CUDA when present, else CPU (qvgm.devices.resolve_device). Not part of the
     # training key: a run started on one device resumes on another. Initial weights and batches are drawn on the
     # CPU (same seed -> same init, rows, noise and flow times on every device; results agree to float tolerance).
@@ -316,9 +330,11 @@ class SFTConfig:
             d.pop(k)
         # keys of runs saved before these existed stay valid
         for k in ("ema_decay", "image_shift", "camera_dropout", "pose_aux", "pose_probe", "pose_datasets",
-                  "pose_pretrain_steps", "keypoint_aux", "grounding_datasets"):
+                  "pose_pretrain_steps", "keypoint_aux", "grounding_datasets", "init", "vocabulary"):
             if not d[k]:
                 d.pop(k)
+        if self.init:  # the base's weights, not where it lies: a resume refuses another base
+            d["init"] = init_weights_sha256(self.init)
         for k, default in (("pose_readout", "image"), ("pose_values", "all"), ("keypoint_aux_cameras", ["front"])):
             if d[k] == default:
                 d.pop(k)
@@ -563,6 +579,61 @@ def pose_pretrain(policy: FlowPolicyBase, readout: PoseReadout, frames: list[tup
     return loss_v
 
 
+def init_weights_sha256(directory: str | Path) -> str:
+    """The sha256 of a checkpoint's weights as its manifest records it (CheckpointError when unreadable)."""
+    from qvgm.policy.checkpoint_io import CheckpointError
+
+    try:
+        return str(json.loads((Path(directory) / "manifest.json").read_text())["files"]["model.safetensors"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory}: no readable manifest with model.safetensors ({e})") from None
+
+
+def init_policy_for(base: FlowPolicyBase, data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
+    """SFTConfig.init: the policy to fine-tune, built from the loaded base checkpoint's config, weights and tokenizer
+    with the data's norm stats (as build_policy_for computes them). An override that differs from its config, data
+    of other state / action dims or cameras, or a prompt word its tokenizer does not know -> ValueError naming it."""
+    from qvgm.policy.checkpoint_io import build_policy
+    from qvgm.policy.processor import UNK, clean_task
+
+    if cfg.vocabulary:
+        raise ValueError("vocabulary builds the tokenizer of fresh weights; an init checkpoint brings its own")
+    pc = base.config
+    wrong = {k: (getattr(pc, k, None), v) for k, v in cfg.overrides.items() if getattr(pc, k, None) != v}
+    if wrong:
+        raise ValueError("init: the architecture comes from the checkpoint, and " + "; ".join(
+            f"its {k} is {have!r}, not {want!r}" for k, (have, want) in wrong.items()))
+    problems = []
+    if pc.state_dim != data.state.shape[1]:
+        problems.append(f"state_dim {pc.state_dim}, the data {data.state.shape[1]}")
+    if pc.real_action_dim != data.actions.shape[2]:
+        problems.append(f"real_action_dim {pc.real_action_dim}, the data {data.actions.shape[2]}")
+    if pc.backbone == "pi05" and sorted(pc.camera_names or []) != sorted(data.images):
+        problems.append(f"cameras {sorted(pc.camera_names or [])}, the data {sorted(data.images)}")
+    k = int(getattr(pc, "privileged_dim", 0) or 0)
+    if k and (data.privileged is None or data.privileged.shape[1] != k):
+        problems.append(f"privileged_dim {k}, the data {0 if data.privileged is None else data.privileged.shape[1]}")
+    if problems:
+        raise ValueError(f"init checkpoint {cfg.init} does not fit the data: " + "; ".join(problems))
+    tok = base.processor.tokenizer
+    if tok is not None and tok.token_to_id(UNK) is not None:
+        unknown = set()
+        for prompt in set(data.prompts):
+            enc = tok.encode(clean_task(prompt))
+            unknown |= {clean_task(prompt)[a:b] for t, (a, b) in zip(enc.tokens, enc.offsets, strict=True) if t == UNK}
+        if unknown:
+            raise ValueError(f"init checkpoint {cfg.init}: its tokenizer does not know the prompt words "
+                             f"{sorted(unknown)} (a base for these tasks must be built with their vocabulary)")
+    stats = norm_stats_from(data)
+    if pc.backbone == "pi05" and k:
+        stats = stats.with_privileged(data.privileged)
+    policy = build_policy(pc, stats, base.processor.tokenizer)
+    policy.load_state_dict(base.state_dict(), strict=True)
+    if pc.backbone == "state" and hasattr(policy, "set_privileged_stats"):
+        policy.set_privileged_stats(data.privileged)  # no-op unless the config has privileged_norm
+    return policy
+
+
 def build_policy_for(data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
     """A fresh policy sized to the data (state/action dims, cameras, privileged state) with data norm stats."""
     from qvgm.policy.config import get_config
@@ -586,7 +657,7 @@ def build_policy_for(data: DemoData, cfg: SFTConfig) -> FlowPolicyBase:
                              "privileged values per frame")
         if k:  # the told object state normalised like the state (m-sized values would use a few bins only)
             stats = stats.with_privileged(data.privileged)
-    policy = make_policy(cfg.config, stats, tasks=sorted(set(data.prompts)), **over)
+    policy = make_policy(cfg.config, stats, tasks=sorted(set(data.prompts) | set(cfg.vocabulary)), **over)
     if backbone == "state" and hasattr(policy, "set_privileged_stats"):
         policy.set_privileged_stats(data.privileged)  # no-op unless the config has privileged_norm
     return policy
@@ -721,12 +792,19 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     `stop_after` ends the process-local run after that many optimizer steps in total, leaving only the training
     state (to test resume). Returns {"manifest", "final_loss", "steps", "work"} (manifest None when stopped).
     """
+    from qvgm.policy import load_policy
     from qvgm.policy.config import get_config
 
     if Path(cfg.out).exists():
         raise FileExistsError(f"output checkpoint {cfg.out} already exists")
-    horizon = int(cfg.overrides.get("horizon", get_config(cfg.config).horizon))
-    backbone = get_config(cfg.config).backbone
+    base = load_policy(cfg.init) if cfg.init else None  # hashes verified, safetensors only
+    if base is not None:
+        horizon, backbone = base.horizon, base.config.backbone
+        if get_config(cfg.config).backbone != backbone:
+            raise ValueError(f"init checkpoint {cfg.init} is a {backbone} policy, config {cfg.config!r} is not")
+    else:
+        horizon = int(cfg.overrides.get("horizon", get_config(cfg.config).horizon))
+        backbone = get_config(cfg.config).backbone
     if data is None:
         data = load_demo_data(cfg.datasets, horizon, with_images=backbone != "state",
                               success_only=cfg.success_only, max_episodes=cfg.max_episodes)
@@ -735,7 +813,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     torch.manual_seed(cfg.seed)
     # initialised on the CPU, then moved: the same seed gives the same initial weights on every device (a CUDA
     # generator draws other numbers); real-size pi05 is fine-tuned from imported weights, not built here
-    policy = build_policy_for(data, cfg).to(resolve_device(cfg.device))
+    policy = (init_policy_for(base, data, cfg) if base is not None else build_policy_for(data, cfg)).to(
+        resolve_device(cfg.device))
     policy.train()
     dev = policy.device
     inputs = encode_inputs(policy, data)
@@ -915,7 +994,9 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     policy.eval()
     if ema is not None:
         ema.copy_to(policy)
-    summary = {"kind": "sft", "config": cfg.config, "datasets": data.datasets, "frames": len(data),
+    summary = {"kind": "sft", "config": cfg.config, **({"init": str(cfg.init), "init_version": base.version}
+                                                        if base is not None else {}),
+               "datasets": data.datasets, "frames": len(data),
                "episodes": int(len(np.unique(data.episode))), "steps": cfg.steps, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v, "device": str(dev),
                "success_only": cfg.success_only, "ema_decay": cfg.ema_decay, "image_shift": cfg.image_shift,
@@ -932,7 +1013,8 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
                       if grounding is not None else {})}
                   if cfg.keypoint_aux else {})}
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
-    manifest = save_policy(policy, cfg.out, version=version, parent=None, summary=summary)
+    manifest = save_policy(policy, cfg.out, version=version, parent=base.version if base is not None else None,
+                           summary=summary)
     out = {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy,
            "final_keypoint_aux_loss": kp_v}
     if readout is not None:  # training-only, not in the checkpoint: for held-out probes (pose_readout_error)
@@ -1019,7 +1101,13 @@ def rollout(policy: FlowPolicyBase, task: str, seed: int, n_exec: int = 5, image
 # ---------------------------------------------------------------------------------------------------- cli
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", action="append", required=True, help="replay-buffer dataset dir (repeatable)")
-    p.add_argument("--config", default="state", choices=["state", "pi05-tiny", "pi05-small", "pi05"])
+    p.add_argument("--config", default=None, choices=["state", "pi05-tiny", "pi05-small", "pi05"],
+                   help="architecture of fresh weights (default state); with --init the checkpoint's")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="fine-tune this checkpoint (an imported pi0.5, a base SFT) instead of fresh weights")
+    p.add_argument("--vocabulary", action="append", default=[], metavar="TEXT",
+                   help="fresh pi05: words the tokenizer knows besides the data's prompts (repeatable), e.g. the "
+                        "prompts of tasks this checkpoint will be fine-tuned on later")
     p.add_argument("--out", required=True, help="final checkpoint directory (must not exist)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -1088,14 +1176,27 @@ def parse_overrides(items: list[str], config: str) -> dict[str, Any]:
     return out
 
 
+def base_config_name(directory: str | Path) -> str:
+    """The config name a checkpoint was trained as (its SFT summary's), else its backbone ("pi05" / "state")."""
+    from qvgm.policy.checkpoint_io import CheckpointError
+
+    try:
+        summary = json.loads((Path(directory) / "manifest.json").read_text()).get("summary") or {}
+        return str(summary.get("config") or json.loads((Path(directory) / "config.json").read_text())["config"]
+                   ["backbone"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory}: not a readable checkpoint ({e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = SFTConfig(datasets=list(args.dataset), config=args.config, out=args.out, steps=args.steps, seed=args.seed,
+    config = args.config or (base_config_name(args.init) if args.init else "state")
+    cfg = SFTConfig(datasets=list(args.dataset), config=config, out=args.out, steps=args.steps, seed=args.seed,
                     batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     checkpoint_every=args.checkpoint_every, success_only=args.success_only,
                     max_episodes=args.max_episodes, version=args.version, work_dir=args.work_dir,
-                    overrides={**parse_overrides(args.override, args.config),
+                    overrides={**parse_overrides(args.override, config),
                                **({"horizon": args.horizon} if args.horizon else {}),
                                **({"delta_actions": True} if args.delta_actions else {})}, device=args.device,
                     image_shift=args.image_shift, camera_dropout=args.camera_dropout, pose_aux=args.pose_aux,
@@ -1103,7 +1204,8 @@ def run(args: argparse.Namespace) -> int:
                     pose_pretrain_steps=args.pose_pretrain_steps, pose_readout=args.pose_readout,
                     pose_values=args.pose_values, keypoint_aux=args.keypoint_aux,
                     keypoint_aux_cameras=list(args.keypoint_aux_cameras),
-                    grounding_datasets=list(args.grounding_dataset))
+                    grounding_datasets=list(args.grounding_dataset), init=args.init,
+                    vocabulary=list(args.vocabulary))
     try:
         res = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     except FloatingPointError as e:

@@ -346,3 +346,35 @@ def test_image_ablation_freezes_or_blanks_the_chosen_cameras():
             bench.ImageAblation(env, "blank:top")
     finally:
         env.close()
+
+
+def test_base_policy_pretrained_on_other_tasks_is_fine_tuned_and_reused(tmp_path, capsys):
+    """--base-tasks: a base pretrained on push demos (scene seeds 800000+), then every stack SFT fine-tunes it (its
+    checkpoint names the base as parent); a later run fine-tunes the kept base by --init, and the two runs pool
+    (not with a from-scratch run). A base that saw the evaluated task, or two bases at once, are refused."""
+    keep = tmp_path / "keep"
+    base_args = ["--tasks", "stack", "--base-tasks", "push", "--base-demos", "2", "--base-steps", "3", "--keep",
+                 str(keep)]
+    out, _ = _run(tmp_path, "s0", *base_args)
+    assert (out["base_tasks"], out["base_demos"], out["base_steps"], out["base_seed"]) == (["push"], 2, 3, 0)
+    assert out["base_demo_seeds"] == "800000+k" and out["base_final_loss"] > 0
+    assert out["init"] == str(keep / "base-push-n2-steps3-s0")
+    base = keep / "base-push-n2-steps3-s0"
+    m_base = json.loads((base / "manifest.json").read_text())
+    m = json.loads((keep / "ck-stack-2-0" / "manifest.json").read_text())
+    assert m_base["version"] == "base-push" and m["parent"] == "base-push" and m["summary"]["init"] == str(base)
+    assert m_base["summary"]["datasets"] == [str(keep / "base-push-demos")]
+    again, _ = _run(tmp_path, "s1", "--tasks", "stack", "--init", str(base), "--first-seed", "1", "--keep",
+                    str(tmp_path / "keep1"))
+    assert again["init"] == str(base)
+    assert json.loads((tmp_path / "keep1" / "ck-stack-2-1" / "manifest.json").read_text())["parent"] == "base-push"
+    pooled = _bench().pool([out, again])  # the same base: one setting
+    assert [s["seed"] for s in pooled["results"][0]["per_seed"]] == [0, 1]
+    scratch, _ = _run(tmp_path, "scratch", "--tasks", "stack", "--first-seed", "1")
+    with pytest.raises(ValueError, match=r"different settings: \['init'\]"):  # not with from-scratch SFT
+        _bench().pool([out, scratch])
+    for argv, msg in ((["--tasks", "push", "--base-tasks", "push"], "must not have seen the task"),
+                      (["--base-tasks", "push", "--init", str(base)], "give one")):
+        with pytest.raises(SystemExit):
+            _bench().main(argv)
+        assert msg in capsys.readouterr().err

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from qvgm.sim import TASKS, TabletopEnv
-from qvgm.sim.tasks import BOWL_INNER, BOWL_WALL_TOP, COLORS, FIXED_COLORS, ROLES, success, yaw_quat
+from qvgm.sim.tasks import (
+    BOWL_INNER,
+    BOWL_WALL_TOP,
+    COLORS,
+    FIXED_COLORS,
+    ROLES,
+    prompt_vocabulary,
+    success,
+    yaw_quat,
+)
 
 
 def _state(env: TabletopEnv) -> dict[str, np.ndarray]:
@@ -163,7 +172,13 @@ def test_prompts_name_the_target_and_vary():
             rgba = env.model.geom("target_cube_geom").rgba
             assert np.allclose(rgba, COLORS[colors["target_cube"]])
             targets.setdefault(task, set()).add(colors["target_cube"])
+            # the words a tokenizer needs for the task (SFTConfig.vocabulary of a base policy) cover every prompt
+            assert set(prompt.split()) <= {w for t in prompt_vocabulary([task]) for w in t.split()}
     assert all(len(v) >= 3 for v in targets.values())
+    words = {w for t in prompt_vocabulary() for w in t.split()}
+    assert {"bowl", "target", "stack", *COLORS} <= words
+    with pytest.raises(ValueError, match="unknown tasks"):
+        prompt_vocabulary(["fly"])
 
 
 def test_fixed_colors_keep_the_layout_and_paint_every_scene_alike():

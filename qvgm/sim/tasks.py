@@ -34,6 +34,12 @@ ROLES: dict[str, tuple[str, ...]] = {
     "push": ("target_cube", "distractor_0", "goal"),
     "stack": ("target_cube", "base_cube", "distractor_0"),
 }
+# The instruction per task; {0}, {1}, {2} are the colours of ROLES[task]'s first three roles in sample_layout's order.
+PROMPTS: dict[str, str] = {
+    "pick_place": "pick up the {0} cube and put it in the bowl",
+    "push": "push the {0} cube onto the {2} target",
+    "stack": "stack the {0} cube on the {1} cube",
+}
 TIME_LIMIT_S: dict[str, float] = {"pick_place": 25.0, "push": 25.0, "stack": 25.0}
 # colours="fixed": every scene paints the roles alike (the prompt is then the same for every scene of a task), so
 # a policy need not ground the colour word in the image. A diagnostic / curriculum variant; "random" is the task.
@@ -187,7 +193,6 @@ def sample_layout(task: str, rng: np.random.Generator, colors: str = "random") -
             poses[role] = (x, y, float(rng.uniform(-np.pi, np.pi)))
             placed.append((x, y, 0.08))
         colors = {"target_cube": perm[0], "distractor_0": perm[1]}
-        prompt = f"pick up the {perm[0]} cube and put it in the bowl"
     elif task == "push":
         for _ in range(1000):
             cx, cy = _sample_xy(rng, [], 0.0, margin=0.03)
@@ -205,7 +210,6 @@ def sample_layout(task: str, rng: np.random.Generator, colors: str = "random") -
         poses["goal"] = (gx, gy, 0.0)
         poses["distractor_0"] = (dx, dy, float(rng.uniform(-np.pi, np.pi)))
         colors = {"target_cube": perm[0], "distractor_0": perm[1], "goal": perm[2]}
-        prompt = f"push the {perm[0]} cube onto the {perm[2]} target"
     elif task == "stack":
         placed: list[tuple[float, float, float]] = []
         for role in ("target_cube", "base_cube", "distractor_0"):
@@ -213,10 +217,18 @@ def sample_layout(task: str, rng: np.random.Generator, colors: str = "random") -
             poses[role] = (x, y, float(rng.uniform(-np.pi, np.pi)))
             placed.append((x, y, 0.09))
         colors = {"target_cube": perm[0], "base_cube": perm[1], "distractor_0": perm[2]}
-        prompt = f"stack the {perm[0]} cube on the {perm[1]} cube"
     else:
         raise ValueError(f"unknown task {task!r}; known tasks: {TASKS}")
-    return Layout(poses=poses, colors=colors, prompt=prompt)
+    return Layout(poses=poses, colors=colors, prompt=PROMPTS[task].format(*perm))
+
+
+def prompt_vocabulary(tasks: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """Texts holding every word any prompt of `tasks` (default: all) can use, every colour included: the
+    vocabulary a word-level tokenizer needs to read those tasks later (critic_trainer.sft SFTConfig.vocabulary)."""
+    unknown = [t for t in tasks or PROMPTS if t not in PROMPTS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; known tasks: {TASKS}")
+    return [PROMPTS[t].format(c, c, c) for t in (tasks or PROMPTS) for c in COLORS]
 
 
 def yaw_quat(yaw: float) -> np.ndarray:
