@@ -17,6 +17,7 @@ from qvgm.data.layout import DatasetError
 # name -> module path (the module defines HELP, add_arguments, run)
 SUBCOMMANDS: dict[str, str] = {
     "demos": "critic_trainer.demos",
+    "import-pi05": "critic_trainer.import_pi05",
     "sft": "critic_trainer.sft",
     "rl-token": "critic_trainer.rl_token",
     "qvgm": "critic_trainer.pipeline",

@@ -141,3 +141,48 @@ def test_import_published_checkpoint_end_to_end(tmp_path: Path) -> None:
         import_published_checkpoint(tmp_path / "bad.safetensors", tmp_path / "tokenizer.json", norm,
                                     tmp_path / "never", version="x", config="pi05-tiny")
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_import_sized_to_a_dataset_then_sft_from_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`critic_trainer import-pi05`: published weights (openpi layout) + tokenizer.json + a robot's dataset -> a
+    checkpoint with the dataset's dims, cameras and norm stats and the published weights bit for bit; then
+    `critic_trainer sft --init` fine-tunes it on that dataset (the user's path from pi0.5 to a few-shot SFT).
+    A dataset without cameras, or weights of another size, are refused and write nothing."""
+    import json
+
+    from critic_trainer.cli import main
+    from critic_trainer.demos import collect_demos
+    from qvgm.policy.checkpoint_io import load_policy
+    from qvgm.sim.tasks import prompt_vocabulary
+
+    tok = build_tokenizer(prompt_vocabulary())
+    torch.manual_seed(0)
+    src = Pi05Policy(get_config("pi05-tiny"), tok, NormStats.identity(7, 7)).eval()
+    save_file(openpi_layout(src.model.state_dict()), str(tmp_path / "model.safetensors"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ds = tmp_path / "demos"
+    collect_demos("pick_place", 2, ds, noise=0.005, seed=0, image_size=(32, 32))
+    common = ["--weights", str(tmp_path / "model.safetensors"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+              "--config", "pi05-tiny"]
+    assert main(["import-pi05", *common, "--dataset", str(ds), "--out", str(tmp_path / "ours")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "openpi" and info["camera_names"] == ["front", "wrist"]
+    ours = load_policy(tmp_path / "ours", expect={"camera_names": ["front", "wrist"], "real_action_dim": 7})
+    assert ours.manifest["summary"]["config"] == "pi05-tiny"
+    assert all(torch.equal(v, src.model.state_dict()[k]) for k, v in ours.model.state_dict().items())
+    from critic_trainer.sft import load_demo_data, norm_stats_from
+
+    own = norm_stats_from(load_demo_data([ds], 1, with_images=False))
+    np.testing.assert_allclose(ours.processor.norm_stats.action_q99, own.action_q99, rtol=1e-6)
+    assert main(["sft", "--dataset", str(ds), "--init", str(tmp_path / "ours"), "--out", str(tmp_path / "ft"),
+                 "--steps", "2", "--batch-size", "4", "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    ft = json.loads((tmp_path / "ft" / "manifest.json").read_text())
+    assert ft["parent"] == "pi05-import" and ft["summary"]["config"] == "pi05-tiny"
+    blind = tmp_path / "blind"
+    collect_demos("pick_place", 1, blind, noise=0.005, seed=0, render=False)
+    assert main(["import-pi05", *common, "--dataset", str(blind), "--out", str(tmp_path / "x1")]) == 2
+    assert "records no cameras" in capsys.readouterr().err
+    assert main(["import-pi05", *common[:-1], "pi05-small", "--dataset", str(ds), "--out", str(tmp_path / "x2")]) == 2
+    assert "cannot import pi0.5 weights" in capsys.readouterr().err  # the keys that differ follow, by name
+    assert not (tmp_path / "x1").exists() and not (tmp_path / "x2").exists()

@@ -161,5 +161,6 @@ def import_published_checkpoint(weights: str | Path, tokenizer_json: str | Path,
     if dtype is not None:
         policy = policy.to(dtype)
     save_policy(policy, out_dir, version=version, parent=None,
-                summary={"imported_from": str(weights), "layout": report.layout, "ignored_keys": len(report.ignored)})
+                summary={"imported_from": str(weights), "layout": report.layout, "ignored_keys": len(report.ignored),
+                         "config": config})
     return report
