@@ -27,6 +27,8 @@ work files carry the prefix `pixels-<config>-<H>x<W>-<cameras>-` (state-tier nam
 its critic reads "pooled" features (mean final-layer prefix embedding), or with --rl-token-steps N the z_rl of an RL
 token trained for N steps on the fixed buffer with the VLA frozen (METHOD.md §2; between steps 3 and 4), and every
 observation handed to a pixel policy is checked to carry a rendered, non-blank frame per camera (CameraCheck).
+--sft-init CKPT (pixels) makes the SFT a fine-tune of a pretrained checkpoint, e.g. a base trained on the other tasks
+by bench/sft_success.py --base-tasks (the few-shot SFT of a pretrained policy, as pi0.5 is used).
 --buffer-demos starts the fixed buffer as a copy of the SFT demos (the loop's layout) with the rollouts appended, so
 a critic can rank even when SFT never succeeds (off by default).
 Output: one JSON (stdout + --out): per task, per method, success rate, 95 % Wilson CI (episodes pooled over
@@ -62,7 +64,7 @@ import torch  # noqa: E402
 from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES, qvgm_ascent_lr  # noqa: E402
-from critic_trainer.sft import SFTConfig, load_demo_data, train_sft  # noqa: E402
+from critic_trainer.sft import SFTConfig, init_weights_sha256, load_demo_data, train_sft  # noqa: E402
 from qvgm.devices import DEVICE_CHOICES_HELP, resolve_device  # noqa: E402
 from qvgm.policy import load_policy, save_policy  # noqa: E402
 
@@ -83,9 +85,9 @@ SFT_DEFAULTS = SFT_RECIPES
 FALLBACK_SFT = FALLBACK_RECIPE
 # options added with the pixel tier: left out of a `state` run's JSON settings when unset, so its output is unchanged
 NEW_OPTIONS = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "critic_features", "buffer_demos",
-               "delta_actions", "colors", "policy_override", "sft_warmup", "sft_option", "rl_token_steps")
+               "delta_actions", "colors", "policy_override", "sft_warmup", "sft_option", "rl_token_steps", "sft_init")
 PIXEL_ONLY = ("config", "device", "image_size", "cameras", "sft_batch", "sft_lr", "sft_warmup", "delta_actions",
-              "colors", "policy_override", "sft_option", "rl_token_steps")
+              "colors", "policy_override", "sft_option", "rl_token_steps", "sft_init")
 # SFTConfig fields --sft-option may set (pixel tier): the training aids; the rest are the bench's own settings
 SFT_OPTIONS = ("image_shift", "camera_dropout", "keypoint_aux", "keypoint_aux_cameras")
 PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RESULTS.md (bench/sft_success.py)
@@ -322,7 +324,8 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
     ck = work / (f"{tier_prefix(args)}sft-{task}-s{seed}-n{n_demos}-noise{noise}-steps{st['sft_steps']}"
                  f"-b{args.sft_batch}-lr{args.sft_lr}{'-delta' if args.delta_actions else ''}{sft_tag(st)}"
                  f"{'' if args.sft_warmup == 50 else f'-wu{args.sft_warmup}'}{override_tag(args.policy_override)}"
-                 f"{'-sft' + override_tag(args.sft_option) if args.sft_option else ''}{init_tag(init)}")
+                 f"{'-sft' + override_tag(args.sft_option) if args.sft_option else ''}{init_tag(init)}"
+                 f"{'-from' + init_weights_sha256(args.sft_init)[:10] if args.sft_init else ''}")
     info_path = work / f"{ck.name}.info.json"
     if (ck / "manifest.json").exists() and info_path.exists():  # resumed --work: same seeds and settings
         return load_policy(ck, device=args.device), ck, {**json.loads(info_path.read_text()), "reused": True}
@@ -341,7 +344,8 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
                     batch_size=args.sft_batch, lr=args.sft_lr, warmup=args.sft_warmup, checkpoint_every=st["sft_steps"],
                     version=f"sft-{task}-s{seed}", ema_decay=st["ema"], success_only=st.get("success_only", False),
                     device=args.device, overrides={**({"delta_actions": True} if args.delta_actions else {}),
-                                                   **args.policy_override}, **args.sft_option)
+                                                   **args.policy_override}, **args.sft_option,
+                    init=str(args.sft_init) if args.sft_init else None)
     t1 = time.perf_counter()
     res = train_sft(cfg, data=data, progress=False)
     info = {"demo_seeds": demo["seeds"], "demo_successes": demo["successes"], "frames": len(data),
@@ -350,6 +354,7 @@ def train_pixel_sft(task: str, n_demos: int, noise: float, seed: int, work: Path
             "colors": args.colors, "policy_override": args.policy_override, "sft_option": args.sft_option,
             "sft_steps": st["sft_steps"], "batch": args.sft_batch, "warmup": args.sft_warmup,
             "lr": args.sft_lr, "ema": st["ema"], "success_only": st.get("success_only", False),
+            **({"init": str(args.sft_init), "init_version": res["manifest"]["parent"]} if args.sft_init else {}),
             "episodes_used": int(len(np.unique(data.episode))), "final_loss": round(res["final_loss"], 4),
             "demos_s": round(t_demos, 1), "sft_train_s": round(time.perf_counter() - t1, 1),
             "wall_s": round(time.perf_counter() - t0, 1)}
@@ -611,6 +616,8 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
         ap.error("--sft-warmup must be >= 0")
     if args.sft_batch < 1 or not args.sft_lr > 0:
         ap.error("--sft-batch must be >= 1 and --sft-lr > 0")
+    if args.sft_init is not None and not (args.sft_init / "manifest.json").is_file():
+        ap.error(f"--sft-init {args.sft_init}: not a checkpoint directory (no manifest.json)")
     if args.rl_token_steps is not None:
         if args.rl_token_steps < 1:
             ap.error("--rl-token-steps must be >= 1")
@@ -671,6 +678,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     px.add_argument("--delta-actions", action="store_const", const=True, default=None,
                     help="pi05 predicts the arm joints relative to the current joint state (the state tier's "
                     "delta_actions flag; default off)")
+    px.add_argument("--sft-init", type=Path, default=None, metavar="CKPT",
+                    help="the pixel SFT fine-tunes this checkpoint (SFTConfig.init: e.g. a base pretrained on other "
+                    "tasks with bench/sft_success.py --base-tasks) instead of fresh weights; part of its name")
     px.add_argument("--rl-token-steps", type=int, default=None, metavar="N",
                     help="train the RL token (METHOD.md §2) for N steps on the fixed buffer, VLA frozen, and give "
                     "the critic its z_rl (implies --critic-features rl-token; default: no token, pooled features)")

@@ -337,3 +337,26 @@ def test_rl_token_is_trained_on_the_buffer_and_read_by_the_critic(run, capsys):
     with pytest.raises(SystemExit):
         bench().main(["--rl-token-steps", "5"])
     assert "apply to --tier pixels only" in capsys.readouterr().err
+
+
+def test_sft_init_fine_tunes_a_base_and_names_it(run, capsys):
+    """--sft-init CKPT: the pixel SFT fine-tunes a checkpoint (here the run's own SFT as the base) instead of fresh
+    weights: its own checkpoint (never the scratch one), named by the base's weight hash, the base as parent."""
+    tmp, _, _ = run
+    base = next(p for p in (tmp / "w").iterdir() if p.name.startswith(PREFIX + "sft-") and p.is_dir()
+                and not p.name.endswith(".work") and "-from" not in p.name)
+    sha = json.loads((base / "manifest.json").read_text())["files"]["model.safetensors"]
+    argv = [*TOY[:TOY.index("--methods")], "--methods", "sft", *TOY[TOY.index("--methods") + 4:],
+            "--sft-init", str(base), "--work", str(tmp / "w")]
+    seed = bench().main(argv)["tasks"]["push"]["seeds"][0]
+    assert not seed["sft"].get("reused") and seed["sft"]["init"] == str(base)
+    ck = next(p for p in (tmp / "w").iterdir() if p.name.endswith(f"-from{sha[:10]}") and p.is_dir())
+    m = json.loads((ck / "manifest.json").read_text())
+    assert m["parent"] == seed["sft"]["init_version"] == json.loads((base / "manifest.json").read_text())["version"]
+    assert bench().main(argv)["tasks"]["push"]["seeds"][0]["sft"]["reused"]
+    with pytest.raises(SystemExit):
+        bench().main(["--tier", "pixels", "--config", "pi05-tiny", "--sft-init", str(tmp / "nowhere")])
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench().main(["--sft-init", str(base)])
+    assert "apply to --tier pixels only" in capsys.readouterr().err
