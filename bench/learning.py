@@ -24,8 +24,9 @@ Tiers: `state` (the `state` backbone on privileged object poses, no cameras) and
 pi05-small, through the full stack: demos, the rollout buffer and every evaluation episode are rendered by MuJoCo at
 --image-size for --cameras, the policy reads the images; SFT, features, critic and methods run on --device). Pixel-tier
 work files carry the prefix `pixels-<config>-<H>x<W>-<cameras>-` (state-tier names unchanged, so runs never collide);
-its critic reads "pooled" features (mean final-layer prefix embedding), or with --rl-token-steps N the z_rl of an RL
-token trained for N steps on the fixed buffer with the VLA frozen (METHOD.md §2; between steps 3 and 4), and every
+its critic reads the z_rl of an RL token trained for --rl-token-steps N (default 1000) on the fixed buffer with the
+VLA frozen (METHOD.md §2; between steps 3 and 4), or with --critic-features pooled the mean final-layer prefix
+embedding (no token), and every
 observation handed to a pixel policy is checked to carry a rendered, non-blank frame per camera (CameraCheck).
 --sft-init CKPT (pixels) makes the SFT a fine-tune of a pretrained checkpoint, e.g. a base trained on the other tasks
 by bench/sft_success.py --base-tasks (the few-shot SFT of a pretrained policy, as pi0.5 is used).
@@ -94,6 +95,8 @@ PIXEL_SFT_BATCH, PIXEL_SFT_LR = 32, 5e-4  # the pi05-small pixel SFT of docs/RES
 # pixel SFT lr warm-up steps: keypoint-token SFT (Pi05Config.keypoint_tokens) succeeds in 65 % of fixed-colour
 # pick_place episodes with 100 and 20 % with 50 (docs/RESULTS.md, "Where does the pixel policy aim?")
 PIXEL_SFT_WARMUP = 100
+# the pixel tier trains an RL token this many steps on the fixed buffer unless --critic-features pooled
+PIXEL_RL_TOKEN_STEPS = 1000
 
 
 def is_pixels(args: argparse.Namespace) -> bool:
@@ -500,7 +503,9 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     load_s = time.perf_counter() - t_load
     out: dict[str, Any] = {"seed": s, "sft": sft_info, "rollouts": roll, "methods": {}}
     critic_key_dir, feat_dir = sft_dir, work / f"{pre}features-{task}-s{s}"
-    if pixels and args.rl_token_steps:  # the critic reads z_rl of a token trained on this buffer
+    needs_critic = any(m in P.CRITIC_METHODS or m in (*METHOD_OVERRIDES, "best-of-n", "q-guided")
+                       for m in args.methods)
+    if pixels and args.rl_token_steps and needs_critic:  # the critic reads z_rl of a token trained on this buffer
         sft, critic_key_dir, out["rl_token"] = rl_token_policy(sft, buf_dir, buf, task, s, args, work)
         feat_dir = work / f"{pre}features-{task}-s{s}-{critic_key_dir.name.rsplit('-', 1)[-1]}"
         print(json.dumps({"task": task, "seed": s, "rl_token": {k: out["rl_token"][k] for k in
@@ -520,7 +525,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                          "load_s": round(load_s, 1)}
     t0 = time.perf_counter()
     critic = None
-    if any(m in P.CRITIC_METHODS or m in (*METHOD_OVERRIDES, "best-of-n", "q-guided") for m in args.methods):
+    if needs_critic:
         P.check_outcomes(buf)
         tr = P.buffer_transitions(sft, buf, args.n_exec, base.gamma)
         feats, rebuilt = P.extract_features(sft, buf, feat_dir, args.n_exec,
@@ -624,7 +629,9 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if args.critic_features == "pooled":
             ap.error("--rl-token-steps trains the RL token the critic reads: drop --critic-features pooled")
         args.critic_features = "rl-token"
-    args.critic_features = args.critic_features or "pooled"
+    elif args.critic_features != "pooled":  # the tier's critic reads z_rl (docs/RESULTS.md: adopted 2026-11-28)
+        args.rl_token_steps = PIXEL_RL_TOKEN_STEPS
+        args.critic_features = "rl-token"
     args.colors = args.colors or "random"
     overrides = {}
     for o in args.policy_override or []:
@@ -652,7 +659,8 @@ def check_tier_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
         ap.error(str(e))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line (check_tier_args validates it and fills the tier's defaults)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tier", default="state", choices=["state", "pixels"],
                     help="state: the `state` backbone, no cameras; pixels: a pi05 config on rendered camera images")
@@ -683,10 +691,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "tasks with bench/sft_success.py --base-tasks) instead of fresh weights; part of its name")
     px.add_argument("--rl-token-steps", type=int, default=None, metavar="N",
                     help="train the RL token (METHOD.md §2) for N steps on the fixed buffer, VLA frozen, and give "
-                    "the critic its z_rl (implies --critic-features rl-token; default: no token, pooled features)")
+                    f"the critic its z_rl (implies --critic-features rl-token; default {PIXEL_RL_TOKEN_STEPS} unless "
+                    "--critic-features pooled)")
     ap.add_argument("--critic-features", default=None, choices=["rl-token", "pooled"],
-                    help="critic state features (default: rl-token for state = the encoder embedding; pooled for "
-                    "pixels = mean final-layer prefix embedding, unless --rl-token-steps trains a token)")
+                    help="critic state features (default rl-token: for state the encoder embedding, for pixels the "
+                    "z_rl of a token trained on the buffer; pooled = mean final-layer prefix embedding, no token)")
     ap.add_argument("--buffer-demos", action="store_true",
                     help="the fixed buffer starts as a copy of the SFT demos, rollouts appended (default: rollouts "
                     "only)")
@@ -745,6 +754,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temp dir)")
     ap.add_argument("--out", type=Path, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = build_parser()
     args = ap.parse_args(argv)
     check_tier_args(ap, args)
     if args.sft_candidates < 1 or (args.sft_candidates > 1 and (args.calibrate or args.tune_episodes < 1)):

@@ -20,7 +20,8 @@ PREFIX = "pixels-pi05-tiny-32x32-front+wrist-"
 TOY = ["--tier", "pixels", "--config", "pi05-tiny", "--device", "cpu", "--tasks", "push", "--demos", "2",
        "--sft-steps", "3", "--sft-batch", "8", "--max-episode-steps", "10", "--n-exec", "5", "--rollouts", "2",
        "--eval-episodes", "2", "--methods", "sft", "qvgm", "best-of-n", "--buffer-demos", "--critic-steps", "20",
-       "--critic-batch", "32", "--actor-steps", "2", "--actor-batch", "8", "--best-of", "2", "--delta-actions"]
+       "--critic-batch", "32", "--actor-steps", "2", "--actor-batch", "8", "--best-of", "2", "--delta-actions",
+       "--critic-features", "pooled"]  # the tier's default trains a 1000-step RL token
 
 
 def bench():
@@ -306,7 +307,7 @@ def test_rl_token_is_trained_on_the_buffer_and_read_by_the_critic(run, capsys):
     from qvgm.policy import load_policy
 
     tmp, first, _ = run
-    argv = [*TOY[:TOY.index("--methods")], "--methods", "sft", "qvgm", *TOY[TOY.index("--methods") + 4:],
+    argv = [*TOY[:TOY.index("--methods")], "--methods", "sft", "qvgm", *TOY[TOY.index("--methods") + 4:-2],
             "--rl-token-steps", "5", "--work", str(tmp / "w")]
     res = bench().main(argv)
     assert res["critic_features"] == "rl-token" and res["settings"]["rl_token_steps"] == 5
@@ -360,3 +361,20 @@ def test_sft_init_fine_tunes_a_base_and_names_it(run, capsys):
     with pytest.raises(SystemExit):
         bench().main(["--sft-init", str(base)])
     assert "apply to --tier pixels only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, steps, features", [
+    ([], 1000, "rl-token"),  # the tier's default: the critic reads z_rl of a 1000-step token (RESULTS, 2026-11-28)
+    (["--critic-features", "rl-token"], 1000, "rl-token"),
+    (["--rl-token-steps", "7"], 7, "rl-token"),
+    (["--critic-features", "pooled"], None, "pooled"),  # mean-pooled prefix features, no token trained
+])
+def test_pixel_critic_reads_the_rl_token_by_default(given, steps, features):
+    mod = bench()
+    ap = mod.build_parser()
+    args = ap.parse_args(["--tier", "pixels", "--config", "pi05-tiny", "--device", "cpu", *given])
+    mod.check_tier_args(ap, args)
+    assert (args.rl_token_steps, args.critic_features) == (steps, features)
+    state = ap.parse_args(["--tier", "state"])
+    mod.check_tier_args(ap, state)
+    assert state.rl_token_steps is None  # the state tier's token is its encoder: nothing to train
