@@ -6,6 +6,9 @@ Stages (each resumable; a finished stage is skipped when the same work dir is ru
           CheckpointStore WORK/store (made current). Demos, demo noise, SFT steps, StateConfig flags, EMA and
           successful-demos-only come from the task's recipe (critic_trainer.recipes.sft_recipe, the table the
           learning benchmark uses; SFT batch 64, lr 1e-3 as there); every CLI value given overrides it.
+          --sft-init CKPT fine-tunes a pretrained checkpoint instead (an imported pi0.5, `critic_trainer
+          import-pi05`, or a base SFT'd on other tasks): its architecture, weights and tokenizer, the demos' norm
+          stats; v0's parent is its version (critic_trainer.sft.SFTConfig.init).
   round 0 the SFT policy v0 evaluated through ROS on the held-out evaluation seeds BEFORE any improvement
           (WORK/rounds/r0/eval): the baseline every later round is compared with
   rounds  R times, with ONE in-process sim graph (sim_node + policy_node backend `flow` serving the store's current
@@ -147,12 +150,15 @@ def stage_sft(args: argparse.Namespace, work: Path, demos: Path, state: LoopStat
     out = work / "sft_v0"
     if not (out / "manifest.json").exists():
         shutil.rmtree(out, ignore_errors=True)
-        log("sft", f"{args.sft_steps} steps of `{args.backbone}` on {demos} (batch {args.sft_batch}, lr {args.sft_lr}, "
-            f"overrides {args.sft_overrides}, ema {args.ema}, successful demos only: {args.success_only})")
+        base = f" fine-tuning {args.sft_init}" if args.sft_init else ""
+        log("sft", f"{args.sft_steps} steps of `{args.backbone}`{base} on {demos} (batch {args.sft_batch}, "
+            f"lr {args.sft_lr}, overrides {args.sft_overrides}, ema {args.ema}, "
+            f"successful demos only: {args.success_only})")
         t0 = time.monotonic()
         cfg = SFTConfig(datasets=[str(demos)], config=args.backbone, out=str(out), steps=args.sft_steps,
                         seed=args.seed, work_dir=str(work / "sft_v0.work"), batch_size=args.sft_batch, lr=args.sft_lr,
-                        ema_decay=args.ema, success_only=args.success_only, overrides=dict(args.sft_overrides))
+                        ema_decay=args.ema, success_only=args.success_only, overrides=dict(args.sft_overrides),
+                        init=str(args.sft_init) if args.sft_init else None)
         with torch_threads(args.threads):
             res = train_sft(cfg, resume=True, progress=not args.no_progress)
         state.data.setdefault("timing", {})["sft"] = round(time.monotonic() - t0, 1)
@@ -662,8 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/loop", help="work dir (demos, store, buffers, state); rerun resumes")
     p.add_argument("--task", default="pick_place", choices=list(TASKS))
-    p.add_argument("--backbone", default="state", help="policy config: state (CPU) or pi05-small (slow on CPU)")
+    p.add_argument("--backbone", default=None,
+                   help="policy config: state (CPU, default) or pi05-small (slow on CPU); with --sft-init the "
+                   "checkpoint's")
     g = p.add_argument_group("SFT (default: the task's recipe, critic_trainer.recipes.sft_recipe)")
+    g.add_argument("--sft-init", type=Path, default=None, metavar="CKPT",
+                   help="fine-tune this checkpoint (imported pi0.5 or a pretrained base) instead of fresh weights")
     g.add_argument("--demos", type=int, default=None, help="noisy expert demo episodes")
     g.add_argument("--demo-noise", type=float, default=None, help="expert noise std (m)")
     g.add_argument("--sft-steps", type=int, default=None)
@@ -722,7 +732,15 @@ def resolve_recipe(args: argparse.Namespace) -> None:
             setattr(args, key, r[key])
     if args.ascent_lr is None:
         args.ascent_lr = qvgm_ascent_lr(args.task)
-    args.sft_overrides = dict(r["state_flags"]) if args.backbone == "state" else {}
+    if args.backbone is None:
+        if args.sft_init is not None:
+            from critic_trainer.sft import base_config_name
+
+            args.backbone = base_config_name(args.sft_init)
+        else:
+            args.backbone = "state"
+    # the recipe's StateConfig flags shape fresh `state` weights; a checkpoint to fine-tune brings its own architecture
+    args.sft_overrides = dict(r["state_flags"]) if args.backbone == "state" and args.sft_init is None else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -730,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = build_parser()
     args = p.parse_args(argv)
+    if args.sft_init is not None and not (args.sft_init / "manifest.json").is_file():
+        p.error(f"--sft-init {args.sft_init}: not a checkpoint directory (no manifest.json)")
     resolve_recipe(args)
     if min(args.demos, args.sft_steps, args.rollouts, args.eval_episodes, args.rounds, args.threads) < 1 \
             or args.image_size % 2:

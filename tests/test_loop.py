@@ -163,6 +163,43 @@ def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
     assert time.monotonic() - t1 < first / 2
 
 
+def test_sft_stage_fine_tunes_a_pretrained_checkpoint(tmp_path) -> None:
+    """--sft-init CKPT: v0 starts from the checkpoint's weights (one step moves them little), names it as its parent,
+    takes its architecture (no recipe flags on top); a non-checkpoint or a contradicting --backbone is refused."""
+    from qvgm.policy import load_policy
+
+    log = loop.Progress()
+    base_work = tmp_path / "base"
+    base_work.mkdir()
+    args = loop.build_parser().parse_args(["--work", str(base_work), *TINY])
+    loop.resolve_recipe(args)
+    demos = loop.stage_demos(args, base_work, log)
+    loop.stage_sft(args, base_work, demos, loop.LoopState(base_work), log)
+    base_dir = base_work / "sft_v0"
+    args = loop.build_parser().parse_args(["--work", str(tmp_path / "ft"), *TINY, "--sft-steps", "1",
+                                           "--sft-init", str(base_dir)])
+    loop.resolve_recipe(args)
+    assert args.backbone == "state" and args.sft_overrides == {}
+    (tmp_path / "ft").mkdir()
+    v0 = loop.stage_sft(args, tmp_path / "ft", demos, loop.LoopState(tmp_path / "ft"), log)
+    assert CheckpointStore(tmp_path / "ft" / "store").current() == v0
+    base, tuned = load_policy(base_dir), load_policy(tmp_path / "ft" / "sft_v0")
+    assert tuned.manifest["parent"] == base.version and tuned.manifest["summary"]["init"] == str(base_dir)
+    sb, st = base.state_dict(), tuned.state_dict()
+    assert set(sb) == set(st)
+    moved = sum(float((st[k] - v).abs().sum()) for k, v in sb.items() if v.is_floating_point())
+    scale = sum(float(v.abs().sum()) for v in sb.values() if v.is_floating_point())
+    assert 0 < moved < 0.01 * scale, (moved, scale)  # fine-tuned from the base, not fresh weights
+    with pytest.raises(SystemExit):
+        loop.main(["--work", str(tmp_path / "x"), "--sft-init", str(tmp_path / "nowhere")])
+    args = loop.build_parser().parse_args(["--work", str(tmp_path / "y"), *TINY, "--sft-init", str(base_dir),
+                                           "--backbone", "pi05-tiny"])
+    loop.resolve_recipe(args)
+    (tmp_path / "y").mkdir()
+    with pytest.raises(ValueError, match="is a state policy"):
+        loop.stage_sft(args, tmp_path / "y", demos, loop.LoopState(tmp_path / "y"), log)
+
+
 def test_bad_sizes_are_refused(tmp_path) -> None:
     with pytest.raises(SystemExit):
         loop.main(["--work", str(tmp_path), "--rollouts", "0"])
