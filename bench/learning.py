@@ -426,6 +426,8 @@ def critic_dir(work: Path, task: str, s: int, sft_dir: Path, buf_dir: Path, cfg:
     and every critic setting, so a resumed --work (e.g. re-running only some methods) reuses it. prefix: the
     tier's (tier_prefix)."""
     key = {"sft": sft_dir.name, "buffer": buf_dir.name, **{k: getattr(cfg, k) for k in CRITIC_KEYS}}
+    if cfg.critic_contrast_weight:  # only when on, so the critics of earlier work dirs keep their names
+        key.update(critic_contrast_weight=cfg.critic_contrast_weight, critic_contrast_groups=cfg.critic_contrast_groups)
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
     return work / f"{prefix}critic-{task}-s{s}-{h}"
 
@@ -512,7 +514,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                           ("heldout_cosine_untrained", "heldout_cosine", "wall_s")}}), flush=True)
     base = P.ImproveConfig(method="qvgm", n_exec=args.n_exec, seed=s, critic_steps=args.critic_steps,
                            critic_batch=args.critic_batch, critic_hidden=tuple(args.critic_hidden),
-                           reg_weight=args.reg_weight,
+                           reg_weight=args.reg_weight, critic_contrast_weight=args.critic_contrast,
                            actor_steps=args.actor_steps,
                            actor_lr=args.actor_lr, actor_batch=args.actor_batch, ascent_lr=ascent_lr(task, args),
                            aggregate=args.aggregate, bc_weight=args.bc_weight, gate_last_m=args.gate_m,
@@ -540,7 +542,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
             critic = critic.to(sft.device)
             out["critic"] = {**json.loads((cdir / "critic_info.json").read_text()), "reused": True}
         else:
-            critic, cinfo = P.train_critic(sft, feats, tr, base)
+            critic, cinfo = P.train_critic(sft, feats, tr, base, groups=P.transition_groups(buf, tr))
             out["critic"] = {**cinfo, "wall_s": round(time.perf_counter() - t0, 1), "transitions": len(tr)}
             tmp = cdir.with_name(cdir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -729,6 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     ap.add_argument("--critic-batch", type=int, default=256)
     ap.add_argument("--reg-weight", type=float, default=P.ImproveConfig.reg_weight, help="w of the Cal-QL term")
+    ap.add_argument("--critic-contrast", type=float, default=0.0, metavar="W",
+                    help="weight of the critic's within-state contrast term on the branch groups (needs --branches)")
     ap.add_argument("--actor-steps", type=int, default=300)
     ap.add_argument("--actor-lr", type=float, default=1e-4)
     ap.add_argument("--actor-batch", type=int, default=64)
@@ -763,6 +767,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_tier_args(ap, args)
     if args.sft_candidates < 1 or (args.sft_candidates > 1 and (args.calibrate or args.tune_episodes < 1)):
         ap.error("--sft-candidates wants K >= 1, and K > 1 needs --tune-episodes >= 1 and no --calibrate")
+    if args.critic_contrast < 0 or (args.critic_contrast > 0 and args.branches < 1):
+        ap.error("--critic-contrast wants W >= 0, and W > 0 needs --branches K >= 1 (the same-state groups)")
     if args.env_spec is not None:
         from qvgm.envs import load_env_spec
 

@@ -240,7 +240,9 @@ class CriticBatch:
     actions [B, A] executed (data) actions; rewards [B, n] per step; done [B] terminal inside the chunk;
     mc_return [B] discounted Monte-Carlo return-to-go from s (per-step discount gamma);
     ref_actions [B, S, A] reference-policy samples at s; ref_next_actions [B, S, A] at s'
-    (ref_next_actions[:, 0] is the A' of the TD target); n_steps [B] optional executed step count.
+    (ref_next_actions[:, 0] is the A' of the TD target); n_steps [B] optional executed step count;
+    group [B] optional int64: rows with the same id >= 0 start in the same state (branch rollouts) and feed the
+    within-state contrast term; -1 = no group.
     """
 
     z: torch.Tensor
@@ -254,11 +256,29 @@ class CriticBatch:
     ref_actions: torch.Tensor | None = None
     ref_next_actions: torch.Tensor | None = None
     n_steps: torch.Tensor | None = None
+    group: torch.Tensor | None = None
+
+
+def contrast_loss(q: torch.Tensor, mc_return: torch.Tensor, group: torch.Tensor) -> torch.Tensor | None:
+    """Within-state contrast: for every ordered pair (i, j), i != j, of rows in the same group (same state,
+    different actions), ((Q_i - Q_j) - (G_i - G_j))^2 with G the Monte-Carlo return-to-go; mean over pairs, summed
+    over ensemble members. q [N, B], mc_return [B], group [B] (-1 = none). E[G_i - G_j] = Q(s, a_i) - Q(s, a_j), so
+    this regresses the action dependence of Q directly, where TD + Cal-QL mostly fit the state value. None when
+    the batch holds no pair."""
+    same = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
+    same.fill_diagonal_(False)
+    if not bool(same.any()):
+        return None
+    dq = q[:, :, None] - q[:, None, :]  # [N, B, B]
+    dg = (mc_return[:, None] - mc_return[None, :]).to(q.dtype)  # [B, B]
+    sq = (dq - dg[None]) ** 2
+    return (sq * same[None]).sum(dim=(1, 2)).div(same.sum()).sum()
 
 
 @dataclass
 class CriticTrainConfig:
-    """Critic objective and optimisation. objective: calql (default) / cql (no calibration) / iql."""
+    """Critic objective and optimisation. objective: calql (default) / cql (no calibration) / iql.
+    contrast_weight > 0 adds contrast_loss on the batch's groups (CriticBatch.group) to any objective."""
 
     objective: Objective = "calql"
     gamma: float = 0.99  # per control step; a chunk of n steps bootstraps with gamma^n
@@ -269,6 +289,7 @@ class CriticTrainConfig:
     grad_clip: float | None = 10.0
     iql_expectile: float = 0.7
     value_hidden: tuple[int, ...] = (256, 256)
+    contrast_weight: float = 0.0
 
 
 class CriticTrainer:
@@ -278,6 +299,8 @@ class CriticTrainer:
         self.cfg = cfg or CriticTrainConfig()
         if self.cfg.objective not in ("calql", "cql", "iql"):
             raise ValueError(f"unknown critic objective {self.cfg.objective!r} (calql / cql / iql)")
+        if not (self.cfg.contrast_weight >= 0 and math.isfinite(self.cfg.contrast_weight)):
+            raise ValueError(f"contrast_weight must be a finite number >= 0, got {self.cfg.contrast_weight}")
         self.critic = critic
         self.target = copy.deepcopy(critic).requires_grad_(False)
         params = list(critic.parameters())
@@ -335,6 +358,13 @@ class CriticTrainer:
             loss = td + cfg.reg_weight * reg
             metrics["reg"] = reg.item()
             metrics["q_ref"] = q_ref.mean().item()
+        if cfg.contrast_weight > 0 and batch.group is not None:
+            if batch.mc_return is None:
+                raise ValueError("the contrast term needs Monte-Carlo returns in the batch")
+            con = contrast_loss(q_data, batch.mc_return, batch.group)
+            if con is not None:
+                loss = loss + cfg.contrast_weight * con
+                metrics["contrast"] = con.item()
         metrics.update(td_loss=td.item(), q_data=q_data.mean().item(), target=y.mean().item())
         return loss, metrics
 

@@ -54,9 +54,14 @@ def batch_sampler(n: int, batch_size: int, rng: np.random.Generator, emphasis: n
 def fit_critic(trainer: CriticTrainer, features: Mapping[str, np.ndarray], transitions: ChunkTransitions,
                steps: int, batch_size: int = 256, seed: int = 0, device: str | None = None,
                log: Callable[[int, dict[str, float]], None] | None = None, emphasis: np.ndarray | None = None,
-               emphasis_fraction: float = 0.0) -> list[dict[str, float]]:
+               emphasis_fraction: float = 0.0, groups: np.ndarray | None = None,
+               groups_per_batch: int = 16) -> list[dict[str, float]]:
     """Run `steps` critic updates on sampled transitions (batch_sampler: uniform, or `emphasis_fraction` of every
     batch from the transitions where the bool mask `emphasis` [M] is True); returns the per-step metrics.
+
+    groups int [M] (transition_groups: same-state transitions share an id >= 0, else -1): every batch also gets
+    all members of `groups_per_batch` groups drawn uniformly, labelled for the trainer's contrast term
+    (CriticTrainConfig.contrast_weight); the uniform part is labelled -1.
 
     Raises FloatingPointError (from CriticTrainer.update) on a non-finite loss or gradient: the critic is left
     as it was before that step.
@@ -64,10 +69,31 @@ def fit_critic(trainer: CriticTrainer, features: Mapping[str, np.ndarray], trans
     check_training_data(trainer.critic, transitions)
     rng = np.random.default_rng(seed)
     sample = batch_sampler(len(transitions), batch_size, rng, emphasis, emphasis_fraction)
+    members: list[np.ndarray] = []
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (len(transitions),):
+            raise ValueError(f"groups has shape {groups.shape}, expected ({len(transitions)},): one id per transition")
+        order = np.flatnonzero(groups >= 0)
+        order = order[np.argsort(groups[order], kind="stable")]
+        _, first = np.unique(groups[order], return_index=True)
+        members = [m for m in np.split(order, first[1:]) if len(m) >= 2]
+        if groups_per_batch < 1:
+            raise ValueError(f"groups_per_batch must be >= 1, got {groups_per_batch}")
     history = []
     for step in range(steps):
         rows = sample()
-        metrics = trainer.update(critic_batch(features, transitions, rows, device=device))
+        label = None
+        if members:
+            pick = rng.integers(0, len(members), size=min(groups_per_batch, len(members)))
+            extra = [members[k] for k in pick]
+            label = np.concatenate([np.full(len(rows), -1, dtype=np.int64),
+                                    *[np.full(len(m), n, dtype=np.int64) for n, m in enumerate(extra)]])
+            rows = np.concatenate([rows, *extra])
+        batch = critic_batch(features, transitions, rows, device=device)
+        if label is not None:
+            batch.group = torch.as_tensor(label, device=device)
+        metrics = trainer.update(batch)
         history.append(metrics)
         if log is not None:
             log(step, metrics)

@@ -82,6 +82,9 @@ class BufferData:
     version [T] str policy_version of each frame ("expert" = scripted demo), None when not read;
     root [T] the episode each frame's episode branched from (collect_rollouts branches: notes "branch_of"; its own
     index otherwise), None when not read: held-out splits keep an episode and its branches together.
+    branch_group [T] int64: frames that are the SAME simulator state with different actions taken there (a branch
+    episode's first frame and the frame of its root episode at "branch_step") share a group id >= 0; -1 for
+    every other frame. Groups with fewer than two frames are -1. None when not read.
     """
 
     demo: DemoData
@@ -93,6 +96,7 @@ class BufferData:
     path: str
     version: np.ndarray | None = None
     root: np.ndarray | None = None
+    branch_group: np.ndarray | None = None
 
     def rollout_frames(self) -> np.ndarray:
         """bool [T]: frames of policy rollouts, i.e. of episodes with any frame not from the scripted expert
@@ -129,6 +133,16 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
             raise ValueError(f"the replay buffer {dataset} is empty (no kept episodes with frames)")
         priv_all = load_privileged(r)
         rows, chunks, valid, succ, roots = [], [], [], [], []
+        starts: dict[int, int] = {}  # episode_index -> its first row in the loaded frames
+        points: dict[tuple[int, int], list[int]] = {}  # (root episode, branch step) -> loaded rows in that state
+        n_loaded = 0
+        for e in eps:
+            starts[int(r.episodes[e]["episode_index"])] = n_loaded
+            n_loaded += int(r.ep_end[e] - r.ep_start[e])
+        for e in eps:
+            root, step = branch_point(r.episodes[e])
+            if step is not None and root in starts and r.ep_end[e] > r.ep_start[e]:
+                points.setdefault((root, step), []).append(starts[int(r.episodes[e]["episode_index"])])
         for e in eps:
             s, t = int(r.ep_start[e]), int(r.ep_end[e])
             g = np.arange(s, t)
@@ -139,6 +153,15 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
             succ.append(np.full(t - s, r.episodes[e].get("success") is True))
             roots.append(np.full(t - s, branch_root(r.episodes[e])))
         g_all = np.concatenate(rows)
+        group = np.full(len(g_all), -1, dtype=np.int64)
+        ep_len = {idx: int(np.sum(r.episode_index[g_all] == idx)) for idx in starts} if points else {}
+        for gid, ((root, step), members) in enumerate(sorted(points.items())):
+            if step < ep_len[root]:  # the root episode's own frame in that state
+                members = [starts[root] + step, *members]
+            group[members] = gid if len(members) >= 2 else -1
+        if (group >= 0).any():  # dense ids 0..G-1
+            keep = group >= 0
+            group[keep] = np.unique(group[keep], return_inverse=True)[1]
         images: dict[str, np.ndarray] = {}
         if with_images and r.video_keys:
             dec = r.images(g_all.tolist())
@@ -152,19 +175,41 @@ def load_buffer(dataset: str | Path, horizon: int, with_images: bool = False) ->
                           reward=r.reward[g_all].astype(np.float32), done=r.done[g_all].copy(),
                           episode=r.episode_index[g_all].copy(), success=np.concatenate(succ), path=str(dataset),
                           version=np.asarray([str(v) for v in np.asarray(r.policy_version)[g_all]]),
-                          root=np.concatenate(roots))
+                          root=np.concatenate(roots), branch_group=group)
     finally:
         r.close()
 
 
-def branch_root(row: dict[str, Any]) -> int:
-    """The episode index an episode row branched from (collect_rollouts: notes JSON "branch_of"), else its own."""
+def branch_point(row: dict[str, Any]) -> tuple[int, int | None]:
+    """(episode index it branched from, control step of the branch state) of an episode row (collect_rollouts:
+    notes JSON "branch_of", "branch_step"); (its own index, None) for an episode that is not a branch."""
     try:
         notes = json.loads(row.get("notes") or "{}")
     except (TypeError, ValueError):  # free-text notes of other writers
         notes = {}
-    of = notes.get("branch_of") if isinstance(notes, dict) else None
-    return int(of) if isinstance(of, int) and not isinstance(of, bool) else int(row["episode_index"])
+    if not isinstance(notes, dict):
+        return int(row["episode_index"]), None
+    of, step = notes.get("branch_of"), notes.get("branch_step")
+    if not isinstance(of, int) or isinstance(of, bool):
+        return int(row["episode_index"]), None
+    ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+    return int(of), int(step) if ok else None
+
+
+def branch_root(row: dict[str, Any]) -> int:
+    """The episode index an episode row branched from (collect_rollouts: notes JSON "branch_of"), else its own."""
+    return branch_point(row)[0]
+
+
+def transition_groups(buf: BufferData, tr: ChunkTransitions) -> np.ndarray | None:
+    """int64 [M]: the branch group (BufferData.branch_group) of each transition's first frame, -1 outside a group
+    and for groups left with one transition (windows are dropped at episode ends); None when the buffer has none."""
+    if buf.branch_group is None or not (buf.branch_group >= 0).any():
+        return None
+    g = buf.branch_group[tr.index].copy()
+    ids, counts = np.unique(g[g >= 0], return_counts=True)
+    g[np.isin(g, ids[counts < 2])] = -1
+    return g if (g >= 0).any() else None
 
 
 def check_compatible(policy: FlowPolicyBase, buf: BufferData) -> None:
@@ -285,6 +330,11 @@ class ImproveConfig:
     # share of every critic batch drawn from the policy's own rollouts (the buffer's non-expert episodes, where
     # the failures are) when the buffer also holds scripted demos; 0 = uniform over all transitions
     critic_rollout_fraction: float = 0.0
+    # within-state contrast (critic_trainer.critic.contrast_loss) on the buffer's branch groups (collect_rollouts
+    # branches): its weight next to TD + Cal-QL (0 = off; a buffer without branches has no groups), and how many
+    # groups join every critic batch
+    critic_contrast_weight: float = 0.0
+    critic_contrast_groups: int = 16
     holdout: float = 0.0  # fraction of episodes held out of critic training: critic evaluation + actor early stop
     # actor
     actor_steps: int = 300
@@ -340,6 +390,10 @@ class ImproveConfig:
             raise ValueError("ensemble, n_exec, num_steps must be >= 1 and step counts >= 0")
         if self.critic_features not in CRITIC_FEATURES:
             raise ValueError(f"unknown critic features {self.critic_features!r} (rl-token / pooled)")
+        if not (self.critic_contrast_weight >= 0 and math.isfinite(self.critic_contrast_weight)) \
+                or self.critic_contrast_groups < 1:
+            raise ValueError(f"critic_contrast_weight must be finite and >= 0 and critic_contrast_groups >= 1, got "
+                             f"{self.critic_contrast_weight}, {self.critic_contrast_groups}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
         if self.trust_origin not in ("base", "reference"):
@@ -424,7 +478,8 @@ def split_transitions(buf: BufferData, tr: ChunkTransitions,
 def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: ChunkTransitions, cfg: ImproveConfig,
                  log: ScalarLog | None = None, progress: bool = False,
                  heldout: ChunkTransitions | None = None,
-                 rollouts: np.ndarray | None = None) -> tuple[QEnsemble, dict[str, Any]]:
+                 rollouts: np.ndarray | None = None,
+                 groups: np.ndarray | None = None) -> tuple[QEnsemble, dict[str, Any]]:
     """Fit the critic ensemble on cached features; returns (critic in eval mode, {fit metrics, evaluation}).
 
     heldout: transitions of episodes the critic never trains on; their evaluation is reported as "heldout"
@@ -432,13 +487,20 @@ def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: Ch
     rollouts: bool [M] per training transition, True for the policy's own rollouts: cfg.critic_rollout_fraction of
     every batch is drawn from them (critic_trainer.fit.batch_sampler), and the critic is also evaluated on them
     alone ("eval_rollouts", when they hold both outcomes).
+    groups: int [M] branch group per training transition (transition_groups), used when
+    cfg.critic_contrast_weight > 0; the contrast term then needs them (ValueError without any group).
     """
     torch.manual_seed(cfg.seed)
+    if cfg.critic_contrast_weight > 0 and (groups is None or not (np.asarray(groups) >= 0).any()):
+        raise ValueError("critic_contrast_weight > 0 needs same-state groups of transitions: a buffer recorded "
+                         "with branches (collect_rollouts(branches=K), bench/learning.py --branches K)")
     dev = policy.device  # the critic trains where the policy lives; batches are gathered on the CPU, then moved
     critic = build_critic(policy, features, cfg).to(dev)
     check_training_data(critic, transitions)
+    contrast = cfg.critic_contrast_weight > 0
     trainer = CriticTrainer(critic, CriticTrainConfig(objective=cfg.critic_objective, gamma=cfg.gamma,
-                                                      reg_weight=cfg.reg_weight, lr=cfg.critic_lr))
+                                                      reg_weight=cfg.reg_weight, lr=cfg.critic_lr,
+                                                      contrast_weight=cfg.critic_contrast_weight))
     bar = tqdm(total=cfg.critic_steps, desc="critic", disable=not progress, dynamic_ncols=True)
     last: dict[str, float] = {}
 
@@ -451,12 +513,17 @@ def train_critic(policy: FlowPolicyBase, features: FeatureCache, transitions: Ch
 
     try:
         fit_critic(trainer, features, transitions, cfg.critic_steps, batch_size=cfg.critic_batch, seed=cfg.seed,
-                   device=dev, log=on_step, emphasis=rollouts, emphasis_fraction=cfg.critic_rollout_fraction)
+                   device=dev, log=on_step, emphasis=rollouts, emphasis_fraction=cfg.critic_rollout_fraction,
+                   groups=groups if contrast else None, groups_per_batch=cfg.critic_contrast_groups)
     finally:
         bar.close()
     critic.eval().requires_grad_(False)
     ev = evaluate_critic(critic, features, transitions, device=dev)
     out: dict[str, Any] = {"final": last, "eval": ev, "features": cfg.critic_features}
+    if contrast:
+        g = np.asarray(groups)
+        out["contrast"] = {"weight": cfg.critic_contrast_weight, "groups": int(len(np.unique(g[g >= 0]))),
+                           "grouped_transitions": int((g >= 0).sum())}
     if rollouts is not None and rollouts.any():
         ro = subset_transitions(transitions, rollouts)
         out["rollout_transitions"] = int(rollouts.sum())
@@ -754,7 +821,8 @@ def improve(policy: FlowPolicyBase, buf: BufferData, cfg: ImproveConfig, work: P
                 heldout_rows = np.flatnonzero(np.isin(buf.episode, held))
             if critic is None:
                 critic, cinfo = train_critic(policy, features, tr_fit, cfg, log=log, progress=progress,
-                                             heldout=tr_held, rollouts=buf.rollout_frames()[tr_fit.index])
+                                             heldout=tr_held, rollouts=buf.rollout_frames()[tr_fit.index],
+                                             groups=transition_groups(buf, tr_fit))
                 summary["critic"] = cinfo
             else:
                 critic = critic.to(policy.device)
@@ -1130,6 +1198,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--critic-steps", type=int, default=2000)
     p.add_argument("--critic-hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--critic-batch", type=int, default=256)
+    p.add_argument("--critic-contrast", type=float, default=0.0, metavar="W",
+                   help="weight of the within-state contrast term on the buffer's branch groups (0 = off)")
     p.add_argument("--reg-weight", type=float, default=0.1,
                    help="w of the Cal-QL / CQL term (0.1: see docs/RESULTS.md, critic quality)")
     p.add_argument("--actor-steps", type=int, default=300)
@@ -1199,6 +1269,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ImproveConfig(method=args.method, n_exec=args.n_exec, seed=args.seed, critic_objective=args.critic_objective,
                         ensemble=args.ensemble, aggregate=args.aggregate, critic_hidden=tuple(args.critic_hidden),
                         critic_steps=args.critic_steps, critic_batch=args.critic_batch, reg_weight=args.reg_weight,
+                        critic_contrast_weight=args.critic_contrast,
                         actor_steps=args.actor_steps, actor_lr=args.actor_lr,
                         gate=args.gate, gate_last_m=args.gate_m, ascent_steps=args.ascent_steps,
                         ascent_lr=args.ascent_lr, project=not args.no_projection, clip_grad=not args.no_clipping,
