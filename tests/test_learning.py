@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,14 @@ def test_branches_go_into_their_own_buffer(tmp_path):
     buf = load_buffer(buf_dir, 10)
     assert len(set(buf.episode.tolist())) == 6 and len(buf) == roll["frames"] + roll["branch_frames"]
     assert sorted(set(buf.root.tolist())) == [0, 3]  # each rollout and its two branches
+    assert sorted(np.bincount(buf.branch_group[buf.branch_group >= 0]).tolist()) == [3, 3]  # the same-state groups
+
+
+def test_critic_contrast_needs_branches(capsys):
+    for bad in (["--critic-contrast", "1"], ["--critic-contrast", "-1", "--branches", "2"]):
+        with pytest.raises(SystemExit):
+            bench().main([*TOY, "--methods", "qvgm", *bad])
+        assert "--critic-contrast" in capsys.readouterr().err
 
 
 def test_sft_candidates_are_chosen_on_tuning_scenes(tmp_path):

@@ -282,6 +282,24 @@ def test_collect_rollouts_branches_give_within_state_contrasts(data, tmp_path):
         assert not np.allclose(buf.action[buf.episode == main + 1][0], buf.action[buf.episode == main + 2][0])
     # a held-out split keeps an episode and its branches together (one root of the two: all three episodes)
     assert buf.root.tolist() == [0 if e < 3 else 3 for e in buf.episode]
+    # the same-state groups of the critic's contrast term: the root's frame at the branch step + each branch's first
+    for gid, main in enumerate((0, 3)):
+        b = json.loads(rows[main + 1]["notes"])["branch_step"]
+        want = [np.flatnonzero(buf.episode == main)[b], *(np.flatnonzero(buf.episode == main + k)[0] for k in (1, 2))]
+        assert np.flatnonzero(buf.branch_group == gid).tolist() == want
+        assert len({buf.demo.state[r].tobytes() for r in want}) == 1  # one state, three different actions
+    assert (buf.branch_group >= 0).sum() == 6
+    tr = P.buffer_transitions(pol, buf, 3, 0.99)
+    groups = P.transition_groups(buf, tr)
+    assert sorted(np.bincount(groups[groups >= 0]).tolist()) == [3, 3]
+    # the contrast term needs those groups: refused on a buffer without branches
+    plain = P.collect_rollouts(pol, "push", [1], tmp_path / "plain", n_exec=3, max_episode_steps=12)
+    assert plain["episodes"] == 1
+    pbuf = P.load_buffer(tmp_path / "plain", pol.horizon)
+    assert (pbuf.branch_group == -1).all()
+    assert P.transition_groups(pbuf, P.buffer_transitions(pol, pbuf, 3, 0.99)) is None
+    with pytest.raises(ValueError, match="branches"):
+        P.train_critic(pol, {}, tr, P.ImproveConfig(critic_contrast_weight=1.0), groups=None)
     held = P.holdout_episodes(buf, 0.5, seed=0)
     assert held.tolist() in ([0, 1, 2], [3, 4, 5])
     again = P.collect_rollouts(pol, "push", [1, 2], tmp_path / "b2", n_exec=3, max_episode_steps=12, branches=2)
