@@ -473,6 +473,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     roll_seeds = [ROLL0 + 1000 * s + k for k in range(args.rollouts)]
     assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))  # held out from training
     branch = f"-b{args.branches}f{args.branch_frac:g}" if args.branches else ""
+    branch += f"x{args.branch_reps}" if args.branches and args.branch_reps > 1 else ""
     buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}{branch}{'-demos' if args.buffer_demos else ''}"
     if (buf_dir / "roll_info.json").exists():  # resumed --work
         roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
@@ -489,7 +490,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         roller = guard(sft)
         roll = P.collect_rollouts(roller, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
                                   max_episode_steps=args.max_episode_steps, **gym_env(args), **render_settings(args),
-                                  branches=args.branches, branch_frac=args.branch_frac, **extra)
+                                  branches=args.branches, branch_frac=args.branch_frac,
+                                  branch_reps=args.branch_reps, **extra)
         if pixels:
             roll["images_checked"] = roller.summary()
         if args.buffer_demos:
@@ -723,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--branches", type=int, default=0,
                     help="simulation only: K more episodes from one chunk boundary of each rollout (within-state "
                          "contrasts for the critic; critic_trainer.pipeline.collect_rollouts)")
+    ap.add_argument("--branch-reps", type=int, default=1, metavar="R",
+                    help="continuations of every branch chunk (its first chunk shared, then fresh noise each)")
     ap.add_argument("--branch-frac", type=float, default=0.7, help="branch points within the first FRAC of an episode")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
@@ -767,6 +771,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_tier_args(ap, args)
     if args.sft_candidates < 1 or (args.sft_candidates > 1 and (args.calibrate or args.tune_episodes < 1)):
         ap.error("--sft-candidates wants K >= 1, and K > 1 needs --tune-episodes >= 1 and no --calibrate")
+    if args.branch_reps < 1:
+        ap.error("--branch-reps wants R >= 1")
     if args.critic_contrast < 0 or (args.critic_contrast > 0 and args.branches < 1):
         ap.error("--critic-contrast wants W >= 0, and W > 0 needs --branches K >= 1 (the same-state groups)")
     if args.env_spec is not None:

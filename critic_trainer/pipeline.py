@@ -1008,6 +1008,12 @@ def branch_noise_seed(noise_seed: int, seed: int, branch: int) -> int:
     return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def branch_rep_noise_seed(noise_seed: int, seed: int, branch: int, rep: int) -> int:
+    """Torch seed of continuation `rep` (>= 2) of branch `branch` after its first chunk (collect_rollouts)."""
+    ss = np.random.SeedSequence([int(noise_seed), int(seed), int(branch), int(rep), 13])
+    return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def evaluate(actor: Any, task: str, seeds: Sequence[int], n_exec: int = 5, render: bool = False,
              image_size: tuple[int, int] = (224, 224), noise_seed: int = 0, env: Any = None,
              progress: bool = False, max_episode_steps: int | None = None, colors: str = "random") -> dict[str, Any]:
@@ -1050,7 +1056,7 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                      max_episode_steps: int | None = None, env: Any = None, render: bool = False,
                      cameras: Sequence[str] = ("front", "wrist"), image_size: tuple[int, int] = (224, 224),
                      append: bool = False, branches: int = 0, branch_frac: float = 0.7,
-                     colors: str = "random") -> dict[str, Any]:
+                     branch_reps: int = 1, colors: str = "random") -> dict[str, Any]:
     """Run `actor` on scene seeds and record every episode into a replay buffer at `out` (sparse reward, success
     label from the sim detector, privileged side files). Returns a summary.
     max_episode_steps: time limit in control steps (default: the task's). env: an env to run in instead of a
@@ -1069,6 +1075,9 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     branch i restores it bit for bit and runs `actor` with the torch RNG seeded branch_noise_seed(noise_seed, seed,
     i) until success or the time limit (the step counter is restored too). Each branch is a buffer episode of its
     own (start_stamp b / control_hz, notes JSON {"branch_of": episode_index, "branch_step": b, "scene_seed": seed}).
+    branch_reps=R > 1: every branch chunk is continued R times: the first chunk is the same in all R (the RNG seeded
+    as above), the rest of continuation r >= 2 draws from branch_rep_noise_seed(noise_seed, seed, i, r), so each
+    branch chunk has R outcomes (notes add "branch": i, "rep": r). R = 1 is the plain branch above, unchanged.
     """
     from critic_trainer.demos import write_privileged
     from qvgm.data import ReplayBuffer
@@ -1078,6 +1087,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     h, w = int(image_size[0]), int(image_size[1])
     if branches < 0 or not 0.0 < branch_frac <= 1.0:
         raise ValueError(f"branches must be >= 0 and 0 < branch_frac <= 1, got {branches}, {branch_frac}")
+    if branch_reps < 1:
+        raise ValueError(f"branch_reps must be >= 1, got {branch_reps}")
     if branches and not own and not (hasattr(env, "get_sim_state") and hasattr(env, "set_sim_state")):
         raise ValueError(f"branches need an env that can save and restore its state (get_sim_state / set_sim_state, "
                          f"simulation only); {type(env).__name__} cannot")
@@ -1133,11 +1144,16 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
         return run_episode(actor, env, task, seed, n_exec=n_exec, noise_seed=noise_seed + seed, record=ep,
                            on_chunk=keep)
 
-    def branch(ep: Any, seed: int, state: Any, b: int, i: int) -> dict[str, Any]:
+    def branch(ep: Any, seed: int, state: Any, b: int, i: int, r: int = 1) -> dict[str, Any]:
         env.reset(seed=seed, options={"task": task})  # layout, colours, prompt of the scene
         obs = env.set_sim_state(state)
         torch.manual_seed(branch_noise_seed(noise_seed, seed, i))
-        return run_from(actor, env, obs, n_exec=n_exec, record=ep, steps=b)
+
+        def reseed(steps: int, _obs: Any) -> None:  # after the shared first chunk: this continuation's own noise
+            if steps == b + n_exec:
+                torch.manual_seed(branch_rep_noise_seed(noise_seed, seed, i, r))
+
+        return run_from(actor, env, obs, n_exec=n_exec, record=ep, steps=b, on_chunk=reseed if r > 1 else None)
 
     try:
         for s in tqdm([int(s) for s in seeds], desc=f"rollouts {task}", disable=not progress, dynamic_ncols=True):
@@ -1147,9 +1163,12 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                 continue
             bounds = sorted(k for k in snaps if k < branch_frac * r["steps"]) or [0]
             b = int(bounds[np.random.default_rng([s, 5]).integers(len(bounds))])
-            note = json.dumps({"branch_of": index, "branch_step": b, "scene_seed": s})
             for i in range(1, branches + 1):
-                record(b * stamp_dt, note, True, branch, s, snaps[b], b, i)
+                for rep in range(1, branch_reps + 1):
+                    info = {"branch_of": index, "branch_step": b, "scene_seed": s}
+                    if branch_reps > 1:
+                        info.update(branch=i, rep=rep)
+                    record(b * stamp_dt, json.dumps(info), True, branch, s, snaps[b], b, i, rep)
     finally:
         buf.close()
         if own:
@@ -1158,6 +1177,7 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                                 "frames": totals["frames"], "seeds": [int(s) for s in seeds]}
     if branches:
         out_info.update({"branches": int(branches), "branch_frac": float(branch_frac),
+                         **({"branch_reps": int(branch_reps)} if branch_reps > 1 else {}),
                          **{k: totals[k] for k in ("branch_episodes", "branch_successes", "branch_frames")}})
     return {**out_info, "wall_s": round(time.perf_counter() - t0, 2)}
 

@@ -254,6 +254,37 @@ def test_collect_rollouts_writes_a_trainable_buffer(data, tmp_path):
     assert np.isfinite(buf.action).all() and buf.action.shape == (16, 7)
 
 
+def test_branch_reps_continue_each_branch_chunk_several_times(data, tmp_path):
+    """branch_reps=3: every branch chunk is continued three times, the first chunk shared bit for bit, fresh noise
+    after it; all 1 + 2 x 3 episodes of a state form one branch group."""
+    from qvgm.data.buffer import read_episode_rows
+
+    pol = load_policy(data["policy"])
+    res = P.collect_rollouts(pol, "push", [1], tmp_path / "b", n_exec=3, max_episode_steps=15, branches=2,
+                             branch_reps=3, branch_frac=0.3)
+    assert res["branch_episodes"] == 6 and res["branch_reps"] == 3
+    rows = read_episode_rows(tmp_path / "b")
+    notes = [json.loads(r["notes"]) for r in rows[1:]]
+    assert [(n["branch"], n["rep"]) for n in notes] == [(i, r) for i in (1, 2) for r in (1, 2, 3)]
+    buf = P.load_buffer(tmp_path / "b", pol.horizon)
+    acts = {(n["branch"], n["rep"]): buf.action[buf.episode == k + 1] for k, n in enumerate(notes)}
+    for i in (1, 2):
+        for r in (2, 3):
+            np.testing.assert_array_equal(acts[(i, r)][:3], acts[(i, 1)][:3])  # the same chunk at the state
+            assert not np.allclose(acts[(i, r)][3:6], acts[(i, 1)][3:6])  # then its own continuation
+    assert not np.allclose(acts[(1, 1)][:3], acts[(2, 1)][:3])  # two branches: two different chunks
+    assert np.bincount(buf.branch_group[buf.branch_group >= 0]).tolist() == [7]
+    # branch_reps=1 is the plain branch: the same buffer as before the option existed
+    plain = P.collect_rollouts(pol, "push", [1], tmp_path / "p", n_exec=3, max_episode_steps=15, branches=2,
+                               branch_frac=0.3)
+    pbuf = P.load_buffer(tmp_path / "p", pol.horizon)
+    np.testing.assert_array_equal(pbuf.action[pbuf.episode == 1], acts[(1, 1)])
+    np.testing.assert_array_equal(pbuf.action[pbuf.episode == 2], acts[(2, 1)])
+    assert "branch_reps" not in plain
+    with pytest.raises(ValueError, match="branch_reps"):
+        P.collect_rollouts(pol, "push", [1], tmp_path / "x", branches=1, branch_reps=0)
+
+
 def test_collect_rollouts_branches_give_within_state_contrasts(data, tmp_path):
     """branches=2: after each episode two more from one of its chunk boundaries, restored bit for bit; each a
     buffer episode of its own with its own actions there; deterministic; refused where the env cannot restore."""
