@@ -342,3 +342,75 @@ def test_episode_index_reads_one_version_while_a_writer_replaces_it(tmp_path):
     finally:
         stop.set()
         t.join()
+
+
+def test_episode_index_rolls_over_files_and_stats_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit rewrites one episode-index file (EPISODES_PER_META_FILE rows at most) and merges one episode into
+    the stats, so its cost does not grow with the buffer; the running stats equal the full aggregate; relabelling
+    rewrites only the file holding the row; a buffer whose rows all sit in file-000 (written before the roll-over)
+    keeps them there and continues in new files."""
+    import qvgm.data.buffer as B
+    from qvgm.data import layout as L
+
+    def tiny(buf: ReplayBuffer, e: int, length: int = 3) -> int:
+        ep = buf.begin_episode("reach")
+        rng = np.random.default_rng(e)
+        for i in range(length):
+            ep.add_frame({"images": {}, "state": rng.normal(size=7).astype(np.float32) * (1 + e)}, rng.normal(size=7),
+                         done=i == length - 1)
+        return ep.finish(success=bool(e % 2), label_source="auto")
+
+    def meta_files(root: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted((root / "meta/episodes/chunk-000").glob("file-*.parquet"))}
+
+    monkeypatch.setattr(B, "EPISODES_PER_META_FILE", 3)
+    root = tmp_path / "roll"
+    with ReplayBuffer.create(root, fps=5, cameras={}) as buf:
+        assert [tiny(buf, e, 2 + e % 3) for e in range(7)] == list(range(7))
+    files = meta_files(root)
+    assert list(files) == ["file-000.parquet", "file-001.parquet", "file-002.parquet"]
+    rows_per_file = [pq.read_table(root / "meta/episodes/chunk-000" / f).num_rows for f in files]
+    assert rows_per_file == [3, 3, 1]
+    r = ReplayReader(root, decode_images=False)
+    assert [e["episode_index"] for e in r.episodes] == list(range(7))
+    assert [e["meta/episodes/file_index"] for e in r.episodes] == [0, 0, 0, 1, 1, 1, 2]
+    np.testing.assert_array_equal(r.episode_index, np.repeat(np.arange(7), [2 + e % 3 for e in range(7)]))
+    full = L.aggregate_stats([B.episode_stats_from_row(e) for e in r.episodes])
+    running = json.loads((root / "meta/stats.json").read_text())
+    assert set(running) == set(full)
+    for feat in full:
+        for stat in full[feat]:
+            # equal up to float rounding (the std of wall-clock stamps ~1.8e9 s loses ~1e-7 to the order of sums)
+            np.testing.assert_allclose(running[feat][stat], full[feat][stat], rtol=1e-6, atol=1e-12,
+                                       err_msg=f"{feat} {stat}")
+    assert running["observation.state"]["count"] == [sum(2 + e % 3 for e in range(7))]
+    np.testing.assert_allclose(running["observation.state"]["mean"], r.state.mean(0), rtol=1e-5, atol=1e-6)
+
+    with ReplayBuffer.open(root) as buf:  # relabel episode 4: only file-001 changes
+        assert buf.repair_report["orphans_removed"] == [] and buf.num_episodes == 7
+        buf.set_label(4, None)
+        assert tiny(buf, 7) == 7 and tiny(buf, 8) == 8  # continues file-002
+    after = meta_files(root)
+    assert after["file-000.parquet"] == files["file-000.parquet"]
+    assert after["file-001.parquet"] != files["file-001.parquet"] and len(after) == 3
+    r = ReplayReader(root, decode_images=False)
+    assert r.episodes[4]["success"] is None and r.episodes[5]["success"] is True and r.episodes[2]["success"] is False
+    assert [e["meta/episodes/file_index"] for e in r.episodes][6:] == [2, 2, 2]
+
+    monkeypatch.setattr(B, "EPISODES_PER_META_FILE", 1000)  # the layout before roll-over: one file for all rows
+    legacy = tmp_path / "legacy"
+    with ReplayBuffer.create(legacy, fps=5, cameras={}) as buf:
+        for e in range(5):
+            tiny(buf, e)
+    one = meta_files(legacy)
+    monkeypatch.setattr(B, "EPISODES_PER_META_FILE", 2)
+    with ReplayBuffer.open(legacy) as buf:
+        assert tiny(buf, 5) == 5 and tiny(buf, 6) == 6
+        buf.set_label(1, None)  # a legacy row: rewrites file-000 with its five rows
+    files = meta_files(legacy)
+    assert list(files) == ["file-000.parquet", "file-002.parquet", "file-003.parquet"]
+    assert files["file-000.parquet"] != one["file-000.parquet"]
+    assert pq.read_table(legacy / "meta/episodes/chunk-000/file-000.parquet").num_rows == 5
+    r = ReplayReader(legacy, decode_images=False)
+    assert [e["episode_index"] for e in r.episodes] == list(range(7)) and r.episodes[1]["success"] is None
+    assert json.loads((legacy / "meta/info.json").read_text())["total_episodes"] == 7

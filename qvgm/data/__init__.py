@@ -9,8 +9,8 @@ Writer (recorder; one process per buffer, flock):
 Reader (trainer; any number, read a committed snapshot):
     r = ReplayReader(root, gamma=0.99, success=None, policy_versions=None, intervention=None)
     batch = stack_windows(r.sample_windows(256, n=5, rng=np.random.default_rng(0)))
-Files: meta/info.json, meta/stats.json, meta/tasks.parquet, meta/episodes/chunk-000/file-000.parquet,
-data/chunk-CCC/file-FFF.parquet, videos/observation.images.<cam>/chunk-CCC/file-FFF.mp4 (h264, yuv420p);
+Files: meta/info.json, meta/stats.json, meta/tasks.parquet, meta/episodes/chunk-CCC/file-FFF.parquet (100 episode
+rows per file), data/chunk-CCC/file-FFF.parquet, videos/observation.images.<cam>/chunk-CCC/file-FFF.mp4 (h264, yuv420p);
 one episode per data/video file. Actions/states are stored in robot units (rad, m), not normalised.
 """
 

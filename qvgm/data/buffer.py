@@ -5,9 +5,14 @@ Commit protocol for one episode (`EpisodeWriter.finish`):
      fsyncs the staged parquet and mp4 files;
   2. new tasks: meta/tasks.parquet rewritten atomically (extra unreferenced tasks are harmless);
   3. staged files renamed into data/ and videos/ (invisible: nothing references them yet), dirs fsynced;
-  4. COMMIT: meta/episodes/chunk-000/file-000.parquet rewritten atomically (tmp + fsync + rename) with the
-     new row; an episode exists iff it has a row there;
-  5. meta/info.json and meta/stats.json rewritten atomically (derived data, rebuilt on open if stale).
+  4. COMMIT: the episode-index file that takes the new row (meta/episodes/chunk-CCC/file-FFF.parquet, a new
+     file every EPISODES_PER_META_FILE episodes) rewritten atomically (tmp + fsync + rename) with the new row;
+     an episode exists iff it has a row there;
+  5. meta/info.json and meta/stats.json rewritten atomically (derived data, rebuilt on open if stale; stats.json
+     is the running aggregate merged with the new episode's stats).
+A commit costs the same at 10 or 10,000 episodes: it rewrites one index file of at most EPISODES_PER_META_FILE
+rows and merges one episode into the stats (the rows of earlier index files are never rewritten by a commit;
+relabelling rewrites the one file that holds the row).
 Committed data/video files are never rewritten, so finished episodes stay bit-identical. `ReplayBuffer.open`
 repairs after a crash: drops staging dirs (the partial episode is discarded), deletes unreferenced data/video
 files, rebuilds info.json/stats.json from the episode rows. One writer per buffer (an flock on .qvgm.lock).
@@ -36,6 +41,7 @@ DEFAULT_STATE_NAMES = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "j
 LABEL_SOURCES = ("operator", "auto")
 _STATS_EVERY = 10  # keep every 10th frame (spatially /4) for image stats
 _STATS_MAX = 64
+EPISODES_PER_META_FILE = 100  # episode rows per meta/episodes parquet file (each row records its file)
 
 
 def _episode_schema_fixed(video_keys: list[str]) -> dict[str, pa.DataType]:
@@ -104,6 +110,7 @@ class ReplayBuffer:
         self._lock()
         self.tasks: list[str] = L.read_tasks(self.root)
         self.episodes: list[dict[str, Any]] = []
+        self._stats: dict[str, dict[str, list]] = {}  # aggregate of every committed episode's stats
         self.repair_report: dict[str, Any] = {}
         self._active: EpisodeWriter | None = None
         self._staging_seq = 0
@@ -256,21 +263,21 @@ class ReplayBuffer:
         if missing_tasks:
             raise L.DatasetError(f"{self.root}: tasks {sorted(missing_tasks)} missing from {L.TASKS_PATH}")
         before = (self.info.get("total_episodes"), self.info.get("total_frames"), self.info.get("total_tasks"))
+        self._stats = L.aggregate_stats([episode_stats_from_row(r) for r in self.episodes]) if self.episodes else {}
         self._write_derived()
         report["info_rebuilt"] = before != (self.info["total_episodes"], self.info["total_frames"],
                                             self.info["total_tasks"])
         self.repair_report = report
 
     def _write_derived(self) -> None:
-        """info.json totals/splits and stats.json, from the committed episode rows."""
+        """info.json totals/splits from the committed episode rows, and stats.json (the running aggregate)."""
         n = len(self.episodes)
         self.info["total_episodes"] = n
         self.info["total_frames"] = self.total_frames
         self.info["total_tasks"] = len(self.tasks)
         self.info["splits"] = {"train": f"0:{n}"} if n else {}
         L.atomic_write_json(self.root / L.INFO_PATH, self.info)
-        stats = L.aggregate_stats([episode_stats_from_row(r) for r in self.episodes]) if self.episodes else {}
-        L.atomic_write_json(self.root / L.STATS_PATH, stats)
+        L.atomic_write_json(self.root / L.STATS_PATH, self._stats)
 
     def _data_path(self, row: dict[str, Any]) -> Path:
         return self.root / self.info["data_path"].format(chunk_index=row["data/chunk_index"],
@@ -281,9 +288,16 @@ class ReplayBuffer:
                                                           chunk_index=row[f"videos/{key}/chunk_index"],
                                                           file_index=row[f"videos/{key}/file_index"])
 
-    def _write_episode_rows(self, rows: list[dict[str, Any]]) -> None:
-        path = self.root / L.EPISODES_PATH.format(chunk_index=0, file_index=0)
-        L.atomic_write_parquet(path, episodes_table(rows, self.video_keys))
+    @staticmethod
+    def _meta_location(row: dict[str, Any]) -> tuple[int, int]:
+        return int(row["meta/episodes/chunk_index"]), int(row["meta/episodes/file_index"])
+
+    def _write_episode_rows(self, rows: list[dict[str, Any]], location: tuple[int, int]) -> None:
+        """Atomically rewrite the episode-index file at `location` (chunk, file) with the rows recorded there."""
+        path = self.root / L.EPISODES_PATH.format(chunk_index=location[0], file_index=location[1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mine = [r for r in rows if self._meta_location(r) == location]
+        L.atomic_write_parquet(path, episodes_table(mine, self.video_keys))
 
     # ------------------------------------------------------------------ episodes
     def begin_episode(self, task: str | None = None, start_stamp: float | None = None) -> EpisodeWriter:
@@ -311,19 +325,20 @@ class ReplayBuffer:
     def _update_row(self, episode_index: int, **changes: Any) -> None:
         if not 0 <= episode_index < len(self.episodes):
             raise IndexError(f"episode {episode_index} does not exist ({len(self.episodes)} committed)")
-        rows = [dict(r) for r in self.episodes]
-        rows[episode_index].update(changes)
-        self._write_episode_rows(rows)
+        rows = list(self.episodes)
+        rows[episode_index] = {**rows[episode_index], **changes}
+        self._write_episode_rows(rows, self._meta_location(rows[episode_index]))
         self.episodes = rows
 
     def _commit(self, row: dict[str, Any], table: pa.Table, video_files: dict[str, Path],
                 new_tasks: list[str]) -> int:
         index = len(self.episodes)
         chunk, file = L.chunk_file(index, int(self.info["chunks_size"]))
+        meta_chunk, meta_file = L.chunk_file(index // EPISODES_PER_META_FILE, int(self.info["chunks_size"]))
         start = self.total_frames
         row.update({"episode_index": index, "data/chunk_index": chunk, "data/file_index": file,
                     "dataset_from_index": start, "dataset_to_index": start + row["length"],
-                    "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+                    "meta/episodes/chunk_index": meta_chunk, "meta/episodes/file_index": meta_file})
         for key in self.video_keys:
             row.update({f"videos/{key}/chunk_index": chunk, f"videos/{key}/file_index": file,
                         f"videos/{key}/from_timestamp": 0.0,
@@ -354,13 +369,15 @@ class ReplayBuffer:
                 os.replace(src, dst)
                 placed.append(dst)
                 fsync_dir(dst.parent)
-            self._write_episode_rows(self.episodes + [row])  # COMMIT POINT
+            self._write_episode_rows(self.episodes + [row], (meta_chunk, meta_file))  # COMMIT POINT
         except BaseException:
             for p in placed:
                 p.unlink(missing_ok=True)
             raise
         self.episodes = self.episodes + [row]
         self.tasks = self.tasks + new_tasks
+        self._stats = L.aggregate_stats([self._stats, episode_stats_from_row(row)] if self._stats
+                                        else [episode_stats_from_row(row)])
         try:
             self._write_derived()
         except OSError:

@@ -4,10 +4,11 @@ Layout (root = dataset directory):
     meta/info.json                                  codebase_version "v3.0", fps, features, totals, path templates
     meta/stats.json                                 aggregated stats per feature (min/max/mean/std/count/q01/q99)
     meta/tasks.parquet                              index "task" (str) -> column task_index (int64), pandas metadata
-    meta/episodes/chunk-000/file-000.parquet        one row per episode (file indices, timestamps, stats, labels)
+    meta/episodes/chunk-{c:03d}/file-{f:03d}.parquet  one row per episode (file indices, timestamps, stats, labels);
+                                                    the writer starts a new file every 100 episodes
     data/chunk-{c:03d}/file-{f:03d}.parquet         frames; this writer puts one episode per file
     videos/<video_key>/chunk-{c:03d}/file-{f:03d}.mp4  one stream per camera, one episode per file
-The episodes parquet is the commit record: an episode exists iff it has a row there.
+The episodes parquet files are the commit record: an episode exists iff it has a row in one of them.
 """
 
 from __future__ import annotations
