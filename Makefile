@@ -23,7 +23,7 @@ expert-demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(ROS_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(ROS_ENV) $(PY) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-all: setup
 	$(ROS_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -208,7 +208,7 @@ def eval_env(policy: torch.nn.Module, task: str, args: argparse.Namespace) -> gy
 
     cams = tuple(getattr(policy.config, "camera_names", []) or [])
     return TabletopEnv(task=task, cameras=cams or ("front",), image_size=tuple(args.image_size), render=bool(cams),
-                       colors=args.colors)
+                       colors=args.colors, max_episode_steps=getattr(args, "max_episode_steps", None))
 
 
 def traced_eval(policy: torch.nn.Module, task: str, seeds: list[int], env: gym.Env, args: argparse.Namespace, *,
@@ -358,9 +358,10 @@ def extra_scenes(task: str, kind: str, n: int, seed0: int, root: Path, args: arg
 POOLED_SETTINGS = ("config", "steps", "batch_size", "lr", "warmup", "policy", "demo_noise_m", "n_exec", "eval_seeds",
                    "image_shift", "camera_dropout", "render_size", "pose_aux", "pose_probe", "pose_scenes",
                    "pose_pretrain_steps", "pose_readout", "pose_values", "keypoint_aux", "keypoint_aux_cameras",
-                   "grounding_scenes", "init")
+                   "grounding_scenes", "init", "max_episode_steps")
 # settings added after runs were recorded: a JSON without the key ran with this value
-POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None, "grounding_scenes": 0, "init": None}
+POOLED_DEFAULTS = {"keypoint_aux": 0.0, "keypoint_aux_cameras": None, "grounding_scenes": 0, "init": None,
+                   "max_episode_steps": None}
 
 
 def pool(runs: list[dict]) -> dict:
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--first-seed", type=int, default=0,
                     help="training seeds are first-seed .. first-seed + seeds - 1 (one process per seed, then --pool)")
     ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per training seed")
+    ap.add_argument("--max-episode-steps", type=int, default=None,
+                    help="time limit of each evaluation episode in control steps (default: the task's own)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -644,6 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
            "pose_readout": args.pose_readout, "pose_values": args.pose_values, "colors": args.colors,
            **({"pose_scene_seeds": f"{POSE_SCENE_SEED0}+k"} if args.pose_scenes else {}),
            "render_size": list(args.image_size), "heldout_demos": args.heldout_demos,
+           "max_episode_steps": args.max_episode_steps,
            "demo_video": None if state_only else sim_video(),
            "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",

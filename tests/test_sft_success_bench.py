@@ -112,7 +112,7 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "CONFIG": "pi05-tiny", "STEPS": "2", "EPISODES": "1",
            "TASKS": "push", "DEMOS": "2", "SEEDS": "0 1", "VARIANTS": "delta shift4", "JOB_LIMIT": "400",
-           "LIMIT": "500"}
+           "LIMIT": "500", "EXTRA": "--max-episode-steps 20"}
     p = subprocess.run(["bash", "bench/pixels_gpu.sh", "exec", str(out), "bash", "bench/sft_success_gpu.sh", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:] + (out / "exec.log").read_text()[-3000:]
@@ -131,7 +131,7 @@ def test_gpu_script_runs_per_seed_processes_through_pixels_gpu_exec(tmp_path):
     assert pooled["device"] == "cpu" and pooled["pooled_from"] == 2
     row = pooled["results"][0]
     assert (row["task"], row["demos"]) == ("push", 2) and [s["seed"] for s in row["per_seed"]] == [0, 1]
-    assert all(s["episodes"] == 1 for s in row["per_seed"])
+    assert all(s["episodes"] == 1 for s in row["per_seed"]) and pooled["max_episode_steps"] == 20
     with tarfile.open(out / "sft_runs.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {"delta-push-2-s0.json", "delta-push-2-s0.log", "delta-push-2-s1.json", "delta-push-2-s1.log"} <= names
@@ -150,7 +150,7 @@ def test_heldout_probe_reports_open_loop_losses(tmp_path):
                         "pick_place", "--demos", "2", "--seeds", "1", "--steps", "40", "--batch-size", "8",
                         "--lr", "2e-3", "--episodes", "1", "--image-size", "32", "32", "--device", "cpu",
                         "--override", "privileged_dim=21", "--override", "max_token_len=56", "--heldout-demos", "2",
-                        "--failure-modes", "--image-ablation", "frozen", "blank:wrist",
+                        "--failure-modes", "--image-ablation", "frozen", "blank:wrist", "--max-episode-steps", "40",
                         "--out", str(out)], env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-2000:]
     told = json.loads(out.read_text())
