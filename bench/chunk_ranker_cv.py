@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from critic_ground_truth import (  # noqa: E402
     bootstrap_mean,
+    candidate_offsets,
     find_one,
     record_episode,
     restore,
@@ -159,7 +160,9 @@ def collect(paths: list[Path], work: Path, features: str, log: Any = print) -> l
                     obs = restore(env, task, scene, ep["actions"][:b])
                     gen = torch.Generator().manual_seed(sub_seed(seed, scene, 1))
                     noises = torch.randn(len(st["outcomes"]), 1, policy.horizon, policy.action_dim, generator=gen)
-                    cand = sample_candidates(policy, obs, noises, n_exec)
+                    offsets = candidate_offsets(policy, len(st["outcomes"]),
+                                                r["settings"].get("candidate_offset", 0.0), seed, scene)
+                    cand = sample_candidates(policy, obs, noises, n_exec, offsets=offsets)
                     if abs(float(cand["critic_action"].std(0).mean()) - st["candidate_spread"]) > 1e-5:
                         raise SystemExit(f"scene {scene}: candidates do not reproduce")
                     inputs = policy.preprocess([policy_observation(obs)])
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     states = collect(args.results, args.work, args.features, log=lambda m: print(m, file=sys.stderr, flush=True))
     res: dict[str, Any] = {"bench": "chunk_ranker_cv", "results": [str(p) for p in args.results],
-                           "settings": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "results" else v)
-                                        for k, v in vars(args).items()},
+                           "settings": {k: ([str(x) for x in v] if k == "results" else str(v) if isinstance(v, Path)
+                                        else v) for k, v in vars(args).items()},
                            "states": len(states), "candidates": int(states[0]["d"].shape[0]),
                            "action_features": int(states[0]["d"].shape[1]), "state_features": int(len(states[0]["z"])),
                            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "models": {}}

@@ -28,7 +28,9 @@ binomial-corrected variance, Spearman(Q, p), p[argmax Q] - mean p (best-of-N wit
 means over states with seeded bootstrap 95 % CIs (resampling states) and a permutation test of "all candidates
 equal at every state". `--combine A.json B.json` pools result files. `--rescore A.json --work W` judges
 another critic (W's, trained on other data with the same SFT checkpoint) on the stored states: the candidates are
-re-drawn (checked to reproduce) and the stored outcomes judge its Q, no continuations. Results: docs/RESULTS.md.
+re-drawn (checked to reproduce) and the stored outcomes judge its Q, no continuations.
+`--candidate-offset S` widens the candidates: each SFT chunk plus a seeded constant N(0, S^2) offset in the
+normalised action space (a wider proposal than the policy's own). Results: docs/RESULTS.md.
 
     .venv/bin/python bench/critic_ground_truth.py --work /tmp/gt/w --seeds 0 --states 10 --n 8 --reps 4
 
@@ -151,19 +153,35 @@ def branch_point(steps: int, n_exec: int, frac: float, rng: np.random.Generator)
 # ------------------------------------------------------------------------------------------------ candidates
 @torch.no_grad()
 def sample_candidates(policy: Any, obs: dict[str, Any], noises: torch.Tensor, n_exec: int,
-                      critic: QEnsemble | None = None, features: str = "rl-token") -> dict[str, np.ndarray]:
+                      critic: QEnsemble | None = None, features: str = "rl-token",
+                      offsets: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Chunks of `policy` at one observation from noises [N, 1, H, D] (t = 1): robot-unit chunks float64
     [N, H, real], normalised critic actions float32 [N, n_exec * real] and, with a critic, its ensemble-mean Q
-    float32 [N] (critic state features of `policy`, as BestOfNPolicy)."""
+    float32 [N] (critic state features of `policy`, as BestOfNPolicy). offsets [N, 1, 1, D] (optional): added
+    to each sampled chunk in the policy's normalised action space, the same at every step (wider candidates)."""
     inputs = policy.preprocess([policy_observation(obs)])
     ctx = policy.encode(inputs)
     chunks = [policy.sample(ctx, noise=eps) for eps in noises]
+    if offsets is not None:
+        chunks = [c + off.to(c.dtype) for c, off in zip(chunks, offsets, strict=True)]
     crit = torch.cat([critic_action(c, n_exec, policy.real_action_dim) for c in chunks]).float()
     out = {"robot": np.concatenate([policy.postprocess(c) for c in chunks]), "critic_action": crit.numpy()}
     if critic is not None:
         q_fn = bind_critic(critic, critic_state_features(policy, ctx, inputs, features), inputs["state"], how="mean")
         out["q"] = q_fn(crit[None])[0].numpy()
     return out
+
+
+def candidate_offsets(policy: Any, n: int, sigma: float, train_seed: int, scene: int) -> torch.Tensor | None:
+    """--candidate-offset: N(0, sigma^2) offsets [N, 1, 1, D] in the policy's normalised action space, one per
+    candidate, constant over the chunk, zero on padded dims; seeded by (train seed, scene), apart from the sampling
+    noise (so sigma = 0 gives the plain candidates exactly). None for sigma = 0."""
+    if not sigma:
+        return None
+    gen = torch.Generator().manual_seed(sub_seed(train_seed, scene, 5))
+    off = torch.randn(n, 1, 1, policy.action_dim, generator=gen) * float(sigma)
+    off[..., int(policy.real_action_dim):] = 0.0
+    return off
 
 
 @torch.no_grad()
@@ -250,7 +268,7 @@ def continue_batch(policy: Any, envs: list[Any], task: str, seed: int, snap: Sna
 
 def evaluate_state(policy: Any, critic: QEnsemble | None, envs: list[Any], task: str, ep: dict[str, Any], b: int,
                    n: int, reps: int, n_exec: int, train_seed: int, features: str = "rl-token",
-                   extra_actors: dict[str, Any] | None = None) -> dict[str, Any]:
+                   extra_actors: dict[str, Any] | None = None, offset: float = 0.0) -> dict[str, Any]:
     """One branch state (episode `ep`, branch step b), restored by replay in envs[0]: N SFT candidates (noise
     seeded by the train seed and scene), R continuations each (continue_batch; needs (N + extras) * R envs)
     -> outcomes [N, R], Q [N]; each of `extra_actors` (name -> policy) samples one chunk with candidate 0's noise
@@ -265,7 +283,8 @@ def evaluate_state(policy: Any, critic: QEnsemble | None, envs: list[Any], task:
     snap_diff = float(np.max(np.abs(sim_state(envs[-1]) - replayed)))
     gen = torch.Generator().manual_seed(sub_seed(train_seed, seed, 1))
     noises = torch.randn(n, 1, policy.horizon, policy.action_dim, generator=gen)
-    cand = sample_candidates(policy, obs, noises, n_exec, critic, features)
+    cand = sample_candidates(policy, obs, noises, n_exec, critic, features,
+                             candidate_offsets(policy, n, offset, train_seed, seed))
     firsts = [cand["robot"][i][:n_exec] for i in range(n) for _ in range(reps)]
     seeds = [sub_seed(train_seed, seed, 2, i, r) for i in range(n) for r in range(reps)]
     extras = {}
@@ -484,7 +503,8 @@ def run_seed(work: Path, task: str, seed: int, args: argparse.Namespace, log: An
                 if not replay[-1]["exact"]:
                     log(f"WARNING: replay of scene {scene} is not bit-exact: {replay[-1]}")
             b = branch_point(ep["steps"], args.n_exec, args.frac, np.random.default_rng([seed, scene, 4]))
-            st = evaluate_state(policy, critic, envs, task, ep, b, args.n, args.reps, args.n_exec, seed, kind, extra)
+            st = evaluate_state(policy, critic, envs, task, ep, b, args.n, args.reps, args.n_exec, seed, kind, extra,
+                                getattr(args, "candidate_offset", 0.0))
             st["wall_s"] = round(time.perf_counter() - t0, 2)
             states.append(st)
             log(json.dumps({"seed": seed, "scene": scene, "b": b, "steps": ep["steps"], "p": st["p"],
@@ -559,7 +579,9 @@ def rescore(paths: list[Path], work: Path, boot: int = 2000, log: Any = print) -
                     obs = restore(env, task, scene, ep["actions"][:b])
                     gen = torch.Generator().manual_seed(sub_seed(seed, scene, 1))
                     noises = torch.randn(len(st["outcomes"]), 1, policy.horizon, policy.action_dim, generator=gen)
-                    cand = sample_candidates(policy, obs, noises, n_exec, critic, kind)
+                    offsets = candidate_offsets(policy, len(st["outcomes"]),
+                                                r["settings"].get("candidate_offset", 0.0), seed, scene)
+                    cand = sample_candidates(policy, obs, noises, n_exec, critic, kind, offsets)
                     spread = float(cand["critic_action"].std(0).mean())
                     if abs(spread - st["candidate_spread"]) > 1e-5:
                         raise SystemExit(f"scene {scene}: candidates do not reproduce (spread {spread} vs "
@@ -601,6 +623,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n", type=int, default=8, help="candidate chunks per state")
     ap.add_argument("--reps", type=int, default=4, help="continuations per candidate")
     ap.add_argument("--n-exec", type=int, default=5)
+    ap.add_argument("--candidate-offset", type=float, default=0.0,
+                    help="wider candidates: each SFT chunk plus a constant N(0, s^2) offset in the normalised action "
+                         "space (seeded; 0 = the policy's own chunks)")
     ap.add_argument("--frac", type=float, default=0.7, help="branch points within the first FRAC of the episode")
     ap.add_argument("--qvgm", action="store_true", help="also judge the seed's Q-VGM actor (retrained, cached)")
     ap.add_argument("--max-episode-steps", type=int, default=None, help="time limit (default: the task's)")

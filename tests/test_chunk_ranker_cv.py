@@ -104,7 +104,7 @@ def test_end_to_end_on_a_ground_truth_file(tmp_path: Path) -> None:
     gt = tmp_path / "gt.json"
     G.main(["--work", str(work), "--task", "push", "--seeds", "0", "--states", "3", "--n", "3", "--reps", "2",
             "--n-exec", str(N_EXEC), "--check-replay", "0", "--boot", "50", "--out", str(gt),
-            "--max-episode-steps", "12"])
+            "--max-episode-steps", "12", "--candidate-offset", "0.3"])  # the probe must re-draw the offsets too
     out = tmp_path / "probe.json"
     res = P.main([str(gt), "--work", str(work), "--folds", "3", "--repeats", "1", "--out", str(out)])
     on_disk = json.loads(out.read_text())

@@ -318,3 +318,30 @@ def test_rescore_judges_another_critic_on_the_stored_states(tmp_path: Path) -> N
     save_policy(tiny_policy(0), renamed / "sft-push-s0-other", version="sft-v1", summary={"kind": "sft"})
     with pytest.raises(SystemExit, match="was measured with"):
         G.main(["--rescore", str(out), "--work", str(renamed)])
+
+
+def test_candidate_offset_widens_the_candidates_and_rescore_redraws_them(tmp_path: Path) -> None:
+    """--candidate-offset s: seeded constant offsets in the normalised action space (zero on padded dims; s = 0 is
+    no offset at all); the recorded states carry wider candidates, and --rescore re-draws the same ones."""
+    pol = tiny_policy(0)
+    assert G.candidate_offsets(pol, 3, 0.0, 0, 200_000) is None
+    off = G.candidate_offsets(pol, 64, 0.5, 0, 200_000)
+    assert off.shape == (64, 1, 1, pol.action_dim)
+    assert torch.equal(off, G.candidate_offsets(pol, 64, 0.5, 0, 200_000))
+    assert not off[..., pol.real_action_dim:].any() and 0.35 < float(off[..., :pol.real_action_dim].std()) < 0.65
+    work = tmp_path / "w"
+    save_policy(pol, work / "sft-push-s0-tiny", version="sft-v1", summary={"kind": "sft"})
+    save_critic(tiny_critic(0), mkdir(work / "critic-push-s0-abc"), extra={"features": "rl-token"})
+    runs = {}
+    for s in (0.0, 0.5):
+        out = tmp_path / f"gt{s}.json"
+        G.main(["--work", str(work), "--task", "push", "--seeds", "0", "--states", "2", "--n", "3", "--reps", "2",
+                "--n-exec", str(N_EXEC), "--check-replay", "0", "--boot", "50", "--out", str(out),
+                "--max-episode-steps", "12", "--candidate-offset", str(s)])
+        runs[s] = out
+    plain = json.loads(runs[0.0].read_text())["seeds"]["0"]["states"]
+    wide = json.loads(runs[0.5].read_text())["seeds"]["0"]["states"]
+    assert [s["branch_step"] for s in plain] == [s["branch_step"] for s in wide]
+    assert all(w["candidate_spread"] > p["candidate_spread"] for p, w in zip(plain, wide, strict=True))
+    again = G.main(["--rescore", str(runs[0.5]), "--work", str(work), "--boot", "50"])
+    assert [s["q"] for s in again["states"]] == [s["q"] for s in wide]
