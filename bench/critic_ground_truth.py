@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 from critic_trainer.critic import QEnsemble, critic_action  # noqa: E402
 from critic_trainer.features import critic_state_features  # noqa: E402
-from critic_trainer.pipeline import policy_observation, run_episode, run_from  # noqa: E402
+from critic_trainer.pipeline import constant_action_offsets, policy_observation, run_episode, run_from  # noqa: E402
 from critic_trainer.qvgm import bind_critic  # noqa: E402
 
 TUNE0 = 200_000  # tuning scene seeds (bench/learning.py); evaluation scenes start at 900_000 and are refused
@@ -178,10 +178,7 @@ def candidate_offsets(policy: Any, n: int, sigma: float, train_seed: int, scene:
     noise (so sigma = 0 gives the plain candidates exactly). None for sigma = 0."""
     if not sigma:
         return None
-    gen = torch.Generator().manual_seed(sub_seed(train_seed, scene, 5))
-    off = torch.randn(n, 1, 1, policy.action_dim, generator=gen) * float(sigma)
-    off[..., int(policy.real_action_dim):] = 0.0
-    return off
+    return constant_action_offsets(n, policy.action_dim, policy.real_action_dim, sigma, sub_seed(train_seed, scene, 5))
 
 
 @torch.no_grad()

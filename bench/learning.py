@@ -474,6 +474,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
     assert not (set(eval_seeds) & (set(roll_seeds) | set(sft_info["demo_seeds"])))  # held out from training
     branch = f"-b{args.branches}f{args.branch_frac:g}" if args.branches else ""
     branch += f"x{args.branch_reps}" if args.branches and args.branch_reps > 1 else ""
+    branch += f"o{args.branch_offset:g}" if args.branches and args.branch_offset else ""
     buf_dir = work / f"buffer-{sft_dir.name}-r{args.rollouts}{branch}{'-demos' if args.buffer_demos else ''}"
     if (buf_dir / "roll_info.json").exists():  # resumed --work
         roll = {**json.loads((buf_dir / "roll_info.json").read_text()), "reused": True}
@@ -491,7 +492,7 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
         roll = P.collect_rollouts(roller, task, roll_seeds, buf_dir, n_exec=args.n_exec, noise_seed=7 + s,
                                   max_episode_steps=args.max_episode_steps, **gym_env(args), **render_settings(args),
                                   branches=args.branches, branch_frac=args.branch_frac,
-                                  branch_reps=args.branch_reps, **extra)
+                                  branch_reps=args.branch_reps, branch_offset=args.branch_offset, **extra)
         if pixels:
             roll["images_checked"] = roller.summary()
         if args.buffer_demos:
@@ -728,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--branch-reps", type=int, default=1, metavar="R",
                     help="continuations of every branch chunk (its first chunk shared, then fresh noise each)")
     ap.add_argument("--branch-frac", type=float, default=0.7, help="branch points within the first FRAC of an episode")
+    ap.add_argument("--branch-offset", type=float, default=0.0, metavar="S",
+                    help="exploration for the critic: each branch's first chunk gets a constant N(0, S^2) offset "
+                         "in the policy's normalised action space (collect_rollouts branch_offset; needs --branches)")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     ap.add_argument("--n-exec", type=int, default=5)
@@ -773,6 +777,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--sft-candidates wants K >= 1, and K > 1 needs --tune-episodes >= 1 and no --calibrate")
     if args.branch_reps < 1:
         ap.error("--branch-reps wants R >= 1")
+    if not np.isfinite(args.branch_offset) or args.branch_offset < 0 or (args.branch_offset and args.branches < 1):
+        ap.error("--branch-offset wants a finite S >= 0, and S > 0 needs --branches K >= 1")
     if args.critic_contrast < 0 or (args.critic_contrast > 0 and args.branches < 1):
         ap.error("--critic-contrast wants W >= 0, and W > 0 needs --branches K >= 1 (the same-state groups)")
     if args.env_spec is not None:

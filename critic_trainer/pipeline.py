@@ -1008,6 +1008,43 @@ def branch_noise_seed(noise_seed: int, seed: int, branch: int) -> int:
     return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def constant_action_offsets(n: int, action_dim: int, real_action_dim: int, sigma: float, seed: int) -> torch.Tensor:
+    """n N(0, sigma^2) offsets float32 [n, 1, 1, action_dim] in a policy's normalised action space (sigma in those
+    units), constant over a chunk, zero on the padded dims >= real_action_dim; drawn from torch.Generator(seed)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    off = torch.randn(n, 1, 1, int(action_dim), generator=gen) * float(sigma)
+    off[..., int(real_action_dim):] = 0.0
+    return off
+
+
+def branch_offset_seed(noise_seed: int, seed: int, branch: int) -> int:
+    """Generator seed of branch `branch`'s first-chunk offset in collect_rollouts(branch_offset=S) (63 bit)."""
+    ss = np.random.SeedSequence([int(noise_seed), int(seed), int(branch), 17])
+    return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class FirstChunkOffset:
+    """Actor wrapper: the first chunk it returns is `actor`'s sample plus `offset` [1, 1, D] (normalised action
+    space, added before postprocess), every later chunk is `actor.act`'s own. The first chunk draws its noise exactly
+    as actor.act does (sample(ctx) from the global torch RNG), so a zero offset reproduces the plain actor bit for
+    bit. `actor` must be a flow policy (preprocess / encode / sample / postprocess)."""
+
+    def __init__(self, actor: Any, offset: torch.Tensor) -> None:
+        missing = [m for m in ("preprocess", "encode", "sample", "postprocess") if not hasattr(actor, m)]
+        if missing:
+            raise ValueError(f"a first-chunk offset needs a flow policy; {type(actor).__name__} has no {missing}")
+        self.actor, self.offset = actor, offset
+        self.version = getattr(actor, "version", "policy")
+
+    @torch.no_grad()
+    def act(self, observations: list[dict[str, Any]]) -> np.ndarray:
+        if self.offset is None:
+            return self.actor.act(observations)
+        p, off, self.offset = self.actor, self.offset, None
+        chunk = p.sample(p.encode(p.preprocess(observations)))
+        return p.postprocess(chunk + off.to(chunk.device, chunk.dtype))
+
+
 def branch_rep_noise_seed(noise_seed: int, seed: int, branch: int, rep: int) -> int:
     """Torch seed of continuation `rep` (>= 2) of branch `branch` after its first chunk (collect_rollouts)."""
     ss = np.random.SeedSequence([int(noise_seed), int(seed), int(branch), int(rep), 13])
@@ -1056,7 +1093,7 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                      max_episode_steps: int | None = None, env: Any = None, render: bool = False,
                      cameras: Sequence[str] = ("front", "wrist"), image_size: tuple[int, int] = (224, 224),
                      append: bool = False, branches: int = 0, branch_frac: float = 0.7,
-                     branch_reps: int = 1, colors: str = "random") -> dict[str, Any]:
+                     branch_reps: int = 1, branch_offset: float = 0.0, colors: str = "random") -> dict[str, Any]:
     """Run `actor` on scene seeds and record every episode into a replay buffer at `out` (sparse reward, success
     label from the sim detector, privileged side files). Returns a summary.
     max_episode_steps: time limit in control steps (default: the task's). env: an env to run in instead of a
@@ -1078,6 +1115,10 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     branch_reps=R > 1: every branch chunk is continued R times: the first chunk is the same in all R (the RNG seeded
     as above), the rest of continuation r >= 2 draws from branch_rep_noise_seed(noise_seed, seed, i, r), so each
     branch chunk has R outcomes (notes add "branch": i, "rep": r). R = 1 is the plain branch above, unchanged.
+    branch_offset=S > 0 (exploration for the critic): branch i's first chunk (shared by its R continuations) gets a
+    constant N(0, S^2) offset in the actor's normalised action space (constant_action_offsets, seeded
+    branch_offset_seed(noise_seed, seed, i); `actor` must be a flow policy), the rest is the actor's own; the
+    buffer records the executed (offset) actions, and notes add "offset": S. S = 0 is the plain branch, unchanged.
     """
     from critic_trainer.demos import write_privileged
     from qvgm.data import ReplayBuffer
@@ -1089,6 +1130,12 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
         raise ValueError(f"branches must be >= 0 and 0 < branch_frac <= 1, got {branches}, {branch_frac}")
     if branch_reps < 1:
         raise ValueError(f"branch_reps must be >= 1, got {branch_reps}")
+    if not np.isfinite(branch_offset) or branch_offset < 0:
+        raise ValueError(f"branch_offset must be a finite S >= 0, got {branch_offset}")
+    if branch_offset and not branches:
+        raise ValueError("branch_offset needs branches >= 1 (it offsets each branch's first chunk)")
+    if branch_offset:
+        FirstChunkOffset(actor, torch.zeros(1))  # refuses a non-flow actor before anything is recorded
     if branches and not own and not (hasattr(env, "get_sim_state") and hasattr(env, "set_sim_state")):
         raise ValueError(f"branches need an env that can save and restore its state (get_sim_state / set_sim_state, "
                          f"simulation only); {type(env).__name__} cannot")
@@ -1153,7 +1200,12 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
             if steps == b + n_exec:
                 torch.manual_seed(branch_rep_noise_seed(noise_seed, seed, i, r))
 
-        return run_from(actor, env, obs, n_exec=n_exec, record=ep, steps=b, on_chunk=reseed if r > 1 else None)
+        runner = actor
+        if branch_offset:
+            off = constant_action_offsets(1, actor.action_dim, actor.real_action_dim, branch_offset,
+                                          branch_offset_seed(noise_seed, seed, i))[0]
+            runner = FirstChunkOffset(actor, off)
+        return run_from(runner, env, obs, n_exec=n_exec, record=ep, steps=b, on_chunk=reseed if r > 1 else None)
 
     try:
         for s in tqdm([int(s) for s in seeds], desc=f"rollouts {task}", disable=not progress, dynamic_ncols=True):
@@ -1168,6 +1220,8 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
                     info = {"branch_of": index, "branch_step": b, "scene_seed": s}
                     if branch_reps > 1:
                         info.update(branch=i, rep=rep)
+                    if branch_offset:
+                        info.update(branch=i, offset=float(branch_offset))
                     record(b * stamp_dt, json.dumps(info), True, branch, s, snaps[b], b, i, rep)
     finally:
         buf.close()
@@ -1178,6 +1232,7 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     if branches:
         out_info.update({"branches": int(branches), "branch_frac": float(branch_frac),
                          **({"branch_reps": int(branch_reps)} if branch_reps > 1 else {}),
+                         **({"branch_offset": float(branch_offset)} if branch_offset else {}),
                          **{k: totals[k] for k in ("branch_episodes", "branch_successes", "branch_frames")}})
     return {**out_info, "wall_s": round(time.perf_counter() - t0, 2)}
 

@@ -97,6 +97,11 @@ def test_branches_go_into_their_own_buffer(tmp_path):
     assert len(set(buf.episode.tolist())) == 6 and len(buf) == roll["frames"] + roll["branch_frames"]
     assert sorted(set(buf.root.tolist())) == [0, 3]  # each rollout and its two branches
     assert sorted(np.bincount(buf.branch_group[buf.branch_group >= 0]).tolist()) == [3, 3]  # the same-state groups
+    # --branch-offset: explored branches go into a buffer of their own name
+    res = bench().main([*TOY, "--rollouts", "2", "--branches", "2", "--branch-offset", "0.2", "--eval-episodes", "1",
+                        "--methods", "sft", "--work", str(tmp_path / "w")])
+    assert res["tasks"]["push"]["seeds"][0]["rollouts"]["branch_offset"] == 0.2
+    assert (tmp_path / "w" / f"{buf_dir.name}o0.2" / "roll_info.json").exists()
 
 
 def test_critic_contrast_needs_branches(capsys):
@@ -104,6 +109,10 @@ def test_critic_contrast_needs_branches(capsys):
         with pytest.raises(SystemExit):
             bench().main([*TOY, "--methods", "qvgm", *bad])
         assert "--critic-contrast" in capsys.readouterr().err
+    for bad in (["--branch-offset", "0.1"], ["--branch-offset", "-0.1", "--branches", "2"]):
+        with pytest.raises(SystemExit):
+            bench().main([*TOY, "--methods", "sft", *bad])
+        assert "--branch-offset" in capsys.readouterr().err
 
 
 def test_sft_candidates_are_chosen_on_tuning_scenes(tmp_path):

@@ -285,6 +285,84 @@ def test_branch_reps_continue_each_branch_chunk_several_times(data, tmp_path):
         P.collect_rollouts(pol, "push", [1], tmp_path / "x", branches=1, branch_reps=0)
 
 
+def test_first_chunk_offset_moves_only_the_first_chunk(data):
+    """FirstChunkOffset: a zero offset is the plain actor bit for bit; a nonzero one is the same sample plus the
+    offset in the normalised action space, on the first chunk only; a non-flow actor is refused."""
+    from qvgm.sim import TabletopEnv
+
+    pol = load_policy(data["policy"])
+    env = TabletopEnv(task="push", render=False, max_episode_steps=12)
+    try:
+        obs = [P.policy_observation(env.reset(seed=1)[0])]
+    finally:
+        env.close()
+    d, real = pol.action_dim, pol.real_action_dim
+    torch.manual_seed(3)
+    plain = pol.act(obs)
+    torch.manual_seed(3)
+    np.testing.assert_array_equal(P.FirstChunkOffset(pol, torch.zeros(1, 1, d)).act(obs), plain)
+    off = P.constant_action_offsets(1, d, real, 0.3, 5)[0]
+    assert off.shape == (1, 1, d) and off.abs().sum() > 0
+    torch.manual_seed(3)
+    actor = P.FirstChunkOffset(pol, off)
+    moved = actor.act(obs)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = pol.postprocess(pol.sample(pol.encode(pol.preprocess(obs))) + off)
+    np.testing.assert_array_equal(moved, want)
+    assert not np.allclose(moved, plain)
+    torch.manual_seed(4)
+    second = actor.act(obs)  # the offset is spent: later chunks are the actor's own
+    torch.manual_seed(4)
+    np.testing.assert_array_equal(second, pol.act(obs))
+
+    class ActOnly:
+        def act(self, observations):
+            return plain
+
+    with pytest.raises(ValueError, match="flow policy"):
+        P.FirstChunkOffset(ActOnly(), off)
+    # the offsets: seeded, N(0, sigma^2) on the real dims, zero on the padded ones
+    many = P.constant_action_offsets(4000, 9, 7, 0.2, 11)
+    assert many.shape == (4000, 1, 1, 9) and (many[..., 7:] == 0).all()
+    assert float(many[..., :7].std()) == pytest.approx(0.2, rel=0.03)
+    assert torch.equal(many, P.constant_action_offsets(4000, 9, 7, 0.2, 11))
+    assert not torch.equal(many, P.constant_action_offsets(4000, 9, 7, 0.2, 12))
+
+
+def test_branch_offset_explores_at_the_branch_state(data, tmp_path):
+    """branch_offset=S: each branch's first chunk (shared by its continuations) is moved by its own seeded offset;
+    the buffer records the moved actions at the same state; the notes and the summary say so; bad values refused."""
+    from qvgm.data.buffer import read_episode_rows
+
+    pol = load_policy(data["policy"])
+    kw = {"n_exec": 3, "max_episode_steps": 15, "branches": 2, "branch_reps": 2, "branch_frac": 0.3}
+    plain = P.collect_rollouts(pol, "push", [1], tmp_path / "p", **kw)
+    res = P.collect_rollouts(pol, "push", [1], tmp_path / "o", branch_offset=0.3, **kw)
+    assert res["branch_offset"] == 0.3 and "branch_offset" not in plain
+    notes = [json.loads(r["notes"]) for r in read_episode_rows(tmp_path / "o")[1:]]
+    assert [(n["branch"], n["rep"], n["offset"]) for n in notes] == [(i, r, 0.3) for i in (1, 2) for r in (1, 2)]
+    pbuf, obuf = P.load_buffer(tmp_path / "p", pol.horizon), P.load_buffer(tmp_path / "o", pol.horizon)
+    np.testing.assert_array_equal(obuf.action[obuf.episode == 0], pbuf.action[pbuf.episode == 0])  # the rollout
+    for k in range(1, 5):
+        o, p = obuf.action[obuf.episode == k], pbuf.action[pbuf.episode == k]
+        np.testing.assert_array_equal(obuf.demo.state[obuf.episode == k][0], pbuf.demo.state[pbuf.episode == k][0])
+        assert not np.allclose(o[:3], p[:3])  # the same noise, moved by the offset
+    first = {k: obuf.action[obuf.episode == k][:3] for k in range(1, 5)}
+    np.testing.assert_array_equal(first[1], first[2])  # branch 1's two continuations share its chunk
+    np.testing.assert_array_equal(first[3], first[4])
+    assert np.bincount(obuf.branch_group[obuf.branch_group >= 0]).tolist() == [5]
+    again = P.collect_rollouts(pol, "push", [1], tmp_path / "o2", branch_offset=0.3, **kw)
+    np.testing.assert_array_equal(P.load_buffer(tmp_path / "o2", pol.horizon).action, obuf.action)
+    assert again["branch_frames"] == res["branch_frames"]
+    for bad, match in (({"branch_offset": -0.1, "branches": 1}, "branch_offset"),
+                       ({"branch_offset": float("nan"), "branches": 1}, "branch_offset"),
+                       ({"branch_offset": 0.1}, "branches")):
+        with pytest.raises(ValueError, match=match):
+            P.collect_rollouts(pol, "push", [1], tmp_path / "x", **bad)
+    assert not (tmp_path / "x").exists()
+
+
 def test_collect_rollouts_branches_give_within_state_contrasts(data, tmp_path):
     """branches=2: after each episode two more from one of its chunk boundaries, restored bit for bit; each a
     buffer episode of its own with its own actions there; deterministic; refused where the env cannot restore."""
