@@ -779,6 +779,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--branch-reps wants R >= 1")
     if not np.isfinite(args.branch_offset) or args.branch_offset < 0 or (args.branch_offset and args.branches < 1):
         ap.error("--branch-offset wants a finite S >= 0, and S > 0 needs --branches K >= 1")
+    if args.branch_offset and is_pixels(args):
+        ap.error("--branch-offset applies to the state tier: the pixel tier's rollouts go through its camera check, "
+                 "which a first-chunk offset would bypass")
     if args.critic_contrast < 0 or (args.critic_contrast > 0 and args.branches < 1):
         ap.error("--critic-contrast wants W >= 0, and W > 0 needs --branches K >= 1 (the same-state groups)")
     if args.env_spec is not None:

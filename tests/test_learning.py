@@ -109,7 +109,8 @@ def test_critic_contrast_needs_branches(capsys):
         with pytest.raises(SystemExit):
             bench().main([*TOY, "--methods", "qvgm", *bad])
         assert "--critic-contrast" in capsys.readouterr().err
-    for bad in (["--branch-offset", "0.1"], ["--branch-offset", "-0.1", "--branches", "2"]):
+    for bad in (["--branch-offset", "0.1"], ["--branch-offset", "-0.1", "--branches", "2"],
+                ["--branch-offset", "0.1", "--branches", "2", "--tier", "pixels"]):
         with pytest.raises(SystemExit):
             bench().main([*TOY, "--methods", "sft", *bad])
         assert "--branch-offset" in capsys.readouterr().err
