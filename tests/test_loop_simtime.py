@@ -40,8 +40,8 @@ def loop_args(work: Path, *extra: str) -> argparse.Namespace:
 
 def test_rtf2_on_sim_time_records_whole_episodes_in_sim_seconds(tiny, tmp_path) -> None:
     """At real_time_factor 2 the recorder keeps the whole episode (before sim time it kept ~1/2): the episode lasts
-    its time limit in SIM seconds (stamps 0.1 s apart at the recorder's 10 fps), in about half the wall time, and
-    the nodes' clocks follow /clock."""
+    its time limit in SIM seconds (stamps 0.1 s apart at the recorder's 10 fps) and the nodes' clocks follow /clock.
+    How far sim time runs ahead of the wall clock depends on the machine's load: bench/loop_rtf.py measures it."""
     work, _, v0 = tiny
     args = loop_args(work, "--real-time-factor", "2", "--episode-time", "3")
     with loop.SimLoop(args, work, loop.Progress()) as sim:
@@ -49,10 +49,10 @@ def test_rtf2_on_sim_time_records_whole_episodes_in_sim_seconds(tiny, tmp_path) 
         driver = sim.graph.nodes["loop_driver"]
         robot = sim.graph.nodes["sim_node"]
         assert driver.get_parameter("use_sim_time").value and sim.policy.get_parameter("use_sim_time").value
-        t0, r0 = time.monotonic(), robot.sim_to_ros(float(robot.env.time))
+        r0 = robot.sim_to_ros(float(robot.env.time))
         infos = sim.episodes(tmp_path / "rec", 2, "test", seed=5)
-        wall, robot_s = time.monotonic() - t0, robot.sim_to_ros(float(robot.env.time)) - r0
-        # the driver's node clock is /clock, i.e. the sim's robot time, which ran ahead of the wall clock
+        robot_s = robot.sim_to_ros(float(robot.env.time)) - r0
+        # the driver's node clock is /clock, i.e. the sim's robot time
         sim.graph.spin_for(0.2)
         lag = robot.sim_to_ros(float(robot.env.time)) - driver.get_clock().now().nanoseconds * 1e-9
         assert -1e-3 <= lag < 0.5, lag  # (ns rounding of the Clock message)
@@ -66,7 +66,7 @@ def test_rtf2_on_sim_time_records_whole_episodes_in_sim_seconds(tiny, tmp_path) 
         if not info["success"]:  # a timeout lasts the whole 3 sim-s limit, and the recorder kept all of it
             assert span == pytest.approx(3.0, abs=0.4) and info["frames"] >= 25, (span, info["frames"])
         sim_s += span
-    assert robot_s > 1.3 * wall and sim_s < robot_s, (robot_s, sim_s, wall)  # nominally 2x, resets included
+    assert 0 < sim_s < robot_s, (robot_s, sim_s)  # the recorded spans lie inside the sim time, resets between
     rd = ReplayReader(tmp_path / "rec", decode_images=False)
     try:
         assert len(rd.episodes) == 2
