@@ -41,15 +41,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from critic_ground_truth import (  # noqa: E402
-    bootstrap_mean,
-    candidate_offsets,
-    find_one,
-    record_episode,
-    restore,
-    sample_candidates,
-    sub_seed,
-)
+from critic_ground_truth import bootstrap_mean, redraw_stored, stored_sft  # noqa: E402
 
 from critic_trainer.features import critic_state_features  # noqa: E402
 from critic_trainer.pipeline import policy_observation  # noqa: E402
@@ -137,42 +129,21 @@ def collect(paths: list[Path], work: Path, features: str, log: Any = print) -> l
     """Per stored state: the candidates re-drawn (as critic_ground_truth --rescore, checked to reproduce); returns
     dicts with d [N, A] (centred normalised critic actions), z [F] (state features), p [N] (stored outcomes)."""
     from qvgm.policy import load_policy
-    from qvgm.sim import TabletopEnv
 
     out: list[dict[str, Any]] = []
     for path in paths:
         r = json.loads(Path(path).read_text())
-        task, n_exec = r["task"], int(r["settings"]["n_exec"])
         for seed_key, sr in r["seeds"].items():
             seed = int(seed_key)
-            sft_dir = find_one(work, f"sft-{task}-s{seed}-*")
-            if sft_dir.name != sr["sft"]:
-                raise SystemExit(f"{path}: seed {seed} was measured with {sr['sft']}, {work} holds {sft_dir.name}")
-            policy = load_policy(sft_dir).eval()
-            env = TabletopEnv(task=task, render=False, max_episode_steps=r["settings"].get("max_episode_steps"))
-            try:
-                for st in sr["states"]:
-                    scene, b = int(st["scene_seed"]), int(st["branch_step"])
-                    ep = record_episode(policy, env, task, scene, n_exec)
-                    if ep["steps"] != st["episode_steps"] or ep["success"] != st["episode_success"]:
-                        raise SystemExit(f"scene {scene}: the episode does not reproduce ({ep['steps']} steps; "
-                                         f"stored {st['episode_steps']}): another SFT checkpoint or simulator")
-                    obs = restore(env, task, scene, ep["actions"][:b])
-                    gen = torch.Generator().manual_seed(sub_seed(seed, scene, 1))
-                    noises = torch.randn(len(st["outcomes"]), 1, policy.horizon, policy.action_dim, generator=gen)
-                    offsets = candidate_offsets(policy, len(st["outcomes"]),
-                                                r["settings"].get("candidate_offset", 0.0), seed, scene)
-                    cand = sample_candidates(policy, obs, noises, n_exec, offsets=offsets)
-                    if abs(float(cand["critic_action"].std(0).mean()) - st["candidate_spread"]) > 1e-5:
-                        raise SystemExit(f"scene {scene}: candidates do not reproduce")
-                    inputs = policy.preprocess([policy_observation(obs)])
-                    z = critic_state_features(policy, policy.encode(inputs), inputs, features)[0].numpy()
-                    a = cand["critic_action"].astype(np.float64)
-                    out.append({"seed": seed, "scene_seed": scene, "branch_step": b, "d": a - a.mean(0),
-                                "z": z.astype(np.float64), "p": np.asarray(st["outcomes"], float).mean(1)})
-                    log(json.dumps({"seed": seed, "scene": scene, "collected": len(out)}))
-            finally:
-                env.close()
+            policy = load_policy(stored_sft(work, path, r["task"], seed, sr)).eval()
+            for st, obs, cand in redraw_stored(policy, r, seed, sr["states"]):
+                inputs = policy.preprocess([policy_observation(obs)])
+                z = critic_state_features(policy, policy.encode(inputs), inputs, features)[0].numpy()
+                a = cand["critic_action"].astype(np.float64)
+                out.append({"seed": seed, "scene_seed": int(st["scene_seed"]), "branch_step": int(st["branch_step"]),
+                            "d": a - a.mean(0), "z": z.astype(np.float64),
+                            "p": np.asarray(st["outcomes"], float).mean(1)})
+                log(json.dumps({"seed": seed, "scene": out[-1]["scene_seed"], "collected": len(out)}))
     zs = np.stack([s["z"] for s in out])
     mu, sd = zs.mean(0), zs.std(0) + 1e-6
     for s in out:

@@ -46,6 +46,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -535,6 +536,47 @@ def combine(paths: list[Path], boot: int = 2000) -> dict[str, Any]:
             "per_run_seed": per, "pooled": aggregate(pooled, 12345, boot, extra)}
 
 
+def stored_sft(work: Path, path: Path, task: str, seed: int, sr: dict[str, Any]) -> Path:
+    """The SFT checkpoint of `work` for training seed `seed`; it must be the one result file `path` measured."""
+    sft_dir = find_one(work, f"sft-{task}-s{seed}-*")
+    if sft_dir.name != sr["sft"]:
+        raise SystemExit(f"{path}: seed {seed} was measured with {sr['sft']}, {work} holds {sft_dir.name}")
+    return sft_dir
+
+
+def redraw_stored(policy: Any, r: dict[str, Any], seed: int, states: list[dict[str, Any]], critic: Any = None,
+                  features: str = "rl-token") -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """For each stored state of result file `r` (training seed `seed`, its SFT `policy`): re-record the scene's
+    episode, restore the branch step by replay and draw the same N candidates (same seeded noise and offsets),
+    checking that the episode and the candidate spread reproduce (else SystemExit). Yields (stored state,
+    observation there, sample_candidates' dict; with Q when `critic` is given)."""
+    from qvgm.sim import TabletopEnv
+
+    task, n_exec = r["task"], int(r["settings"]["n_exec"])
+    env = TabletopEnv(task=task, render=False, max_episode_steps=r["settings"].get("max_episode_steps"))
+    try:
+        for st in states:
+            scene, b = int(st["scene_seed"]), int(st["branch_step"])
+            ep = record_episode(policy, env, task, scene, n_exec)
+            if ep["steps"] != st["episode_steps"] or ep["success"] != st["episode_success"]:
+                raise SystemExit(f"scene {scene}: the episode does not reproduce ({ep['steps']} steps, "
+                                 f"success {ep['success']}; stored {st['episode_steps']}, "
+                                 f"{st['episode_success']}): another SFT checkpoint or simulator")
+            obs = restore(env, task, scene, ep["actions"][:b])
+            gen = torch.Generator().manual_seed(sub_seed(seed, scene, 1))
+            noises = torch.randn(len(st["outcomes"]), 1, policy.horizon, policy.action_dim, generator=gen)
+            offsets = candidate_offsets(policy, len(st["outcomes"]), r["settings"].get("candidate_offset", 0.0),
+                                        seed, scene)
+            cand = sample_candidates(policy, obs, noises, n_exec, critic, features, offsets)
+            spread = float(cand["critic_action"].std(0).mean())
+            if abs(spread - st["candidate_spread"]) > 1e-5:
+                raise SystemExit(f"scene {scene}: candidates do not reproduce (spread {spread} vs "
+                                 f"{st['candidate_spread']})")
+            yield st, obs, cand
+    finally:
+        env.close()
+
+
 def rescore(paths: list[Path], work: Path, boot: int = 2000, log: Any = print) -> dict[str, Any]:
     """Judge ANOTHER critic on the states of earlier result files, without new continuations: per training seed
     of each file, the SFT policy of `work` (it must be the file's SFT checkpoint, by name; the recorded episode,
@@ -544,17 +586,14 @@ def rescore(paths: list[Path], work: Path, boot: int = 2000, log: Any = print) -
     the per-seed and pooled aggregates of the new critic next to the stored critic's on the same states."""
     from critic_trainer.pipeline import load_critic
     from qvgm.policy import load_policy
-    from qvgm.sim import TabletopEnv
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     new_states, old_states, per, critics = [], [], {}, {}
     for path, r in zip(paths, runs, strict=True):
-        task, n_exec = r["task"], int(r["settings"]["n_exec"])
+        task = r["task"]
         for seed_key, sr in r["seeds"].items():
             seed = int(seed_key)
-            sft_dir = find_one(work, f"sft-{task}-s{seed}-*")
-            if sft_dir.name != sr["sft"]:
-                raise SystemExit(f"{path}: seed {seed} was measured with {sr['sft']}, {work} holds {sft_dir.name}")
+            sft_dir = stored_sft(work, path, task, seed, sr)
             hits = sorted(h for h in work.glob(f"critic-{task}-s{seed}-*") if h.is_dir() and h.suffix != ".tmp")
             if len(hits) != 1:
                 raise SystemExit(f"rescore wants exactly one critic-{task}-s{seed}-* in {work}, found "
@@ -563,35 +602,15 @@ def rescore(paths: list[Path], work: Path, boot: int = 2000, log: Any = print) -
             critic, meta = load_critic(hits[0])
             kind = critic_features_kind(hits[0], meta)
             critics[f"s{seed}"] = hits[0].name
-            env = TabletopEnv(task=task, render=False, max_episode_steps=r["settings"].get("max_episode_steps"))
             mine, theirs = [], []
-            try:
-                for st in sr["states"]:
-                    scene, b = int(st["scene_seed"]), int(st["branch_step"])
-                    ep = record_episode(policy, env, task, scene, n_exec)
-                    if ep["steps"] != st["episode_steps"] or ep["success"] != st["episode_success"]:
-                        raise SystemExit(f"scene {scene}: the episode does not reproduce ({ep['steps']} steps, "
-                                         f"success {ep['success']}; stored {st['episode_steps']}, "
-                                         f"{st['episode_success']}): another SFT checkpoint or simulator")
-                    obs = restore(env, task, scene, ep["actions"][:b])
-                    gen = torch.Generator().manual_seed(sub_seed(seed, scene, 1))
-                    noises = torch.randn(len(st["outcomes"]), 1, policy.horizon, policy.action_dim, generator=gen)
-                    offsets = candidate_offsets(policy, len(st["outcomes"]),
-                                                r["settings"].get("candidate_offset", 0.0), seed, scene)
-                    cand = sample_candidates(policy, obs, noises, n_exec, critic, kind, offsets)
-                    spread = float(cand["critic_action"].std(0).mean())
-                    if abs(spread - st["candidate_spread"]) > 1e-5:
-                        raise SystemExit(f"scene {scene}: candidates do not reproduce (spread {spread} vs "
-                                         f"{st['candidate_spread']})")
-                    outcomes = np.asarray(st["outcomes"])
-                    mine.append({"scene_seed": scene, "branch_step": b, "outcomes": st["outcomes"],
-                                 "q": [float(x) for x in cand["q"]], "q_stored": st["q"],
-                                 **state_stats(outcomes, cand["q"])})
-                    theirs.append({**st, **state_stats(outcomes, None if st["q"] is None else np.asarray(st["q"]))})
-                    log(json.dumps({"seed": seed, "scene": scene, "spearman": mine[-1].get("spearman_q_p"),
-                                    "critic_gain": mine[-1]["critic_gain"], "stored": theirs[-1].get("critic_gain")}))
-            finally:
-                env.close()
+            for st, _, cand in redraw_stored(policy, r, seed, sr["states"], critic, kind):
+                outcomes = np.asarray(st["outcomes"])
+                mine.append({"scene_seed": int(st["scene_seed"]), "branch_step": int(st["branch_step"]),
+                             "outcomes": st["outcomes"], "q": [float(x) for x in cand["q"]], "q_stored": st["q"],
+                             **state_stats(outcomes, cand["q"])})
+                theirs.append({**st, **state_stats(outcomes, None if st["q"] is None else np.asarray(st["q"]))})
+                log(json.dumps({"seed": seed, "scene": mine[-1]["scene_seed"], "spearman": mine[-1].get("spearman_q_p"),
+                                "critic_gain": mine[-1]["critic_gain"], "stored": theirs[-1].get("critic_gain")}))
             per[f"{Path(path).name}:s{seed}"] = {"new": aggregate(mine, seed, boot),
                                                   "stored": aggregate(theirs, seed, boot)}
             new_states += mine
