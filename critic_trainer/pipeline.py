@@ -1030,11 +1030,16 @@ class FirstChunkOffset:
     bit. `actor` must be a flow policy (preprocess / encode / sample / postprocess)."""
 
     def __init__(self, actor: Any, offset: torch.Tensor) -> None:
+        self.check(actor)
+        self.actor, self.offset = actor, offset
+        self.version = getattr(actor, "version", "policy")
+
+    @staticmethod
+    def check(actor: Any) -> None:
+        """ValueError unless `actor` is a flow policy (what the offset is added inside)."""
         missing = [m for m in ("preprocess", "encode", "sample", "postprocess") if not hasattr(actor, m)]
         if missing:
             raise ValueError(f"a first-chunk offset needs a flow policy; {type(actor).__name__} has no {missing}")
-        self.actor, self.offset = actor, offset
-        self.version = getattr(actor, "version", "policy")
 
     @torch.no_grad()
     def act(self, observations: list[dict[str, Any]]) -> np.ndarray:
@@ -1135,7 +1140,7 @@ def collect_rollouts(actor: Any, task: str, seeds: Sequence[int], out: str | Pat
     if branch_offset and not branches:
         raise ValueError("branch_offset needs branches >= 1 (it offsets each branch's first chunk)")
     if branch_offset:
-        FirstChunkOffset(actor, torch.zeros(1))  # refuses a non-flow actor before anything is recorded
+        FirstChunkOffset.check(actor)  # before anything is recorded
     if branches and not own and not (hasattr(env, "get_sim_state") and hasattr(env, "set_sim_state")):
         raise ValueError(f"branches need an env that can save and restore its state (get_sim_state / set_sim_state, "
                          f"simulation only); {type(env).__name__} cannot")

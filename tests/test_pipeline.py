@@ -360,6 +360,13 @@ def test_branch_offset_explores_at_the_branch_state(data, tmp_path):
                        ({"branch_offset": 0.1}, "branches")):
         with pytest.raises(ValueError, match=match):
             P.collect_rollouts(pol, "push", [1], tmp_path / "x", **bad)
+
+    class ActOnly:  # an actor without the flow policy's parts the offset is added inside
+        def act(self, observations):
+            return pol.act(observations)
+
+    with pytest.raises(ValueError, match="flow policy"):
+        P.collect_rollouts(ActOnly(), "push", [1], tmp_path / "x", branches=1, branch_offset=0.1)
     assert not (tmp_path / "x").exists()
 
 
