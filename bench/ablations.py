@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
 import learning as L  # noqa: E402
 
+from bench.report import emit, machine  # noqa: E402
 from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.critic import QEnsemble, critic_action  # noqa: E402
 from critic_trainer.qvgm import bind_critic, q_ascent  # noqa: E402
@@ -358,13 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                   for k, v in vars(args).items()},
            "data": data, "buffer_episodes": int(len(np.unique(buf.episode))),
            "buffer_successes": int(len(np.unique(buf.episode[buf.success]))),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
-           **res, "wall_s": round(time.perf_counter() - t0, 1)}
-    text = json.dumps(out, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return out
+           "machine": machine(args.threads), **res, "wall_s": round(time.perf_counter() - t0, 1)}
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

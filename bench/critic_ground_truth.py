@@ -43,7 +43,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -58,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import emit, machine  # noqa: E402
 from critic_trainer.critic import QEnsemble, critic_action  # noqa: E402
 from critic_trainer.features import critic_state_features  # noqa: E402
 from critic_trainer.pipeline import constant_action_offsets, policy_observation, run_episode, run_from  # noqa: E402
@@ -688,16 +688,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "branch": "default_rng([train_seed, scene, 4])",
                            "candidates": "Generator(sub_seed(train_seed, scene, 1))",
                            "continuations": "manual_seed(sub_seed(train_seed, scene, 2, i, r))"},
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": args.threads, "load_avg_start": load0},
+           "machine": machine(args.threads, load_avg_start=load0),
            "seeds": seeds, "pooled": aggregate(all_states, 12345, args.boot, extra),
            "wall_s": round(time.perf_counter() - t0, 1)}
     out["machine"]["load_avg_end"] = os.getloadavg()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -62,6 +61,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench import report  # noqa: E402
 from critic_trainer import pipeline as P  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.recipes import FALLBACK_RECIPE, SFT_RECIPES, qvgm_ascent_lr  # noqa: E402
@@ -839,14 +839,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {"bench": "learning", "tier": args.tier, **tier, "settings": settings,
            "seed_scheme": {"demos": f"{DEMO0} + 1000*s + k", "tuning": f"{TUNE0} + j",
                            "rollouts": f"{ROLL0} + 1000*s + k", "eval": f"{EVAL0} + j"},
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": args.threads, **machine},
+           "machine": report.machine(args.threads, **machine),
            **result, "wall_s": round(time.perf_counter() - t_all, 1)}
-    text = json.dumps(out, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return out
+    return report.emit(out, args.out)
 
 
 if __name__ == "__main__":

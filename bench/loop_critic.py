@@ -22,6 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,11 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"work": str(work), "round": a.round, "serving": serving, "episodes": int(len(np.unique(buf.episode))),
            "rollout_episodes": int(len(ro_eps)),
            "rollout_failures": int(sum(int(e) not in ok for e in ro_eps)), "rows": rows}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
-    return out
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from qvgm_policy_node import loop  # noqa: E402  (sets the loopback DDS environment before rclpy)
 
 PROBE0 = 2_000_000  # probe scene seeds: disjoint from the loop's demos (0..), rollouts (10000 r..), eval (1e6..)
@@ -68,11 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "load1_before": round(load0, 2), "load1_after": round(os.getloadavg()[0], 2), **h})
         log("rtf", json.dumps(rows[-1]))
     out = {"v0": v0, "episodes_per_factor": a.episodes, "probe_seed0": PROBE0, "rows": rows}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
-    return out
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Scene seeds 600000+ (`bench/sft_success.py --pose-scenes`), fresh scenes 200000+
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import emit, machine  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import (  # noqa: E402
     PoseReadout,
@@ -96,12 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
            "scene_seeds": f"{POSE_SCENE_SEED0}+k", "heldout_seeds": f"{HELDOUT_SEED0}+k",
            "per_value_format": "[readout mse, mean-guess mse]", "results": rows, "train_s": round(t_train, 1),
            "wall_s": round(time.perf_counter() - t0, 1),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return out
+           "machine": machine(torch.get_num_threads())}
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

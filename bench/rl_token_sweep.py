@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, when run as a script
 
-from critic_trainer.rl_token import prefix_embeddings, train_rl_token
-from critic_trainer.sft import load_demo_data
-from qvgm.policy import load_policy
+import torch  # noqa: E402
+
+from bench.report import emit, machine  # noqa: E402
+from critic_trainer.rl_token import prefix_embeddings, train_rl_token  # noqa: E402
+from critic_trainer.sft import load_demo_data  # noqa: E402
+from qvgm.policy import load_policy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,12 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bench": "rl_token_sweep", "policy": str(args.policy), "policy_summary": policy.manifest.get("summary"),
            "frames": len(data), "episodes": int(len(set(data.episode.tolist()))),
            "prefix_shape": list(prefix[0].shape), "prefix_s": round(t_prefix, 1), "threads": args.threads,
-           "results": rows, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                        "torch": torch.__version__, "loadavg_1min": round(os.getloadavg()[0], 2)}}
-    text = json.dumps(out, indent=1, default=str)
-    if args.out:
-        args.out.write_text(text)
-    return out
+           "results": rows, "machine": machine(args.threads)}
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,20 @@ tower (fwd+bwd), the prefix embedding (vision + projector + text embedding), the
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, when run as a script
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import torch  # noqa: E402
 
+from bench.report import emit, machine  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import SFTConfig, batch_inputs, build_policy_for, encode_inputs, load_demo_data  # noqa: E402
 from qvgm.policy.flow import sample_flow_time  # noqa: E402
@@ -122,13 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [profile(c, data, args.batch_size, args.reps) for c in args.configs.split(",")]
     out = {"bench": "sft_step_profile", "frames": len(data), "load_and_decode_video_s": round(t_load, 2),
            "threads": args.threads, "results": rows,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "loadavg_1min": round(os.getloadavg()[0], 2)}}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return out
+           "machine": machine(args.threads)}
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

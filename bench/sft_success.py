@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import signal
 import tempfile
 import threading
@@ -37,6 +36,7 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import emit, machine  # noqa: E402
 from critic_trainer.demos import collect_demos  # noqa: E402
 from critic_trainer.sft import (  # noqa: E402
     DemoData,
@@ -489,12 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--base-tasks {sorted(set(args.base_tasks) & set(args.tasks))} are also evaluated: a base must not "
                  "have seen the task it is fine-tuned on")
     if args.pool:
-        out = pool([json.loads(f.read_text()) for f in args.pool])
-        text = json.dumps(out, indent=1)
-        print(text)
-        if args.out:
-            args.out.write_text(text)
-        return out
+        return emit(pool([json.loads(f.read_text()) for f in args.pool]), args.out)
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
     state_only = args.config == "state"
@@ -652,14 +647,10 @@ def main(argv: list[str] | None = None) -> dict:
            "n_exec": args.n_exec, "device": str(device),
            "demo_seeds": f"{DEMO_SEED0}+k",
            "eval_seeds": f"{EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}", "threads": args.threads,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       **({"cuda_device": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
+           "machine": machine(args.threads, **({"cuda_device": torch.cuda.get_device_name(device)}
+                                               if device.type == "cuda" else {})),
            "results": results, "wall_s": round(time.perf_counter() - t_all, 1)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":
