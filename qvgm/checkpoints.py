@@ -41,7 +41,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (after a rename or create in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -116,9 +117,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        fsync_dir(tmp)
+        fsync_path(tmp)
         os.rename(tmp, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,7 +154,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -162,8 +163,8 @@ def _fsync_tree(directory: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     for d in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        fsync_dir(d)
-    fsync_dir(directory)
+        fsync_path(d)
+    fsync_path(directory)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -423,7 +424,7 @@ class CheckpointStore:
             _write_json_atomic(staging / MANIFEST, manifest)
             _write_json_atomic(self.root / "SEQ", seq)
             os.rename(staging, self.versions_dir / version)
-            fsync_dir(self.versions_dir)
+            fsync_path(self.versions_dir)
             if make_current:
                 self._switch_locked(version)
             doomed = self._select_prunable_locked()
@@ -518,7 +519,7 @@ class CheckpointStore:
                 os.unlink(lock_path)
             doomed.append((info.version, trash, fd))
         if doomed:
-            fsync_dir(self.versions_dir)
+            fsync_path(self.versions_dir)
         return doomed
 
     @staticmethod

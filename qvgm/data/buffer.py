@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from qvgm.checkpoints import fsync_dir
+from qvgm.checkpoints import fsync_path
 from qvgm.data import layout as L
 from qvgm.data.video import VideoEncoder, check_pix_fmt, codec_family, pick_codec
 
@@ -368,7 +368,7 @@ class ReplayBuffer:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
                 placed.append(dst)
-                fsync_dir(dst.parent)
+                fsync_path(dst.parent)
             self._write_episode_rows(self.episodes + [row], (meta_chunk, meta_file))  # COMMIT POINT
         except BaseException:
             for p in placed:
@@ -557,9 +557,9 @@ class EpisodeWriter:
             videos = {}
             for cam in buf.cameras:
                 p = self.staging / f"{cam}.mp4"
-                L.fsync_file(p)
+                fsync_path(p)
                 videos[L.IMAGE_PREFIX + cam] = p
-            fsync_dir(self.staging)
+            fsync_path(self.staging)
             row = {"tasks": order, "length": n, "success": success, "label_source": label_source,
                    "duration_s": float(duration_s) if duration_s is not None else time.monotonic() - self._t0,
                    "discarded": bool(discarded), "start_stamp": float(self.start_stamp),

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvgm.checkpoints import fsync_dir
+from qvgm.checkpoints import fsync_path
 
 CODEBASE_VERSION = "v3.0"
 DEFAULT_CHUNK_SIZE = 1000
@@ -76,14 +76,6 @@ def chunk_file(episode_index: int, chunks_size: int) -> tuple[int, int]:
     return episode_index // chunks_size, episode_index % chunks_size
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via tmp file + fsync + rename + directory fsync; the old file survives failures."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +94,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
