@@ -50,11 +50,13 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, when run as a script
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
@@ -568,10 +570,18 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                                     features=base.critic_features)
         else:
             cfg = P.ImproveConfig(**{**base.__dict__, "method": m, **METHOD_OVERRIDES.get(m, {})})
-            actor, _, summ = P.improve(sft, buf, cfg, work=work / f"{pre}run-{task}-s{s}-{m}",
+            run_dir = work / f"{pre}run-{task}-s{s}-{m}"
+            actor, _, summ = P.improve(sft, buf, cfg, work=run_dir,
                                        cache_dir=feat_dir,  # same key: reused
                                        critic=critic if cfg.method in P.CRITIC_METHODS else None)
             train = summ["actor"]
+            if args.keep_policies:  # replaced by every run: the settings live in this run's JSON
+                shutil.rmtree(run_dir / "policy", ignore_errors=True)
+                save_policy(actor, run_dir / "policy", version=f"{sft.version}+{m}", parent=sft.version,
+                            summary={"kind": m, "task": task, "train_seed": s,
+                                     "improve": {k: v for k, v in cfg.__dict__.items()
+                                                 if isinstance(v, (bool, int, float, str, list, tuple))}})
+                train["policy"] = str(run_dir / "policy")
         train_s = time.perf_counter() - t1
         checked = guard(actor)
         r = P.evaluate(checked, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
@@ -581,7 +591,8 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                              "mean_steps": r["mean_steps"], "outcomes": r["outcomes"],
                              "train": {k: v for k, v in train.items() if k in ("q_policy_before", "q_policy_after",
                                                                                "action_shift", "actor_final",
-                                                                               "action_shift_rms_critic")}}
+                                                                               "action_shift_rms_critic",
+                                                                               "policy")}}
         if pixels:
             out["methods"][m]["eval_images"] = checked.summary()
         print(json.dumps({"task": task, "seed": s, "method": m, **{k: out["methods"][m][k] for k in
@@ -765,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-episode-steps", type=int, default=None, help="time limit (default: the task's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temp dir)")
+    ap.add_argument("--keep-policies", action="store_true",
+                    help="save each trained method's policy as a checkpoint in --work (run-TASK-sS-METHOD/policy, "
+                         "parent: the SFT), for analysis or deployment; needs --work")
     ap.add_argument("--out", type=Path, default=None)
     return ap
 
@@ -782,6 +796,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.branch_offset and is_pixels(args):
         ap.error("--branch-offset applies to the state tier: the pixel tier's rollouts go through its camera check, "
                  "which a first-chunk offset would bypass")
+    if args.keep_policies and args.work is None:
+        ap.error("--keep-policies saves into --work: give one")
     if args.critic_contrast < 0 or (args.critic_contrast > 0 and args.branches < 1):
         ap.error("--critic-contrast wants W >= 0, and W > 0 needs --branches K >= 1 (the same-state groups)")
     if args.env_spec is not None:

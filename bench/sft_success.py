@@ -11,8 +11,8 @@ it to --out. Usage::
     .venv/bin/python bench/sft_success.py --tasks push --override delta_actions=true --override tool_features=true
     python3 bench/sft_success.py --config pi05-small --override delta_actions=true --device cuda ...  (a GPU)
 
-From a git worktree, prefix PYTHONPATH=. : the script's own folder, not the cwd, is first on sys.path, so
-without it `qvgm` resolves to the shared venv's install (the main checkout).
+The script puts its own checkout first on sys.path: from a git worktree it runs that worktree's `qvgm`, not the
+shared venv's install (the main checkout).
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, when run as a script
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 

@@ -1015,6 +1015,7 @@ def train_sft(cfg: SFTConfig, data: DemoData | None = None, resume: bool = False
     version = cfg.version or f"sft-{cfg.config}-s{cfg.seed}-{cfg.steps}"
     manifest = save_policy(policy, cfg.out, version=version, parent=base.version if base is not None else None,
                            summary=summary)
+    policy.version, policy.manifest = version, manifest  # the returned policy is that checkpoint, as if loaded
     out = {"manifest": manifest, "final_loss": loss_v, "steps": cfg.steps, "work": str(work), "policy": policy,
            "final_keypoint_aux_loss": kp_v}
     if readout is not None:  # training-only, not in the checkpoint: for held-out probes (pose_readout_error)

@@ -57,3 +57,23 @@ def test_a_failed_write_loses_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
         emit({"bad": Bad()}, target)
     assert json.loads(target.read_text()) == {"old": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_every_benchmark_starts_as_a_script(tmp_path: Path) -> None:
+    """`python bench/X.py --help` from another folder, without PYTHONPATH, for every benchmark that imports from
+    `bench`: it puts this checkout on sys.path itself (inside pytest another test may already have, which hid a
+    missing one). Venv-installed packages resolve anyway, so the other scripts are not at risk here."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    scripts = sorted(p for p in (ROOT / "bench").glob("*.py") if "__main__" in p.read_text()
+                     and ("from bench" in p.read_text() or "import bench" in p.read_text()))
+    assert {"learning.py", "sft_success.py", "critic_ground_truth.py"} <= {p.name for p in scripts}
+    failed = {}
+    for script in scripts:
+        r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        if r.returncode != 0 or "usage" not in r.stdout.lower():
+            failed[script.name] = r.stderr[-300:]
+    assert not failed, failed

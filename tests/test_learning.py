@@ -147,3 +147,29 @@ def test_sft_candidates_are_chosen_on_tuning_scenes(tmp_path):
     assert (work / f"buffer-{names[1]}-r1" / "meta" / "info.json").exists()
     with pytest.raises(SystemExit):
         bench().main([*TOY, "--calibrate", "--sft-candidates", "2"])
+
+
+def test_keep_policies_saves_each_trained_method(tmp_path):
+    """--keep-policies: each trained method's policy is a checkpoint in --work (its parent the SFT, its weights moved
+    by the method), re-evaluated from disk on the same scenes it gives the same outcomes; without --work, refused."""
+    from critic_trainer import pipeline as P
+    from qvgm.policy import load_policy
+
+    w = tmp_path / "w"
+    res = bench().main([*TOY, "--rollouts", "2", "--eval-episodes", "2", "--methods", "sft", "qvgm", "--buffer-demos",
+                        "--critic-steps", "20", "--critic-batch", "32", "--actor-steps", "2", "--actor-batch", "8",
+                        "--keep-policies", "--work", str(w)])
+    seed = res["tasks"]["push"]["seeds"][0]
+    path = Path(seed["methods"]["qvgm"]["train"]["policy"])
+    assert path.parent.parent == w and (path / "manifest.json").is_file() and "policy" not in seed["methods"]["sft"]
+    sft_dir = next(p for p in w.iterdir() if p.name.startswith("sft-") and p.is_dir() and not p.name.endswith(".work"))
+    pol, sft = load_policy(path), load_policy(sft_dir)
+    assert pol.manifest["parent"] == sft.version and pol.manifest["summary"]["kind"] == "qvgm"
+    assert pol.manifest["summary"]["improve"]["method"] == "qvgm"
+    moved = [k for k, v in sft.state_dict().items() if not torch.equal(pol.state_dict()[k], v)]
+    assert moved and all(torch.isfinite(v).all() for v in pol.state_dict().values())
+    again = P.evaluate(pol, "push", seed["eval_seeds"] if "eval_seeds" in seed else [900_000, 900_001], n_exec=5,
+                       max_episode_steps=10)
+    assert again["outcomes"] == seed["methods"]["qvgm"]["outcomes"]
+    with pytest.raises(SystemExit):
+        bench().main([*TOY, "--keep-policies"])
