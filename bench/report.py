@@ -1,9 +1,10 @@
 """What every benchmark under bench/ does with its result: one JSON document on stdout, also written to --out.
 
-`emit(out, path)` prints the document and, with a path, writes the same text atomically (a temporary file in the
-same folder, then a rename), so a killed benchmark or a full disk never leaves a half-written result file; the
-printed copy comes first, so a failed write loses nothing. `machine(threads)` is the record of the machine a
-figure came from (these machines are shared: the 1-minute load average is part of it).
+`emit(out, path)` prints the document and, with a path, writes the same text atomically
+(qvgm.data.layout.atomic_write_bytes: a temporary file, fsync, rename), so a killed benchmark or a full disk never
+leaves a half-written result file; the printed copy comes first, so a failed write loses nothing.
+`machine(threads)` is the record of the machine a figure came from (these machines are shared: the 1-minute load
+average is part of it).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from qvgm.data.layout import atomic_write_bytes
 
 
 def machine(threads: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -41,17 +43,11 @@ def emit(out: dict[str, Any], path: str | Path | None = None, indent: int | None
     print(text, flush=True)
     if path:
         path = Path(path)
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if not path.parent.is_dir():  # a mistyped --out, not a folder to create
+                raise FileNotFoundError(f"{path.parent}: no such folder")
+            atomic_write_bytes(path, text.encode())
         except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             print(f"bench: could not write {path} (the result is printed above)", file=sys.stderr)
             raise
     return out

@@ -67,8 +67,8 @@ def test_every_benchmark_starts_as_a_script(tmp_path: Path) -> None:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    scripts = sorted(p for p in (ROOT / "bench").glob("*.py") if "__main__" in p.read_text()
-                     and ("from bench" in p.read_text() or "import bench" in p.read_text()))
+    texts = {p: p.read_text() for p in (ROOT / "bench").glob("*.py")}
+    scripts = sorted(p for p, t in texts.items() if "__main__" in t and ("from bench" in t or "import bench" in t))
     assert {"learning.py", "sft_success.py", "critic_ground_truth.py"} <= {p.name for p in scripts}
     failed = {}
     for script in scripts:

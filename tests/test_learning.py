@@ -168,8 +168,7 @@ def test_keep_policies_saves_each_trained_method(tmp_path):
     assert pol.manifest["summary"]["improve"]["method"] == "qvgm"
     moved = [k for k, v in sft.state_dict().items() if not torch.equal(pol.state_dict()[k], v)]
     assert moved and all(torch.isfinite(v).all() for v in pol.state_dict().values())
-    again = P.evaluate(pol, "push", seed["eval_seeds"] if "eval_seeds" in seed else [900_000, 900_001], n_exec=5,
-                       max_episode_steps=10)
+    again = P.evaluate(pol, "push", [900_000, 900_001], n_exec=5, max_episode_steps=10)  # the run's eval scenes
     assert again["outcomes"] == seed["methods"]["qvgm"]["outcomes"]
     with pytest.raises(SystemExit):
         bench().main([*TOY, "--keep-policies"])
