@@ -583,11 +583,14 @@ def run_seed(task: str, s: int, args: argparse.Namespace, work: Path, eval_seeds
                                                  if isinstance(v, (bool, int, float, str, list, tuple))}})
                 train["policy"] = str(run_dir / "policy")
         train_s = time.perf_counter() - t1
+        if args.noise_scale != 1.0:  # best-of-n / q-guided are refused with S != 1 (main)
+            actor = P.ScaledNoisePolicy(actor, args.noise_scale)
         checked = guard(actor)
         r = P.evaluate(checked, task, eval_seeds, n_exec=args.n_exec, max_episode_steps=args.max_episode_steps,
                        **gym_env(args), **eval_settings(args))
         out["methods"][m] = {"success_rate": r["success_rate"], "ci95": r["ci95"], "successes": r["successes"],
-                             "episodes": r["episodes"], "train_s": round(train_s, 1), "eval_s": r["wall_s"],
+                             "episodes": r["episodes"], "evaluated": str(getattr(actor, "version", "?")),
+                             "train_s": round(train_s, 1), "eval_s": r["wall_s"],
                              "mean_steps": r["mean_steps"], "outcomes": r["outcomes"],
                              "train": {k: v for k, v in train.items() if k in ("q_policy_before", "q_policy_after",
                                                                                "action_shift", "actor_final",
@@ -773,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "most successes on --tune-episodes tuning scenes (default 1: no selection)")
     ap.add_argument("--on-tuning-seeds", action="store_true",
                     help="evaluate on tuning seeds instead of held-out ones (diagnosing step sizes etc.)")
+    ap.add_argument("--noise-scale", type=float, default=1.0, metavar="S",
+                    help="evaluate the flow policies (sft and the trained methods) from x_1 = S * eps: 1 (default) "
+                         "samples as trained, 0 deterministically; the rollout buffer is always collected at 1")
     ap.add_argument("--max-episode-steps", type=int, default=None, help="time limit (default: the task's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temp dir)")
@@ -796,6 +802,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.branch_offset and is_pixels(args):
         ap.error("--branch-offset applies to the state tier: the pixel tier's rollouts go through its camera check, "
                  "which a first-chunk offset would bypass")
+    if not np.isfinite(args.noise_scale) or args.noise_scale < 0:
+        ap.error("--noise-scale wants a finite S >= 0")
+    if args.noise_scale != 1.0 and {"best-of-n", "q-guided"} & set(args.methods):
+        ap.error("--noise-scale applies to flow policies; best-of-n and q-guided draw their own samples (give S = 1)")
     if args.keep_policies and args.work is None:
         ap.error("--keep-policies saves into --work: give one")
     if args.critic_contrast < 0 or (args.critic_contrast > 0 and args.branches < 1):

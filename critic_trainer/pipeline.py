@@ -878,6 +878,23 @@ def publish(actor: FlowPolicyBase, critic: QEnsemble | None, summary: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------- test time
+class ScaledNoisePolicy:
+    """A FlowPolicy sampled from x_1 = scale * eps (FlowPolicyBase.initial_noise): scale 1 is the policy as trained,
+    0 its deterministic flow; the weights are unchanged. For evaluate / run_episode (the policy node's parameter
+    `noise_scale` does the same when serving)."""
+
+    def __init__(self, policy: FlowPolicyBase, scale: float) -> None:
+        from qvgm.policy.flow import check_noise_scale
+
+        self.policy, self.scale = policy, check_noise_scale(scale)
+        self.horizon, self.action_dim, self.real_action_dim = policy.horizon, policy.action_dim, policy.real_action_dim
+        self.version = f"{getattr(policy, 'version', '?')}@noise-{self.scale:g}"
+
+    def act(self, observations: list[dict[str, Any]]) -> np.ndarray:
+        """Observations -> chunks in robot units [B, H, real]; the noise comes from the global torch RNG."""
+        return self.policy.act(observations, noise_scale=self.scale)
+
+
 class BestOfNPolicy:
     """Test-time best-of-N: sample n chunks from `policy`, execute the one with the highest aggregated Q."""
 

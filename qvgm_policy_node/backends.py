@@ -130,7 +130,8 @@ def make_flow_backend(config: BackendConfig) -> PolicyBackend:
 
     options: checkpoint (directory) or checkpoint_store (CheckpointStore root), device ("cpu", "cuda", "cuda:N",
     "auto"), cuda_graphs (on CUDA: replay a captured graph of the K Euler steps; default true), num_steps
-    (Euler steps K, flow time t = 1 noise -> 0 clean), seed (< 0 = unseeded sampling noise). The chunk
+    (Euler steps K, flow time t = 1 noise -> 0 clean), seed (< 0 = unseeded sampling noise), noise_scale (x_1 =
+    noise_scale * eps; 1 = the trained distribution, 0 = deterministic). The chunk
     length is the policy's horizon; the checkpoint must have real_action_dim == len(joint_names). Policies with
     privileged_dim > 0 (sim `state` backbone) get obs["privileged"] from /qvgm/sim/objects.
     """
@@ -148,7 +149,8 @@ def make_flow_backend(config: BackendConfig) -> PolicyBackend:
     seed = int(config.options.get("seed", -1))
     backend = FlowPolicyBackend(policy, list(config.joint_names), dt=config.dt,
                                 num_steps=int(config.options.get("num_steps", 10)), seed=seed if seed >= 0 else None,
-                                cuda_graphs=bool(config.options.get("cuda_graphs", True)))
+                                cuda_graphs=bool(config.options.get("cuda_graphs", True)),
+                                noise_scale=float(config.options.get("noise_scale", 1.0)))
     backend.needs_objects = int(getattr(policy.config, "privileged_dim", 0) or 0) > 0
     backend.version = str(policy.version)
     return backend
@@ -179,8 +181,8 @@ class StoreFlowBackend:
     unless `privileged` is allowed, finite weights, a dry-run inference on `observation_source()` -- the node's
     latest observation -- within `reload_budget_s`) and handed over by `poll_swap()`, which the node calls only
     at a chunk boundary and which never blocks. Until the first version is swapped in, `ready` is False and
-    `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, cameras (profile camera
-    names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
+    `infer` raises NoPolicyError. options: checkpoint_store, device, num_steps, seed, noise_scale, cameras (profile
+    camera names), privileged (bool), reload_budget_s, reload_watch ("auto" | "inotify" | "poll"), reload_poll_s,
     reload_yield_s (s the loader pauses between stages, HotReloader.yield_s), reload_pace_s (the loader waits at
     most min(this, 2 chunk intervals; default 0.25) before load and before the dry run for the next chunk
     boundary, `note_boundary()`; 0 disables), reload_nice
@@ -197,6 +199,7 @@ class StoreFlowBackend:
 
     def __init__(self, config: BackendConfig) -> None:
         from qvgm.checkpoints import CheckpointStore
+        from qvgm.policy.flow import check_noise_scale
         from qvgm.reload import HotReloader
 
         self.config = config
@@ -204,6 +207,7 @@ class StoreFlowBackend:
         self.device = str(opts.get("device", "cpu"))
         self.num_steps = int(opts.get("num_steps", 10))
         self.cuda_graphs = bool(opts.get("cuda_graphs", True))
+        self.noise_scale = check_noise_scale(opts.get("noise_scale", 1.0))  # refused here, not at the first reload
         seed = int(opts.get("seed", -1))
         self.seed = seed if seed >= 0 else None
         self.cameras = set(opts.get("cameras") or [])
@@ -240,7 +244,8 @@ class StoreFlowBackend:
         policy = load_policy(path, expect={"real_action_dim": n, "state_dim": n}, device=self.device,
                              verified_manifest=manifest)  # HotReloader verified every sha256 under its lease
         return FlowPolicyBackend(policy, list(self.config.joint_names), dt=self.config.dt,
-                                 num_steps=self.num_steps, seed=self.seed, cuda_graphs=self.cuda_graphs)
+                                 num_steps=self.num_steps, seed=self.seed, cuda_graphs=self.cuda_graphs,
+                                 noise_scale=self.noise_scale)
 
     def _lower_loader_priority(self) -> None:
         """Linux nice values are per thread: make the loader thread yield the CPU to the control loop and the

@@ -124,7 +124,8 @@ def test_hot_reload_swap_rollback_and_bad_checkpoints(tmp_path: Path) -> None:
     chunks: list[JointTrajectory] = []
     versions: list[str] = []
     diag: list[DiagnosticArray] = []
-    specs = [NodeSpec("sim_node", "sim_node", SIM), NodeSpec("policy_node", "policy_node", policy_params(store.root))]
+    specs = [NodeSpec("sim_node", "sim_node", SIM),
+             NodeSpec("policy_node", "policy_node", policy_params(store.root, noise_scale=0.5))]
     with Graph(specs) as g:
         policy, sim = g.nodes["policy_node"], g.nodes["sim_node"]
         io = g.node("reload_test_io")
@@ -148,6 +149,7 @@ def test_hot_reload_swap_rollback_and_bad_checkpoints(tmp_path: Path) -> None:
         assert set(policy.published_versions[first:]) == {v2}
         assert set(policy.published_versions[:first]) == {v1}
         assert g.spin_until(lambda: versions[-1] == v2, 5)
+        assert policy.backend.current.noise_scale == 0.5  # a hot-reloaded version keeps the node's noise scale
         assert policy.stats["missed_ticks"] == 0 and policy.stats["dropped_chunks"] == 0
         assert policy.stats["swaps"] == 2
         assert sim.accepted >= policy.published - 1, (sim.accepted, policy.published)

@@ -47,6 +47,13 @@ def test_benchmark_mode_json(tmp_path):
     seed2 = again["tasks"]["push"]["seeds"][0]
     assert seed2["sft"]["reused"] and seed2["rollouts"]["reused"]
     assert again["tasks"]["push"]["summary"]["sft"]["success_rate"] == s["success_rate"]
+    assert again["settings"]["noise_scale"] == 1.0 and "@noise" not in seed2["methods"]["sft"]["evaluated"]
+    # --noise-scale: the same SFT evaluated from x_1 = S * eps (ScaledNoisePolicy), recorded as such
+    det = bench().main([*TOY, "--rollouts", "2", "--eval-episodes", "3", "--methods", "sft", "--noise-scale", "0",
+                        "--work", str(tmp_path / "w")])
+    assert det["settings"]["noise_scale"] == 0.0 and det["tasks"]["push"]["seeds"][0]["sft"]["reused"]
+    assert det["tasks"]["push"]["seeds"][0]["methods"]["sft"]["evaluated"] == \
+        seed2["methods"]["sft"]["evaluated"] + "@noise-0"
 
 
 def test_critic_methods_refuse_a_buffer_without_successes(tmp_path):
@@ -102,6 +109,13 @@ def test_branches_go_into_their_own_buffer(tmp_path):
                         "--methods", "sft", "--work", str(tmp_path / "w")])
     assert res["tasks"]["push"]["seeds"][0]["rollouts"]["branch_offset"] == 0.2
     assert (tmp_path / "w" / f"{buf_dir.name}o0.2" / "roll_info.json").exists()
+
+
+def test_noise_scale_is_checked(capsys):
+    for bad in (["--noise-scale", "-1"], ["--noise-scale", "nan"], ["--noise-scale", "0", "--methods", "best-of-n"]):
+        with pytest.raises(SystemExit):
+            bench().main([*TOY, *bad])
+        assert "--noise-scale" in capsys.readouterr().err
 
 
 def test_critic_contrast_needs_branches(capsys):

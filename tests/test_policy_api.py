@@ -61,3 +61,70 @@ def test_flow_backend_gives_action_chunks() -> None:
     np.testing.assert_array_equal(again.positions, chunk.positions)
     with pytest.raises(ObservationError, match="state"):
         be.infer({"state": np.zeros(2)})
+
+
+def _state_policy(horizon: int = 4):
+    from qvgm.policy import NormStats, make_policy
+
+    rng = np.random.default_rng(0)
+    stats = NormStats.compute(rng.normal(size=(50, 3)), rng.normal(0.5, 0.1, size=(50, 2)))
+    return make_policy("state", stats, state_dim=3, real_action_dim=2, horizon=horizon)
+
+
+def test_noise_scale_sets_where_the_flow_starts() -> None:
+    """x_1 = scale * eps: scale 1 is the default sampling draw for draw, 0 the deterministic flow from x_1 = 0,
+    0.5 the flow from half the noise; a negative or non-finite scale is refused."""
+    pol = _state_policy()
+    obs = [{"state": np.full(3, 0.2)}, {"state": np.full(3, -0.4)}]
+    torch.manual_seed(3)
+    plain = pol.act(obs, num_steps=4)
+    torch.manual_seed(3)
+    np.testing.assert_array_equal(pol.act(obs, num_steps=4, noise_scale=1.0), plain)
+    zeros = torch.zeros(2, pol.horizon, pol.action_dim)
+    det = pol.postprocess(pol.sample(pol.encode(pol.preprocess(obs)), num_steps=4, noise=zeros))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        np.testing.assert_array_equal(pol.act(obs, num_steps=4, noise_scale=0.0), det)
+    assert not np.allclose(det, plain)  # the noise mattered at scale 1
+    eps = torch.randn(2, pol.horizon, pol.action_dim)
+    np.testing.assert_array_equal(pol.act(obs, num_steps=4, noise=eps, noise_scale=0.5),
+                                  pol.act(obs, num_steps=4, noise=0.5 * eps))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise scale"):
+            pol.act(obs, noise_scale=bad)
+    with pytest.raises(ValueError, match="noise shape"):
+        pol.act(obs, noise=torch.zeros(1, pol.horizon, pol.action_dim), noise_scale=0.5)
+
+
+def test_backend_and_evaluation_wrapper_apply_the_noise_scale() -> None:
+    """FlowPolicyBackend(noise_scale=0) serves the deterministic chunk on both paths (plain and inpainted on a
+    committed prefix), seeded or not; pipeline.ScaledNoisePolicy is the same policy for evaluate()."""
+    from critic_trainer.pipeline import ScaledNoisePolicy
+    from qvgm.policy.backend import FlowPolicyBackend
+    from qvgm.policy.prefix import sample_with_prefix
+
+    pol = _state_policy()
+    obs = {"state": np.full(3, 0.3), "prompt": "push"}
+    zeros = torch.zeros(1, pol.horizon, pol.action_dim)
+    ctx = pol.encode(pol.preprocess([obs]))
+    det = pol.postprocess(pol.sample(ctx, num_steps=5, noise=zeros))[0]
+    prefix = det[:2] + 0.05
+    pre_n = pol.processor.normalize_actions(prefix)[None]
+    det_prefix = pol.postprocess(sample_with_prefix(pol, ctx, pre_n, 2, num_steps=5, noise=zeros))[0]
+    for seed in (None, 0, 1):
+        be = FlowPolicyBackend(pol, ["j1", "gripper"], dt=0.1, num_steps=5, seed=seed, noise_scale=0.0)
+        torch.manual_seed(7 if seed is None else 8)
+        np.testing.assert_allclose(be.infer(obs).positions, det, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(be.infer(obs, prefix=prefix).positions, det_prefix, rtol=0, atol=1e-12)
+    half = FlowPolicyBackend(pol, ["j1", "gripper"], dt=0.1, num_steps=5, seed=4, noise_scale=0.5)
+    eps = torch.randn(1, pol.horizon, pol.action_dim, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_allclose(half.infer(obs).positions, pol.postprocess(pol.sample(ctx, 5, noise=0.5 * eps))[0],
+                               rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="noise scale"):
+        FlowPolicyBackend(pol, ["j1", "gripper"], dt=0.1, noise_scale=-1.0)
+    wrapped = ScaledNoisePolicy(pol, 0.0)
+    assert wrapped.version == "untrained@noise-0" and wrapped.policy is pol
+    torch.manual_seed(5)
+    np.testing.assert_array_equal(wrapped.act([obs]), pol.act([obs], noise=zeros))
+    with pytest.raises(ValueError, match="noise scale"):
+        ScaledNoisePolicy(pol, float("nan"))

@@ -146,3 +146,36 @@ def test_flow_backend_from_a_checkpoint_publishes_chunks(tmp_path) -> None:
     with pytest.raises(ValueError, match="checkpoint"):
         with Graph([NodeSpec("policy_node", "policy_node", {"backend": "flow"})]):
             pass
+
+
+def test_flow_backend_noise_scale_parameter(tmp_path) -> None:
+    """The policy node's `noise_scale` reaches the flow backend: at 0 the same observation gives the same chunk
+    whatever the torch RNG holds (deterministic sampling); a negative scale stops the node at start-up with a
+    message naming it."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from qvgm.policy import NormStats, make_policy, save_policy
+
+    rng = np.random.default_rng(0)
+    stats = NormStats.compute(rng.normal(size=(64, 7)), rng.normal(size=(64, 7)) * 0.1)
+    save_policy(make_policy("state", stats, state_dim=7, real_action_dim=7, horizon=6, hidden=32, embed_dim=16,
+                            head_hidden=32, head_depth=1), tmp_path / "ckpt", version="v-test")
+    params = {"backend": "flow", "checkpoint": str(tmp_path / "ckpt"), "num_steps": 3, "cameras": [],
+              "noise_scale": 0.0}
+    obs = {"state": np.full(7, 0.1, np.float32), "prompt": "push", "stamp": 0.0}
+    with Graph([NodeSpec("policy_node", "policy_node", params)]) as g:
+        backend = g.nodes["policy_node"].backend
+        assert backend.noise_scale == 0.0
+        torch.manual_seed(1)
+        first = backend.infer(obs).positions
+        torch.manual_seed(2)
+        np.testing.assert_array_equal(backend.infer(obs).positions, first)
+    with Graph([NodeSpec("policy_node", "policy_node", {**params, "noise_scale": 1.0})]) as g:
+        backend = g.nodes["policy_node"].backend
+        torch.manual_seed(1)
+        a = backend.infer(obs).positions
+        torch.manual_seed(2)
+        assert not np.allclose(backend.infer(obs).positions, a)  # unseeded sampling noise at scale 1
+    with pytest.raises(ValueError, match="noise scale"):
+        with Graph([NodeSpec("policy_node", "policy_node", {**params, "noise_scale": -0.5})]):
+            pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qvgm.policy.flow import FlowPolicyBase
+from qvgm.policy.flow import FlowPolicyBase, check_noise_scale
 from qvgm.policy.interface import ActionChunk, Observation
 from qvgm.policy.prefix import sample_with_prefix
 
@@ -20,14 +20,16 @@ class FlowPolicyBackend:
     Bad observations raise processor.ObservationError; non-finite output raises NonFiniteActionError.
     `cuda_graphs`: on a CUDA policy, chunks without an inpainting prefix replay a captured CUDA graph of the K
     Euler steps (the first inference per batch shape captures it: the hot-reload dry run does that off the
-    control thread)."""
+    control thread). `noise_scale` multiplies the flow's starting noise x_1 (FlowPolicyBase.initial_noise):
+    1 samples the trained distribution, 0 is deterministic (docs/RESULTS.md measures what it does to success)."""
 
     name = "flow"
 
     def __init__(self, policy: FlowPolicyBase, joint_names: list[str], dt: float, num_steps: int = 10,
-                 seed: int | None = None, cuda_graphs: bool = True) -> None:
+                 seed: int | None = None, cuda_graphs: bool = True, noise_scale: float = 1.0) -> None:
         if len(joint_names) != policy.real_action_dim:
             raise ValueError(f"{len(joint_names)} joint names for a policy with {policy.real_action_dim} action dims")
+        self.noise_scale = check_noise_scale(noise_scale)
         self.policy = policy.eval()
         self.policy.cuda_graphs = bool(cuda_graphs)  # only acts on a CUDA policy (FlowPolicyBase.act)
         self.joint_names = list(joint_names)
@@ -53,9 +55,9 @@ class FlowPolicyBackend:
         p = self.policy
         noise = None
         if self._gen is not None:
-            noise = torch.randn(1, p.horizon, p.action_dim, generator=self._gen).to(p.device)
+            noise = p.initial_noise(1, generator=self._gen)
         if prefix is None:
-            positions = p.act([obs], num_steps=self.num_steps, noise=noise)[0]
+            positions = p.act([obs], num_steps=self.num_steps, noise=noise, noise_scale=self.noise_scale)[0]
         else:
             pre = np.asarray(prefix, dtype=np.float64)
             if pre.ndim != 2 or pre.shape[0] > p.horizon:
@@ -63,6 +65,7 @@ class FlowPolicyBackend:
             d = pre.shape[0] if prefix_len is None else int(prefix_len)
             pre_n = p.processor.normalize_actions(pre)[None].to(p.device)  # [1, P, D] normalised, padded
             ctx = p.encode(p.preprocess([obs]))
+            noise = p.initial_noise(1, noise, self.noise_scale)
             positions = p.postprocess(sample_with_prefix(p, ctx, pre_n, d, num_steps=self.num_steps, noise=noise,
                                                          weights=weights))[0]
         if not np.isfinite(positions).all():

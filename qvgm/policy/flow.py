@@ -28,6 +28,14 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).to(torch.float32)
 
 
+def check_noise_scale(scale: float) -> float:
+    """A sampling-noise scale (x_1 = scale * eps) as float; ValueError unless finite and >= 0."""
+    value = float(scale)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"noise scale must be finite and >= 0, got {scale}")
+    return value
+
+
 def sample_flow_time(batch: int, generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
     """Training flow times t ~ Beta(1.5, 1) * 0.999 + 0.001 (t = 1 noise), shape [B]."""
     u = torch.rand(batch, generator=generator, dtype=torch.float64)
@@ -191,14 +199,31 @@ class FlowPolicyBase(nn.Module):
         """Normalised [B, H, D] -> robot units float64 [B, H, real_action_dim]."""
         return self.processor.unnormalize_actions(actions)
 
+    def initial_noise(self, batch: int, noise: torch.Tensor | None = None, scale: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The flow's start x_1 [B, H, D] (float32, on the policy's device): `scale` * (`noise`, or N(0, I) drawn
+        from `generator` / the global torch RNG). scale 1 samples the trained distribution; scale 0 is
+        deterministic (the Euler flow from x_1 = 0); in between narrows the samples. scale must be finite, >= 0."""
+        scale = check_noise_scale(scale)
+        shape = (batch, self.horizon, self.action_dim)
+        if noise is None:
+            noise = torch.randn(*shape, generator=generator) if generator is not None else \
+                torch.randn(*shape, device=self.device)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != {shape}")
+        noise = noise.to(self.device, torch.float32)
+        return noise if scale == 1.0 else noise * scale
+
     @torch.no_grad()
     def act(self, observations: list[Observation], num_steps: int = 10,
-            noise: torch.Tensor | None = None) -> np.ndarray:
+            noise: torch.Tensor | None = None, noise_scale: float = 1.0) -> np.ndarray:
         """Observation batch -> chunks in robot units float64 [B, H, real_action_dim] (encode once + K steps).
 
-        With `self.cuda_graphs` True on a CUDA device the K steps replay a captured CUDA graph
+        The flow starts at x_1 = noise_scale * noise (drawn from the global torch RNG when None; see
+        `initial_noise`). With `self.cuda_graphs` True on a CUDA device the K steps replay a captured CUDA graph
         (qvgm.policy.cuda_graph; one capture per batch size / K / context shapes, kept for reuse)."""
         ctx = self.encode(self.preprocess(observations))
+        noise = self.initial_noise(self.batch_size(ctx), noise, noise_scale)
         if self.cuda_graphs and self.device.type == "cuda":
             return self.postprocess(self._graphed_sample(ctx, num_steps, noise))
         return self.postprocess(self.sample(ctx, num_steps=num_steps, noise=noise))
