@@ -300,6 +300,7 @@ class StoreFlowBackend:
         old = self.current
         self.current, self.version = got
         self.current.reset(self.prompt)
+        self.current.set_noise_scale(self.noise_scale)  # loaded before a set_noise_scale? serve the current scale
         self.reloader.retire(old)  # freed on the loader thread; this (control) thread keeps no reference
         del old
         return self.version
@@ -317,6 +318,15 @@ class StoreFlowBackend:
         self.prompt = prompt
         if self.current is not None:
             self.current.reset(prompt)
+
+    def set_noise_scale(self, scale: float) -> None:
+        """Sampling-noise scale of the serving version and of every version swapped in later."""
+        from qvgm.policy.flow import check_noise_scale
+
+        self.noise_scale = check_noise_scale(scale)
+        current = self.current
+        if current is not None:
+            current.set_noise_scale(self.noise_scale)
 
     def infer(self, observation: Observation, **prefix: Any) -> ActionChunk:
         """The serving FlowPolicyBackend's chunk; `prefix` keywords (prefix, prefix_len, weights) pass through."""

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -171,6 +172,7 @@ class PolicyNode(Node):
             self.safety = self._make_safety(p)
             if hasattr(self.backend, "observation_source"):
                 self.backend.observation_source = self.latest_observation
+        self.add_on_set_parameters_callback(self._on_set_parameters)  # after declare: only run-time changes
         # the worker thread triggers this when a chunk is ready, so it goes out without waiting for the poll timer
         self._chunk_ready = self.create_guard_condition(self._tick)
 
@@ -349,6 +351,24 @@ class PolicyNode(Node):
             obs["privileged"] = np.concatenate(list(objects.values())).astype(np.float32) \
                 if objects else np.zeros(0, np.float32)
         return obs, "ok"
+
+    def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
+        """Run-time parameter changes: `noise_scale` (flow backend) applies from the next inference, e.g.
+        `ros2 param set /policy_node noise_scale 0.0`; a bad value is refused with the reason. Other parameters
+        are read once at start-up."""
+        for prm in params:
+            if prm.name != "noise_scale":
+                continue
+            setter = getattr(self.backend, "set_noise_scale", None)
+            if setter is None:
+                return SetParametersResult(successful=False,
+                                           reason=f"the {self.backend.name} backend samples no noise")
+            try:
+                setter(prm.value)
+            except (TypeError, ValueError) as e:
+                return SetParametersResult(successful=False, reason=str(e))
+            self.get_logger().info(f"noise_scale -> {prm.value}")
+        return SetParametersResult(successful=True)
 
     def latest_observation(self) -> Observation | None:
         """The current observation or None (any thread; used for the dry run of a new checkpoint)."""

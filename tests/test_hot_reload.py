@@ -162,8 +162,11 @@ def test_hot_reload_swap_rollback_and_bad_checkpoints(tmp_path: Path) -> None:
         assert store.current() == v1
         n = len(policy.published_versions)
         assert g.spin_until(lambda: policy.published_versions[n:].count(v1) >= 2, 20)
+        policy.backend.set_noise_scale(0.25)  # what the node's parameter callback calls at run time
+        assert policy.backend.current.noise_scale == 0.25
         v3 = publish(store, 3)
         assert g.spin_until(lambda: policy.published_versions.count(v3) >= 2, 20)
+        assert policy.backend.current.noise_scale == 0.25  # versions swapped in later serve the changed scale
 
         # each bad checkpoint is refused with a clear reason; v3 keeps serving without a gap
         for seed, (name, (overrides, mutate, words)) in enumerate(BAD.items(), start=10):

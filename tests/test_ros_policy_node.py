@@ -7,6 +7,9 @@ import pytest
 
 pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import SetParametersResult  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
@@ -176,6 +179,19 @@ def test_flow_backend_noise_scale_parameter(tmp_path) -> None:
         a = backend.infer(obs).positions
         torch.manual_seed(2)
         assert not np.allclose(backend.infer(obs).positions, a)  # unseeded sampling noise at scale 1
+        # changed at run time through the parameter service (`ros2 param set /policy_node noise_scale 0.0`)
+        client = g.node("noise_param_io").create_client(SetParameters, "/policy_node/set_parameters")
+
+        def set_scale(value: float) -> SetParametersResult:
+            req = SetParameters.Request(parameters=[Parameter("noise_scale", value=value).to_parameter_msg()])
+            return g.call(client, req).results[0]
+
+        assert set_scale(0.0).successful and backend.noise_scale == 0.0
+        torch.manual_seed(1)
+        np.testing.assert_array_equal(backend.infer(obs).positions, first)  # the deterministic chunk again
+        bad = set_scale(-1.0)
+        assert not bad.successful and "noise scale" in bad.reason and backend.noise_scale == 0.0
+        assert g.nodes["policy_node"].get_parameter("noise_scale").value == 0.0  # the refused value is not kept
     with pytest.raises(ValueError, match="noise scale"):
         with Graph([NodeSpec("policy_node", "policy_node", {**params, "noise_scale": -0.5})]):
             pass

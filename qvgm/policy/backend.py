@@ -42,6 +42,10 @@ class FlowPolicyBackend:
         """New episode; `prompt` is used for observations that carry none."""
         self.prompt = prompt
 
+    def set_noise_scale(self, scale: float) -> None:
+        """Change the sampling-noise scale for the next inference (ValueError unless finite and >= 0)."""
+        self.noise_scale = check_noise_scale(scale)
+
     @torch.no_grad()
     def infer(self, observation: Observation, prefix: np.ndarray | None = None, prefix_len: int | None = None,
               weights: str = "hard") -> ActionChunk:
