@@ -289,6 +289,15 @@ class SimLoop:
     def policy(self) -> Any:
         return self.graph.nodes["policy_node"]
 
+    def set_noise_scale(self, scale: float) -> None:
+        """The policy node's sampling-noise scale (its run-time parameter, through the same callback as
+        `ros2 param set`); RuntimeError with the node's reason when refused."""
+        from rclpy.parameter import Parameter
+
+        result = self.policy.set_parameters([Parameter("noise_scale", value=float(scale))])[0]
+        if not result.successful:
+            raise RuntimeError(f"policy_node refused noise_scale {scale}: {result.reason}")
+
     def health(self) -> dict[str, Any]:
         """Cumulative control-loop counters of the running graph (policy node stats and skips, sim ticks)."""
         pol, sim = self.policy, self.graph.nodes["sim_node"]
@@ -494,6 +503,10 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     demos = stage_demos(args, work, log)
     v0 = stage_sft(args, work, demos, state, log)
     store = CheckpointStore(work / "store", keep_last=None)
+    for r, rs in sorted(state.data["rounds"].items()):  # one noise scale per table: rounds compare with round 0
+        if rs.get("evaluated") and rs.get("eval_noise_scale", 1.0) != args.eval_noise_scale:
+            raise SystemExit(f"round {r} in {work} was evaluated at noise scale {rs.get('eval_noise_scale', 1.0):g}; "
+                             f"rerun with --eval-noise-scale {rs.get('eval_noise_scale', 1.0):g} or use a new --work")
     if all(state.round(r).get("evaluated") for r in range(0, args.rounds + 1)):
         log("rounds", f"all {args.rounds} rounds finished, skipped")
         return write_summary(args, work, state, log)
@@ -576,8 +589,12 @@ def evaluate_round(args: argparse.Namespace, sim: SimLoop, state: LoopState, r: 
     n_before = len(sim.versions)
     t0, before = time.monotonic(), sim.health()
     sim.wait_serving(version)  # loaded before the first episode starts: every seed's episode can count
-    infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
-                         accept=lambda i, v=version: served_only(i, v))
+    sim.set_noise_scale(args.eval_noise_scale)
+    try:
+        infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
+                             accept=lambda i, v=version: served_only(i, v))
+    finally:
+        sim.set_noise_scale(1.0)  # rollouts for the critic are always sampled as trained
     if version not in sim.versions[n_before:] and sim.policy.version != version:
         raise RuntimeError(f"/qvgm/policy/version never reported {version}")
     k = sum(bool(i["success"]) for i in infos)
@@ -585,10 +602,12 @@ def evaluate_round(args: argparse.Namespace, sim: SimLoop, state: LoopState, r: 
     health = sim.health_report(before, t0, infos)
     rs.setdefault("timing", {})["eval"] = health["wall_s"]
     rs.update(evaluated=True, serving=version, successes=k, episodes=len(infos), ci=[lo, hi], eval_health=health,
+              eval_noise_scale=args.eval_noise_scale,
               eval=[{kk: vv for kk, vv in i.items() if kk != "stamps"} for i in infos],
               version_messages=sim.versions[n_before:], **({} if r else {"from": parent}))
     state.save()
-    log("eval", f"round {r}: {version} {k}/{len(infos)} = {k / len(infos):.0%} [{lo:.0%}, {hi:.0%}]; "
+    log("eval", f"round {r}: {version} {k}/{len(infos)} = {k / len(infos):.0%} [{lo:.0%}, {hi:.0%}] at noise scale "
+        f"{args.eval_noise_scale:g}; "
         f"{health_line(health)}")
 
 
@@ -601,7 +620,8 @@ def summary_rows(args: argparse.Namespace, state: LoopState) -> list[dict[str, A
             continue
         rows.append({"round": r, "serving": rs["serving"], "parent": rs.get("from"), "successes": rs["successes"],
                      "episodes": rs["episodes"], "success_rate": rs["successes"] / max(1, rs["episodes"]),
-                     "ci95": rs["ci"], "rollouts": len(rs.get("rollouts", [])),
+                     "ci95": rs["ci"], "eval_noise_scale": rs.get("eval_noise_scale", 1.0),
+                     "rollouts": len(rs.get("rollouts", [])),
                      "rollout_successes": sum(bool(i["success"]) for i in rs.get("rollouts", [])),
                      "timing_s": rs.get("timing", {}), "improve": rs.get("improve"),
                      "collect_health": rs.get("collect_health"), "eval_health": rs.get("eval_health")})
@@ -690,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollouts", type=int, default=20, help="policy rollouts collected through ROS per round")
     g.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes through ROS per round "
                    "(round 0 = SFT included)")
+    g.add_argument("--eval-noise-scale", type=float, default=1.0, metavar="S",
+                   help="evaluation episodes sample each chunk from x_1 = S * eps (policy_node's noise_scale): 1 "
+                        "(default) as trained, 0 deterministically; rollouts are always collected at 1")
     g.add_argument("--episode-time", type=float, default=max(TIME_LIMIT_S.values()), help="robot s per episode")
     g.add_argument("--real-time-factor", type=float, default=2.0,
                    help="sim seconds per wall second (the graph runs on sim time; the sim waits for a late chunk, "
@@ -760,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--episode-time must be > 0")
     if not args.real_time_factor > 0:
         p.error("--real-time-factor must be > 0")
+    if not np.isfinite(args.eval_noise_scale) or args.eval_noise_scale < 0:
+        p.error("--eval-noise-scale must be finite and >= 0")
     torch.set_num_threads(1)  # the ROS stages (policy inference beside the sim); offline stages use --threads
 
     def interrupt(signum: int, _frame: Any) -> None:

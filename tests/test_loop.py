@@ -122,9 +122,9 @@ def test_recipe_defaults_and_cli_overrides() -> None:
 def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
     work = tmp_path / "loop"
     t0 = time.monotonic()
-    assert loop.main(["--work", str(work), "--rounds", "1", *TINY]) == 0
+    assert loop.main(["--work", str(work), "--rounds", "1", *TINY, "--eval-noise-scale", "0"]) == 0
     out = capsys.readouterr().out
-    for stage in ("demos:", "sft:", "collect 2/2", "improve:", "reload:", "eval 2/2", "summary:"):
+    for stage in ("demos:", "sft:", "collect 2/2", "improve:", "reload:", "eval 2/2", "summary:", "noise scale 0;"):
         assert stage in out, (stage, out)
     v0 = json.loads((work / loop.STATE_FILE).read_text())["v0"]
     check_round0(work, v0)
@@ -133,6 +133,7 @@ def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     row0, row = summary["rounds"]
     assert summary["v0"] == v0 and row0["serving"] == v0 and row["serving"] == v1 and row["episodes"] == 2
+    assert row0["eval_noise_scale"] == row["eval_noise_scale"] == 0.0  # both evaluated deterministically
     for r in (row0, row):
         lo, hi = r["ci95"]
         assert 0.0 <= lo <= r["success_rate"] <= hi <= 1.0
@@ -153,7 +154,7 @@ def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
 
     # a second run with the same work dir resumes: nothing is redone, the same table comes out
     t1 = time.monotonic()
-    assert loop.main(["--work", str(work), "--rounds", "1", *TINY]) == 0
+    assert loop.main(["--work", str(work), "--rounds", "1", *TINY, "--eval-noise-scale", "0"]) == 0
     out = capsys.readouterr().out
     assert "demos: present" in out and "skipped" in out.split("sft:")[1].split("\n")[0]
     assert "rounds: all 1 rounds finished, skipped" in out
@@ -161,6 +162,10 @@ def test_tiny_loop_runs_every_stage_and_resumes(tmp_path, capsys) -> None:
     assert (work / "sft_v0" / "manifest.json").stat().st_mtime_ns == sft_stamp
     assert len(CheckpointStore(work / "store").versions()) == 2
     assert time.monotonic() - t1 < first / 2
+    # another noise scale on the same work dir would mix two scales in one table: refused, nothing touched
+    with pytest.raises(SystemExit, match="evaluated at noise scale 0"):
+        loop.main(["--work", str(work), "--rounds", "2", *TINY])
+    assert len(CheckpointStore(work / "store").versions()) == 2
 
 
 def test_sft_stage_fine_tunes_a_pretrained_checkpoint(tmp_path) -> None:
@@ -209,6 +214,9 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         loop.main(["--work", str(tmp_path), "--real-time-factor", "0"])
     with pytest.raises(SystemExit):  # a batch cannot be all rollouts (nor a negative share)
         loop.main(["--work", str(tmp_path), "--critic-rollout-fraction", "1"])
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            loop.main(["--work", str(tmp_path), "--eval-noise-scale", bad])
     assert not (tmp_path / "demos").exists()
 
 
