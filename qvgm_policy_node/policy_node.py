@@ -593,6 +593,8 @@ class PolicyNode(Node):
                 values[key] = self.stats[key]
             if self.safety is not None:
                 values.update({f"safety.{k}": v for k, v in sorted(self.safety.counters.items())})
+            if hasattr(self.backend, "noise_scale"):  # x_1 = noise_scale * eps of the served chunks
+                values["noise_scale"] = f"{self.backend.noise_scale:g}"
         values.update({f"stats.{k}": v for k, v in sorted(self.stats.items()) if k.startswith(("holds", "estops"))})
         diag = getattr(self.backend, "diagnostic_values", None)
         if diag is not None:

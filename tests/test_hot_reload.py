@@ -194,6 +194,7 @@ def test_hot_reload_swap_rollback_and_bad_checkpoints(tmp_path: Path) -> None:
         assert values["version"] == v3 and values["reload.serving"] == v3
         assert "refused" in values["reload.last_error"] and int(values["reload.refused"]) == len(BAD)
         assert float(values["inference_latency_s.p95"]) > 0
+        assert values["noise_scale"] == "0.25"  # the sampling-noise scale set at run time above
 
         # ~/reload of a refused CURRENT retries it and refuses it again; still serving v3
         reply = g.call(io.create_client(Trigger, "/policy_node/reload"), Trigger.Request())
