@@ -113,17 +113,24 @@ def test_unknown_backend_is_a_clear_error() -> None:
             pass
 
 
-def test_flow_backend_from_a_checkpoint_publishes_chunks(tmp_path) -> None:
-    """The learned-policy path: a (tiny, untrained) `state` FlowPolicy saved as a real checkpoint directory,
-    loaded by policy_node's `flow` backend, chunks published over DDS."""
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
+def save_tiny_checkpoint(path) -> None:
+    """A tiny, untrained `state` FlowPolicy (7 joints, horizon 6) saved as a real checkpoint directory, v-test."""
+    import torch
+
     from qvgm.policy import NormStats, make_policy, save_policy
 
+    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     stats = NormStats.compute(rng.normal(size=(64, 7)), rng.normal(size=(64, 7)) * 0.1)
     save_policy(make_policy("state", stats, state_dim=7, real_action_dim=7, horizon=6, hidden=32, embed_dim=16,
-                            head_hidden=32, head_depth=1), tmp_path / "ckpt", version="v-test")
+                            head_hidden=32, head_depth=1), path, version="v-test")
+
+
+def test_flow_backend_from_a_checkpoint_publishes_chunks(tmp_path) -> None:
+    """The learned-policy path: a (tiny, untrained) `state` FlowPolicy saved as a real checkpoint directory,
+    loaded by policy_node's `flow` backend, chunks published over DDS."""
+    pytest.importorskip("torch")
+    save_tiny_checkpoint(tmp_path / "ckpt")
     params = {"backend": "flow", "checkpoint": str(tmp_path / "ckpt"), "num_steps": 3, "seed": 0,
               "cameras": [], "control_hz": 20.0}
     chunks: list[JointTrajectory] = []
@@ -156,13 +163,7 @@ def test_flow_backend_noise_scale_parameter(tmp_path) -> None:
     whatever the torch RNG holds (deterministic sampling); a negative scale stops the node at start-up with a
     message naming it."""
     torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    from qvgm.policy import NormStats, make_policy, save_policy
-
-    rng = np.random.default_rng(0)
-    stats = NormStats.compute(rng.normal(size=(64, 7)), rng.normal(size=(64, 7)) * 0.1)
-    save_policy(make_policy("state", stats, state_dim=7, real_action_dim=7, horizon=6, hidden=32, embed_dim=16,
-                            head_hidden=32, head_depth=1), tmp_path / "ckpt", version="v-test")
+    save_tiny_checkpoint(tmp_path / "ckpt")
     params = {"backend": "flow", "checkpoint": str(tmp_path / "ckpt"), "num_steps": 3, "cameras": [],
               "noise_scale": 0.0}
     obs = {"state": np.full(7, 0.1, np.float32), "prompt": "push", "stamp": 0.0}
