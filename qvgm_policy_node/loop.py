@@ -298,6 +298,10 @@ class SimLoop:
         if not result.successful:
             raise RuntimeError(f"policy_node refused noise_scale {scale}: {result.reason}")
 
+    def noise_scale(self) -> float:
+        """The noise scale the policy node serves now (its parameter)."""
+        return float(self.policy.get_parameter("noise_scale").value)
+
     def health(self) -> dict[str, Any]:
         """Cumulative control-loop counters of the running graph (policy node stats and skips, sim ticks)."""
         pol, sim = self.policy, self.graph.nodes["sim_node"]
@@ -534,13 +538,14 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.copytree(prev_buffer, buffer)
                 log("collect", f"round {r}/{args.rounds}: {args.rollouts} rollouts of {serving} -> {buffer}")
                 sim.objects.clear()
+                sim.set_noise_scale(1.0)  # rollouts are sampled as trained, whatever the profile serves
                 t0, before = time.monotonic(), sim.health()
                 infos = sim.episodes(buffer, args.rollouts, "collect", seed=args.seed + 10_000 * r)
                 sim.write_privileged(buffer, sim.committed)  # every episode in the buffer needs its side files
                 rs["collect_health"] = sim.health_report(before, t0, infos)
                 timing["collect"] = rs["collect_health"]["wall_s"]
                 rs.update(collected=True, rollouts=[{k: v for k, v in i.items() if k != "stamps"} for i in infos],
-                          **{"from": serving})
+                          collect_noise_scale=sim.noise_scale(), **{"from": serving})
                 state.save()
                 k = sum(bool(i["success"]) for i in infos)
                 log("collect", f"round {r}: {k}/{len(infos)} rollouts successful, {health_line(rs['collect_health'])}")

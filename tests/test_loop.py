@@ -53,6 +53,7 @@ def check_round(work: Path, r: int, parent: str, demos: int, rollouts_before: in
     info = {v.version: v for v in store.versions()}
     assert info[new].parent == parent and (store.current() == new or not last)
     assert state["from"] == parent and state["serving"] == new
+    assert state["collect_noise_scale"] == 1.0  # the policy node sampled the rollouts as trained
     assert len(state["eval"]) == 2 and all(loop.served_only(e, new) for e in state["eval"])
     assert new in state["version_messages"]  # /qvgm/policy/version reported the hot-reloaded version
     return new
