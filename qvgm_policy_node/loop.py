@@ -594,12 +594,9 @@ def evaluate_round(args: argparse.Namespace, sim: SimLoop, state: LoopState, r: 
     n_before = len(sim.versions)
     t0, before = time.monotonic(), sim.health()
     sim.wait_serving(version)  # loaded before the first episode starts: every seed's episode can count
-    sim.set_noise_scale(args.eval_noise_scale)
-    try:
-        infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
-                             accept=lambda i, v=version: served_only(i, v))
-    finally:
-        sim.set_noise_scale(1.0)  # rollouts for the critic are always sampled as trained
+    sim.set_noise_scale(args.eval_noise_scale)  # collection sets its own scale (1) before each round's rollouts
+    infos = sim.episodes(rdir / "eval", args.eval_episodes, "eval", seed=args.seed + EVAL_SEED,
+                         accept=lambda i, v=version: served_only(i, v))
     if version not in sim.versions[n_before:] and sim.policy.version != version:
         raise RuntimeError(f"/qvgm/policy/version never reported {version}")
     k = sum(bool(i["success"]) for i in infos)
